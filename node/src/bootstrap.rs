@@ -1,0 +1,79 @@
+//! Self-initialization: a cluster of `--peers` forms itself exactly once.
+//!
+//! Each node, while it has no Raft state, asks its peers whether they have any. Once a
+//! majority (itself included) answers and none of them is initialized, the reachable node with
+//! the lowest id calls `initialize` with every peer as a voter. openraft refuses `initialize`
+//! on a node with a log or a vote, so restarts never initialize again; and a node that finds
+//! an initialized peer waits for the leader to replicate to it instead.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use openraft::BasicNode;
+
+use crate::node::Node;
+use crate::routes::raft::{InitState, INIT_STATE};
+
+const PROBE_EVERY: Duration = Duration::from_millis(200);
+
+/// Whether this node has Raft state (and so must never be initialized).
+pub async fn is_initialized(node: &Node) -> bool {
+    // A stopped Raft counts as initialized: nothing may initialize it.
+    node.raft.is_initialized().await.unwrap_or(true)
+}
+
+async fn probe(node: &Node, addr: &str) -> Option<InitState> {
+    let mut request = node
+        .http
+        .get(format!("http://{addr}{INIT_STATE}"))
+        .timeout(Duration::from_millis(500));
+    if let Some(token) = &node.config.cluster_token {
+        request = request.bearer_auth(token);
+    }
+    let answer = request.send().await.ok()?;
+    if !answer.status().is_success() {
+        tracing::warn!(%addr, status = %answer.status(), "peer refused the init probe (cluster token?)");
+        return None;
+    }
+    answer.json().await.ok()
+}
+
+pub async fn run(node: Node) {
+    let peers = node.config.peers.0.clone();
+    let majority = peers.len() / 2 + 1;
+    let members: BTreeMap<_, _> = peers
+        .iter()
+        .map(|(id, addr)| (*id, BasicNode::new(addr.clone())))
+        .collect();
+    let mut waiting_logged = false;
+    while !is_initialized(&node).await {
+        let probes = peers
+            .iter()
+            .filter(|(id, _)| *id != node.id())
+            .map(|(_, addr)| probe(&node, addr));
+        let answers: Vec<InitState> = futures::future::join_all(probes)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        if answers.iter().any(|a| a.initialized) {
+            if !waiting_logged {
+                tracing::info!(
+                    "peers already form a cluster; waiting for the leader to reach this node"
+                );
+                waiting_logged = true;
+            }
+        } else if answers.len() + 1 >= majority {
+            let lowest = answers.iter().map(|a| a.node).chain([node.id()]).min();
+            if lowest == Some(node.id()) {
+                match node.raft.initialize(members.clone()).await {
+                    Ok(()) => tracing::info!(voters = peers.len(), "cluster initialized"),
+                    Err(e) => {
+                        tracing::info!(error = %e, "initialize refused (already initialized)")
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(PROBE_EVERY).await;
+    }
+}

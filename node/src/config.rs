@@ -1,0 +1,375 @@
+//! The node's configuration: command-line flags (each also read from an `HASHQ_*` variable),
+//! and the timing and limits derived from them, validated together.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use hashq_raft::NodeId;
+
+/// What a node is for.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// A voter that serves the client and worker APIs.
+    Endpoint,
+    /// A voter that serves no client or worker API: it only keeps a majority alive.
+    Witness,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Endpoint => "endpoint",
+            Role::Witness => "witness",
+        }
+    }
+}
+
+/// How the cluster starts workers.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LauncherKind {
+    /// Worker processes on this machine.
+    Local,
+    /// EC2 instances.
+    Ec2,
+    /// None: workers are started by hand.
+    None,
+}
+
+/// Log line format.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The voters of the cluster: `1=127.0.0.1:7101,2=127.0.0.1:7102,...`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peers(pub Vec<(NodeId, String)>);
+
+impl FromStr for Peers {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut peers = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (id, addr) = part
+                .split_once('=')
+                .ok_or_else(|| format!("peer `{part}` is not id=host:port"))?;
+            let id: NodeId = id
+                .trim()
+                .parse()
+                .map_err(|_| format!("peer id `{id}` is not a positive integer"))?;
+            let addr = addr.trim();
+            if id == 0 {
+                return Err("peer ids start at 1".into());
+            }
+            if addr
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
+            {
+                return Err(format!("peer address `{addr}` is not host:port"));
+            }
+            if peers.iter().any(|(other, _)| *other == id) {
+                return Err(format!("peer id {id} appears twice"));
+            }
+            peers.push((id, addr.to_string()));
+        }
+        if peers.is_empty() {
+            return Err("no peers given".into());
+        }
+        peers.sort();
+        Ok(Peers(peers))
+    }
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e}"))
+}
+
+/// `hashq node` flags.
+#[derive(clap::Args, Clone, Debug)]
+pub struct NodeArgs {
+    /// This node's Raft id: one of the ids in --peers.
+    #[arg(long, env = "HASHQ_ID")]
+    pub id: NodeId,
+    /// Address to bind the HTTP server (client API, worker API, Raft RPC).
+    #[arg(long, env = "HASHQ_LISTEN", default_value = "127.0.0.1:7101")]
+    pub listen: SocketAddr,
+    /// Every voter as id=host:port, comma-separated: the addresses peers and workers use.
+    #[arg(long, env = "HASHQ_PEERS")]
+    pub peers: Peers,
+    /// Where this node keeps its Raft log, state machine and snapshots.
+    #[arg(long, env = "HASHQ_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Shared secret guarding Raft, worker, admin and binary routes.
+    #[arg(long, env = "HASHQ_CLUSTER_TOKEN", hide_env_values = true)]
+    pub cluster_token: Option<String>,
+    /// Optional secret guarding enqueue and pull.
+    #[arg(long, env = "HASHQ_CLIENT_TOKEN", hide_env_values = true)]
+    pub client_token: Option<String>,
+    /// The cluster's name (EC2 tag `hashq:cluster`); workers never mix clusters.
+    #[arg(long, env = "HASHQ_CLUSTER_NAME", default_value = "hashq")]
+    pub cluster_name: String,
+    #[arg(long, env = "HASHQ_ROLE", value_enum, default_value = "endpoint")]
+    pub role: Role,
+    #[arg(long, env = "HASHQ_LAUNCHER", value_enum, default_value = "none")]
+    pub launcher: LauncherKind,
+    /// The cluster-wide worker budget, set when the cluster is first bootstrapped.
+    #[arg(long, env = "HASHQ_MAX_WORKERS", default_value_t = 8)]
+    pub max_workers: u32,
+
+    /// Largest request body, in bytes (413 above).
+    #[arg(long, env = "HASHQ_MAX_BODY_BYTES", default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+    /// Largest `iterations` accepted.
+    #[arg(long, env = "HASHQ_MAX_ITERATIONS", default_value_t = 10_000_000)]
+    pub max_iterations: u32,
+    /// Largest `top` accepted by pullCompleted.
+    #[arg(long, env = "HASHQ_MAX_TOP", default_value_t = 1000)]
+    pub max_top: u32,
+    /// Items queued or running beyond which enqueue answers 429.
+    #[arg(long, env = "HASHQ_MAX_BACKLOG", default_value_t = 1_000_000)]
+    pub max_backlog: u64,
+    /// Leases an item may lose before it is dead.
+    #[arg(long, env = "HASHQ_MAX_ATTEMPTS", default_value_t = 5)]
+    pub max_attempts: u32,
+    /// Concurrent requests served; more wait.
+    #[arg(long, env = "HASHQ_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+
+    /// Raft heartbeat interval.
+    #[arg(long, env = "HASHQ_RAFT_HEARTBEAT", default_value = "50ms", value_parser = duration)]
+    pub raft_heartbeat: Duration,
+    /// Minimum election timeout (the maximum is twice this).
+    #[arg(long, env = "HASHQ_ELECTION_TIMEOUT", default_value = "300ms", value_parser = duration)]
+    pub election_timeout: Duration,
+    /// Lease length granted to workers; they heartbeat every third of it.
+    #[arg(long, env = "HASHQ_LEASE", default_value = "30s", value_parser = duration)]
+    pub lease: Duration,
+    /// A worker not heard from for this long is lost: leases reclaimed, slot freed.
+    #[arg(long, env = "HASHQ_WORKER_LOST_AFTER", default_value = "30s", value_parser = duration)]
+    pub worker_lost_after: Duration,
+    /// A reserved slot whose worker has not registered after this long is freed.
+    #[arg(long, env = "HASHQ_LAUNCH_TIMEOUT", default_value = "120s", value_parser = duration)]
+    pub launch_timeout: Duration,
+    /// How long pulled items stay visible in GET /work/{id}.
+    #[arg(long, env = "HASHQ_PULLED_RETENTION", default_value = "10m", value_parser = duration)]
+    pub pulled_retention: Duration,
+    /// How long an Idempotency-Key is remembered.
+    #[arg(long, env = "HASHQ_IDEMPOTENCY_RETENTION", default_value = "10m", value_parser = duration)]
+    pub idempotency_retention: Duration,
+    /// How long a request may take before it fails with 503 (includes waiting for a leader).
+    #[arg(long, env = "HASHQ_REQUEST_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub request_timeout: Duration,
+    /// Take a snapshot (and purge the log) every this many log entries.
+    #[arg(long, env = "HASHQ_SNAPSHOT_EVERY", default_value_t = 5000)]
+    pub snapshot_every: u64,
+    /// sled page cache, in MiB: the bound on the store's memory.
+    #[arg(long, env = "HASHQ_CACHE_MB", default_value_t = 128)]
+    pub cache_mb: u64,
+    #[arg(long, env = "HASHQ_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// Every timing constant of a node in one place.
+#[derive(Clone, Debug)]
+pub struct Timing {
+    pub raft_heartbeat: Duration,
+    pub election_timeout: Duration,
+    pub lease: Duration,
+    pub worker_heartbeat: Duration,
+    pub worker_lost_after: Duration,
+    pub launch_timeout: Duration,
+    /// How often the leader looks for expired leases, lost workers and expired records.
+    pub reaper_period: Duration,
+    pub pulled_retention: Duration,
+    pub idempotency_retention: Duration,
+    /// How long a node remembers the keys it gives its own proposals, for safe retries.
+    pub internal_key_ttl: Duration,
+    pub request_timeout: Duration,
+    /// Longest a lease request may wait for work.
+    pub lease_wait_max: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            raft_heartbeat: Duration::from_millis(50),
+            election_timeout: Duration::from_millis(300),
+            lease: Duration::from_secs(30),
+            worker_heartbeat: Duration::from_secs(10),
+            worker_lost_after: Duration::from_secs(30),
+            launch_timeout: Duration::from_secs(120),
+            reaper_period: Duration::from_millis(100),
+            pulled_retention: Duration::from_secs(600),
+            idempotency_retention: Duration::from_secs(600),
+            internal_key_ttl: Duration::from_secs(120),
+            request_timeout: Duration::from_secs(10),
+            lease_wait_max: Duration::from_secs(20),
+        }
+    }
+}
+
+impl Timing {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.raft_heartbeat.is_zero() || self.raft_heartbeat * 3 > self.election_timeout {
+            return Err(
+                "--raft-heartbeat must be positive and at most a third of --election-timeout"
+                    .into(),
+            );
+        }
+        if self.lease < Duration::from_millis(300) {
+            return Err("--lease must be at least 300ms".into());
+        }
+        if self.worker_heartbeat * 2 > self.lease {
+            return Err("worker heartbeats must fit twice in a lease".into());
+        }
+        if self.worker_lost_after < self.worker_heartbeat * 2 {
+            return Err("--worker-lost-after must be at least two worker heartbeats".into());
+        }
+        if self.request_timeout < self.election_timeout * 2 {
+            return Err(
+                "--request-timeout must outlast an election (twice --election-timeout)".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Request limits.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_iterations: u32,
+    pub max_top: u32,
+    pub max_backlog: u64,
+    pub max_attempts: u32,
+    pub max_connections: usize,
+}
+
+/// A node's resolved configuration.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub id: NodeId,
+    pub listen: SocketAddr,
+    pub peers: Peers,
+    pub data_dir: PathBuf,
+    pub cluster_token: Option<String>,
+    pub client_token: Option<String>,
+    pub cluster_name: String,
+    pub role: Role,
+    pub launcher: LauncherKind,
+    pub max_workers: u32,
+    pub limits: Limits,
+    pub timing: Timing,
+    pub snapshot_every: u64,
+    pub cache_bytes: u64,
+}
+
+impl NodeArgs {
+    /// Checks the flags together and resolves them.
+    pub fn into_config(self) -> Result<NodeConfig, String> {
+        if !self.peers.0.iter().any(|(id, _)| *id == self.id) {
+            return Err(format!("--id {} is not one of --peers", self.id));
+        }
+        if self.max_body_bytes == 0 || self.max_iterations == 0 || self.max_top == 0 {
+            return Err("--max-body-bytes, --max-iterations and --max-top must be positive".into());
+        }
+        if self.max_attempts == 0 {
+            return Err("--max-attempts must be at least 1".into());
+        }
+        if self.snapshot_every < 10 {
+            return Err("--snapshot-every must be at least 10".into());
+        }
+        if self.launcher == LauncherKind::Ec2 {
+            return Err("--launcher ec2 is not available in this build yet".into());
+        }
+        let timing = Timing {
+            raft_heartbeat: self.raft_heartbeat,
+            election_timeout: self.election_timeout,
+            lease: self.lease,
+            worker_heartbeat: self.lease / 3,
+            worker_lost_after: self.worker_lost_after,
+            launch_timeout: self.launch_timeout,
+            pulled_retention: self.pulled_retention,
+            idempotency_retention: self.idempotency_retention,
+            request_timeout: self.request_timeout,
+            ..Timing::default()
+        };
+        timing.validate()?;
+        Ok(NodeConfig {
+            id: self.id,
+            listen: self.listen,
+            peers: self.peers,
+            data_dir: self.data_dir,
+            cluster_token: self.cluster_token.filter(|t| !t.is_empty()),
+            client_token: self.client_token.filter(|t| !t.is_empty()),
+            cluster_name: self.cluster_name,
+            role: self.role,
+            launcher: self.launcher,
+            max_workers: self.max_workers,
+            limits: Limits {
+                max_body_bytes: self.max_body_bytes,
+                max_iterations: self.max_iterations,
+                max_top: self.max_top,
+                max_backlog: self.max_backlog,
+                max_attempts: self.max_attempts,
+                max_connections: self.max_connections.max(1),
+            },
+            timing,
+            snapshot_every: self.snapshot_every,
+            cache_bytes: self.cache_mb.max(8) * 1024 * 1024,
+        })
+    }
+}
+
+impl NodeConfig {
+    /// The address peers and workers use for `id`.
+    pub fn peer_addr(&self, id: NodeId) -> Option<&str> {
+        self.peers
+            .0
+            .iter()
+            .find(|(peer, _)| *peer == id)
+            .map(|(_, addr)| addr.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_parse_and_reject_nonsense() {
+        let p: Peers = "2=127.0.0.1:7102, 1=127.0.0.1:7101".parse().unwrap();
+        assert_eq!(p.0[0], (1, "127.0.0.1:7101".to_string()));
+        for bad in [
+            "",
+            "1",
+            "x=1.2.3.4:5",
+            "0=h:1",
+            "1=h",
+            "1=h:1,1=h:2",
+            "1=h:99999",
+        ] {
+            assert!(bad.parse::<Peers>().is_err(), "{bad} should be refused");
+        }
+    }
+
+    #[test]
+    fn default_timing_is_valid_and_bad_timing_is_refused() {
+        Timing::default().validate().unwrap();
+        let t = Timing {
+            raft_heartbeat: Duration::from_millis(200),
+            ..Timing::default()
+        };
+        assert!(t.validate().is_err());
+        let t = Timing {
+            worker_lost_after: Duration::from_secs(1),
+            ..Timing::default()
+        };
+        assert!(t.validate().is_err());
+    }
+}

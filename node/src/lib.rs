@@ -1,0 +1,24 @@
+//! The hashq endpoint: a Raft voter with the HTTP API.
+//!
+//! - [`node`]: opening the store, starting Raft, the background loops, serving;
+//! - [`proposer`]: every write goes through it: batched into log entries, forwarded to the
+//!   leader from followers, retried through leader changes under idempotency keys;
+//! - [`routes`]: HTTP by audience (client, worker, Raft, internal), with the one error
+//!   mapping in [`error`];
+//! - [`bootstrap`]: forming the cluster exactly once; [`housekeeping`]: the leader's ticks.
+//!
+//! Failure behaviour: a node that loses its majority answers writes with 503 and
+//! `Retry-After` after its request timeout; a follower whose leader dies re-routes pending
+//! requests to the next leader; a storage error stops Raft on that node (it never serves from
+//! a state it could not persist).
+
+pub mod bootstrap;
+pub mod config;
+pub mod error;
+pub mod housekeeping;
+pub mod node;
+pub mod proposer;
+pub mod routes;
+
+pub use config::{NodeArgs, NodeConfig};
+pub use node::{serve, Node, StartError};

@@ -1,0 +1,158 @@
+//! A running node: storage, Raft, the proposer, the leader's loops and the HTTP server.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hashq_raft::network::Network;
+use hashq_raft::{NodeId, Raft};
+use hashq_storage::{SmReader, StoreOptions};
+use openraft::SnapshotPolicy;
+use tokio::net::TcpListener;
+
+use crate::config::NodeConfig;
+use crate::proposer::Proposer;
+use crate::{bootstrap, housekeeping, routes};
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("storage: {0}")]
+    Store(#[from] hashq_storage::StoreError),
+    #[error("raft configuration: {0}")]
+    RaftConfig(String),
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("http client: {0}")]
+    Http(String),
+}
+
+/// Local counters for `/metrics` (the replicated counts live in the state machine).
+#[derive(Default)]
+pub struct Stats {
+    pub requests: AtomicU64,
+    pub client_errors: AtomicU64,
+    pub server_errors: AtomicU64,
+    pub enqueued: AtomicU64,
+    pub pulled: AtomicU64,
+    pub forwarded_reads: AtomicU64,
+}
+
+impl Stats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+pub struct Inner {
+    pub config: NodeConfig,
+    pub raft: Raft,
+    pub reader: SmReader,
+    pub proposer: Proposer,
+    pub http: reqwest::Client,
+    pub stats: Stats,
+    pub started: Instant,
+}
+
+/// A node. Cheap to clone: clones share everything.
+#[derive(Clone)]
+pub struct Node {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::ops::Deref for Node {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.inner
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    d.as_millis().max(1) as u64
+}
+
+impl Node {
+    /// Opens the store, starts Raft and the background loops. Serve it with [`serve`].
+    pub async fn start(config: NodeConfig) -> Result<Node, StartError> {
+        let (log, sm) = hashq_storage::open(
+            &config.data_dir,
+            &StoreOptions {
+                cache_bytes: config.cache_bytes,
+            },
+        )?;
+        let reader = sm.reader();
+        let timing = &config.timing;
+        let raft_config = openraft::Config {
+            cluster_name: config.cluster_name.clone(),
+            heartbeat_interval: millis(timing.raft_heartbeat),
+            election_timeout_min: millis(timing.election_timeout),
+            election_timeout_max: millis(timing.election_timeout) * 2,
+            install_snapshot_timeout: 10_000,
+            max_payload_entries: 16,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
+            snapshot_max_chunk_size: 4 << 20,
+            max_in_snapshot_log_to_keep: (config.snapshot_every / 2).min(1000),
+            purge_batch_size: 64,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| StartError::RaftConfig(e.to_string()))?;
+
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(64)
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| StartError::Http(e.to_string()))?;
+        let token: Option<Arc<str>> = config.cluster_token.as_deref().map(Arc::from);
+        let network = Network::new(http.clone(), token.clone());
+        let raft = Raft::new(config.id, Arc::new(raft_config), network, log, sm)
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
+        let proposer = Proposer::start(
+            config.id,
+            raft.clone(),
+            reader.clone(),
+            http.clone(),
+            token,
+            timing.request_timeout,
+        );
+        let node = Node {
+            inner: Arc::new(Inner {
+                config,
+                raft,
+                reader,
+                proposer,
+                http,
+                stats: Stats::default(),
+                started: Instant::now(),
+            }),
+        };
+        tokio::spawn(bootstrap::run(node.clone()));
+        tokio::spawn(housekeeping::run(node.clone()));
+        Ok(node)
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.config.id
+    }
+
+    /// Stops Raft (the HTTP server is stopped by its shutdown future).
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft did not shut down cleanly");
+        }
+    }
+}
+
+/// Serves `node` on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    node: Node,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = routes::router(node);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}

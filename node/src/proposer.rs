@@ -1,0 +1,360 @@
+//! Getting requests into the Raft log: batching, leader forwarding and safe retries.
+//!
+//! Every request a node accepts goes through [`Proposer::submit`]. On the leader, concurrent
+//! requests are gathered into one [`Command`] (one log entry, one replication round, one flush)
+//! while earlier batches are still in flight; on a follower they are gathered the same way and
+//! sent to the leader's `/internal/propose` in one call. Requests that change the queue carry
+//! an idempotency key (the client's, or one the node makes up), so a request whose outcome is
+//! unknown (leader change, timeout) is retried until the deadline without ever applying twice.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hashq_raft::command::{Command, Request, Response};
+use hashq_raft::kv::KvRead;
+use hashq_raft::{codec, machine, wire, NodeId, Raft};
+use hashq_storage::SmReader;
+use openraft::error::{ClientWriteError, RaftError};
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::error::ApiError;
+
+/// Path of the leader's batch entry point.
+pub const PROPOSE_ROUTE: &str = "/internal/propose";
+
+/// Most requests in one log entry.
+const MAX_BATCH_REQUESTS: usize = 1024;
+/// Most payload bytes in one log entry (a single larger request still goes alone).
+const MAX_BATCH_BYTES: usize = 1 << 20;
+/// Batches in flight at once; requests arriving meanwhile form the next batch.
+const MAX_IN_FLIGHT: usize = 32;
+
+/// The answer to one request, with what the leader attaches after apply: the payloads of
+/// leased items, in the order of `Response::Leased::items`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Reply {
+    pub response: Response,
+    pub payloads: Vec<ByteBuf>,
+}
+
+/// The current time in milliseconds since the Unix epoch: the `now` a leader stamps.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+struct Pending {
+    request: Request,
+    reply: oneshot::Sender<Result<Reply, ApiError>>,
+}
+
+/// Where a batch goes.
+#[derive(Clone, Copy)]
+enum Sink {
+    /// This node is the leader: propose.
+    Local,
+    /// Send to the leader.
+    Forward,
+}
+
+struct Shared {
+    id: NodeId,
+    raft: Raft,
+    reader: SmReader,
+    http: reqwest::Client,
+    token: Option<Arc<str>>,
+    request_timeout: Duration,
+}
+
+/// Submits requests to the replicated log. Cheap to clone.
+#[derive(Clone)]
+pub struct Proposer {
+    shared: Arc<Shared>,
+    local: mpsc::UnboundedSender<Pending>,
+    forward: mpsc::UnboundedSender<Pending>,
+}
+
+impl Proposer {
+    pub fn start(
+        id: NodeId,
+        raft: Raft,
+        reader: SmReader,
+        http: reqwest::Client,
+        token: Option<Arc<str>>,
+        request_timeout: Duration,
+    ) -> Proposer {
+        let shared = Arc::new(Shared {
+            id,
+            raft,
+            reader,
+            http,
+            token,
+            request_timeout,
+        });
+        let (local, local_rx) = mpsc::unbounded_channel();
+        let (forward, forward_rx) = mpsc::unbounded_channel();
+        tokio::spawn(batcher(shared.clone(), local_rx, Sink::Local));
+        tokio::spawn(batcher(shared.clone(), forward_rx, Sink::Forward));
+        Proposer {
+            shared,
+            local,
+            forward,
+        }
+    }
+
+    /// The leader as this node sees it, with its address.
+    pub fn leader(&self) -> Option<(NodeId, String)> {
+        leader(&self.shared.raft)
+    }
+
+    /// Proposes `request`, through the leader wherever it is, retrying transient failures
+    /// until the request timeout.
+    pub async fn submit(&self, request: Request) -> Result<Reply, ApiError> {
+        let deadline = Instant::now() + self.shared.request_timeout;
+        let mut delay = Duration::from_millis(10);
+        loop {
+            let result = self.submit_once(request.clone()).await;
+            match result {
+                Err(e) if e.is_transient() && Instant::now() + delay < deadline => {
+                    tracing::debug!(error = %e, "retrying a proposal");
+                    let mut metrics = self.shared.raft.metrics();
+                    // Wake early when the leader changes, else after the backoff.
+                    let _ = tokio::time::timeout(delay, metrics.changed()).await;
+                    delay = (delay * 2).min(Duration::from_millis(200));
+                }
+                Err(ApiError::NotLeader { .. }) => {
+                    return Err(ApiError::NoLeader {
+                        reason: "leadership kept changing until the request timed out".into(),
+                    })
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn submit_once(&self, request: Request) -> Result<Reply, ApiError> {
+        let queue = match self.leader() {
+            Some((leader, _)) if leader == self.shared.id => &self.local,
+            Some(_) => &self.forward,
+            None => {
+                return Err(ApiError::NoLeader {
+                    reason: "an election is under way or a majority is unreachable".into(),
+                })
+            }
+        };
+        let (tx, rx) = oneshot::channel();
+        queue
+            .send(Pending { request, reply: tx })
+            .map_err(|_| ApiError::Unavailable("node is shutting down".into()))?;
+        rx.await
+            .unwrap_or_else(|_| Err(ApiError::Unavailable("node is shutting down".into())))
+    }
+
+    /// Proposes on this node only, which must be the leader (the leader's side of
+    /// `/internal/propose`): no forwarding, no retries; each request is batched with others.
+    pub async fn submit_local(&self, requests: Vec<Request>) -> Vec<Result<Reply, ApiError>> {
+        let mut waiting = Vec::with_capacity(requests.len());
+        for request in requests {
+            let (tx, rx) = oneshot::channel();
+            if self.local.send(Pending { request, reply: tx }).is_err() {
+                waiting.push(None);
+            } else {
+                waiting.push(Some(rx));
+            }
+        }
+        let mut out = Vec::with_capacity(waiting.len());
+        for rx in waiting {
+            out.push(match rx {
+                Some(rx) => rx
+                    .await
+                    .unwrap_or_else(|_| Err(ApiError::Unavailable("node is shutting down".into()))),
+                None => Err(ApiError::Unavailable("node is shutting down".into())),
+            });
+        }
+        out
+    }
+}
+
+/// The leader id and address from this node's Raft metrics.
+pub fn leader(raft: &Raft) -> Option<(NodeId, String)> {
+    let metrics = raft.metrics();
+    let m = metrics.borrow();
+    let id = m.current_leader?;
+    let addr = m.membership_config.membership().get_node(&id)?.addr.clone();
+    Some((id, addr))
+}
+
+fn request_bytes(r: &Request) -> usize {
+    match r {
+        Request::Enqueue { payload, .. } => payload.len() + 64,
+        _ => 64,
+    }
+}
+
+/// Gathers whatever requests are waiting into one batch, up to the limits, and sends it off;
+/// at most [`MAX_IN_FLIGHT`] batches are under way, so under load batches grow by themselves.
+async fn batcher(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Pending>, sink: Sink) {
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let mut carry: Option<Pending> = None;
+    loop {
+        let first = match carry.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let mut bytes = request_bytes(&first.request);
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH_REQUESTS {
+            match rx.try_recv() {
+                Ok(p) => {
+                    let b = request_bytes(&p.request);
+                    if bytes + b > MAX_BATCH_BYTES {
+                        carry = Some(p);
+                        break;
+                    }
+                    bytes += b;
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let (requests, replies): (Vec<Request>, Vec<_>) =
+                batch.into_iter().map(|p| (p.request, p.reply)).unzip();
+            let n = requests.len();
+            let results = match sink {
+                Sink::Local => propose(&shared, requests).await,
+                Sink::Forward => forward(&shared, requests).await,
+            };
+            match results {
+                Ok(results) if results.len() == n => {
+                    for (reply, result) in replies.into_iter().zip(results) {
+                        let _ = reply.send(result);
+                    }
+                }
+                Ok(results) => {
+                    let e =
+                        ApiError::Internal(format!("{} answers to {n} requests", results.len()));
+                    for reply in replies {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                }
+                Err(e) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                }
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// Appends one command to the log (this node is the leader) and waits until it is applied.
+async fn propose(
+    shared: &Shared,
+    requests: Vec<Request>,
+) -> Result<Vec<Result<Reply, ApiError>>, ApiError> {
+    let command = Command {
+        now: now_ms(),
+        requests,
+    };
+    let written = shared
+        .raft
+        .client_write(command)
+        .await
+        .map_err(|e| match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ApiError::NotLeader {
+                leader: f.leader_id,
+            },
+            RaftError::APIError(other) => ApiError::Internal(other.to_string()),
+            RaftError::Fatal(f) => ApiError::Unavailable(format!("raft stopped: {f}")),
+        })?;
+    let view = shared.reader.view();
+    Ok(written
+        .data
+        .into_iter()
+        .map(|response| attach_payloads(&view, response))
+        .collect())
+}
+
+/// Turns a state-machine response into a reply, reading leased items' payloads from the
+/// state this leader just applied. An item whose payload is gone completed meanwhile (a
+/// duplicate worker won the race); it is left out, and its lease simply lapses.
+fn attach_payloads(view: &impl KvRead, response: Response) -> Result<Reply, ApiError> {
+    match response {
+        Response::Rejected(r) => Err(ApiError::from(r)),
+        Response::Leased { items } => {
+            let mut kept = Vec::with_capacity(items.len());
+            let mut payloads = Vec::with_capacity(items.len());
+            for item in items {
+                if let Some(p) = machine::payload(view, item.id)? {
+                    kept.push(item);
+                    payloads.push(ByteBuf::from(p));
+                }
+            }
+            Ok(Reply {
+                response: Response::Leased { items: kept },
+                payloads,
+            })
+        }
+        response => Ok(Reply {
+            response,
+            payloads: Vec::new(),
+        }),
+    }
+}
+
+/// Sends a batch to the leader's `/internal/propose`.
+async fn forward(
+    shared: &Shared,
+    requests: Vec<Request>,
+) -> Result<Vec<Result<Reply, ApiError>>, ApiError> {
+    let Some((leader, addr)) = leader(&shared.raft) else {
+        return Err(ApiError::NoLeader {
+            reason: "no leader to forward to".into(),
+        });
+    };
+    if leader == shared.id {
+        // Became leader since the batch was queued.
+        return propose(shared, requests).await;
+    }
+    let mut builder = shared
+        .http
+        .post(format!("http://{addr}{PROPOSE_ROUTE}"))
+        .header(reqwest::header::CONTENT_TYPE, wire::POSTCARD)
+        .timeout(shared.request_timeout)
+        .body(codec::encode(&requests));
+    if let Some(token) = &shared.token {
+        builder = builder.bearer_auth(token);
+    }
+    let response = builder
+        .send()
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("leader {leader} at {addr}: {e}")))?;
+    let status = response.status();
+    let body = response
+        .bytes()
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("leader {leader} at {addr}: {e}")))?;
+    if !status.is_success() {
+        let message = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
+        return Err(if status.is_server_error() {
+            ApiError::Unavailable(format!("leader {leader} answered {status}: {message}"))
+        } else {
+            ApiError::Internal(format!(
+                "leader {leader} refused a forwarded batch: {status} {message}"
+            ))
+        });
+    }
+    codec::decode("forwarded replies", &body).map_err(|e| ApiError::Internal(e.to_string()))
+}

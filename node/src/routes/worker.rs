@@ -1,0 +1,175 @@
+//! The worker API (postcard bodies, cluster token): register, lease, heartbeat, complete, exit.
+
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::HeaderMap;
+use axum::routing::post;
+use axum::Router;
+use hashq_raft::command::{Request, Response as SmResponse};
+use hashq_raft::wire::{
+    routes, CompleteRequest, CompleteResponse, ExitRequest, HeartbeatRequest, HeartbeatResponse,
+    LeaseRequest, LeaseResponse, RegisterRequest, RegisterResponse, WorkGrant,
+};
+
+use super::{Postcard, INTERNAL_BODY_LIMIT};
+use crate::config::Role;
+use crate::error::ApiError;
+use crate::node::Node;
+
+pub fn router() -> Router<Node> {
+    Router::new()
+        .route(routes::REGISTER, post(register))
+        .route(routes::LEASE, post(lease))
+        .route(routes::HEARTBEAT, post(heartbeat))
+        .route(routes::COMPLETE, post(complete))
+        .route(routes::EXIT, post(exit))
+        .layer(DefaultBodyLimit::max(INTERNAL_BODY_LIMIT))
+}
+
+fn serves_workers(node: &Node) -> Result<(), ApiError> {
+    if node.config.role == Role::Witness {
+        return Err(ApiError::Witness);
+    }
+    Ok(())
+}
+
+fn unexpected(response: SmResponse) -> ApiError {
+    ApiError::Internal(format!(
+        "unexpected answer from the state machine: {response:?}"
+    ))
+}
+
+fn millis(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+async fn register(
+    State(node): State<Node>,
+    _headers: HeaderMap,
+    Postcard(req): Postcard<RegisterRequest>,
+) -> Result<Postcard<RegisterResponse>, ApiError> {
+    serves_workers(&node)?;
+    let request = Request::Register {
+        slot: req.slot,
+        parent: req.parent.unwrap_or(node.id()),
+        host: req.host,
+        handle: req.handle,
+    };
+    let worker = match node.proposer.submit(request).await?.response {
+        SmResponse::Registered { worker } => worker,
+        other => return Err(unexpected(other)),
+    };
+    let membership = node.raft.metrics().borrow().membership_config.clone();
+    let endpoints = membership
+        .membership()
+        .nodes()
+        .map(|(id, n)| (*id, format!("http://{}", n.addr)))
+        .collect();
+    let timing = &node.config.timing;
+    tracing::info!(%worker, "worker registered");
+    Ok(Postcard(RegisterResponse {
+        worker,
+        node: node.id(),
+        endpoints,
+        lease_ms: millis(timing.lease),
+        heartbeat_ms: millis(timing.worker_heartbeat),
+        worker_lost_ms: millis(timing.worker_lost_after),
+    }))
+}
+
+/// Waits, up to `wait`, until this node's applied state shows queued work.
+async fn wait_for_work(node: &Node, wait: Duration) {
+    let mut applied = node.reader.subscribe();
+    let _ = tokio::time::timeout(wait, applied.wait_for(|s| s.queued > 0)).await;
+}
+
+async fn lease(
+    State(node): State<Node>,
+    Postcard(req): Postcard<LeaseRequest>,
+) -> Result<Postcard<LeaseResponse>, ApiError> {
+    serves_workers(&node)?;
+    let timing = &node.config.timing;
+    // Long-poll here, on whichever node the worker asked: every replica learns of new work
+    // when it applies the enqueue, so no leader round trip is spent on an empty queue.
+    let wait = Duration::from_millis(req.wait_ms)
+        .min(timing.lease_wait_max)
+        .min(timing.request_timeout / 2);
+    wait_for_work(&node, wait).await;
+    let request = Request::Lease {
+        worker: req.worker,
+        max: req.max.max(1),
+        lease_ms: millis(timing.lease),
+        request_id: req.request_id,
+    };
+    let reply = node.proposer.submit(request).await?;
+    match reply.response {
+        SmResponse::Leased { items } => Ok(Postcard(LeaseResponse {
+            items: items
+                .into_iter()
+                .zip(reply.payloads)
+                .map(|(item, payload)| WorkGrant {
+                    id: item.id,
+                    attempt: item.attempt,
+                    iterations: item.iterations,
+                    deadline: item.deadline,
+                    payload: payload.into_vec(),
+                })
+                .collect(),
+        })),
+        other => Err(unexpected(other)),
+    }
+}
+
+async fn heartbeat(
+    State(node): State<Node>,
+    Postcard(req): Postcard<HeartbeatRequest>,
+) -> Result<Postcard<HeartbeatResponse>, ApiError> {
+    serves_workers(&node)?;
+    let request = Request::Heartbeat {
+        worker: req.worker,
+        items: req.items,
+        lease_ms: millis(node.config.timing.lease),
+    };
+    match node.proposer.submit(request).await?.response {
+        SmResponse::HeartbeatAck { valid, lost } => Ok(Postcard(HeartbeatResponse { valid, lost })),
+        other => Err(unexpected(other)),
+    }
+}
+
+async fn complete(
+    State(node): State<Node>,
+    Postcard(req): Postcard<CompleteRequest>,
+) -> Result<Postcard<CompleteResponse>, ApiError> {
+    serves_workers(&node)?;
+    let request = Request::Complete {
+        worker: req.worker,
+        results: req.results,
+    };
+    match node.proposer.submit(request).await?.response {
+        SmResponse::CompleteAck { accepted, ignored } => {
+            Ok(Postcard(CompleteResponse { accepted, ignored }))
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+async fn exit(
+    State(node): State<Node>,
+    Postcard(req): Postcard<ExitRequest>,
+) -> Result<Postcard<()>, ApiError> {
+    serves_workers(&node)?;
+    // Exit gives back every lease the worker holds, whatever `release` lists.
+    match node
+        .proposer
+        .submit(Request::Exit { worker: req.worker })
+        .await?
+        .response
+    {
+        SmResponse::Done => {
+            tracing::info!(worker = %req.worker, "worker exited");
+            Ok(Postcard(()))
+        }
+        other => Err(unexpected(other)),
+    }
+}

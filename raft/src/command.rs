@@ -1,0 +1,294 @@
+//! What goes through the Raft log and what comes back.
+//!
+//! A [`Command`] is one log entry: a batch of [`Request`]s proposed together, with the one
+//! timestamp the leader stamped on it. Batching is how hashq reaches its throughput: one log
+//! entry, one replication round and one flush carry many client requests.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+use crate::types::{Digest, Millis, NodeId, WorkId, WorkerId};
+
+/// One Raft log entry's application data.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    /// The leader's clock when it proposed this entry. Apply never reads a clock; it uses
+    /// `max(now, the largest now seen so far)` so time never runs backwards across leaders.
+    pub now: Millis,
+    pub requests: Vec<Request>,
+}
+
+impl fmt::Debug for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Command")
+            .field("now", &self.now)
+            .field("requests", &self.requests)
+            .finish()
+    }
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Command(now={}, {} requests)",
+            self.now,
+            self.requests.len()
+        )
+    }
+}
+
+/// The responses to a [`Command`], one per request, in order.
+pub type CommandResponse = Vec<Response>;
+
+/// A client's or worker's intent, without a time: the leader adds the time.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Add an item to the queue.
+    Enqueue {
+        iterations: u32,
+        payload: ByteBuf,
+        /// A retry with the same key returns the first call's work id and adds nothing.
+        dedup: Option<Dedup>,
+    },
+    /// Take up to `top` completed items, most recently completed first, marking them pulled.
+    Take {
+        top: u32,
+        /// A retry with the same key returns the first call's items.
+        dedup: Option<Dedup>,
+    },
+    /// A worker introduces itself. With `slot`, it claims the budget slot the cluster
+    /// reserved for it; without, it is an external worker that holds no slot.
+    Register {
+        slot: Option<WorkerId>,
+        parent: NodeId,
+        host: String,
+        handle: String,
+    },
+    /// Lease up to `max` queued items, FIFO, until `now + lease_ms`.
+    Lease {
+        worker: WorkerId,
+        max: u32,
+        lease_ms: u64,
+        /// Grows with every new request of a worker. Retrying the same id returns the same
+        /// grant; an id older than the last one gets nothing.
+        request_id: u64,
+    },
+    /// Extend the leases the worker still holds; answers which ones it lost.
+    Heartbeat {
+        worker: WorkerId,
+        items: Vec<(WorkId, u32)>,
+        lease_ms: u64,
+    },
+    /// Deliver results. The first completion of the current attempt wins; any other is
+    /// acknowledged and ignored.
+    Complete {
+        worker: WorkerId,
+        results: Vec<Completion>,
+    },
+    /// Give leases back to the queue (a worker shutting down).
+    Release {
+        worker: WorkerId,
+        items: Vec<(WorkId, u32)>,
+    },
+    /// A worker leaves: its leases go back to the queue and its slot is freed.
+    Exit { worker: WorkerId },
+    /// Reserve a budget slot for a worker that `parent` is about to launch.
+    Reserve { parent: NodeId },
+    /// The launcher started the worker of a reserved slot.
+    Launched { worker: WorkerId, handle: String },
+    /// The launch failed; the slot is freed.
+    LaunchFailed { worker: WorkerId, reason: String },
+    /// Set the cluster-wide worker budget. `only_if_unset` makes it a bootstrap default.
+    SetMaxWorkers { max: u32, only_if_unset: bool },
+    /// Housekeeping at the stamped time: expire leases, declare silent workers lost, forget
+    /// pulled items past their retention and idempotency keys past their ttl.
+    Tick(TickParams),
+}
+
+impl fmt::Debug for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Request::Enqueue {
+                iterations,
+                payload,
+                dedup,
+            } => f
+                .debug_struct("Enqueue")
+                .field("iterations", iterations)
+                .field("payload_len", &payload.len())
+                .field("dedup", dedup)
+                .finish(),
+            Request::Take { top, dedup } => f
+                .debug_struct("Take")
+                .field("top", top)
+                .field("dedup", dedup)
+                .finish(),
+            Request::Register { slot, parent, .. } => f
+                .debug_struct("Register")
+                .field("slot", slot)
+                .field("parent", parent)
+                .finish(),
+            Request::Lease { worker, max, .. } => f
+                .debug_struct("Lease")
+                .field("worker", worker)
+                .field("max", max)
+                .finish(),
+            Request::Heartbeat { worker, items, .. } => f
+                .debug_struct("Heartbeat")
+                .field("worker", worker)
+                .field("items", &items.len())
+                .finish(),
+            Request::Complete { worker, results } => f
+                .debug_struct("Complete")
+                .field("worker", worker)
+                .field("results", &results.len())
+                .finish(),
+            Request::Release { worker, items } => f
+                .debug_struct("Release")
+                .field("worker", worker)
+                .field("items", &items.len())
+                .finish(),
+            Request::Exit { worker } => f.debug_struct("Exit").field("worker", worker).finish(),
+            Request::Reserve { parent } => {
+                f.debug_struct("Reserve").field("parent", parent).finish()
+            }
+            Request::Launched { worker, handle } => f
+                .debug_struct("Launched")
+                .field("worker", worker)
+                .field("handle", handle)
+                .finish(),
+            Request::LaunchFailed { worker, reason } => f
+                .debug_struct("LaunchFailed")
+                .field("worker", worker)
+                .field("reason", reason)
+                .finish(),
+            Request::SetMaxWorkers { max, only_if_unset } => f
+                .debug_struct("SetMaxWorkers")
+                .field("max", max)
+                .field("only_if_unset", only_if_unset)
+                .finish(),
+            Request::Tick(p) => f.debug_tuple("Tick").field(p).finish(),
+        }
+    }
+}
+
+/// An idempotency key and how long the state machine remembers it.
+///
+/// Clients' `Idempotency-Key`s are kept for the configured retention; a node also gives every
+/// enqueue and take it proposes a key of its own, kept briefly, so that it can retry through a
+/// leader change without ever applying a request twice.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Dedup {
+    pub key: String,
+    pub ttl_ms: u64,
+}
+
+/// One result delivered by a worker.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Completion {
+    pub id: WorkId,
+    pub attempt: u32,
+    pub value: Digest,
+}
+
+/// The knobs of a [`Request::Tick`], chosen by the leader's config and carried in the log so
+/// that every replica applies the same rules.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct TickParams {
+    /// An item whose lease expires with `attempts >= max_attempts` becomes dead.
+    pub max_attempts: u32,
+    /// A running worker not seen for this long is lost: its leases are reclaimed, its slot freed.
+    pub worker_lost_ms: u64,
+    /// A reserved slot whose worker has not registered after this long is freed.
+    pub launch_timeout_ms: u64,
+    /// Pulled items are forgotten after this long.
+    pub pulled_retention_ms: u64,
+    /// At most this many expiries and deletions per tick, to keep entries small.
+    pub limit: u32,
+}
+
+/// The answer to one [`Request`].
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum Response {
+    Enqueued {
+        id: WorkId,
+        /// True when an idempotency key matched an earlier enqueue.
+        duplicate: bool,
+    },
+    Taken {
+        items: Vec<(WorkId, Digest)>,
+        /// True when an idempotency key matched an earlier take.
+        replay: bool,
+    },
+    Registered {
+        worker: WorkerId,
+    },
+    Leased {
+        items: Vec<LeasedItem>,
+    },
+    HeartbeatAck {
+        /// Items whose leases were extended.
+        valid: Vec<WorkId>,
+        /// Items the worker no longer holds (expired, re-leased or completed): stop them.
+        lost: Vec<WorkId>,
+    },
+    CompleteAck {
+        accepted: u32,
+        ignored: u32,
+    },
+    Released {
+        count: u32,
+    },
+    Reserved {
+        worker: Option<WorkerId>,
+    },
+    Ticked(TickReport),
+    /// The request was applied and has nothing to report.
+    Done,
+    /// The request was not applied; nothing changed.
+    Rejected(Rejection),
+}
+
+/// Why a request was refused by the state machine.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum Rejection {
+    /// The worker is not in the worker table (never registered, exited, or declared lost).
+    UnknownWorker(WorkerId),
+    /// The slot a worker tried to claim is not reserved (released, or never existed).
+    UnknownSlot(WorkerId),
+    /// The request's parameters are out of range.
+    Invalid(String),
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rejection::UnknownWorker(w) => write!(f, "unknown worker {w}"),
+            Rejection::UnknownSlot(w) => write!(f, "slot {w} is not reserved"),
+            Rejection::Invalid(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+/// One item granted by a lease. The payload is not part of the state machine's answer: the
+/// leader reads it from its store after apply and attaches it on the way out.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct LeasedItem {
+    pub id: WorkId,
+    pub attempt: u32,
+    pub iterations: u32,
+    pub deadline: Millis,
+}
+
+/// What a tick did, so the leader can act on it (kill lost workers' processes).
+#[derive(Clone, Default, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct TickReport {
+    pub expired: u32,
+    pub dead: u32,
+    /// Workers declared lost (or slots that never launched), with their launcher handles.
+    pub lost_workers: Vec<(WorkerId, String)>,
+    pub forgotten: u32,
+}

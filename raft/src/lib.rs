@@ -1,0 +1,47 @@
+//! The replicated model of hashq.
+//!
+//! - [`command`]: what goes through the Raft log (a batch of requests with the leader's time)
+//!   and what comes back;
+//! - [`machine`]: the pure, deterministic queue state machine over an ordered key-value view
+//!   ([`kv`]), with its key layout in [`keys`];
+//! - [`TypeConfig`]: the openraft type configuration (snapshots are files, so a snapshot of a
+//!   large backlog streams from disk with flat memory);
+//! - [`network`]: the Raft RPC client (HTTP + postcard, guarded by the cluster token).
+//!
+//! Nothing here reads a clock or does disk I/O; the `storage` crate persists what `machine`
+//! computes, and the `node` crate decides when to propose what.
+
+pub mod codec;
+pub mod command;
+pub mod keys;
+pub mod kv;
+pub mod machine;
+pub mod network;
+pub mod types;
+pub mod wire;
+
+pub use command::{Command, CommandResponse, Request, Response};
+pub use types::{NodeId, WorkId, WorkerId};
+
+openraft::declare_raft_types!(
+    /// The openraft type configuration of hashq.
+    pub TypeConfig:
+        D = Command,
+        R = CommandResponse,
+        NodeId = NodeId,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = tokio::fs::File,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// The openraft handle, typed.
+pub type Raft = openraft::Raft<TypeConfig>;
+/// A log entry, typed.
+pub type Entry = openraft::Entry<TypeConfig>;
+/// A log id, typed.
+pub type LogId = openraft::LogId<NodeId>;
+/// A membership as stored with its log id, typed.
+pub type StoredMembership = openraft::StoredMembership<NodeId, openraft::BasicNode>;
+/// Snapshot metadata, typed.
+pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, openraft::BasicNode>;

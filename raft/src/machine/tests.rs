@@ -1,0 +1,857 @@
+//! Scenario tests of the queue state machine: no network, no disk, no clock.
+
+use super::*;
+use crate::command::Dedup;
+use crate::kv::{MemKv, Overlay};
+use crate::types::Digest;
+
+const LEASE_MS: u64 = 1_000;
+const KEY_TTL_MS: u64 = 120_000;
+
+fn dedup(key: Option<&str>) -> Option<Dedup> {
+    key.map(|k| Dedup {
+        key: k.to_string(),
+        ttl_ms: KEY_TTL_MS,
+    })
+}
+
+fn params() -> TickParams {
+    TickParams {
+        max_attempts: 3,
+        worker_lost_ms: 10_000,
+        launch_timeout_ms: 5_000,
+        pulled_retention_ms: 60_000,
+        limit: 1_000,
+    }
+}
+
+fn run(kv: &mut MemKv, now: Millis, request: Request) -> Response {
+    let mut out = apply(
+        kv,
+        &Command {
+            now,
+            requests: vec![request],
+        },
+    )
+    .expect("apply");
+    out.pop().expect("one response")
+}
+
+fn enqueue(kv: &mut MemKv, now: Millis, iterations: u32, key: Option<&str>) -> WorkId {
+    match run(
+        kv,
+        now,
+        Request::Enqueue {
+            iterations,
+            payload: ByteBuf::from(format!("payload-{now}-{iterations}").into_bytes()),
+            dedup: dedup(key),
+        },
+    ) {
+        Response::Enqueued { id, .. } => id,
+        other => panic!("enqueue answered {other:?}"),
+    }
+}
+
+fn register(kv: &mut MemKv, now: Millis) -> WorkerId {
+    match run(
+        kv,
+        now,
+        Request::Register {
+            slot: None,
+            parent: 1,
+            host: "test".into(),
+            handle: String::new(),
+        },
+    ) {
+        Response::Registered { worker } => worker,
+        other => panic!("register answered {other:?}"),
+    }
+}
+
+fn lease(
+    kv: &mut MemKv,
+    now: Millis,
+    worker: WorkerId,
+    max: u32,
+    request_id: u64,
+) -> Vec<LeasedItem> {
+    match run(
+        kv,
+        now,
+        Request::Lease {
+            worker,
+            max,
+            lease_ms: LEASE_MS,
+            request_id,
+        },
+    ) {
+        Response::Leased { items } => items,
+        other => panic!("lease answered {other:?}"),
+    }
+}
+
+fn digest(byte: u8) -> Digest {
+    Digest::new([byte; 64])
+}
+
+fn complete(
+    kv: &mut MemKv,
+    now: Millis,
+    worker: WorkerId,
+    id: WorkId,
+    attempt: u32,
+    byte: u8,
+) -> (u32, u32) {
+    match run(
+        kv,
+        now,
+        Request::Complete {
+            worker,
+            results: vec![Completion {
+                id,
+                attempt,
+                value: digest(byte),
+            }],
+        },
+    ) {
+        Response::CompleteAck { accepted, ignored } => (accepted, ignored),
+        other => panic!("complete answered {other:?}"),
+    }
+}
+
+fn take(kv: &mut MemKv, now: Millis, top: u32, key: Option<&str>) -> Vec<(WorkId, Digest)> {
+    match run(
+        kv,
+        now,
+        Request::Take {
+            top,
+            dedup: dedup(key),
+        },
+    ) {
+        Response::Taken { items, .. } => items,
+        other => panic!("take answered {other:?}"),
+    }
+}
+
+fn tick(kv: &mut MemKv, now: Millis) -> TickReport {
+    match run(kv, now, Request::Tick(params())) {
+        Response::Ticked(report) => report,
+        other => panic!("tick answered {other:?}"),
+    }
+}
+
+fn status(kv: &MemKv, id: WorkId) -> Status {
+    item(kv, id).unwrap().expect("item exists").status
+}
+
+/// Recounts everything by scanning and compares with the incremental counters, and checks
+/// that every item sits in exactly the index its status names.
+fn check_invariants(kv: &MemKv) {
+    let meta = read_meta(kv).unwrap();
+    let mut counts = Counts {
+        enqueued_total: meta.counts.enqueued_total,
+        completed_total: meta.counts.completed_total,
+        pulled_total: meta.counts.pulled_total,
+        expired_total: meta.counts.expired_total,
+        completed_iterations_total: meta.counts.completed_iterations_total,
+        ..Counts::default()
+    };
+    let (start, end) = keys::table(keys::ITEM);
+    let items: Vec<(WorkId, Item)> = kv
+        .scan(&start, &end, false)
+        .map(|r| {
+            let (k, v) = r.unwrap();
+            (
+                WorkId(keys::u64_at(&k, 1).unwrap()),
+                codec::decode("item", &v).unwrap(),
+            )
+        })
+        .collect();
+    let mut completed_index = 0;
+    for (id, it) in &items {
+        let in_queue = kv.contains_key(&keys::queue(*id));
+        let in_dead = kv.contains_key(&keys::dead(*id));
+        let has_payload = kv.contains_key(&keys::payload(*id));
+        match it.status {
+            Status::Queued => {
+                counts.queued += 1;
+                counts.queued_iterations += u64::from(it.iterations);
+                assert!(in_queue && it.lease.is_none(), "queued {id} not in queue");
+            }
+            Status::Running => {
+                counts.running += 1;
+                let l = it.lease.expect("running has lease");
+                assert!(
+                    kv.contains_key(&keys::lease(l.deadline, *id)),
+                    "lease index of {id}"
+                );
+                assert!(
+                    kv.contains_key(&keys::owner(l.worker, *id)),
+                    "owner index of {id}"
+                );
+                assert!(!in_queue);
+            }
+            Status::Completed => {
+                counts.completed += 1;
+                completed_index += 1;
+                assert!(it.value.is_some() && !has_payload && !in_queue);
+            }
+            Status::Pulled => {
+                counts.pulled += 1;
+                assert!(kv.contains_key(&keys::pulled(it.pulled_at.unwrap(), *id)));
+            }
+            Status::Dead => {
+                counts.dead += 1;
+                assert!(in_dead && !in_queue && it.lease.is_none());
+            }
+        }
+        if matches!(it.status, Status::Queued | Status::Running | Status::Dead) {
+            assert!(has_payload, "payload of {id} kept until completion");
+            counts.payload_bytes += u64::from(it.payload_len);
+        }
+    }
+    let (s, e) = keys::table(keys::COMPLETED);
+    assert_eq!(kv.scan(&s, &e, false).count(), completed_index);
+    let (s, e) = keys::table(keys::LEASE);
+    assert_eq!(kv.scan(&s, &e, false).count() as u64, counts.running);
+    let (s, e) = keys::table(keys::OWNER);
+    assert_eq!(kv.scan(&s, &e, false).count() as u64, counts.running);
+    let leased: u64 = workers(kv)
+        .unwrap()
+        .iter()
+        .map(|w| u64::from(w.leased))
+        .sum();
+    assert!(leased <= counts.running);
+    assert_eq!(meta.counts, counts);
+}
+
+#[test]
+fn enqueue_lease_complete_take_in_order() {
+    let mut kv = MemKv::new();
+    let w = register(&mut kv, 10);
+    let ids: Vec<WorkId> = (0..4).map(|i| enqueue(&mut kv, 100 + i, 5, None)).collect();
+    // FIFO: the first two leased are the first two enqueued.
+    let got = lease(&mut kv, 200, w, 2, 1);
+    assert_eq!(got.iter().map(|l| l.id).collect::<Vec<_>>(), ids[..2]);
+    assert!(got
+        .iter()
+        .all(|l| l.attempt == 1 && l.deadline == 200 + LEASE_MS && l.iterations == 5));
+    let got2 = lease(&mut kv, 201, w, 10, 2);
+    assert_eq!(got2.iter().map(|l| l.id).collect::<Vec<_>>(), ids[2..]);
+    assert!(lease(&mut kv, 202, w, 10, 3).is_empty(), "queue is empty");
+    check_invariants(&kv);
+
+    // Complete in the order 2, 0, 3, 1: take returns the most recently completed first.
+    for (n, idx) in [2usize, 0, 3, 1].iter().enumerate() {
+        assert_eq!(
+            complete(&mut kv, 300 + n as u64, w, ids[*idx], 1, *idx as u8),
+            (1, 0)
+        );
+    }
+    assert_eq!(status(&kv, ids[0]), Status::Completed);
+    check_invariants(&kv);
+    let first = take(&mut kv, 400, 3, None);
+    assert_eq!(
+        first.iter().map(|t| t.0).collect::<Vec<_>>(),
+        vec![ids[1], ids[3], ids[0]]
+    );
+    assert_eq!(first[0].1, digest(1));
+    // Taken items are removed: the next take gets only the rest.
+    let second = take(&mut kv, 401, 3, None);
+    assert_eq!(second.iter().map(|t| t.0).collect::<Vec<_>>(), vec![ids[2]]);
+    assert!(take(&mut kv, 402, 3, None).is_empty());
+    assert_eq!(status(&kv, ids[2]), Status::Pulled);
+    check_invariants(&kv);
+}
+
+#[test]
+fn expired_lease_requeues_with_another_attempt_in_original_order() {
+    let mut kv = MemKv::new();
+    let w = register(&mut kv, 0);
+    let a = enqueue(&mut kv, 1, 1, None);
+    let b = enqueue(&mut kv, 2, 1, None);
+    assert_eq!(lease(&mut kv, 10, w, 1, 1)[0].id, a);
+    // Not yet expired at the deadline minus one.
+    assert_eq!(tick(&mut kv, 10 + LEASE_MS - 1).expired, 0);
+    assert_eq!(status(&kv, a), Status::Running);
+    let report = tick(&mut kv, 10 + LEASE_MS);
+    assert_eq!((report.expired, report.dead), (1, 0));
+    assert_eq!(status(&kv, a), Status::Queued);
+    check_invariants(&kv);
+    // `a` is back at the head of the queue, ahead of `b`, with attempt 2.
+    let again = lease(&mut kv, 2000, w, 1, 2);
+    assert_eq!((again[0].id, again[0].attempt), (a, 2));
+    assert_eq!(item(&kv, a).unwrap().unwrap().attempts, 2);
+    assert_eq!(lease(&mut kv, 2001, w, 1, 3)[0].id, b);
+    check_invariants(&kv);
+}
+
+#[test]
+fn heartbeat_extends_lease_and_reports_lost_items() {
+    let mut kv = MemKv::new();
+    let w = register(&mut kv, 0);
+    let a = enqueue(&mut kv, 1, 1, None);
+    let b = enqueue(&mut kv, 1, 1, None);
+    lease(&mut kv, 10, w, 2, 1);
+    let hb = run(
+        &mut kv,
+        900,
+        Request::Heartbeat {
+            worker: w,
+            items: vec![(a, 1), (b, 7), (WorkId(999), 1)],
+            lease_ms: LEASE_MS,
+        },
+    );
+    assert_eq!(
+        hb,
+        Response::HeartbeatAck {
+            valid: vec![a],
+            lost: vec![b, WorkId(999)]
+        }
+    );
+    // b's lease ran out at 1010, a's was extended to 1900.
+    let report = tick(&mut kv, 1500);
+    assert_eq!(report.expired, 1);
+    assert_eq!(status(&kv, a), Status::Running);
+    assert_eq!(status(&kv, b), Status::Queued);
+    check_invariants(&kv);
+}
+
+#[test]
+fn stale_completion_after_release_is_fenced_off() {
+    let mut kv = MemKv::new();
+    let slow = register(&mut kv, 0);
+    let fast = register(&mut kv, 0);
+    let id = enqueue(&mut kv, 1, 1, None);
+    assert_eq!(lease(&mut kv, 10, slow, 1, 1)[0].attempt, 1);
+    tick(&mut kv, 10 + LEASE_MS);
+    assert_eq!(lease(&mut kv, 2000, fast, 1, 1)[0].attempt, 2);
+    // The first worker finally finishes: its attempt is stale and is ignored.
+    assert_eq!(complete(&mut kv, 2001, slow, id, 1, 0xaa), (0, 1));
+    assert_eq!(status(&kv, id), Status::Running);
+    assert_eq!(complete(&mut kv, 2002, fast, id, 2, 0xbb), (1, 0));
+    assert_eq!(item(&kv, id).unwrap().unwrap().value, Some(digest(0xbb)));
+    check_invariants(&kv);
+}
+
+#[test]
+fn stale_completion_while_requeued_is_ignored() {
+    let mut kv = MemKv::new();
+    let w = register(&mut kv, 0);
+    let id = enqueue(&mut kv, 1, 1, None);
+    lease(&mut kv, 10, w, 1, 1);
+    tick(&mut kv, 10 + LEASE_MS);
+    assert_eq!(complete(&mut kv, 2000, w, id, 1, 1), (0, 1));
+    assert_eq!(status(&kv, id), Status::Queued);
+    check_invariants(&kv);
+}
+
+#[test]
+fn duplicate_completion_keeps_the_first_result() {
+    let mut kv = MemKv::new();
+    let w = register(&mut kv, 0);
+    let id = enqueue(&mut kv, 1, 1, None);
+    lease(&mut kv, 10, w, 1, 1);
+    assert_eq!(complete(&mut kv, 20, w, id, 1, 1), (1, 0));
+    assert_eq!(complete(&mut kv, 21, w, id, 1, 2), (0, 1));
+    assert_eq!(
+        complete(&mut kv, 22, w, WorkId(77), 1, 2),
+        (0, 1),
+        "unknown id"
+    );
+    let taken = take(&mut kv, 30, 10, None);
+    assert_eq!(taken, vec![(id, digest(1))]);
+    // A completion after the pull changes nothing either.
+    assert_eq!(complete(&mut kv, 31, w, id, 1, 3), (0, 1));
+    assert!(take(&mut kv, 32, 10, None).is_empty());
+    assert_eq!(read_meta(&kv).unwrap().counts.completed_total, 1);
+    check_invariants(&kv);
+}
+
+#[test]
+fn item_dies_after_max_attempts_and_stays_visible() {
+    let mut kv = MemKv::new();
+    let w = register(&mut kv, 0);
+    let id = enqueue(&mut kv, 1, 1, None);
+    let mut now = 10;
+    for attempt in 1..=3 {
+        let got = lease(&mut kv, now, w, 1, attempt.into());
+        assert_eq!(got[0].attempt, attempt);
+        now += LEASE_MS;
+        let report = tick(&mut kv, now);
+        assert_eq!(report.dead, u32::from(attempt == 3));
+        // keep the worker alive
+        run(
+            &mut kv,
+            now,
+            Request::Heartbeat {
+                worker: w,
+                items: vec![],
+                lease_ms: LEASE_MS,
+            },
+        );
+    }
+    let it = item(&kv, id).unwrap().unwrap();
+    assert_eq!((it.status, it.attempts), (Status::Dead, 3));
+    assert!(it.dead_reason.is_some());
+    assert_eq!(dead_items(&kv, 10).unwrap(), vec![id]);
+    assert!(
+        lease(&mut kv, now, w, 1, 9).is_empty(),
+        "dead items are not leased"
+    );
+    assert_eq!(read_meta(&kv).unwrap().counts.dead, 1);
+    check_invariants(&kv);
+}
+
+#[test]
+fn idempotent_enqueue_returns_the_same_id_until_the_key_expires() {
+    let mut kv = MemKv::new();
+    let a = enqueue(&mut kv, 1, 5, Some("k1"));
+    let again = run(
+        &mut kv,
+        2,
+        Request::Enqueue {
+            iterations: 9,
+            payload: ByteBuf::from(b"other".to_vec()),
+            dedup: dedup(Some("k1")),
+        },
+    );
+    assert_eq!(
+        again,
+        Response::Enqueued {
+            id: a,
+            duplicate: true
+        }
+    );
+    assert_eq!(read_meta(&kv).unwrap().counts.enqueued_total, 1);
+    let b = enqueue(&mut kv, 3, 5, Some("k2"));
+    assert_ne!(a, b);
+    // After the retention window the key is forgotten; the same key then enqueues anew.
+    assert_eq!(tick(&mut kv, KEY_TTL_MS).forgotten, 0);
+    let report = tick(&mut kv, 1 + KEY_TTL_MS);
+    assert_eq!(report.forgotten, 1);
+    let c = enqueue(&mut kv, 2 + KEY_TTL_MS, 5, Some("k1"));
+    assert_ne!(c, a);
+    check_invariants(&kv);
+}
+
+#[test]
+fn idempotent_take_replays_the_same_items() {
+    let mut kv = MemKv::new();
+    let w = register(&mut kv, 0);
+    let ids: Vec<WorkId> = (0..3).map(|i| enqueue(&mut kv, i, 1, None)).collect();
+    lease(&mut kv, 10, w, 3, 1);
+    for (n, id) in ids.iter().enumerate() {
+        complete(&mut kv, 20 + n as u64, w, *id, 1, n as u8);
+    }
+    let first = take(&mut kv, 30, 2, Some("pull-1"));
+    assert_eq!(first.len(), 2);
+    let replay = run(
+        &mut kv,
+        31,
+        Request::Take {
+            top: 2,
+            dedup: dedup(Some("pull-1")),
+        },
+    );
+    assert_eq!(
+        replay,
+        Response::Taken {
+            items: first.clone(),
+            replay: true
+        }
+    );
+    // Another call without the key gets only what is left.
+    let rest = take(&mut kv, 32, 10, None);
+    assert_eq!(rest.len(), 1);
+    assert!(!first.iter().any(|t| t.0 == rest[0].0));
+    check_invariants(&kv);
+}
+
+#[test]
+fn pulled_items_are_forgotten_after_retention() {
+    let mut kv = MemKv::new();
+    let w = register(&mut kv, 0);
+    let id = enqueue(&mut kv, 0, 1, None);
+    lease(&mut kv, 1, w, 1, 1);
+    complete(&mut kv, 2, w, id, 1, 1);
+    take(&mut kv, 3, 1, None);
+    assert!(!tick_due(&kv, 4, &params()).unwrap() || tick(&mut kv, 4).forgotten == 0);
+    let later = 3 + params().pulled_retention_ms;
+    assert!(tick_due(&kv, later, &params()).unwrap());
+    assert_eq!(tick(&mut kv, later).forgotten, 1);
+    assert!(item(&kv, id).unwrap().is_none());
+    check_invariants(&kv);
+}
+
+#[test]
+fn retried_lease_request_gets_the_same_grant() {
+    let mut kv = MemKv::new();
+    let w = register(&mut kv, 0);
+    for i in 0..4 {
+        enqueue(&mut kv, i, 1, None);
+    }
+    let first = lease(&mut kv, 10, w, 2, 42);
+    let retry = lease(&mut kv, 11, w, 2, 42);
+    assert_eq!(first, retry);
+    let next = lease(&mut kv, 12, w, 2, 43);
+    assert!(next.iter().all(|n| !first.contains(n)));
+    // A late duplicate of the first request (the worker has moved on) gets nothing.
+    let before = read_meta(&kv).unwrap().counts;
+    assert!(lease(&mut kv, 13, w, 2, 42).is_empty());
+    assert_eq!(read_meta(&kv).unwrap().counts, before);
+    assert_eq!(read_meta(&kv).unwrap().counts.running, 4);
+    check_invariants(&kv);
+}
+
+#[test]
+fn unknown_workers_are_rejected() {
+    let mut kv = MemKv::new();
+    enqueue(&mut kv, 0, 1, None);
+    let ghost = WorkerId(99);
+    assert_eq!(
+        run(
+            &mut kv,
+            1,
+            Request::Lease {
+                worker: ghost,
+                max: 1,
+                lease_ms: 10,
+                request_id: 1
+            }
+        ),
+        Response::Rejected(Rejection::UnknownWorker(ghost))
+    );
+    assert_eq!(
+        run(
+            &mut kv,
+            1,
+            Request::Register {
+                slot: Some(ghost),
+                parent: 1,
+                host: String::new(),
+                handle: String::new()
+            }
+        ),
+        Response::Rejected(Rejection::UnknownSlot(ghost))
+    );
+    assert_eq!(read_meta(&kv).unwrap().counts.queued, 1);
+}
+
+#[test]
+fn budget_is_never_exceeded_and_slots_come_back() {
+    let mut kv = MemKv::new();
+    run(
+        &mut kv,
+        0,
+        Request::SetMaxWorkers {
+            max: 2,
+            only_if_unset: true,
+        },
+    );
+    // A later bootstrap default does not override the first.
+    run(
+        &mut kv,
+        0,
+        Request::SetMaxWorkers {
+            max: 9,
+            only_if_unset: true,
+        },
+    );
+    let reserve = |kv: &mut MemKv, now| match run(kv, now, Request::Reserve { parent: 1 }) {
+        Response::Reserved { worker } => worker,
+        other => panic!("{other:?}"),
+    };
+    let a = reserve(&mut kv, 1).expect("slot 1");
+    let b = reserve(&mut kv, 2).expect("slot 2");
+    assert_eq!(reserve(&mut kv, 3), None, "budget of 2 is full");
+    // An external worker does not take a slot.
+    register(&mut kv, 3);
+    assert_eq!(reserve(&mut kv, 3), None);
+
+    // a registers and works; b never comes up and its slot times out.
+    assert_eq!(
+        run(
+            &mut kv,
+            4,
+            Request::Register {
+                slot: Some(a),
+                parent: 1,
+                host: "h".into(),
+                handle: "pid:1".into()
+            }
+        ),
+        Response::Registered { worker: a }
+    );
+    let id = enqueue(&mut kv, 5, 1, None);
+    lease(&mut kv, 6, a, 1, 1);
+    let report = tick(&mut kv, 2 + params().launch_timeout_ms);
+    assert_eq!(report.lost_workers, vec![(b, String::new())]);
+    let c = reserve(&mut kv, 5_010).expect("b's slot came back");
+
+    // a goes silent: declared lost, its lease reclaimed at once, its slot freed.
+    let t = 6 + params().worker_lost_ms;
+    let report = tick(&mut kv, t);
+    assert!(report
+        .lost_workers
+        .iter()
+        .any(|(w, h)| *w == a && h == "pid:1"));
+    assert_eq!(status(&kv, id), Status::Queued);
+    let d = reserve(&mut kv, t + 1).expect("a's slot came back");
+    assert_eq!(reserve(&mut kv, t + 1), None);
+    // A lost worker that comes back cannot reclaim its old slot.
+    assert_eq!(
+        run(
+            &mut kv,
+            t + 2,
+            Request::Register {
+                slot: Some(a),
+                parent: 1,
+                host: String::new(),
+                handle: String::new()
+            }
+        ),
+        Response::Rejected(Rejection::UnknownSlot(a))
+    );
+    // Exit and launch failure free slots too.
+    run(
+        &mut kv,
+        t + 3,
+        Request::LaunchFailed {
+            worker: c,
+            reason: "no capacity".into(),
+        },
+    );
+    run(
+        &mut kv,
+        t + 3,
+        Request::Register {
+            slot: Some(d),
+            parent: 2,
+            host: String::new(),
+            handle: String::new(),
+        },
+    );
+    run(&mut kv, t + 4, Request::Exit { worker: d });
+    let managed = workers(&kv).unwrap().iter().filter(|w| w.managed).count();
+    assert_eq!(managed, 0);
+    check_invariants(&kv);
+}
+
+#[test]
+fn exit_returns_leases_to_the_queue_without_killing_items() {
+    let mut kv = MemKv::new();
+    let w = register(&mut kv, 0);
+    let id = enqueue(&mut kv, 0, 1, None);
+    lease(&mut kv, 1, w, 1, 1);
+    run(&mut kv, 2, Request::Exit { worker: w });
+    assert_eq!(status(&kv, id), Status::Queued);
+    assert!(workers(&kv).unwrap().is_empty());
+    check_invariants(&kv);
+}
+
+#[test]
+fn time_never_runs_backwards() {
+    let mut kv = MemKv::new();
+    enqueue(&mut kv, 1_000, 1, None);
+    // A new leader with a slower clock proposes an earlier time.
+    let id = enqueue(&mut kv, 500, 1, None);
+    assert_eq!(item(&kv, id).unwrap().unwrap().enqueued_at, 1_000);
+    assert_eq!(read_meta(&kv).unwrap().now, 1_000);
+}
+
+#[test]
+fn invalid_requests_change_nothing() {
+    let mut kv = MemKv::new();
+    let before = kv.clone();
+    let r = run(
+        &mut kv,
+        1,
+        Request::Enqueue {
+            iterations: 0,
+            payload: ByteBuf::new(),
+            dedup: None,
+        },
+    );
+    assert!(matches!(r, Response::Rejected(Rejection::Invalid(_))));
+    let meta = read_meta(&kv).unwrap();
+    assert_eq!(meta.counts, Counts::default());
+    assert_eq!(
+        kv.len(),
+        before.len() + 1,
+        "only the meta record (time) is written"
+    );
+}
+
+/// A tiny deterministic generator, so the test needs no randomness source.
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+}
+
+fn random_log(seed: u64, len: usize) -> Vec<Command> {
+    let mut rng = Lcg(seed);
+    let mut log = Vec::new();
+    let mut now = 0;
+    let mut leased: Vec<(WorkerId, WorkId, u32)> = Vec::new();
+    for i in 0..len {
+        now += rng.next() % 400;
+        let mut requests = Vec::new();
+        for _ in 0..1 + rng.next() % 4 {
+            let worker = WorkerId(rng.next() % 3);
+            let r = match rng.next() % 10 {
+                0..=2 => Request::Enqueue {
+                    iterations: 1 + (rng.next() % 100) as u32,
+                    payload: ByteBuf::from(vec![(i % 251) as u8; (rng.next() % 64) as usize]),
+                    dedup: rng.next().is_multiple_of(3).then(|| Dedup {
+                        key: format!("k{}", rng.next() % 50),
+                        ttl_ms: 4_000,
+                    }),
+                },
+                3 => Request::Register {
+                    slot: None,
+                    parent: 1,
+                    host: String::new(),
+                    handle: String::new(),
+                },
+                4 => Request::Lease {
+                    worker,
+                    max: 1 + (rng.next() % 3) as u32,
+                    lease_ms: 500,
+                    request_id: rng.next(),
+                },
+                5 => {
+                    let (w, id, attempt) = leased
+                        .get((rng.next() as usize) % leased.len().max(1))
+                        .copied()
+                        .unwrap_or((worker, WorkId(rng.next() % 20), 1));
+                    Request::Complete {
+                        worker: w,
+                        results: vec![Completion {
+                            id,
+                            attempt,
+                            value: Digest::new([rng.next() as u8; 64]),
+                        }],
+                    }
+                }
+                6 => Request::Take {
+                    top: (rng.next() % 4) as u32,
+                    dedup: rng.next().is_multiple_of(2).then(|| Dedup {
+                        key: format!("t{}", rng.next() % 10),
+                        ttl_ms: 4_000,
+                    }),
+                },
+                7 => Request::Tick(TickParams {
+                    max_attempts: 2,
+                    worker_lost_ms: 3_000,
+                    launch_timeout_ms: 1_000,
+                    pulled_retention_ms: 2_000,
+                    limit: 5,
+                }),
+                8 => Request::Heartbeat {
+                    worker,
+                    items: leased
+                        .iter()
+                        .filter(|l| l.0 == worker)
+                        .map(|l| (l.1, l.2))
+                        .collect(),
+                    lease_ms: 500,
+                },
+                _ => match rng.next() % 3 {
+                    0 => Request::SetMaxWorkers {
+                        max: (rng.next() % 3) as u32,
+                        only_if_unset: false,
+                    },
+                    1 => Request::Reserve { parent: 2 },
+                    _ => Request::Exit { worker },
+                },
+            };
+            requests.push(r);
+        }
+        // Learn what was leased by replaying into a scratch state, so completions and
+        // heartbeats name real (worker, item, attempt) triples often.
+        log.push(Command { now, requests });
+        let mut scratch = MemKv::new();
+        for c in &log {
+            for (req, resp) in c.requests.iter().zip(apply(&mut scratch, c).unwrap()) {
+                if let (Request::Lease { worker, .. }, Response::Leased { items }) = (req, resp) {
+                    leased.extend(items.iter().map(|l| (*worker, l.id, l.attempt)));
+                }
+            }
+        }
+        leased.truncate(64);
+    }
+    log
+}
+
+#[test]
+fn the_same_log_gives_byte_identical_state_and_answers() {
+    let mut totals = Counts::default();
+    for seed in 1..=5 {
+        let log = random_log(seed, 120);
+        let mut a = MemKv::new();
+        let mut b = MemKv::new();
+        let mut answers_a = Vec::new();
+        let mut answers_b = Vec::new();
+        for cmd in &log {
+            answers_a.push(apply(&mut a, cmd).unwrap());
+        }
+        // The second replica applies through an overlay, committed after each command, as
+        // the sled store does.
+        for cmd in &log {
+            let mut overlay = Overlay::new(&b);
+            answers_b.push(apply(&mut overlay, cmd).unwrap());
+            for (k, v) in overlay.into_writes() {
+                match v {
+                    Some(v) => b.insert(k, v),
+                    None => b.remove(&k),
+                };
+            }
+        }
+        assert_eq!(a, b, "seed {seed}: replicas diverged");
+        assert_eq!(answers_a, answers_b);
+        check_invariants(&a);
+        let meta = read_meta(&a).unwrap();
+        assert!(
+            meta.counts.enqueued_total > 0,
+            "seed {seed} exercised nothing"
+        );
+        totals.completed_total += meta.counts.completed_total;
+        totals.pulled_total += meta.counts.pulled_total;
+        totals.expired_total += meta.counts.expired_total;
+    }
+    // The generated logs reach every part of the life cycle.
+    eprintln!("random logs: {totals:?}");
+    assert!(totals.completed_total > 0 && totals.pulled_total > 0 && totals.expired_total > 0);
+}
+
+#[test]
+fn batched_commands_equal_one_request_per_command() {
+    let log = random_log(7, 80);
+    let mut batched = MemKv::new();
+    let mut single = MemKv::new();
+    for cmd in &log {
+        let a = apply(&mut batched, cmd).unwrap();
+        let mut b = Vec::new();
+        for r in &cmd.requests {
+            b.extend(
+                apply(
+                    &mut single,
+                    &Command {
+                        now: cmd.now,
+                        requests: vec![r.clone()],
+                    },
+                )
+                .unwrap(),
+            );
+        }
+        assert_eq!(a, b);
+    }
+    assert_eq!(batched, single);
+}

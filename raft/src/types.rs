@@ -1,0 +1,161 @@
+//! The nouns of the replicated queue: ids, items, leases, workers, counts.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteArray;
+
+/// A Raft voter's id (the `--id` of `hashq node`).
+pub type NodeId = u64;
+
+/// Milliseconds since the Unix epoch, always stamped by the leader into a command.
+pub type Millis = u64;
+
+/// A SHA-512 digest, the result of a work item.
+pub type Digest = ByteArray<64>;
+
+/// The id of one work item, assigned by the state machine in log order.
+///
+/// Rendered as a plain decimal string in the client API (`"work_id":"42"`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Serialize, Deserialize)]
+pub struct WorkId(pub u64);
+
+impl fmt::Display for WorkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl FromStr for WorkId {
+    type Err = std::num::ParseIntError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.parse().map(WorkId)
+    }
+}
+
+/// The id of one worker (a budget slot while the worker is managed by the cluster).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Serialize, Deserialize)]
+pub struct WorkerId(pub u64);
+
+impl fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "w{}", self.0)
+    }
+}
+
+/// Where an item is in its life.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum Status {
+    /// Waiting in the FIFO queue for a worker.
+    Queued,
+    /// Leased to a worker until the lease deadline.
+    Running,
+    /// Has its result, waiting to be pulled.
+    Completed,
+    /// Its result was handed out by a pullCompleted; kept for a retention window.
+    Pulled,
+    /// Its leases expired `max_attempts` times; kept, never silently dropped.
+    Dead,
+}
+
+impl Status {
+    /// The lowercase name used by the client API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Queued => "queued",
+            Status::Running => "running",
+            Status::Completed => "completed",
+            Status::Pulled => "pulled",
+            Status::Dead => "dead",
+        }
+    }
+}
+
+/// A worker's claim on one item, fenced by `attempt`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Lease {
+    pub worker: WorkerId,
+    /// The fencing number: the item's `attempts` at the time the lease was granted.
+    pub attempt: u32,
+    pub deadline: Millis,
+}
+
+/// Everything the state machine knows about one item except its payload.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Item {
+    pub iterations: u32,
+    /// Number of leases granted so far (each lease is one attempt).
+    pub attempts: u32,
+    pub status: Status,
+    pub enqueued_at: Millis,
+    /// When it last entered the queue (enqueue or requeue).
+    pub queued_at: Millis,
+    pub payload_len: u32,
+    pub lease: Option<Lease>,
+    pub completed_at: Option<Millis>,
+    pub value: Option<Digest>,
+    pub pulled_at: Option<Millis>,
+    /// Why it is dead, when it is.
+    pub dead_reason: Option<String>,
+}
+
+/// A worker in the replicated worker table.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct WorkerRecord {
+    pub id: WorkerId,
+    /// The node that launched it (managed) or that it registered through (external).
+    pub parent: NodeId,
+    pub state: WorkerState,
+    /// Managed workers hold a slot of the cluster-wide budget; external ones (started by
+    /// hand) do not.
+    pub managed: bool,
+    /// When the slot was reserved or the worker registered.
+    pub since: Millis,
+    pub last_seen: Millis,
+    /// Items currently leased to it.
+    pub leased: u32,
+    pub completed: u64,
+    /// The launcher's handle: a pid for `local`, an instance id for `ec2`.
+    pub handle: String,
+    pub host: String,
+    /// The last lease request and what it granted, so a retried request gets the same items.
+    pub last_lease: Option<(u64, Vec<(WorkId, u32)>)>,
+}
+
+/// The life of a worker slot.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum WorkerState {
+    /// A slot is reserved and the launcher is starting the worker.
+    Launching,
+    /// The worker registered and is heartbeating.
+    Running,
+}
+
+impl WorkerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Launching => "launching",
+            WorkerState::Running => "running",
+        }
+    }
+}
+
+/// Running totals kept by the state machine so `/status` costs one read.
+#[derive(Clone, Default, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Counts {
+    pub queued: u64,
+    pub running: u64,
+    pub completed: u64,
+    pub pulled: u64,
+    pub dead: u64,
+    /// Sum of `iterations` over queued items: the backlog's size in hashing work.
+    pub queued_iterations: u64,
+    /// Sum of payload bytes of items not yet completed.
+    pub payload_bytes: u64,
+    pub enqueued_total: u64,
+    pub completed_total: u64,
+    pub pulled_total: u64,
+    pub expired_total: u64,
+    pub completed_iterations_total: u64,
+}

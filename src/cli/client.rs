@@ -1,0 +1,206 @@
+//! The client commands: enqueue, pull, status, cluster.
+//!
+//! Every write carries an `Idempotency-Key`, so the CLI retries through failovers (on the next
+//! endpoint when one is down) without enqueueing twice or losing a pulled result.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+use tokio::sync::Semaphore;
+
+use super::{ClusterArgs, ClusterCommand, EnqueueArgs, PullArgs, StatusArgs, Target};
+
+/// An HTTP client that fails over between endpoints and retries what is safe to retry.
+#[derive(Clone)]
+struct Client {
+    http: reqwest::Client,
+    target: Arc<Target>,
+}
+
+impl Client {
+    fn new(target: Target) -> anyhow::Result<Self> {
+        if target.endpoints.is_empty() {
+            bail!("no endpoints given");
+        }
+        Ok(Client {
+            http: reqwest::Client::builder().build()?,
+            target: Arc::new(target),
+        })
+    }
+
+    /// Sends a request, retrying on unreachable endpoints, 503 and 429 until the timeout.
+    /// Returns the first answer that is not worth retrying.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        idempotency_key: Option<&str>,
+    ) -> anyhow::Result<(StatusCode, Value)> {
+        let deadline = Instant::now() + self.target.timeout;
+        let mut delay = Duration::from_millis(100);
+        let mut last_error = anyhow!("no endpoint tried");
+        for attempt in 0usize.. {
+            let base =
+                self.target.endpoints[attempt % self.target.endpoints.len()].trim_end_matches('/');
+            let base = if base.contains("://") {
+                base.to_string()
+            } else {
+                format!("http://{base}")
+            };
+            let mut request = self
+                .http
+                .request(method.clone(), format!("{base}{path}"))
+                .timeout(
+                    deadline
+                        .saturating_duration_since(Instant::now())
+                        .max(Duration::from_millis(100)),
+                );
+            if let Some(body) = &body {
+                request = request.body(body.clone());
+            }
+            if let Some(key) = idempotency_key {
+                request = request.header("idempotency-key", key);
+            }
+            if let Some(token) = &self.target.client_token {
+                request = request.bearer_auth(token);
+            }
+            match request.send().await {
+                Ok(answer) => {
+                    let status = answer.status();
+                    let text = answer.text().await.unwrap_or_default();
+                    let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+                    let retry = status == StatusCode::SERVICE_UNAVAILABLE
+                        || status == StatusCode::TOO_MANY_REQUESTS;
+                    if !retry {
+                        return Ok((status, value));
+                    }
+                    last_error = anyhow!("{base} answered {status}: {value}");
+                }
+                Err(e) => last_error = anyhow!("{base}: {e}"),
+            }
+            if Instant::now() + delay >= deadline {
+                break;
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+        Err(last_error.context("gave up after the timeout"))
+    }
+}
+
+fn fail(status: StatusCode, body: &Value) -> anyhow::Error {
+    let message = body
+        .pointer("/error/message")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .unwrap_or_else(|| body.to_string());
+    anyhow!("{status}: {message}")
+}
+
+fn new_key() -> String {
+    format!("cli-{:032x}", rand::random::<u128>())
+}
+
+pub async fn enqueue(args: EnqueueArgs) -> anyhow::Result<()> {
+    let client = Client::new(args.target)?;
+    let bar = indicatif::ProgressBar::new(args.files.len() as u64);
+    if args.files.len() < 2 {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} enqueued ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let permits = Arc::new(Semaphore::new(args.concurrency.max(1)));
+    let mut tasks = Vec::new();
+    for file in args.files {
+        let permit = permits.clone().acquire_owned().await?;
+        let client = client.clone();
+        let bar = bar.clone();
+        let iterations = args.iterations;
+        tasks.push(tokio::spawn(async move {
+            let _permit = permit;
+            let payload = tokio::fs::read(&file)
+                .await
+                .with_context(|| format!("reading {}", file.display()))?;
+            let key = new_key();
+            let path = format!("/enqueue?iterations={iterations}");
+            let (status, body) = client
+                .send(Method::PUT, &path, Some(payload), Some(&key))
+                .await?;
+            bar.inc(1);
+            if !status.is_success() {
+                return Err(fail(status, &body).context(format!("enqueueing {}", file.display())));
+            }
+            let id = body["work_id"].as_str().unwrap_or_default().to_string();
+            bar.suspend(|| {
+                println!(
+                    "{}",
+                    serde_json::json!({"file": file.display().to_string(), "work_id": id})
+                );
+            });
+            Ok(())
+        }));
+    }
+    let mut failed = 0;
+    for task in tasks {
+        if let Err(e) = task.await? {
+            eprintln!("error: {e:#}");
+            failed += 1;
+        }
+    }
+    bar.finish_and_clear();
+    if failed > 0 {
+        bail!("{failed} file(s) were not enqueued");
+    }
+    Ok(())
+}
+
+pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
+    let client = Client::new(args.target)?;
+    // One key for every retry: a retried pull returns the same items, so none is lost.
+    let key = new_key();
+    let (status, body) = client
+        .send(
+            Method::POST,
+            &format!("/pullCompleted?top={}", args.top),
+            None,
+            Some(&key),
+        )
+        .await?;
+    if !status.is_success() {
+        return Err(fail(status, &body));
+    }
+    println!("{}", serde_json::to_string_pretty(&body)?);
+    Ok(())
+}
+
+pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let client = Client::new(args.target)?;
+    let (status, body) = client.send(Method::GET, "/status", None, None).await?;
+    if !status.is_success() {
+        return Err(fail(status, &body));
+    }
+    println!("{}", serde_json::to_string_pretty(&body)?);
+    Ok(())
+}
+
+pub async fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
+    let client = Client::new(args.target)?;
+    match args.command {
+        ClusterCommand::Members => {
+            let (status, body) = client.send(Method::GET, "/status", None, None).await?;
+            if !status.is_success() {
+                return Err(fail(status, &body));
+            }
+            println!("{}", serde_json::to_string_pretty(&body["members"])?);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,113 @@
+//! The subcommands of the `hashq` binary besides the node itself.
+
+pub mod client;
+pub mod node;
+pub mod worker;
+
+use std::time::Duration;
+
+use hashq_node::config::LogFormat;
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e}"))
+}
+
+/// `hashq worker` flags.
+#[derive(clap::Args)]
+pub struct WorkerArgs {
+    /// Endpoints to start from, comma-separated (the cluster tells the worker the rest).
+    #[arg(long, env = "HASHQ_ENDPOINTS", value_delimiter = ',', required = true)]
+    pub endpoints: Vec<String>,
+    #[arg(long, env = "HASHQ_CLUSTER_TOKEN", hide_env_values = true)]
+    pub cluster_token: Option<String>,
+    /// The budget slot this worker fills (set by the launcher).
+    #[arg(long, env = "HASHQ_WORKER_ID")]
+    pub worker_id: Option<u64>,
+    /// The node that launched this worker (set by the launcher).
+    #[arg(long, env = "HASHQ_PARENT")]
+    pub parent: Option<u64>,
+    /// The launcher's handle for this worker (an instance id on EC2); default `pid:<pid>`.
+    #[arg(long, env = "HASHQ_HANDLE")]
+    pub handle: Option<String>,
+    /// Exit after this long without work, freeing the budget slot.
+    #[arg(long, env = "HASHQ_IDLE_TIMEOUT", default_value = "60s", value_parser = duration)]
+    pub idle_timeout: Duration,
+    /// Items hashed at once, one thread each.
+    #[arg(long, env = "HASHQ_THREADS", default_value_t = 1)]
+    pub threads: usize,
+    /// Items leased ahead of the threads, so the next one is ready when one finishes.
+    #[arg(long, env = "HASHQ_PREFETCH", default_value_t = 1)]
+    pub prefetch: u32,
+    /// Exit when no endpoint of the cluster has answered for this long.
+    #[arg(long, env = "HASHQ_NO_ENDPOINT_EXIT_AFTER", default_value = "30s", value_parser = duration)]
+    pub no_endpoint_exit_after: Duration,
+    #[arg(long, env = "HASHQ_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// Where the client commands send their requests.
+#[derive(clap::Args, Clone)]
+pub struct Target {
+    /// Endpoints to use, comma-separated; the next one is tried when one is down.
+    #[arg(
+        long,
+        env = "HASHQ_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:7101"
+    )]
+    pub endpoints: Vec<String>,
+    /// The client token, if the cluster requires one.
+    #[arg(long, env = "HASHQ_CLIENT_TOKEN", hide_env_values = true)]
+    pub client_token: Option<String>,
+    /// Give up after this long (retries included).
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    pub timeout: Duration,
+}
+
+/// `hashq enqueue` flags.
+#[derive(clap::Args)]
+pub struct EnqueueArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// SHA-512 iterations for every file.
+    #[arg(long)]
+    pub iterations: u32,
+    /// Files to enqueue, one work item each.
+    #[arg(required = true)]
+    pub files: Vec<std::path::PathBuf>,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+}
+
+/// `hashq pull` flags.
+#[derive(clap::Args)]
+pub struct PullArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// Most results to take.
+    #[arg(long, default_value_t = 10)]
+    pub top: u32,
+}
+
+/// `hashq status` flags.
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub target: Target,
+}
+
+/// `hashq cluster` subcommands.
+#[derive(clap::Args)]
+pub struct ClusterArgs {
+    #[command(flatten)]
+    pub target: Target,
+    #[command(subcommand)]
+    pub command: ClusterCommand,
+}
+
+#[derive(clap::Subcommand)]
+pub enum ClusterCommand {
+    /// List the members and their health.
+    Members,
+}

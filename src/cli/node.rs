@@ -1,0 +1,41 @@
+//! `hashq node`.
+
+use anyhow::Context;
+use hashq_node::{serve, Node, NodeArgs};
+use tokio::net::TcpListener;
+
+/// Resolves when the process is asked to stop (SIGTERM or Ctrl-C).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
+    let config = args.into_config().map_err(anyhow::Error::msg)?;
+    let listen = config.listen;
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    let node = Node::start(config).await.context("starting the node")?;
+    tracing::info!(%listen, "serving");
+    serve(listener, node.clone(), shutdown_signal()).await?;
+    tracing::info!("stopping");
+    node.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,297 @@
+//! The client API end to end: bad input answered with JSON errors, idempotency across
+//! nodes, an item's status through its life.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{payload, reference, wait_for, Cluster, Options, TOKEN};
+use reqwest::Method;
+use serde_json::Value;
+
+fn options() -> Options {
+    Options {
+        nodes: 3,
+        node_args: [
+            "--max-iterations",
+            "100000",
+            "--max-body-bytes",
+            "65536",
+            "--max-top",
+            "1000",
+        ]
+        .map(String::from)
+        .to_vec(),
+    }
+}
+
+struct Case {
+    method: Method,
+    path: &'static str,
+    body: Vec<u8>,
+    headers: Vec<(&'static str, String)>,
+    status: u16,
+    code: &'static str,
+}
+
+fn case(method: Method, path: &'static str, status: u16, code: &'static str) -> Case {
+    Case {
+        method,
+        path,
+        body: Vec::new(),
+        headers: Vec::new(),
+        status,
+        code,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_gets_a_clear_json_error_and_the_node_keeps_serving() {
+    let cluster = Cluster::start(options()).await;
+    let leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
+    let follower = cluster.ids().into_iter().find(|id| *id != leader).unwrap();
+
+    let mut cases = vec![
+        case(Method::PUT, "/enqueue", 400, "missing_parameter"),
+        case(
+            Method::PUT,
+            "/enqueue?iterations=",
+            400,
+            "invalid_parameter",
+        ),
+        case(
+            Method::PUT,
+            "/enqueue?iterations=abc",
+            400,
+            "invalid_parameter",
+        ),
+        case(
+            Method::PUT,
+            "/enqueue?iterations=1.5",
+            400,
+            "invalid_parameter",
+        ),
+        case(Method::PUT, "/enqueue?iterations=0", 400, "out_of_range"),
+        case(Method::PUT, "/enqueue?iterations=-3", 400, "out_of_range"),
+        case(
+            Method::PUT,
+            "/enqueue?iterations=100001",
+            400,
+            "out_of_range",
+        ),
+        case(
+            Method::PUT,
+            "/enqueue?iterations=99999999999999999999999",
+            400,
+            "out_of_range",
+        ),
+        case(
+            Method::PUT,
+            "/enqueue?iterations=999999999999999999999999999999999999999999",
+            400,
+            "invalid_parameter",
+        ),
+        case(
+            Method::PUT,
+            "/enqueue?iterations=1&iterations=2",
+            400,
+            "invalid_parameter",
+        ),
+        case(Method::POST, "/pullCompleted", 400, "missing_parameter"),
+        case(Method::POST, "/pullCompleted?top=0", 400, "out_of_range"),
+        case(Method::POST, "/pullCompleted?top=-1", 400, "out_of_range"),
+        case(
+            Method::POST,
+            "/pullCompleted?top=ten",
+            400,
+            "invalid_parameter",
+        ),
+        case(Method::POST, "/pullCompleted?top=1001", 400, "out_of_range"),
+        case(Method::GET, "/no/such/route", 404, "not_found"),
+        case(
+            Method::DELETE,
+            "/enqueue?iterations=1",
+            405,
+            "method_not_allowed",
+        ),
+        case(Method::GET, "/enqueue", 405, "method_not_allowed"),
+        case(
+            Method::GET,
+            "/pullCompleted?top=1",
+            405,
+            "method_not_allowed",
+        ),
+        case(Method::GET, "/work/abc", 400, "invalid_work_id"),
+        case(Method::GET, "/work/-1", 400, "invalid_work_id"),
+        case(Method::GET, "/work/987654321", 404, "not_found"),
+        case(Method::POST, "/worker/lease", 401, "unauthorized"),
+        case(Method::POST, "/raft/vote", 401, "unauthorized"),
+        case(Method::POST, "/internal/propose", 401, "unauthorized"),
+    ];
+    cases.push(Case {
+        body: vec![7u8; 65537],
+        ..case(
+            Method::PUT,
+            "/enqueue?iterations=5",
+            413,
+            "payload_too_large",
+        )
+    });
+    cases.push(Case {
+        headers: vec![("idempotency-key", "k".repeat(300))],
+        ..case(
+            Method::PUT,
+            "/enqueue?iterations=5",
+            400,
+            "invalid_idempotency_key",
+        )
+    });
+    cases.push(Case {
+        headers: vec![("idempotency-key", "with space".into())],
+        ..case(
+            Method::POST,
+            "/pullCompleted?top=5",
+            400,
+            "invalid_idempotency_key",
+        )
+    });
+    cases.push(Case {
+        headers: vec![("authorization", "Bearer wrong".into())],
+        ..case(Method::POST, "/raft/append", 401, "unauthorized")
+    });
+    cases.push(Case {
+        headers: vec![("authorization", format!("Bearer {TOKEN}"))],
+        // A truncated varint: not a lease request.
+        body: vec![0xff],
+        ..case(Method::POST, "/worker/lease", 400, "invalid_body")
+    });
+
+    for node in [leader, follower] {
+        for c in &cases {
+            let mut request = cluster
+                .http
+                .request(c.method.clone(), format!("{}{}", cluster.url(node), c.path))
+                .body(c.body.clone());
+            for (name, value) in &c.headers {
+                request = request.header(*name, value);
+            }
+            let answer = request
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{} {}: {e}", c.method, c.path));
+            let status = answer.status().as_u16();
+            let content_type = answer
+                .headers()
+                .get("content-type")
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_default();
+            let body: Value = answer.json().await.unwrap_or(Value::Null);
+            assert_eq!(
+                status, c.status,
+                "{} {} on node {node}: {body}",
+                c.method, c.path
+            );
+            assert!(
+                content_type.starts_with("application/json"),
+                "{} {}: {content_type}",
+                c.method,
+                c.path
+            );
+            assert_eq!(
+                body["error"]["code"], c.code,
+                "{} {}: {body}",
+                c.method, c.path
+            );
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| !m.is_empty()),
+                "{} {}: no message in {body}",
+                c.method,
+                c.path
+            );
+        }
+    }
+
+    // Nothing was enqueued by all that, and every node still serves.
+    for id in cluster.ids() {
+        let status = cluster
+            .get_json(id, "/status")
+            .await
+            .expect("status answers");
+        assert_eq!(status["totals"]["enqueued"], 0, "{status}");
+    }
+    let id = cluster
+        .enqueue(follower, b"hello".to_vec(), 2, "after-bad-input")
+        .await;
+    let work = cluster
+        .get_json(leader, &format!("/work/{id}"))
+        .await
+        .unwrap();
+    assert_eq!(work["status"], "queued");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idempotency_keys_hold_across_nodes_and_an_item_shows_its_whole_life() {
+    let mut cluster = Cluster::start(options()).await;
+    let data = payload(1, 20_000);
+    let id = cluster.enqueue(1, data.clone(), 1000, "same-key").await;
+    // The same key on other nodes: the same work id, nothing new.
+    assert_eq!(cluster.enqueue(2, data.clone(), 1000, "same-key").await, id);
+    assert_eq!(
+        cluster.enqueue(3, b"other".to_vec(), 7, "same-key").await,
+        id
+    );
+    let other = cluster.enqueue(3, data.clone(), 3, "another-key").await;
+    assert_ne!(other, id);
+    // /status is each node's own applied view: a follower catches up within moments.
+    wait_for(
+        "two enqueues in node 2's status",
+        Duration::from_secs(10),
+        || async {
+            let status = cluster.get_json(2, "/status").await?;
+            (status["totals"]["enqueued"] == 2).then_some(())
+        },
+    )
+    .await;
+
+    // Any node answers GET /work linearizably, right after the enqueue.
+    for node in cluster.ids() {
+        let work = cluster
+            .get_json(node, &format!("/work/{id}"))
+            .await
+            .unwrap();
+        assert_eq!(work["status"], "queued", "{work}");
+        assert_eq!(work["iterations"], 1000);
+        assert_eq!(work["attempts"], 0);
+        assert!(work.get("value").is_none());
+    }
+
+    cluster.start_worker(&[]);
+    let work = wait_for("completion", Duration::from_secs(30), || async {
+        let w = cluster.get_json(3, &format!("/work/{id}")).await?;
+        (w["status"] == "completed").then_some(w)
+    })
+    .await;
+    assert_eq!(work["attempts"], 1);
+    assert_eq!(work["value"], reference(&data, 1000));
+    wait_for("the other completion", Duration::from_secs(30), || async {
+        let w = cluster.get_json(1, &format!("/work/{other}")).await?;
+        (w["status"] == "completed").then_some(())
+    })
+    .await;
+
+    // A pull with a key, retried on other nodes, returns the same items; they are taken once.
+    let first = cluster.pull(2, 10, "pull-key").await;
+    let mut ids: Vec<&str> = first.iter().map(|(w, _)| w.as_str()).collect();
+    ids.sort();
+    let mut expected = vec![id.as_str(), other.as_str()];
+    expected.sort();
+    assert_eq!(ids, expected);
+    assert_eq!(cluster.pull(3, 10, "pull-key").await, first);
+    assert_eq!(cluster.pull(1, 10, "pull-key").await, first);
+    assert!(cluster.pull(1, 10, "fresh-key").await.is_empty());
+    let work = cluster.get_json(1, &format!("/work/{id}")).await.unwrap();
+    assert_eq!(work["status"], "pulled", "{work}");
+    assert_eq!(work["value"], reference(&data, 1000));
+}

@@ -1,0 +1,403 @@
+//! A harness for end-to-end tests: real `hashq` processes on loopback, free ports, logs in a
+//! temporary directory (printed when a test fails), every process killed on drop.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sha2::{Digest, Sha512};
+
+pub const TOKEN: &str = "e2e-cluster-token";
+
+/// The product binary cargo built for these tests.
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_hashq"))
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// The reference work function, written from the spec with the `sha2` crate, independent of
+/// the product's hashing code.
+pub fn reference(payload: &[u8], iterations: u32) -> String {
+    let mut value = Sha512::digest(payload);
+    for _ in 1..iterations {
+        value = Sha512::digest(value);
+    }
+    hex::encode(value)
+}
+
+/// Waits for `check` to return `Some`, polling, up to `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+/// Options for the nodes of a test cluster.
+#[derive(Clone)]
+pub struct Options {
+    pub nodes: usize,
+    /// Extra `hashq node` flags for every node.
+    pub node_args: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            nodes: 3,
+            node_args: Vec::new(),
+        }
+    }
+}
+
+/// A cluster of real `hashq node` processes and the workers a test starts.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub ports: Vec<u16>,
+    options: Options,
+    nodes: HashMap<u64, Proc>,
+    workers: Vec<Proc>,
+    pub http: reqwest::Client,
+}
+
+impl Cluster {
+    /// Starts the nodes and waits until they agree on a leader.
+    pub async fn start(options: Options) -> Cluster {
+        let ports: Vec<u16> = (0..options.nodes).map(|_| free_port()).collect();
+        let mut cluster = Cluster {
+            dir: tempfile::tempdir().expect("temp dir"),
+            ports,
+            options,
+            nodes: HashMap::new(),
+            workers: Vec::new(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+        };
+        for id in 1..=cluster.options.nodes as u64 {
+            cluster.start_node(id);
+        }
+        cluster.wait_for_leader(Duration::from_secs(30)).await;
+        cluster
+    }
+
+    pub fn ids(&self) -> Vec<u64> {
+        (1..=self.options.nodes as u64).collect()
+    }
+
+    pub fn peers(&self) -> String {
+        self.ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn url(&self, id: u64) -> String {
+        format!("http://127.0.0.1:{}", self.ports[id as usize - 1])
+    }
+
+    pub fn endpoints(&self) -> String {
+        self.ids()
+            .iter()
+            .map(|id| self.url(*id))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn data_dir(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("node-{id}"))
+    }
+
+    /// Starts (or restarts) node `id` with its data directory.
+    pub fn start_node(&mut self, id: u64) {
+        self.start_node_with(id, &[]);
+    }
+
+    pub fn start_node_with(&mut self, id: u64, extra: &[&str]) {
+        assert!(!self.nodes.contains_key(&id), "node {id} is running");
+        let log = self.dir.path().join(format!("node-{id}.log"));
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let mut cmd = Command::new(binary());
+        cmd.arg("node")
+            .args(["--id", &id.to_string()])
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{}", self.ports[id as usize - 1]),
+            ])
+            .args(["--peers", &self.peers()])
+            .arg("--data-dir")
+            .arg(self.data_dir(id))
+            .args(["--cluster-token", TOKEN])
+            .args(&self.options.node_args)
+            .args(extra)
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
+        let child = cmd.spawn().expect("spawn hashq node");
+        self.nodes.insert(id, Proc { child, log });
+    }
+
+    /// SIGKILLs node `id`.
+    pub fn kill_node(&mut self, id: u64) {
+        if let Some(mut p) = self.nodes.remove(&id) {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+    }
+
+    /// SIGTERMs node `id` and waits for it to exit.
+    pub fn stop_node(&mut self, id: u64) {
+        if let Some(mut p) = self.nodes.remove(&id) {
+            signal(&p.child, "TERM");
+            wait_exit(&mut p.child, Duration::from_secs(10));
+        }
+    }
+
+    pub fn node_running(&self, id: u64) -> bool {
+        self.nodes.contains_key(&id)
+    }
+
+    /// Starts a worker pointed at every node; returns its index.
+    pub fn start_worker(&mut self, extra: &[&str]) -> usize {
+        let k = self.workers.len();
+        let log = self.dir.path().join(format!("worker-{k}.log"));
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(binary())
+            .arg("worker")
+            .args(["--endpoints", &self.endpoints()])
+            .args(["--cluster-token", TOKEN])
+            .args(["--idle-timeout", "1h"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("spawn hashq worker");
+        self.workers.push(Proc { child, log });
+        k
+    }
+
+    pub fn worker_pid(&self, k: usize) -> u32 {
+        self.workers[k].child.id()
+    }
+
+    pub fn kill_worker(&mut self, k: usize) {
+        let _ = self.workers[k].child.kill();
+        let _ = self.workers[k].child.wait();
+    }
+
+    /// Whether worker `k` has exited (and reaps it).
+    pub fn worker_exited(&mut self, k: usize) -> bool {
+        matches!(self.workers[k].child.try_wait(), Ok(Some(_)))
+    }
+
+    pub async fn get_json(&self, id: u64, path: &str) -> Option<Value> {
+        let r = self
+            .http
+            .get(format!("{}{}", self.url(id), path))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .ok()?;
+        r.json().await.ok()
+    }
+
+    /// The leader as some running node reports it, once the running nodes agree.
+    pub async fn leader(&self) -> Option<u64> {
+        let mut seen = None;
+        for id in self.ids() {
+            if !self.node_running(id) {
+                continue;
+            }
+            let leader = self.get_json(id, "/health").await?["leader"].as_u64()?;
+            if seen.is_some_and(|s| s != leader) {
+                return None;
+            }
+            seen = Some(leader);
+        }
+        seen.filter(|l| self.node_running(*l))
+    }
+
+    pub async fn wait_for_leader(&self, timeout: Duration) -> u64 {
+        wait_for("a leader", timeout, || self.leader()).await
+    }
+
+    /// `PUT /enqueue` on node `id`, retried (same key) until it is acknowledged.
+    pub async fn enqueue(&self, id: u64, payload: Vec<u8>, iterations: u32, key: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut node = id;
+        loop {
+            let answer = self
+                .http
+                .put(format!(
+                    "{}/enqueue?iterations={iterations}",
+                    self.url(node)
+                ))
+                .header("idempotency-key", key)
+                .body(payload.clone())
+                .send()
+                .await;
+            if let Ok(a) = answer {
+                if a.status().is_success() {
+                    let v: Value = a.json().await.unwrap();
+                    return v["work_id"].as_str().unwrap().to_string();
+                }
+                assert!(
+                    a.status().as_u16() == 503,
+                    "enqueue answered {}",
+                    a.status()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "enqueue of {key} never acknowledged"
+            );
+            node = node % self.options.nodes as u64 + 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `POST /pullCompleted` on node `id` with a key, retried with the same key on failure
+    /// (possibly on other nodes) until it answers.
+    pub async fn pull(&self, id: u64, top: u32, key: &str) -> Vec<(String, String)> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut node = id;
+        loop {
+            let answer = self
+                .http
+                .post(format!("{}/pullCompleted?top={top}", self.url(node)))
+                .header("idempotency-key", key)
+                .send()
+                .await;
+            if let Ok(a) = answer {
+                if a.status().is_success() {
+                    let v: Value = a.json().await.unwrap();
+                    return v
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|i| {
+                            (
+                                i["work_id"].as_str().unwrap().to_string(),
+                                i["value"].as_str().unwrap().to_string(),
+                            )
+                        })
+                        .collect();
+                }
+            }
+            assert!(Instant::now() < deadline, "pull {key} never answered");
+            node = node % self.options.nodes as u64 + 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn dump_logs(&self) {
+        let mut logs: Vec<&Path> = self.nodes.values().map(|p| p.log.as_path()).collect();
+        logs.extend(self.workers.iter().map(|p| p.log.as_path()));
+        if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "log") && !logs.contains(&p.as_path()) {
+                    eprintln!("--- {} (stopped) ---", p.display());
+                    tail(&p);
+                }
+            }
+        }
+        for log in logs {
+            eprintln!("--- {} ---", log.display());
+            tail(log);
+        }
+    }
+}
+
+fn tail(path: &Path) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    for line in &lines[lines.len().saturating_sub(40)..] {
+        eprintln!("{line}");
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let _ = Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .status();
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        for p in self.workers.iter_mut().chain(self.nodes.values_mut()) {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+    }
+}
+
+/// A payload of `len` pseudo-random bytes from `seed`.
+pub fn payload(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}

@@ -1,0 +1,178 @@
+//! The worker's knobs, with their defaults and the rules that relate them.
+
+use std::time::Duration;
+
+use hashq_raft::types::{NodeId, WorkerId};
+use reqwest::header::HeaderValue;
+
+use crate::client::normalize_endpoint;
+
+/// How much longer than the long-poll a request may take: the node answers a long-poll only
+/// after `lease_wait` and then still has to commit the (empty or not) grant through Raft.
+pub const MIN_REQUEST_MARGIN: Duration = Duration::from_secs(1);
+
+/// Upper bound on `threads + prefetch`: a guard against a typo that would lease the whole
+/// queue into one process.
+pub const MAX_CAPACITY: usize = 4096;
+
+/// Everything a worker needs to know before it meets the cluster. The cluster tells it the
+/// rest (lease length, heartbeat period, the full endpoint list) when it registers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerConfig {
+    /// Base URLs of endpoints to start from, e.g. `http://127.0.0.1:7101`. A bare
+    /// `host:port` means `http://host:port`; `https` is refused (no TLS in this build).
+    pub endpoints: Vec<String>,
+    /// Sent as `Authorization: Bearer <token>` on every worker route.
+    pub cluster_token: Option<String>,
+    /// The budget slot the launcher reserved (`--worker-id`); `None` for a worker started by
+    /// hand, which holds no slot.
+    pub slot: Option<WorkerId>,
+    /// The node that launched this worker; `None` lets the answering node adopt it.
+    pub parent: Option<NodeId>,
+    /// The launcher's handle of this process: `pid:<n>` locally, the instance id on EC2.
+    pub handle: String,
+    /// Exit (releasing the slot) after holding no item for this long.
+    pub idle_timeout: Duration,
+    /// Items hashed at once, each on its own blocking thread.
+    pub threads: usize,
+    /// Items leased beyond `threads`, so the next item is already here when one finishes.
+    pub prefetch: u32,
+    /// How long a lease request may wait on the node for work to arrive (long-poll).
+    pub lease_wait: Duration,
+    /// Timeout of one HTTP request; must exceed `lease_wait` by [`MIN_REQUEST_MARGIN`].
+    pub request_timeout: Duration,
+    /// Exit when no endpoint of the cluster has answered for this long.
+    pub no_endpoint_exit_after: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            endpoints: Vec::new(),
+            cluster_token: None,
+            slot: None,
+            parent: None,
+            handle: format!("pid:{}", std::process::id()),
+            idle_timeout: Duration::from_secs(60),
+            threads: 1,
+            prefetch: 1,
+            lease_wait: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+            no_endpoint_exit_after: Duration::from_secs(30),
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// Checks every field and the rules between them; the message names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.endpoints.is_empty() {
+            return Err("endpoints: at least one endpoint URL is needed".into());
+        }
+        for endpoint in &self.endpoints {
+            normalize_endpoint(endpoint).map_err(|e| format!("endpoints: {e}"))?;
+        }
+        if let Some(token) = &self.cluster_token {
+            if token.is_empty() {
+                return Err("cluster_token: must not be empty when set".into());
+            }
+            HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|_| "cluster_token: must be visible ASCII".to_string())?;
+        }
+        if self.handle.is_empty() {
+            return Err("handle: must not be empty".into());
+        }
+        if self.threads == 0 {
+            return Err("threads: must be at least 1".into());
+        }
+        if self.capacity() > MAX_CAPACITY {
+            return Err(format!(
+                "threads + prefetch: {} exceeds {MAX_CAPACITY}",
+                self.capacity()
+            ));
+        }
+        for (name, value) in [
+            ("idle_timeout", self.idle_timeout),
+            ("request_timeout", self.request_timeout),
+            ("no_endpoint_exit_after", self.no_endpoint_exit_after),
+        ] {
+            if value.is_zero() {
+                return Err(format!("{name}: must be positive"));
+            }
+        }
+        if self.request_timeout < self.lease_wait + MIN_REQUEST_MARGIN {
+            return Err(format!(
+                "request_timeout ({:?}) must exceed lease_wait ({:?}) by at least {:?}",
+                self.request_timeout, self.lease_wait, MIN_REQUEST_MARGIN
+            ));
+        }
+        Ok(())
+    }
+
+    /// How many unfinished items the worker holds at most: one per thread plus the prefetch.
+    pub fn capacity(&self) -> usize {
+        self.threads.saturating_add(self.prefetch as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> WorkerConfig {
+        WorkerConfig {
+            endpoints: vec!["http://127.0.0.1:7101".into()],
+            ..WorkerConfig::default()
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid_once_an_endpoint_is_given() {
+        assert_eq!(valid().validate(), Ok(()));
+        let d = WorkerConfig::default();
+        assert_eq!(d.threads, 1);
+        assert_eq!(d.prefetch, 1);
+        assert_eq!(d.capacity(), 2);
+        assert_eq!(d.handle, format!("pid:{}", std::process::id()));
+        assert_eq!(d.idle_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn each_rule_names_its_field() {
+        type Breaker = fn(&mut WorkerConfig);
+        let cases: [(&str, Breaker); 11] = [
+            ("endpoints", |c| c.endpoints.clear()),
+            ("endpoints", |c| c.endpoints.push("ftp://example".into())),
+            ("cluster_token", |c| c.cluster_token = Some(String::new())),
+            ("cluster_token", |c| c.cluster_token = Some("a\nb".into())),
+            ("handle", |c| c.handle.clear()),
+            ("threads", |c| c.threads = 0),
+            ("prefetch", |c| c.prefetch = u32::MAX),
+            ("idle_timeout", |c| c.idle_timeout = Duration::ZERO),
+            ("no_endpoint_exit_after", |c| {
+                c.no_endpoint_exit_after = Duration::ZERO
+            }),
+            ("request_timeout", |c| c.request_timeout = Duration::ZERO),
+            ("request_timeout", |c| {
+                c.request_timeout = c.lease_wait + Duration::from_millis(500)
+            }),
+        ];
+        for (field, break_it) in cases {
+            let mut config = valid();
+            break_it(&mut config);
+            let err = config.validate().expect_err(field);
+            assert!(err.contains(field), "{field}: {err}");
+        }
+    }
+
+    #[test]
+    fn bare_host_port_and_a_token_are_accepted() {
+        let config = WorkerConfig {
+            endpoints: vec!["127.0.0.1:7101".into(), "http://10.0.0.2:7101/".into()],
+            cluster_token: Some("s3cret-token".into()),
+            request_timeout: Duration::from_secs(6),
+            ..WorkerConfig::default()
+        };
+        assert_eq!(config.validate(), Ok(()));
+    }
+}

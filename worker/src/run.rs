@@ -1,0 +1,984 @@
+//! The worker's life: register, then lease, hash, heartbeat and complete, until it is idle,
+//! told to shut down, forgotten by the cluster, or alone.
+//!
+//! One registration is a *session*: three loops (lease, heartbeat, complete) share the
+//! session's table of held items, and every hashing task writes its result into that table.
+//! When the cluster forgets the worker, the session and its table are dropped whole, so a
+//! result computed for an old registration cannot reach the completer of a new one.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use hashq_raft::command::Completion;
+use hashq_raft::types::{Digest, WorkId, WorkerId};
+use hashq_raft::wire::{
+    CompleteRequest, ExitRequest, HeartbeatRequest, LeaseRequest, RegisterRequest,
+    RegisterResponse, WorkGrant,
+};
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinSet;
+use tracing::{debug, error, info, info_span, warn, Instrument};
+
+use crate::client::{backoff_ceiling, ClientError, EndpointClient};
+use crate::config::WorkerConfig;
+use crate::hash;
+
+/// Most results sent in one `/worker/complete`: keeps one request, and the log entry it
+/// becomes, small when a burst of tiny items finishes at once.
+pub const MAX_COMPLETE_BATCH: usize = 256;
+
+/// How long a leaving worker spends handing back results and leases. Past it the cluster
+/// reclaims them anyway, when the leases expire or the worker is declared lost.
+pub const LEAVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Shortest heartbeat period the worker accepts, whatever the cluster says: each heartbeat
+/// is a Raft write.
+pub const MIN_HEARTBEAT: Duration = Duration::from_millis(50);
+
+/// A registration forgotten sooner than this after it was made counts as a flap, and the
+/// next registration waits a backoff.
+const FLAP_WINDOW: Duration = Duration::from_secs(5);
+
+/// Pause after a lease answer that came back empty well before its long-poll ended (a node
+/// that does not long-poll, a leader change), so such answers cannot make the worker spin.
+const EARLY_EMPTY_PAUSE: Duration = Duration::from_millis(50);
+
+/// Why [`run`] returned without an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    /// No item was held for `idle_timeout`; the worker said goodbye and freed its slot.
+    Idle,
+    /// The shutdown future fired; held leases were given back.
+    Shutdown,
+    /// No endpoint answered for `no_endpoint_exit_after`: the cluster is gone.
+    NoEndpoint,
+    /// The cluster forgot this managed worker, so its budget slot is gone (it may already
+    /// have launched a replacement).
+    SlotGone,
+}
+
+impl ExitReason {
+    /// A short name for logs and exit messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExitReason::Idle => "idle",
+            ExitReason::Shutdown => "shutdown",
+            ExitReason::NoEndpoint => "no_endpoint",
+            ExitReason::SlotGone => "slot_gone",
+        }
+    }
+}
+
+impl fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What stops a worker that retrying cannot help.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The configuration breaks a rule of [`WorkerConfig::validate`].
+    #[error("invalid worker configuration: {0}")]
+    Config(String),
+    /// The cluster refused the worker (a wrong token, an incompatible version) or answered
+    /// something it cannot understand.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// A worker task panicked: a bug.
+    #[error("internal worker error: {0}")]
+    Internal(String),
+}
+
+/// Runs a worker until it has a reason to stop; see [`ExitReason`] for the ways it ends
+/// well. `shutdown` is typically SIGTERM, wired by the binary.
+pub async fn run(
+    config: WorkerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<ExitReason, WorkerError> {
+    let outcome = run_until_done(config, shutdown).await;
+    match &outcome {
+        Ok(reason) => info!(%reason, "worker exiting"),
+        Err(e) => error!(error = %e, "worker failed"),
+    }
+    outcome
+}
+
+async fn run_until_done(
+    config: WorkerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<ExitReason, WorkerError> {
+    config.validate().map_err(WorkerError::Config)?;
+    let client = Arc::new(EndpointClient::new(&config)?);
+    // Shared by every session, because a cancelled task of an old session still occupies its
+    // thread until it notices the cancel flag.
+    let threads = Arc::new(Semaphore::new(config.threads));
+    let host = gethostname::gethostname().to_string_lossy().into_owned();
+    tokio::pin!(shutdown);
+    let mut parent = config.parent;
+    let mut flaps: u32 = 0;
+    loop {
+        let request = RegisterRequest {
+            slot: config.slot,
+            parent,
+            host: host.clone(),
+            handle: config.handle.clone(),
+        };
+        let registered = tokio::select! {
+            () = shutdown.as_mut() => return Ok(ExitReason::Shutdown),
+            registered = client.register(&request, None) => registered,
+        };
+        let registered = match registered.map_err(Stop::from) {
+            Ok(registered) => registered,
+            Err(Stop::Forgotten(_)) if config.slot.is_some() => {
+                warn!(slot = ?config.slot, "the cluster no longer reserves this worker's slot");
+                return Ok(ExitReason::SlotGone);
+            }
+            Err(Stop::Forgotten(e) | Stop::Failed(e)) => return Err(e.into()),
+            Err(Stop::NoEndpoint) => return Ok(ExitReason::NoEndpoint),
+        };
+        let added = client.merge_endpoints(registered.endpoints.iter().map(|(_, url)| url));
+        let worker = registered.worker;
+        info!(
+            %worker,
+            node = registered.node,
+            slot = ?config.slot,
+            lease_ms = registered.lease_ms,
+            heartbeat_ms = registered.heartbeat_ms,
+            endpoints = client.endpoints().len(),
+            new_endpoints = added,
+            "registered"
+        );
+        let started = Instant::now();
+        let session = Arc::new(Session::new(worker));
+        let span = info_span!("worker", id = %worker);
+        let end = serve(
+            &client,
+            &session,
+            &threads,
+            &config,
+            &registered,
+            shutdown.as_mut(),
+        )
+        .instrument(span.clone())
+        .await;
+        match end {
+            SessionEnd::Idle => {
+                leave(&client, &session).instrument(span).await;
+                return Ok(ExitReason::Idle);
+            }
+            SessionEnd::Shutdown => {
+                leave(&client, &session).instrument(span).await;
+                return Ok(ExitReason::Shutdown);
+            }
+            SessionEnd::Stop(Stop::NoEndpoint) => {
+                session.held().cancel_all(Instant::now());
+                return Ok(ExitReason::NoEndpoint);
+            }
+            SessionEnd::Stop(Stop::Forgotten(e)) => {
+                // Its leases were reclaimed with it, so nothing it holds can still complete.
+                let dropped = session.held().cancel_all(Instant::now());
+                if config.slot.is_some() {
+                    warn!(%worker, error = %e, dropped, "the cluster forgot this worker's slot");
+                    return Ok(ExitReason::SlotGone);
+                }
+                warn!(
+                    %worker, error = %e, dropped,
+                    "the cluster forgot this worker; registering again"
+                );
+                // Let whichever endpoint answers adopt it: the old parent may be the reason
+                // the worker was lost.
+                parent = None;
+                // A cluster that forgets the worker right after registering it (a bug, a
+                // split view) must not get a registration storm.
+                if started.elapsed() < FLAP_WINDOW {
+                    let pause = backoff_ceiling(flaps);
+                    flaps = flaps.saturating_add(1);
+                    tokio::select! {
+                        () = shutdown.as_mut() => return Ok(ExitReason::Shutdown),
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                } else {
+                    flaps = 0;
+                }
+            }
+            SessionEnd::Stop(Stop::Failed(e)) => {
+                leave(&client, &session).instrument(span).await;
+                return Err(e.into());
+            }
+            SessionEnd::Internal(message) => {
+                leave(&client, &session).instrument(span).await;
+                return Err(WorkerError::Internal(message));
+            }
+        }
+    }
+}
+
+/// Why a session's loop stopped.
+#[derive(Debug)]
+enum Stop {
+    /// `unknown_worker` or `unknown_slot`: the cluster has no record of this registration.
+    Forgotten(ClientError),
+    NoEndpoint,
+    Failed(ClientError),
+}
+
+impl From<ClientError> for Stop {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::UnknownWorker { .. } | ClientError::UnknownSlot { .. } => {
+                Stop::Forgotten(e)
+            }
+            ClientError::NoEndpoint { .. } => Stop::NoEndpoint,
+            e => Stop::Failed(e),
+        }
+    }
+}
+
+enum SessionEnd {
+    Stop(Stop),
+    Idle,
+    Shutdown,
+    Internal(String),
+}
+
+/// One registration's state, shared by its loops and its hashing tasks.
+struct Session {
+    worker: WorkerId,
+    held: Mutex<Held>,
+    /// A result was stored: the completer has something to send.
+    results_ready: Notify,
+    /// An item finished or was dropped: the leaser may ask for more.
+    capacity_freed: Notify,
+}
+
+impl Session {
+    fn new(worker: WorkerId) -> Self {
+        Session {
+            worker,
+            held: Mutex::new(Held::new(Instant::now())),
+            results_ready: Notify::new(),
+            capacity_freed: Notify::new(),
+        }
+    }
+
+    fn held(&self) -> MutexGuard<'_, Held> {
+        // Every `Held` method leaves the table consistent before it can panic, so a poisoned
+        // lock still guards a usable table.
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Runs the session's loops until one of them stops, the worker is idle, or `shutdown`
+/// fires; on return no loop is running any more.
+async fn serve<F: Future<Output = ()>>(
+    client: &Arc<EndpointClient>,
+    session: &Arc<Session>,
+    threads: &Arc<Semaphore>,
+    config: &WorkerConfig,
+    registered: &RegisterResponse,
+    mut shutdown: Pin<&mut F>,
+) -> SessionEnd {
+    let mut tasks = JoinSet::new();
+    tasks.spawn(
+        lease_loop(
+            Arc::clone(client),
+            Arc::clone(session),
+            Arc::clone(threads),
+            config.capacity(),
+            config.lease_wait,
+        )
+        .in_current_span(),
+    );
+    tasks.spawn(
+        heartbeat_loop(
+            Arc::clone(client),
+            Arc::clone(session),
+            heartbeat_period(registered),
+        )
+        .in_current_span(),
+    );
+    tasks.spawn(complete_loop(Arc::clone(client), Arc::clone(session)).in_current_span());
+    let mut idle_check = tokio::time::interval(idle_check_period(config.idle_timeout));
+    idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let end = loop {
+        tokio::select! {
+            () = shutdown.as_mut() => break SessionEnd::Shutdown,
+            joined = tasks.join_next() => break match joined {
+                Some(Ok(stop)) => SessionEnd::Stop(stop),
+                Some(Err(e)) => SessionEnd::Internal(format!("a worker loop failed: {e}")),
+                None => SessionEnd::Internal("the worker loops are gone".into()),
+            },
+            _ = idle_check.tick() => {
+                if session.held().idle_for(Instant::now()) >= config.idle_timeout {
+                    break SessionEnd::Idle;
+                }
+            }
+        }
+    };
+    // Wait for the loops to be gone, not just told to go: nothing of this session may be in
+    // flight while the worker hands back its leases.
+    tasks.shutdown().await;
+    end
+}
+
+/// Keeps `capacity` items leased and unfinished: asks for the free capacity, long-polling,
+/// and starts hashing each grant as it arrives.
+async fn lease_loop(
+    client: Arc<EndpointClient>,
+    session: Arc<Session>,
+    threads: Arc<Semaphore>,
+    capacity: usize,
+    wait: Duration,
+) -> Stop {
+    let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+    let mut retry = LeaseRetry::default();
+    loop {
+        let free = capacity.saturating_sub(session.held().unfinished());
+        if free == 0 {
+            // `notify_one` stores a permit, so a wake-up between the check and here is kept.
+            session.capacity_freed.notified().await;
+            continue;
+        }
+        let max = u32::try_from(free).unwrap_or(u32::MAX);
+        let request = retry.request(session.worker, max, wait_ms, next_request_id);
+        let asked = Instant::now();
+        match client.lease(&request, None).await {
+            Ok(response) => {
+                retry.settle();
+                if response.items.is_empty() {
+                    if asked.elapsed() < (wait / 2).max(EARLY_EMPTY_PAUSE) {
+                        tokio::time::sleep(EARLY_EMPTY_PAUSE).await;
+                    }
+                    continue;
+                }
+                debug!(
+                    granted = response.items.len(),
+                    asked = request.max,
+                    request_id = request.request_id,
+                    "leased"
+                );
+                for grant in response.items {
+                    start_hashing(&session, &threads, grant);
+                }
+            }
+            // Only reachable with a deadline; the unsettled request is resent as it was.
+            Err(e) if e.is_retryable() => continue,
+            Err(e) => return e.into(),
+        }
+    }
+}
+
+/// Hashes one grant on a blocking thread once one of the `threads` permits is free, and
+/// stores its result in the session (unless the lease was lost meanwhile).
+fn start_hashing(session: &Arc<Session>, threads: &Arc<Semaphore>, grant: WorkGrant) {
+    let WorkGrant {
+        id,
+        attempt,
+        iterations,
+        payload,
+        ..
+    } = grant;
+    let cancel = session.held().grant(id, attempt);
+    let session = Arc::clone(session);
+    let threads = Arc::clone(threads);
+    tokio::spawn(
+        async move {
+            let value = match threads.acquire_owned().await {
+                Ok(permit) if !cancel.load(Ordering::Relaxed) => {
+                    let flag = Arc::clone(&cancel);
+                    let hashed = tokio::task::spawn_blocking(move || {
+                        // The permit lives as long as the hashing, even if nobody awaits it.
+                        let _permit = permit;
+                        hash::sha512_chain_cancellable(&payload, iterations, &flag)
+                    })
+                    .await;
+                    match hashed {
+                        Ok(value) => value,
+                        Err(e) => {
+                            // The lease is dropped below and expires; another attempt retries.
+                            error!(%id, attempt, error = %e, "hashing failed");
+                            None
+                        }
+                    }
+                }
+                _ => None,
+            };
+            let ready = session
+                .held()
+                .finish(id, attempt, value.map(Digest::new), Instant::now());
+            if ready {
+                session.results_ready.notify_one();
+            }
+            session.capacity_freed.notify_one();
+        }
+        .in_current_span(),
+    );
+}
+
+/// Extends every held lease each period, and cancels the work the cluster says is lost.
+async fn heartbeat_loop(
+    client: Arc<EndpointClient>,
+    session: Arc<Session>,
+    period: Duration,
+) -> Stop {
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Registering just told the cluster the worker is alive.
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let items = session.held().leases();
+        let request = HeartbeatRequest {
+            worker: session.worker,
+            items,
+        };
+        // Give up on this beat after one period: the next beat carries a fresher list.
+        let deadline = Instant::now() + period;
+        match client.heartbeat(&request, Some(deadline)).await {
+            Ok(response) => {
+                let cancelled = session
+                    .held()
+                    .lost(&request.items, &response.lost, Instant::now());
+                if cancelled > 0 {
+                    warn!(
+                        cancelled,
+                        "the cluster took back leases this worker held; their work is abandoned"
+                    );
+                    session.capacity_freed.notify_one();
+                }
+            }
+            Err(e) if e.is_retryable() => debug!(error = %e, "heartbeat not delivered"),
+            Err(e) => return e.into(),
+        }
+    }
+}
+
+/// Sends results as soon as they are ready, batching whatever is ready together, and keeps
+/// retrying a batch until the cluster acknowledges it.
+async fn complete_loop(client: Arc<EndpointClient>, session: Arc<Session>) -> Stop {
+    loop {
+        session.results_ready.notified().await;
+        loop {
+            let results = session.held().ready(MAX_COMPLETE_BATCH);
+            if results.is_empty() {
+                break;
+            }
+            let request = CompleteRequest {
+                worker: session.worker,
+                results,
+            };
+            match client.complete(&request, None).await {
+                Ok(ack) => {
+                    session.held().acknowledge(&request.results, Instant::now());
+                    debug!(
+                        sent = request.results.len(),
+                        accepted = ack.accepted,
+                        ignored = ack.ignored,
+                        "completed"
+                    );
+                }
+                // Only reachable with a deadline; the results stay held and go again.
+                Err(e) if e.is_retryable() => continue,
+                Err(e) => return e.into(),
+            }
+        }
+    }
+}
+
+/// Hands back what the session holds: delivers finished results, releases the rest, and
+/// exits, all within [`LEAVE_TIMEOUT`].
+async fn leave(client: &EndpointClient, session: &Session) {
+    let deadline = Instant::now() + LEAVE_TIMEOUT;
+    let mut release = session.held().cancel_unfinished(Instant::now());
+    let results = session.held().ready(usize::MAX);
+    for chunk in results.chunks(MAX_COMPLETE_BATCH) {
+        let request = CompleteRequest {
+            worker: session.worker,
+            results: chunk.to_vec(),
+        };
+        let sent =
+            tokio::time::timeout_at(deadline.into(), client.complete(&request, Some(deadline)))
+                .await;
+        match sent {
+            Ok(Ok(_)) => session.held().acknowledge(chunk, Instant::now()),
+            Ok(Err(_)) | Err(_) => {
+                warn!(
+                    results = chunk.len(),
+                    "results not delivered before leaving; releasing their leases"
+                );
+                release.extend(chunk.iter().map(|c| (c.id, c.attempt)));
+            }
+        }
+    }
+    let released = release.len();
+    let request = ExitRequest {
+        worker: session.worker,
+        release,
+    };
+    let exited =
+        tokio::time::timeout_at(deadline.into(), client.exit(&request, Some(deadline))).await;
+    match exited {
+        Ok(Ok(())) => info!(released, "left the cluster"),
+        Ok(Err(e)) => warn!(error = %e, "could not leave the cluster; it will reclaim the leases"),
+        Err(_) => warn!("leaving timed out; the cluster will reclaim the leases"),
+    }
+}
+
+/// How often the worker heartbeats: what the cluster asks, but never so rarely that one
+/// late beat loses a lease or the worker, nor so often that beats flood the Raft log.
+fn heartbeat_period(registered: &RegisterResponse) -> Duration {
+    let mut ms = registered.heartbeat_ms;
+    if ms == 0 {
+        ms = registered.lease_ms / 3;
+    }
+    for limit in [registered.lease_ms, registered.worker_lost_ms] {
+        if limit > 0 {
+            ms = ms.min(limit / 2);
+        }
+    }
+    if ms == 0 {
+        ms = 1000;
+    }
+    Duration::from_millis(ms).max(MIN_HEARTBEAT)
+}
+
+/// A quarter of the idle timeout keeps the overshoot small, and a check at most every
+/// second costs nothing.
+fn idle_check_period(idle_timeout: Duration) -> Duration {
+    (idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
+}
+
+/// Lease request ids only grow in a process: the cluster grants nothing to a request older
+/// than the last one it saw from this worker, so a stale retry that arrives late leases no
+/// items that nobody would hash.
+fn next_request_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The lease request to send next.
+///
+/// While the last request's fate is unknown (no answer read: a timeout, a reset, a 503 after
+/// the node may have proposed it), the next request is that same one, `request_id`
+/// included, so the cluster answers with the grant it may already have made instead of
+/// leasing more items that nobody would hash. Only an answer settles it.
+#[derive(Debug, Default)]
+struct LeaseRetry {
+    unsettled: Option<LeaseRequest>,
+}
+
+impl LeaseRetry {
+    fn request(
+        &mut self,
+        worker: WorkerId,
+        max: u32,
+        wait_ms: u64,
+        fresh_id: impl FnOnce() -> u64,
+    ) -> LeaseRequest {
+        if let Some(pending) = &self.unsettled {
+            // A new registration is a new worker: its first request is new too.
+            if pending.worker == worker {
+                return pending.clone();
+            }
+        }
+        let request = LeaseRequest {
+            worker,
+            max,
+            wait_ms,
+            request_id: fresh_id(),
+        };
+        self.unsettled = Some(request.clone());
+        request
+    }
+
+    fn settle(&mut self) {
+        self.unsettled = None;
+    }
+}
+
+/// The items a session holds: leased and not yet acknowledged as completed.
+#[derive(Debug)]
+struct Held {
+    items: HashMap<WorkId, HeldItem>,
+    /// When the table last became empty; `None` while it holds something.
+    idle_since: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct HeldItem {
+    /// The fencing number of the lease.
+    attempt: u32,
+    /// Set when the lease is lost: the hashing stops at its next check.
+    cancel: Arc<AtomicBool>,
+    /// The result, once hashed, until the cluster acknowledges it.
+    value: Option<Digest>,
+}
+
+impl Held {
+    fn new(now: Instant) -> Self {
+        Held {
+            items: HashMap::new(),
+            idle_since: Some(now),
+        }
+    }
+
+    /// Items leased and not hashed yet: what counts against the capacity.
+    fn unfinished(&self) -> usize {
+        self.items.values().filter(|i| i.value.is_none()).count()
+    }
+
+    /// Records a new lease and returns its cancel flag.
+    fn grant(&mut self, id: WorkId, attempt: u32) -> Arc<AtomicBool> {
+        let cancel = Arc::new(AtomicBool::new(false));
+        let previous = self.items.insert(
+            id,
+            HeldItem {
+                attempt,
+                cancel: Arc::clone(&cancel),
+                value: None,
+            },
+        );
+        // The same item leased again means the older lease is gone: stop its hashing.
+        if let Some(previous) = previous {
+            if previous.attempt != attempt {
+                previous.cancel.store(true, Ordering::Relaxed);
+            }
+        }
+        self.idle_since = None;
+        cancel
+    }
+
+    /// Stores the outcome of hashing. Returns whether a result is now ready to send; a result
+    /// for a lease no longer held is dropped, and so is an item that produced none.
+    fn finish(&mut self, id: WorkId, attempt: u32, value: Option<Digest>, now: Instant) -> bool {
+        let Some(item) = self.items.get_mut(&id) else {
+            return false;
+        };
+        if item.attempt != attempt || item.cancel.load(Ordering::Relaxed) {
+            return false;
+        }
+        match value {
+            Some(value) => {
+                item.value = Some(value);
+                true
+            }
+            None => {
+                self.remove(id, now);
+                false
+            }
+        }
+    }
+
+    /// Up to `limit` results ready to send, in id order.
+    fn ready(&self, limit: usize) -> Vec<Completion> {
+        let mut ready: Vec<Completion> = self
+            .items
+            .iter()
+            .filter_map(|(&id, item)| {
+                item.value.map(|value| Completion {
+                    id,
+                    attempt: item.attempt,
+                    value,
+                })
+            })
+            .collect();
+        ready.sort_by_key(|c| c.id);
+        ready.truncate(limit);
+        ready
+    }
+
+    /// Forgets the results the cluster acknowledged (accepted or ignored: either way it has
+    /// the one result it will keep).
+    fn acknowledge(&mut self, done: &[Completion], now: Instant) {
+        for completion in done {
+            if self
+                .items
+                .get(&completion.id)
+                .is_some_and(|i| i.attempt == completion.attempt)
+            {
+                self.remove(completion.id, now);
+            }
+        }
+    }
+
+    /// Every held lease, for a heartbeat, in id order.
+    fn leases(&self) -> Vec<(WorkId, u32)> {
+        let mut leases: Vec<(WorkId, u32)> =
+            self.items.iter().map(|(&id, i)| (id, i.attempt)).collect();
+        leases.sort_unstable();
+        leases
+    }
+
+    /// Cancels and forgets the items of a heartbeat (`sent`) that the cluster says are
+    /// `lost`. `lost` names ids only, so the attempt that was sent decides: an item leased
+    /// again since the heartbeat left is a different lease and is kept. Returns how many
+    /// were cancelled.
+    fn lost(&mut self, sent: &[(WorkId, u32)], lost: &[WorkId], now: Instant) -> usize {
+        let mut cancelled = 0;
+        for id in lost {
+            let Some(&(_, attempt)) = sent.iter().find(|(sent_id, _)| sent_id == id) else {
+                continue;
+            };
+            if let Some(item) = self.items.get(id).filter(|i| i.attempt == attempt) {
+                item.cancel.store(true, Ordering::Relaxed);
+                self.remove(*id, now);
+                cancelled += 1;
+            }
+        }
+        cancelled
+    }
+
+    /// Cancels and forgets the items not hashed yet; returns their leases, to release.
+    fn cancel_unfinished(&mut self, now: Instant) -> Vec<(WorkId, u32)> {
+        let mut released: Vec<(WorkId, u32)> = self
+            .items
+            .iter()
+            .filter(|(_, i)| i.value.is_none())
+            .map(|(&id, i)| {
+                i.cancel.store(true, Ordering::Relaxed);
+                (id, i.attempt)
+            })
+            .collect();
+        released.sort_unstable();
+        for (id, _) in &released {
+            self.remove(*id, now);
+        }
+        released
+    }
+
+    /// Cancels and forgets everything, results included; returns how many items it held.
+    fn cancel_all(&mut self, now: Instant) -> usize {
+        let count = self.items.len();
+        for item in self.items.values() {
+            item.cancel.store(true, Ordering::Relaxed);
+        }
+        self.items.clear();
+        self.idle_since.get_or_insert(now);
+        count
+    }
+
+    /// How long the table has been empty; zero while it holds anything.
+    fn idle_for(&self, now: Instant) -> Duration {
+        self.idle_since
+            .map_or(Duration::ZERO, |since| now.saturating_duration_since(since))
+    }
+
+    fn remove(&mut self, id: WorkId, now: Instant) {
+        self.items.remove(&id);
+        if self.items.is_empty() {
+            self.idle_since.get_or_insert(now);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn digest(byte: u8) -> Digest {
+        Digest::new([byte; 64])
+    }
+
+    fn registered(lease_ms: u64, heartbeat_ms: u64, worker_lost_ms: u64) -> RegisterResponse {
+        RegisterResponse {
+            worker: WorkerId(1),
+            node: 1,
+            endpoints: Vec::new(),
+            lease_ms,
+            heartbeat_ms,
+            worker_lost_ms,
+        }
+    }
+
+    #[test]
+    fn a_retry_reuses_the_request_until_an_answer_settles_it() {
+        let mut retry = LeaseRetry::default();
+        let mut ids = [7, 8, 9].into_iter();
+        let first = retry.request(WorkerId(1), 2, 5000, || ids.next().unwrap());
+        assert_eq!(first.request_id, 7);
+        // No answer came back: the same request, even if more capacity is free now.
+        let again = retry.request(WorkerId(1), 5, 5000, || ids.next().unwrap());
+        assert_eq!((again.request_id, again.max), (7, 2));
+        retry.settle();
+        let next = retry.request(WorkerId(1), 5, 5000, || ids.next().unwrap());
+        assert_eq!((next.request_id, next.max), (8, 5));
+    }
+
+    #[test]
+    fn a_new_registration_gets_a_fresh_request() {
+        let mut retry = LeaseRetry::default();
+        let mut ids = [7, 8].into_iter();
+        retry.request(WorkerId(1), 2, 5000, || ids.next().unwrap());
+        let other = retry.request(WorkerId(2), 2, 5000, || ids.next().unwrap());
+        assert_eq!((other.worker, other.request_id), (WorkerId(2), 8));
+    }
+
+    #[test]
+    fn held_items_flow_from_grant_to_acknowledgement() {
+        let start = Instant::now();
+        let mut held = Held::new(start);
+        assert!(held.idle_for(start + Duration::from_secs(3)) >= Duration::from_secs(3));
+        held.grant(WorkId(2), 1);
+        held.grant(WorkId(1), 4);
+        assert_eq!(held.unfinished(), 2);
+        assert_eq!(
+            held.idle_for(start + Duration::from_secs(9)),
+            Duration::ZERO
+        );
+        assert_eq!(held.leases(), [(WorkId(1), 4), (WorkId(2), 1)]);
+
+        assert!(held.finish(WorkId(2), 1, Some(digest(2)), start));
+        assert_eq!(held.unfinished(), 1);
+        let ready = held.ready(10);
+        assert_eq!(ready.len(), 1);
+        assert_eq!((ready[0].id, ready[0].attempt), (WorkId(2), 1));
+        // Still heartbeated until the cluster acknowledges it.
+        assert_eq!(held.leases().len(), 2);
+
+        held.acknowledge(&ready, start);
+        assert_eq!(held.leases(), [(WorkId(1), 4)]);
+        assert!(held.finish(WorkId(1), 4, Some(digest(1)), start));
+        let later = start + Duration::from_secs(1);
+        held.acknowledge(&held.ready(10), later);
+        assert!(held.leases().is_empty());
+        assert_eq!(
+            held.idle_for(later + Duration::from_secs(2)),
+            Duration::from_secs(2)
+        );
+    }
+
+    #[test]
+    fn ready_is_bounded_and_ordered() {
+        let now = Instant::now();
+        let mut held = Held::new(now);
+        for id in (0..10).rev() {
+            held.grant(WorkId(id), 1);
+            held.finish(WorkId(id), 1, Some(digest(id as u8)), now);
+        }
+        let ids: Vec<u64> = held.ready(3).iter().map(|c| c.id.0).collect();
+        assert_eq!(ids, [0, 1, 2]);
+    }
+
+    #[test]
+    fn lost_leases_are_cancelled_and_their_results_never_sent() {
+        let now = Instant::now();
+        let mut held = Held::new(now);
+        let cancel = held.grant(WorkId(1), 1);
+        held.grant(WorkId(2), 1);
+        let sent = held.leases();
+        assert_eq!(held.lost(&sent, &[WorkId(1), WorkId(99)], now), 1);
+        assert!(cancel.load(Ordering::Relaxed));
+        assert!(!held.finish(WorkId(1), 1, Some(digest(1)), now));
+        assert!(held.ready(10).is_empty());
+        assert_eq!(held.leases(), [(WorkId(2), 1)]);
+    }
+
+    #[test]
+    fn a_lost_report_for_an_older_attempt_keeps_the_new_lease() {
+        let now = Instant::now();
+        let mut held = Held::new(now);
+        let old = held.grant(WorkId(1), 1);
+        let sent = held.leases();
+        // The item came back to this worker with a new attempt before the answer arrived.
+        let new = held.grant(WorkId(1), 2);
+        assert!(old.load(Ordering::Relaxed));
+        assert_eq!(held.lost(&sent, &[WorkId(1)], now), 0);
+        assert!(!new.load(Ordering::Relaxed));
+        // The old attempt's result is not taken for the new one.
+        assert!(!held.finish(WorkId(1), 1, Some(digest(1)), now));
+        assert!(held.finish(WorkId(1), 2, Some(digest(2)), now));
+    }
+
+    #[test]
+    fn an_item_without_a_result_frees_its_place() {
+        let now = Instant::now();
+        let mut held = Held::new(now);
+        held.grant(WorkId(1), 1);
+        assert!(!held.finish(WorkId(1), 1, None, now));
+        assert_eq!(held.unfinished(), 0);
+        assert!(held.leases().is_empty());
+    }
+
+    #[test]
+    fn leaving_releases_unfinished_and_keeps_results_to_deliver() {
+        let now = Instant::now();
+        let mut held = Held::new(now);
+        let running = held.grant(WorkId(3), 1);
+        held.grant(WorkId(1), 2);
+        held.grant(WorkId(2), 1);
+        held.finish(WorkId(2), 1, Some(digest(2)), now);
+        assert_eq!(
+            held.cancel_unfinished(now),
+            [(WorkId(1), 2), (WorkId(3), 1)]
+        );
+        assert!(running.load(Ordering::Relaxed));
+        let ready = held.ready(10);
+        assert_eq!(ready.len(), 1);
+        assert_eq!(ready[0].id, WorkId(2));
+        assert_eq!(held.cancel_all(now), 1);
+        assert!(held.leases().is_empty());
+    }
+
+    #[test]
+    fn heartbeat_period_follows_the_cluster_within_safe_bounds() {
+        let ms = Duration::from_millis;
+        assert_eq!(
+            heartbeat_period(&registered(10_000, 2_000, 15_000)),
+            ms(2_000)
+        );
+        // Missing: a third of the lease.
+        assert_eq!(heartbeat_period(&registered(9_000, 0, 30_000)), ms(3_000));
+        // Too slow to keep the lease or the worker alive: half of the tighter limit.
+        assert_eq!(
+            heartbeat_period(&registered(4_000, 5_000, 30_000)),
+            ms(2_000)
+        );
+        assert_eq!(
+            heartbeat_period(&registered(30_000, 20_000, 6_000)),
+            ms(3_000)
+        );
+        // Absurdly fast or absent values.
+        assert_eq!(
+            heartbeat_period(&registered(10_000, 1, 15_000)),
+            MIN_HEARTBEAT
+        );
+        assert_eq!(heartbeat_period(&registered(0, 0, 0)), ms(1_000));
+    }
+
+    #[test]
+    fn idle_checks_are_frequent_but_not_busy() {
+        let ms = Duration::from_millis;
+        assert_eq!(idle_check_period(Duration::from_secs(60)), ms(1_000));
+        assert_eq!(idle_check_period(ms(400)), ms(100));
+        assert_eq!(idle_check_period(ms(1)), ms(10));
+    }
+
+    #[test]
+    fn client_errors_map_to_stops() {
+        let forgotten = ClientError::UnknownWorker {
+            message: String::new(),
+        };
+        assert!(matches!(Stop::from(forgotten), Stop::Forgotten(_)));
+        let slot = ClientError::UnknownSlot {
+            message: String::new(),
+        };
+        assert!(matches!(Stop::from(slot), Stop::Forgotten(_)));
+        let gone = ClientError::NoEndpoint {
+            silent_for: Duration::from_secs(30),
+        };
+        assert!(matches!(Stop::from(gone), Stop::NoEndpoint));
+        let rejected = ClientError::Rejected {
+            endpoint: "http://a:1".into(),
+            status: 401,
+            code: "unauthorized".into(),
+            message: String::new(),
+        };
+        assert!(matches!(Stop::from(rejected), Stop::Failed(_)));
+    }
+}
