@@ -10,8 +10,11 @@
 #   scripts/cluster.sh start ID   start node ID again (with its data)
 #   scripts/cluster.sh logs ID    print node ID's log (LINES=200 by default)
 #
+# Workers are launched by the nodes themselves (`--launcher local`) when work waits, within
+# the cluster-wide budget (HASHQ_MAX_WORKERS, default 4), and exit when idle.
+#
 # Environment: HASHQ_BASE_PORT (7101), HASHQ_BIN (skip the build and use this binary),
-# HASHQ_WORKERS (size of the fixed worker pool, 2), HASHQ_NODE_ARGS (extra `hashq node` flags).
+# HASHQ_MAX_WORKERS (4), HASHQ_NODE_ARGS (extra `hashq node` flags).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -45,17 +48,10 @@ start_node() {
   mkdir -p "$dir/$id"
   # shellcheck disable=SC2086
   nohup "$bin" node --id "$id" --listen "127.0.0.1:$(port_of "$id")" --peers "$(peers "$n")" \
-    --data-dir "$dir/$id" --cluster-token "$(token)" ${HASHQ_NODE_ARGS:-} \
+    --data-dir "$dir/$id" --cluster-token "$(token)" --launcher local \
+    --max-workers "${HASHQ_MAX_WORKERS:-4}" ${HASHQ_NODE_ARGS:-} \
     >>"$dir/node-$id.log" 2>&1 &
   echo $! >"$dir/node-$id.pid"
-}
-
-start_worker() {
-  local k=$1
-  alive "$dir/worker-$k.pid" && return
-  nohup "$bin" worker --endpoints "$(endpoints "$(size)")" --cluster-token "$(token)" \
-    --idle-timeout 100000d >>"$dir/worker-$k.log" 2>&1 &
-  echo $! >"$dir/worker-$k.pid"
 }
 
 leader_of() {
@@ -103,13 +99,19 @@ up)
   [[ -f $dir/token ]] || (umask 077 && head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$dir/token")
   for ((i = 1; i <= n; i++)); do start_node "$i"; done
   leader=$(wait_for_leader 60) || die "no leader after 60s; see scripts/cluster.sh logs 1"
-  for ((k = 1; k <= ${HASHQ_WORKERS:-2}; k++)); do start_worker "$k"; done
   echo "hashq cluster of $n nodes is up; leader is node $leader"
   echo "endpoints: $(endpoints "$n" | tr ',' ' ')"
   echo "cluster token: $dir/token"
   ;;
 down)
-  for f in "$dir"/worker-*.pid "$dir"/node-*.pid; do [[ -e $f ]] && stop_pidfile "$f"; done
+  # Nodes stop their workers when they stop; workers of a node killed earlier are orphans.
+  for f in "$dir"/node-*.pid; do [[ -e $f ]] && stop_pidfile "$f"; done
+  if [[ -f $dir/size ]]; then
+    pattern="worker --endpoints $(endpoints "$(size)")( |$)"
+    pkill -TERM -f -- "$pattern" 2>/dev/null || true
+    for _ in $(seq 100); do pgrep -f -- "$pattern" >/dev/null || break; sleep 0.1; done
+    pkill -KILL -f -- "$pattern" 2>/dev/null || true
+  fi
   echo "stopped (data kept in $dir)"
   ;;
 reset)
@@ -128,10 +130,9 @@ status)
       echo "node $i: down"
     fi
   done
-  for f in "$dir"/worker-*.pid; do
-    [[ -e $f ]] || continue
-    alive "$f" && echo "$(basename "$f" .pid): pid $(cat "$f")" || echo "$(basename "$f" .pid): exited"
-  done
+  workers=$(curl -fsS --max-time 2 "http://127.0.0.1:$(port_of 1)/metrics" 2>/dev/null |
+    sed -n 's/^hashq_workers{.*state="running"} \([0-9]*\)$/\1/p')
+  echo "workers running: ${workers:-unknown} (scripts/cluster.sh up launches them on demand)"
   ;;
 kill)
   id=${2:-}; [[ $id =~ ^[0-9]+$ ]] || die "kill takes a node id"

@@ -12,6 +12,7 @@ use serde_json::Value;
 fn options() -> Options {
     Options {
         nodes: 3,
+        launch_workers: false,
         node_args: [
             "--max-iterations",
             "100000",

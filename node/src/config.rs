@@ -115,11 +115,34 @@ pub struct NodeArgs {
     pub cluster_name: String,
     #[arg(long, env = "HASHQ_ROLE", value_enum, default_value = "endpoint")]
     pub role: Role,
-    #[arg(long, env = "HASHQ_LAUNCHER", value_enum, default_value = "none")]
+    /// How this node starts workers when the autoscaler asks it to.
+    #[arg(long, env = "HASHQ_LAUNCHER", value_enum, default_value = "local")]
     pub launcher: LauncherKind,
-    /// The cluster-wide worker budget, set when the cluster is first bootstrapped.
+    /// The cluster-wide worker budget, set when the cluster is first bootstrapped (change it
+    /// later with `hashq cluster set-max-workers`).
     #[arg(long, env = "HASHQ_MAX_WORKERS", default_value_t = 8)]
     pub max_workers: u32,
+    /// Scale up when the oldest queued item has waited this long.
+    #[arg(long, env = "HASHQ_SCALE_UP_WAIT", default_value = "2s", value_parser = duration)]
+    pub scale_up_wait: Duration,
+    /// ...or when the backlog would take longer than this to drain at the measured rate.
+    #[arg(long, env = "HASHQ_DRAIN_TARGET", default_value = "30s", value_parser = duration)]
+    pub drain_target: Duration,
+    /// At most one launch per this interval, cluster-wide.
+    #[arg(long, env = "HASHQ_SCALE_UP_INTERVAL", default_value = "1s", value_parser = duration)]
+    pub scale_up_interval: Duration,
+    /// Launched workers exit after this long without work, freeing their slot.
+    #[arg(long, env = "HASHQ_WORKER_IDLE_TIMEOUT", default_value = "60s", value_parser = duration)]
+    pub worker_idle_timeout: Duration,
+    /// Launched workers exit when no endpoint of the cluster has answered for this long.
+    #[arg(long, env = "HASHQ_WORKER_ORPHAN_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub worker_orphan_timeout: Duration,
+    /// Hashing threads per launched worker.
+    #[arg(long, env = "HASHQ_WORKER_THREADS", default_value_t = 1)]
+    pub worker_threads: usize,
+    /// The `hashq` binary launched workers run (default: this node's own binary).
+    #[arg(long, env = "HASHQ_WORKER_BINARY")]
+    pub worker_binary: Option<PathBuf>,
 
     /// Largest request body, in bytes (413 above).
     #[arg(long, env = "HASHQ_MAX_BODY_BYTES", default_value_t = 1 << 20)]
@@ -250,6 +273,17 @@ pub struct Limits {
     pub max_connections: usize,
 }
 
+/// The autoscaler's knobs.
+#[derive(Clone, Debug)]
+pub struct Scaling {
+    pub scale_up_wait: Duration,
+    pub drain_target: Duration,
+    pub scale_up_interval: Duration,
+    pub worker_idle_timeout: Duration,
+    pub worker_orphan_timeout: Duration,
+    pub worker_threads: usize,
+}
+
 /// A node's resolved configuration.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -263,6 +297,8 @@ pub struct NodeConfig {
     pub role: Role,
     pub launcher: LauncherKind,
     pub max_workers: u32,
+    pub scaling: Scaling,
+    pub worker_binary: PathBuf,
     pub limits: Limits,
     pub timing: Timing,
     pub snapshot_every: u64,
@@ -284,9 +320,13 @@ impl NodeArgs {
         if self.snapshot_every < 10 {
             return Err("--snapshot-every must be at least 10".into());
         }
-        if self.launcher == LauncherKind::Ec2 {
-            return Err("--launcher ec2 is not available in this build yet".into());
+        if self.worker_threads == 0 {
+            return Err("--worker-threads must be at least 1".into());
         }
+        let worker_binary = match self.worker_binary {
+            Some(b) => b,
+            None => std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?,
+        };
         let timing = Timing {
             raft_heartbeat: self.raft_heartbeat,
             election_timeout: self.election_timeout,
@@ -311,6 +351,15 @@ impl NodeArgs {
             role: self.role,
             launcher: self.launcher,
             max_workers: self.max_workers,
+            scaling: Scaling {
+                scale_up_wait: self.scale_up_wait,
+                drain_target: self.drain_target,
+                scale_up_interval: self.scale_up_interval,
+                worker_idle_timeout: self.worker_idle_timeout,
+                worker_orphan_timeout: self.worker_orphan_timeout,
+                worker_threads: self.worker_threads,
+            },
+            worker_binary,
             limits: Limits {
                 max_body_bytes: self.max_body_bytes,
                 max_iterations: self.max_iterations,

@@ -23,9 +23,13 @@ pub fn tick_params(node: &Node) -> TickParams {
     }
 }
 
+/// How often the leader reconciles the worker table with the launcher's provider.
+const RECONCILE_EVERY: std::time::Duration = std::time::Duration::from_secs(15);
+
 pub async fn run(node: Node) {
     let mut interval = tokio::time::interval(node.config.timing.reaper_period);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reconciled = std::time::Instant::now();
     loop {
         interval.tick().await;
         if node.raft.metrics().borrow().state != ServerState::Leader {
@@ -34,7 +38,33 @@ pub async fn run(node: Node) {
         if let Err(e) = duties(&node).await {
             tracing::debug!(error = %e, "housekeeping deferred");
         }
+        if reconciled.elapsed() >= RECONCILE_EVERY {
+            reconciled = std::time::Instant::now();
+            if let Err(e) = reconcile(&node).await {
+                tracing::warn!(error = %e, "reconciliation deferred");
+            }
+        }
     }
+}
+
+/// Frees the slots of workers whose machines the launcher's provider no longer runs.
+async fn reconcile(node: &Node) -> Result<(), crate::error::ApiError> {
+    let workers = machine::workers(&node.reader.view())?;
+    let gone = node
+        .launcher
+        .reconcile(workers)
+        .await
+        .map_err(|e| crate::error::ApiError::Unavailable(e.to_string()))?;
+    for worker in gone {
+        tracing::warn!(%worker, "worker's machine is gone; freeing its slot");
+        node.proposer
+            .submit(Request::Forget {
+                worker,
+                max_attempts: node.config.limits.max_attempts,
+            })
+            .await?;
+    }
+    Ok(())
 }
 
 async fn duties(node: &Node) -> Result<(), crate::error::ApiError> {
@@ -58,6 +88,15 @@ async fn duties(node: &Node) -> Result<(), crate::error::ApiError> {
                     lost_workers = ?report.lost_workers,
                     "leases reclaimed"
                 );
+            }
+            // A lost worker may still run (paused, cut off): make sure it is gone, so the slot
+            // just freed is not held twice.
+            for (worker, handle) in report.lost_workers {
+                if !handle.is_empty() {
+                    if let Err(e) = node.launcher.terminate(worker, handle.clone()).await {
+                        tracing::warn!(%worker, %handle, error = %e, "could not stop a lost worker");
+                    }
+                }
             }
         }
     }

@@ -5,17 +5,20 @@
 //!   leader from followers, retried through leader changes under idempotency keys;
 //! - [`routes`]: HTTP by audience (client, worker, Raft, internal), with the one error
 //!   mapping in [`error`];
-//! - [`bootstrap`]: forming the cluster exactly once; [`housekeeping`]: the leader's ticks.
+//! - [`bootstrap`]: forming the cluster exactly once; [`housekeeping`]: the leader's ticks;
+//! - [`autoscaler`] and [`launcher`]: growing the worker pool within the replicated budget.
 //!
 //! Failure behaviour: a node that loses its majority answers writes with 503 and
 //! `Retry-After` after its request timeout; a follower whose leader dies re-routes pending
 //! requests to the next leader; a storage error stops Raft on that node (it never serves from
 //! a state it could not persist).
 
+pub mod autoscaler;
 pub mod bootstrap;
 pub mod config;
 pub mod error;
 pub mod housekeeping;
+pub mod launcher;
 pub mod node;
 pub mod proposer;
 pub mod routes;

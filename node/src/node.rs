@@ -12,8 +12,9 @@ use openraft::SnapshotPolicy;
 use tokio::net::TcpListener;
 
 use crate::config::NodeConfig;
+use crate::launcher::{self, Launcher};
 use crate::proposer::Proposer;
-use crate::{bootstrap, housekeeping, routes};
+use crate::{autoscaler, bootstrap, housekeeping, routes};
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +27,8 @@ pub enum StartError {
     Raft(String),
     #[error("http client: {0}")]
     Http(String),
+    #[error("launcher: {0}")]
+    Launcher(String),
 }
 
 /// Local counters for `/metrics` (the replicated counts live in the state machine).
@@ -48,6 +51,9 @@ impl Stats {
 pub struct Inner {
     pub config: NodeConfig,
     pub raft: Raft,
+    pub launcher: Arc<dyn Launcher>,
+    /// The last few launch failures, for `/status`.
+    pub launch_errors: std::sync::Mutex<Vec<String>>,
     pub reader: SmReader,
     pub proposer: Proposer,
     pub http: reqwest::Client,
@@ -75,6 +81,7 @@ fn millis(d: Duration) -> u64 {
 impl Node {
     /// Opens the store, starts Raft and the background loops. Serve it with [`serve`].
     pub async fn start(config: NodeConfig) -> Result<Node, StartError> {
+        let launcher = launcher::from_config(&config).map_err(StartError::Launcher)?;
         let (log, sm) = hashq_storage::open(
             &config.data_dir,
             &StoreOptions {
@@ -121,6 +128,8 @@ impl Node {
             inner: Arc::new(Inner {
                 config,
                 raft,
+                launcher: launcher.clone(),
+                launch_errors: std::sync::Mutex::new(Vec::new()),
                 reader,
                 proposer,
                 http,
@@ -130,6 +139,7 @@ impl Node {
         };
         tokio::spawn(bootstrap::run(node.clone()));
         tokio::spawn(housekeeping::run(node.clone()));
+        tokio::spawn(autoscaler::run(node.clone(), launcher));
         Ok(node)
     }
 
@@ -137,8 +147,10 @@ impl Node {
         self.config.id
     }
 
-    /// Stops Raft (the HTTP server is stopped by its shutdown future).
+    /// Stops the workers this node launched (they give their leases back), then Raft. The
+    /// HTTP server is stopped by its shutdown future.
     pub async fn shutdown(&self) {
+        self.launcher.shutdown().await;
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft did not shut down cleanly");
         }

@@ -76,11 +76,13 @@ pub enum Request {
         /// grant; an id older than the last one gets nothing.
         request_id: u64,
     },
-    /// Extend the leases the worker still holds; answers which ones it lost.
+    /// Extend the leases the worker still holds; answers which ones it lost. A worker whose
+    /// parent node died names its new parent here.
     Heartbeat {
         worker: WorkerId,
         items: Vec<(WorkId, u32)>,
         lease_ms: u64,
+        parent: Option<NodeId>,
     },
     /// Deliver results. The first completion of the current attempt wins; any other is
     /// acknowledged and ignored.
@@ -101,6 +103,9 @@ pub enum Request {
     Launched { worker: WorkerId, handle: String },
     /// The launch failed; the slot is freed.
     LaunchFailed { worker: WorkerId, reason: String },
+    /// The worker is gone (its machine vanished, found by a launcher's reconciliation): its
+    /// leases go back to the queue as failed attempts and its slot is freed.
+    Forget { worker: WorkerId, max_attempts: u32 },
     /// Set the cluster-wide worker budget. `only_if_unset` makes it a bootstrap default.
     SetMaxWorkers { max: u32, only_if_unset: bool },
     /// Housekeeping at the stamped time: expire leases, declare silent workers lost, forget
@@ -152,6 +157,9 @@ impl fmt::Debug for Request {
                 .field("items", &items.len())
                 .finish(),
             Request::Exit { worker } => f.debug_struct("Exit").field("worker", worker).finish(),
+            Request::Forget { worker, .. } => {
+                f.debug_struct("Forget").field("worker", worker).finish()
+            }
             Request::Reserve { parent } => {
                 f.debug_struct("Reserve").field("parent", parent).finish()
             }

@@ -115,10 +115,22 @@ impl<K: Kv> Machine<'_, K> {
                 worker,
                 items,
                 lease_ms,
-            } => self.heartbeat(*worker, items, *lease_ms),
+                parent,
+            } => self.heartbeat(*worker, items, *lease_ms, *parent),
             Request::Complete { worker, results } => self.complete(*worker, results),
             Request::Release { worker, items } => self.release(*worker, items),
             Request::Exit { worker } => self.exit(*worker),
+            Request::Forget {
+                worker,
+                max_attempts,
+            } => {
+                if self.worker(*worker)?.is_some() {
+                    let max_attempts = (*max_attempts).max(1);
+                    self.reclaim(*worker, Requeue::Failed { max_attempts })?;
+                    self.kv.delete(keys::worker(*worker));
+                }
+                Ok(Response::Done)
+            }
             Request::Reserve { parent } => self.reserve(*parent),
             Request::Launched { worker, handle } => self.launched(*worker, handle),
             Request::LaunchFailed { worker, .. } => self.launch_failed(*worker),
@@ -249,8 +261,11 @@ impl<K: Kv> Machine<'_, K> {
         handle: &str,
     ) -> Result<Response, KvError> {
         let mut record = match slot {
+            // A slot is claimed once: by the first process to register for it, or again by
+            // the same process (same handle) retrying. A second process launched for the same
+            // slot (a launcher that crashed and relaunched) is refused and exits.
             Some(slot) => match self.worker(slot)? {
-                Some(w) if w.managed => w,
+                Some(w) if w.managed && claims(&w, handle) => w,
                 _ => return Ok(Response::Rejected(Rejection::UnknownSlot(slot))),
             },
             None => {
@@ -371,6 +386,7 @@ impl<K: Kv> Machine<'_, K> {
         worker: WorkerId,
         held_items: &[(WorkId, u32)],
         lease_ms: u64,
+        parent: Option<NodeId>,
     ) -> Result<Response, KvError> {
         let Some(mut record) = self.worker(worker)? else {
             return Ok(Response::Rejected(Rejection::UnknownWorker(worker)));
@@ -379,6 +395,9 @@ impl<K: Kv> Machine<'_, K> {
             return Ok(invalid("lease_ms out of range"));
         }
         record.last_seen = self.now;
+        if let Some(parent) = parent {
+            record.parent = parent;
+        }
         self.put_worker(&record);
         let deadline = self.now + lease_ms;
         let (mut valid, mut lost) = (Vec::new(), Vec::new());
@@ -493,11 +512,13 @@ impl<K: Kv> Machine<'_, K> {
 
     fn launched(&mut self, worker: WorkerId, handle: &str) -> Result<Response, KvError> {
         match self.worker(worker)? {
-            Some(mut record) => {
+            // The worker may have registered first and named its own handle already.
+            Some(mut record) if record.handle.is_empty() => {
                 record.handle = handle.to_string();
                 self.put_worker(&record);
                 Ok(Response::Done)
             }
+            Some(_) => Ok(Response::Done),
             None => Ok(Response::Rejected(Rejection::UnknownSlot(worker))),
         }
     }
@@ -676,6 +697,15 @@ impl<K: Kv> Machine<'_, K> {
 
     fn put_worker(&mut self, record: &WorkerRecord) {
         put_t(self.kv, keys::worker(record.id), record);
+    }
+}
+
+/// Whether a process with `handle` may register for the slot `w`.
+fn claims(w: &WorkerRecord, handle: &str) -> bool {
+    let same = !handle.is_empty() && w.handle == handle;
+    match w.state {
+        WorkerState::Launching => w.handle.is_empty() || handle.is_empty() || same,
+        WorkerState::Running => same,
     }
 }
 

@@ -87,6 +87,8 @@ pub struct WorkGrant {
 pub struct HeartbeatRequest {
     pub worker: WorkerId,
     pub items: Vec<(WorkId, u32)>,
+    /// The worker's parent; it changes when the worker re-parents after its parent died.
+    pub parent: Option<NodeId>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -192,14 +192,37 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
 }
 
 pub async fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
-    let client = Client::new(args.target)?;
+    let mut target = args.target;
+    if let ClusterCommand::SetMaxWorkers { .. } = args.command {
+        // Admin routes take the cluster token where client routes take the client token.
+        target.client_token = args.cluster_token.clone();
+        if target.client_token.is_none() {
+            bail!("set-max-workers needs --cluster-token (or HASHQ_CLUSTER_TOKEN)");
+        }
+    }
+    let client = Client::new(target)?;
     match args.command {
-        ClusterCommand::Members => {
+        ClusterCommand::Members | ClusterCommand::Workers => {
             let (status, body) = client.send(Method::GET, "/status", None, None).await?;
             if !status.is_success() {
                 return Err(fail(status, &body));
             }
-            println!("{}", serde_json::to_string_pretty(&body["members"])?);
+            let part = if matches!(args.command, ClusterCommand::Members) {
+                &body["members"]
+            } else {
+                &body["workers"]
+            };
+            println!("{}", serde_json::to_string_pretty(part)?);
+        }
+        ClusterCommand::SetMaxWorkers { max } => {
+            let body = serde_json::to_vec(&serde_json::json!({ "max": max }))?;
+            let (status, answer) = client
+                .send(Method::POST, "/admin/max-workers", Some(body), None)
+                .await?;
+            if !status.is_success() {
+                return Err(fail(status, &answer));
+            }
+            println!("{answer}");
         }
     }
     Ok(())

@@ -102,6 +102,9 @@ pub struct StatusArgs {
 pub struct ClusterArgs {
     #[command(flatten)]
     pub target: Target,
+    /// The cluster token (admin commands need it).
+    #[arg(long, env = "HASHQ_CLUSTER_TOKEN", hide_env_values = true)]
+    pub cluster_token: Option<String>,
     #[command(subcommand)]
     pub command: ClusterCommand,
 }
@@ -110,4 +113,11 @@ pub struct ClusterArgs {
 pub enum ClusterCommand {
     /// List the members and their health.
     Members,
+    /// List the workers, their parents, leases and the budget.
+    Workers,
+    /// Set the cluster-wide worker budget.
+    SetMaxWorkers {
+        /// The new budget (0 stops launching; running workers finish and idle out).
+        max: u32,
+    },
 }

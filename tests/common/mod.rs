@@ -67,6 +67,8 @@ pub struct Options {
     pub nodes: usize,
     /// Extra `hashq node` flags for every node.
     pub node_args: Vec<String>,
+    /// Let nodes launch workers (`--launcher local`); otherwise tests start workers by hand.
+    pub launch_workers: bool,
 }
 
 impl Default for Options {
@@ -74,6 +76,7 @@ impl Default for Options {
         Options {
             nodes: 3,
             node_args: Vec::new(),
+            launch_workers: false,
         }
     }
 }
@@ -163,6 +166,14 @@ impl Cluster {
             .arg("--data-dir")
             .arg(self.data_dir(id))
             .args(["--cluster-token", TOKEN])
+            .args([
+                "--launcher",
+                if self.options.launch_workers {
+                    "local"
+                } else {
+                    "none"
+                },
+            ])
             .args(&self.options.node_args)
             .args(extra)
             .env("RUST_LOG", "info,openraft=warn")
@@ -332,6 +343,12 @@ impl Cluster {
         }
     }
 
+    /// Pids of every `hashq worker` process of this cluster: started by the test or launched
+    /// by a node.
+    pub fn worker_processes(&self) -> Vec<u32> {
+        worker_processes(&self.endpoints())
+    }
+
     fn dump_logs(&self) {
         let mut logs: Vec<&Path> = self.nodes.values().map(|p| p.log.as_path()).collect();
         logs.extend(self.workers.iter().map(|p| p.log.as_path()));
@@ -348,7 +365,46 @@ impl Cluster {
             eprintln!("--- {} ---", log.display());
             tail(log);
         }
+        for id in self.ids() {
+            let dir = self.data_dir(id).join("workers");
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                eprintln!("--- {} ---", e.path().display());
+                tail(&e.path());
+            }
+        }
     }
+}
+
+/// Pids of every live `hashq worker` process whose `--endpoints` is exactly `endpoints`.
+pub fn worker_processes(endpoints: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let is_worker = args.get(1).is_some_and(|a| a == "worker");
+        if is_worker && args.iter().any(|a| a == endpoints) && !is_zombie(pid) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(") ")
+                .map(|(_, rest)| rest.starts_with('Z'))
+        })
+        .unwrap_or(true)
 }
 
 fn tail(path: &Path) {
@@ -385,6 +441,12 @@ impl Drop for Cluster {
         for p in self.workers.iter_mut().chain(self.nodes.values_mut()) {
             let _ = p.child.kill();
             let _ = p.child.wait();
+        }
+        // Workers the nodes launched outlive a SIGKILLed node by design; not a test's.
+        for pid in self.worker_processes() {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
         }
     }
 }

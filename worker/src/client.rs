@@ -337,6 +337,25 @@ impl EndpointClient {
         self.state().endpoints.merge(urls)
     }
 
+    /// Whether the node at `base` answers its `GET /health` as an endpoint of this cluster,
+    /// within `timeout`. Used by the parent check; it does not count as an answer for the
+    /// no-endpoint rule.
+    pub async fn healthy(&self, base: &str, timeout: Duration) -> bool {
+        let answer = self
+            .http
+            .get(format!("{}{}", base.trim_end_matches('/'), routes::HEALTH))
+            .timeout(timeout)
+            .send()
+            .await;
+        match answer {
+            Ok(a) if a.status().is_success() => a
+                .json::<hashq_raft::wire::Health>()
+                .await
+                .is_ok_and(|h| h.role == "endpoint"),
+            _ => false,
+        }
+    }
+
     /// How long since any endpoint answered (since creation if none has yet).
     pub fn silent_for(&self) -> Duration {
         self.state().last_answer.elapsed()

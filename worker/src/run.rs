@@ -10,12 +10,12 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use hashq_raft::command::Completion;
-use hashq_raft::types::{Digest, WorkId, WorkerId};
+use hashq_raft::types::{Digest, NodeId, WorkId, WorkerId};
 use hashq_raft::wire::{
     CompleteRequest, ExitRequest, HeartbeatRequest, LeaseRequest, RegisterRequest,
     RegisterResponse, WorkGrant,
@@ -156,6 +156,7 @@ async fn run_until_done(
         );
         let started = Instant::now();
         let session = Arc::new(Session::new(worker));
+        session.set_parent(parent.unwrap_or(registered.node));
         let span = info_span!("worker", id = %worker);
         let end = serve(
             &client,
@@ -250,6 +251,8 @@ enum SessionEnd {
 /// One registration's state, shared by its loops and its hashing tasks.
 struct Session {
     worker: WorkerId,
+    /// The node responsible for this worker; changed by the parent check when it dies.
+    parent: AtomicU64,
     held: Mutex<Held>,
     /// A result was stored: the completer has something to send.
     results_ready: Notify,
@@ -261,10 +264,20 @@ impl Session {
     fn new(worker: WorkerId) -> Self {
         Session {
             worker,
+            parent: AtomicU64::new(0),
             held: Mutex::new(Held::new(Instant::now())),
             results_ready: Notify::new(),
             capacity_freed: Notify::new(),
         }
+    }
+
+    /// The parent node (0 before registration sets it; node ids start at 1).
+    fn parent(&self) -> Option<NodeId> {
+        Some(self.parent.load(Ordering::Relaxed)).filter(|p| *p != 0)
+    }
+
+    fn set_parent(&self, parent: NodeId) {
+        self.parent.store(parent, Ordering::Relaxed);
     }
 
     fn held(&self) -> MutexGuard<'_, Held> {
@@ -304,6 +317,14 @@ async fn serve<F: Future<Output = ()>>(
         .in_current_span(),
     );
     tasks.spawn(complete_loop(Arc::clone(client), Arc::clone(session)).in_current_span());
+    tasks.spawn(
+        parent_loop(
+            Arc::clone(client),
+            Arc::clone(session),
+            registered.endpoints.clone(),
+        )
+        .in_current_span(),
+    );
     let mut idle_check = tokio::time::interval(idle_check_period(config.idle_timeout));
     idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let end = loop {
@@ -437,6 +458,7 @@ async fn heartbeat_loop(
         let request = HeartbeatRequest {
             worker: session.worker,
             items,
+            parent: session.parent(),
         };
         // Give up on this beat after one period: the next beat carries a fresher list.
         let deadline = Instant::now() + period;
@@ -552,6 +574,51 @@ fn heartbeat_period(registered: &RegisterResponse) -> Duration {
 /// second costs nothing.
 fn idle_check_period(idle_timeout: Duration) -> Duration {
     (idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
+}
+
+/// How often the worker checks that its parent node is alive.
+pub const PARENT_CHECK_EVERY: Duration = Duration::from_secs(2);
+/// Failed checks in a row before the worker re-parents.
+const PARENT_FAILURES: u32 = 2;
+
+/// The parent check (SPEC section 4, local flavour): the parent's `/health` must answer. When
+/// it has not for [`PARENT_FAILURES`] checks, the worker adopts the first live endpoint as its
+/// parent and says so with its next heartbeat; the cluster keeps counting it once, under its
+/// new parent. (A worker with no endpoint alive at all exits by the no-endpoint rule.)
+async fn parent_loop(
+    client: Arc<EndpointClient>,
+    session: Arc<Session>,
+    members: Vec<(NodeId, String)>,
+) -> Stop {
+    let mut ticker = tokio::time::interval(PARENT_CHECK_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let timeout = PARENT_CHECK_EVERY / 2;
+    let mut failures = 0;
+    loop {
+        ticker.tick().await;
+        let Some(parent) = session.parent() else {
+            continue;
+        };
+        let Some((_, url)) = members.iter().find(|(id, _)| *id == parent) else {
+            continue;
+        };
+        if client.healthy(url, timeout).await {
+            failures = 0;
+            continue;
+        }
+        failures += 1;
+        if failures < PARENT_FAILURES {
+            continue;
+        }
+        for (id, url) in members.iter().filter(|(id, _)| *id != parent) {
+            if client.healthy(url, timeout).await {
+                warn!(old = parent, new = id, "parent node is gone; re-parenting");
+                session.set_parent(*id);
+                failures = 0;
+                break;
+            }
+        }
+    }
 }
 
 /// Lease request ids only grow in a process: the cluster grants nothing to a request older

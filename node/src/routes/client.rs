@@ -433,6 +433,8 @@ async fn status(State(node): State<Node>) -> Result<Json<serde_json::Value>, Api
             "launching": workers.iter().filter(|w| w.state == WorkerState::Launching).count(),
             "external": workers.iter().filter(|w| !w.managed).count(),
             "max": meta.max_workers,
+            "launcher": node.launcher.name(),
+            "launch_errors": *node.launch_errors.lock().unwrap_or_else(|p| p.into_inner()),
             "list": worker_list,
         },
         "members": members,

@@ -1,7 +1,9 @@
 //! HTTP routes, split by audience: [`client`] (the exercise's API and status), [`worker`]
-//! (leases and results), [`raft`] (consensus RPC), [`internal`] (forwarding between nodes).
+//! (leases and results), [`admin`] (the worker budget), [`raft`] (consensus RPC),
+//! [`internal`] (forwarding between nodes).
 //! Everything that is not the client API needs the cluster token.
 
+pub mod admin;
 pub mod client;
 pub mod internal;
 pub mod raft;
@@ -33,6 +35,7 @@ pub const INTERNAL_BODY_LIMIT: usize = 256 << 20;
 /// The whole HTTP surface of a node.
 pub fn router(node: Node) -> Router {
     let guarded = Router::new()
+        .merge(admin::router())
         .merge(worker::router())
         .merge(raft::router())
         .merge(internal::router())

@@ -130,6 +130,7 @@ async fn heartbeat(
         worker: req.worker,
         items: req.items,
         lease_ms: millis(node.config.timing.lease),
+        parent: req.parent,
     };
     match node.proposer.submit(request).await?.response {
         SmResponse::HeartbeatAck { valid, lost } => Ok(Postcard(HeartbeatResponse { valid, lost })),

@@ -300,6 +300,7 @@ fn heartbeat_extends_lease_and_reports_lost_items() {
             worker: w,
             items: vec![(a, 1), (b, 7), (WorkId(999), 1)],
             lease_ms: LEASE_MS,
+            parent: Some(3),
         },
     );
     assert_eq!(
@@ -309,6 +310,8 @@ fn heartbeat_extends_lease_and_reports_lost_items() {
             lost: vec![b, WorkId(999)]
         }
     );
+    // The worker re-parented itself with that heartbeat.
+    assert_eq!(workers(&kv).unwrap()[0].parent, 3);
     // b's lease ran out at 1010, a's was extended to 1900.
     let report = tick(&mut kv, 1500);
     assert_eq!(report.expired, 1);
@@ -388,6 +391,7 @@ fn item_dies_after_max_attempts_and_stays_visible() {
                 worker: w,
                 items: vec![],
                 lease_ms: LEASE_MS,
+                parent: None,
             },
         );
     }
@@ -639,6 +643,92 @@ fn budget_is_never_exceeded_and_slots_come_back() {
 }
 
 #[test]
+fn a_slot_is_claimed_by_one_process_only() {
+    let mut kv = MemKv::new();
+    run(
+        &mut kv,
+        0,
+        Request::SetMaxWorkers {
+            max: 1,
+            only_if_unset: false,
+        },
+    );
+    let Response::Reserved { worker: Some(slot) } = run(&mut kv, 1, Request::Reserve { parent: 1 })
+    else {
+        panic!("no slot")
+    };
+    let register = |kv: &mut MemKv, handle: &str| {
+        run(
+            kv,
+            2,
+            Request::Register {
+                slot: Some(slot),
+                parent: 1,
+                host: "h".into(),
+                handle: handle.into(),
+            },
+        )
+    };
+    run(
+        &mut kv,
+        1,
+        Request::Launched {
+            worker: slot,
+            handle: "pid:10".into(),
+        },
+    );
+    // Another process for the same slot (a relaunch after a crash) is refused...
+    assert_eq!(
+        register(&mut kv, "pid:11"),
+        Response::Rejected(Rejection::UnknownSlot(slot))
+    );
+    // ...the launched one gets it, and may retry its registration.
+    assert_eq!(
+        register(&mut kv, "pid:10"),
+        Response::Registered { worker: slot }
+    );
+    assert_eq!(
+        register(&mut kv, "pid:10"),
+        Response::Registered { worker: slot }
+    );
+    assert_eq!(
+        register(&mut kv, "pid:11"),
+        Response::Rejected(Rejection::UnknownSlot(slot))
+    );
+    // A late `Launched` does not overwrite the handle of the process that registered.
+    run(
+        &mut kv,
+        3,
+        Request::Launched {
+            worker: slot,
+            handle: "pid:12".into(),
+        },
+    );
+    assert_eq!(workers(&kv).unwrap()[0].handle, "pid:10");
+}
+
+#[test]
+fn a_forgotten_worker_frees_its_slot_and_its_items_count_an_attempt() {
+    let mut kv = MemKv::new();
+    let w = register(&mut kv, 0);
+    let id = enqueue(&mut kv, 0, 1, None);
+    lease(&mut kv, 1, w, 1, 1);
+    run(
+        &mut kv,
+        2,
+        Request::Forget {
+            worker: w,
+            max_attempts: 3,
+        },
+    );
+    let it = item(&kv, id).unwrap().unwrap();
+    assert_eq!((it.status, it.attempts), (Status::Queued, 1));
+    assert_eq!(read_meta(&kv).unwrap().counts.expired_total, 1);
+    assert!(workers(&kv).unwrap().is_empty());
+    check_invariants(&kv);
+}
+
+#[test]
 fn exit_returns_leases_to_the_queue_without_killing_items() {
     let mut kv = MemKv::new();
     let w = register(&mut kv, 0);
@@ -762,6 +852,7 @@ fn random_log(seed: u64, len: usize) -> Vec<Command> {
                         .map(|l| (l.1, l.2))
                         .collect(),
                     lease_ms: 500,
+                    parent: Some(1 + rng.next() % 3),
                 },
                 _ => match rng.next() % 3 {
                     0 => Request::SetMaxWorkers {

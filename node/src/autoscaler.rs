@@ -1,0 +1,271 @@
+//! Growing the worker pool with the load, within the one cluster-wide budget.
+//!
+//! Two halves, both on every node:
+//! - **deciding** (the leader only): when the oldest queued item has waited longer than
+//!   `--scale-up-wait`, or the backlog would take longer than `--drain-target` to drain at the
+//!   measured per-worker rate, it reserves one slot through Raft for the live endpoint with the
+//!   fewest workers, at most once per `--scale-up-interval`. The state machine grants a slot
+//!   only while launching + running < `max_workers`, so the budget holds whatever the races
+//!   between nodes or leaders.
+//! - **launching** (each node): a node starts the workers of the slots reserved for it and
+//!   records their handles; a failed launch gives the slot back. A node only launches slots
+//!   reserved after it started, so a node that crashed mid-launch and came back never launches
+//!   the same slot twice (a slot nobody launched is freed after `--launch-timeout`).
+//!
+//! Scaling down is the workers' own idle exit; a worker that stops heartbeating is declared
+//! lost by the leader's tick, which kills it ([`crate::housekeeping`]).
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hashq_raft::command::{Request, Response};
+use hashq_raft::types::{WorkerRecord, WorkerState};
+use hashq_raft::wire::Health;
+use hashq_raft::{machine, NodeId, WorkerId};
+use openraft::ServerState;
+
+use crate::launcher::{LaunchError, LaunchSpec, Launcher};
+use crate::node::Node;
+use crate::proposer::now_ms;
+
+const TICK: Duration = Duration::from_millis(200);
+/// How often the leader re-checks which endpoints are alive.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// Assumed per-worker hashing rate until one is measured (iterations/s).
+const DEFAULT_RATE: f64 = 2_000_000.0;
+
+/// The measured hashing rate of one busy worker, smoothed.
+struct RateEstimate {
+    rate: f64,
+    last: Option<(Instant, u64)>,
+}
+
+impl RateEstimate {
+    fn update(&mut self, completed_iterations: u64, busy_workers: usize) {
+        let now = Instant::now();
+        match self.last {
+            Some((at, before)) if now.duration_since(at) >= Duration::from_secs(1) => {
+                let done = completed_iterations.saturating_sub(before);
+                if busy_workers > 0 && done > 0 {
+                    let sample =
+                        done as f64 / now.duration_since(at).as_secs_f64() / busy_workers as f64;
+                    self.rate = 0.7 * self.rate + 0.3 * sample;
+                }
+                self.last = Some((now, completed_iterations));
+            }
+            Some(_) => {}
+            None => self.last = Some((now, completed_iterations)),
+        }
+    }
+}
+
+/// Endpoints that answered their last health probe.
+struct Liveness {
+    live: Vec<NodeId>,
+    probed: Option<Instant>,
+}
+
+pub async fn run(node: Node, launcher: Arc<dyn Launcher>) {
+    let started_ms = now_ms();
+    let mut attempted: HashSet<WorkerId> = HashSet::new();
+    let mut rate = RateEstimate {
+        rate: DEFAULT_RATE,
+        last: None,
+    };
+    let mut liveness = Liveness {
+        live: Vec::new(),
+        probed: None,
+    };
+    let mut last_reserve: Option<Instant> = None;
+    let mut ticker = tokio::time::interval(TICK);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let view = node.reader.view();
+        let (meta, workers) = match (machine::read_meta(&view), machine::workers(&view)) {
+            (Ok(m), Ok(w)) => (m, w),
+            _ => continue,
+        };
+        launch_reserved(&node, &launcher, &workers, started_ms, &mut attempted);
+        if node.raft.metrics().borrow().state != ServerState::Leader {
+            rate.last = None;
+            continue;
+        }
+        let busy = workers.iter().filter(|w| w.leased > 0).count();
+        rate.update(meta.counts.completed_iterations_total, busy);
+        if liveness.probed.is_none_or(|p| p.elapsed() >= PROBE_EVERY) {
+            liveness.live = live_endpoints(&node).await;
+            liveness.probed = Some(Instant::now());
+        }
+        if last_reserve.is_some_and(|t| t.elapsed() < node.config.scaling.scale_up_interval) {
+            continue;
+        }
+        let Some(parent) = wanted(&node, &meta, &workers, rate.rate, &liveness.live) else {
+            continue;
+        };
+        last_reserve = Some(Instant::now());
+        match node.proposer.submit(Request::Reserve { parent }).await {
+            Ok(reply) => match reply.response {
+                Response::Reserved {
+                    worker: Some(worker),
+                } => {
+                    tracing::info!(%worker, parent, queued = meta.counts.queued, "scaling up: slot reserved")
+                }
+                Response::Reserved { worker: None } => {
+                    tracing::debug!("scaling up refused: the budget is full")
+                }
+                other => tracing::warn!(?other, "unexpected answer to a reservation"),
+            },
+            Err(e) => tracing::debug!(error = %e, "reservation deferred"),
+        }
+    }
+}
+
+/// Whether to launch one more worker now, and for which parent.
+fn wanted(
+    node: &Node,
+    meta: &machine::Meta,
+    workers: &[WorkerRecord],
+    rate: f64,
+    live: &[NodeId],
+) -> Option<NodeId> {
+    let counts = &meta.counts;
+    let managed = workers.iter().filter(|w| w.managed).count() as u64;
+    if counts.queued == 0 || managed >= u64::from(meta.max_workers.unwrap_or(0)) {
+        return None;
+    }
+    // Workers that are up but hold nothing will take the queued work themselves.
+    let idle = workers
+        .iter()
+        .filter(|w| w.state == WorkerState::Running && w.leased == 0)
+        .count() as u64;
+    let launching = workers
+        .iter()
+        .filter(|w| w.state == WorkerState::Launching)
+        .count() as u64;
+    if idle + launching >= counts.queued {
+        return None;
+    }
+    let scaling = &node.config.scaling;
+    let now = meta.now.max(now_ms());
+    let oldest_wait = machine::oldest_queued(&node.reader.view(), 64)
+        .ok()
+        .flatten()
+        .map_or(Duration::ZERO, |t| {
+            Duration::from_millis(now.saturating_sub(t))
+        });
+    let workers_up = workers
+        .iter()
+        .filter(|w| w.state == WorkerState::Running)
+        .count()
+        .max(1);
+    let drain = Duration::from_secs_f64(
+        counts.queued_iterations as f64 / (rate * workers_up as f64).max(1.0),
+    );
+    if oldest_wait < scaling.scale_up_wait && drain <= scaling.drain_target {
+        return None;
+    }
+    // The live endpoint with the fewest managed workers.
+    let mut load: BTreeMap<NodeId, usize> = live.iter().map(|id| (*id, 0)).collect();
+    for w in workers.iter().filter(|w| w.managed) {
+        if let Some(n) = load.get_mut(&w.parent) {
+            *n += 1;
+        }
+    }
+    load.into_iter()
+        .min_by_key(|(id, n)| (*n, *id))
+        .map(|(id, _)| id)
+}
+
+/// Endpoints (not witnesses) that answer `/health` right now, this node included.
+async fn live_endpoints(node: &Node) -> Vec<NodeId> {
+    let membership = node.raft.metrics().borrow().membership_config.clone();
+    let probes = membership.membership().nodes().map(|(id, n)| {
+        let (id, addr) = (*id, n.addr.clone());
+        let node = node.clone();
+        async move {
+            if id == node.id() {
+                return (node.config.role == crate::config::Role::Endpoint).then_some(id);
+            }
+            let answer = node
+                .http
+                .get(format!("http://{addr}/health"))
+                .timeout(Duration::from_millis(500))
+                .send()
+                .await
+                .ok()?;
+            let health: Health = answer.json().await.ok()?;
+            (health.role == "endpoint").then_some(id)
+        }
+    });
+    futures::future::join_all(probes)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// Starts the workers of slots reserved for this node since it started.
+fn launch_reserved(
+    node: &Node,
+    launcher: &Arc<dyn Launcher>,
+    workers: &[WorkerRecord],
+    started_ms: u64,
+    attempted: &mut HashSet<WorkerId>,
+) {
+    attempted.retain(|id| workers.iter().any(|w| w.id == *id));
+    for w in workers {
+        let mine = w.managed
+            && w.state == WorkerState::Launching
+            && w.parent == node.id()
+            && w.handle.is_empty()
+            && w.since >= started_ms;
+        if !mine || !attempted.insert(w.id) {
+            continue;
+        }
+        let membership = node.raft.metrics().borrow().membership_config.clone();
+        let spec = LaunchSpec {
+            worker: w.id,
+            parent: node.id(),
+            endpoints: membership
+                .membership()
+                .nodes()
+                .map(|(_, n)| format!("http://{}", n.addr))
+                .collect(),
+            idle_timeout: node.config.scaling.worker_idle_timeout,
+            orphan_timeout: node.config.scaling.worker_orphan_timeout,
+            threads: node.config.scaling.worker_threads,
+        };
+        let node = node.clone();
+        let launcher = launcher.clone();
+        tokio::spawn(async move {
+            let worker = spec.worker;
+            let request = match launcher.launch(spec).await {
+                Ok(handle) => Request::Launched { worker, handle },
+                Err(e) => {
+                    tracing::warn!(%worker, error = %e, "launch failed; releasing the slot");
+                    node.note_launch_error(&e);
+                    Request::LaunchFailed {
+                        worker,
+                        reason: e.to_string(),
+                    }
+                }
+            };
+            if let Err(e) = node.proposer.submit(request).await {
+                tracing::warn!(%worker, error = %e, "could not record the launch");
+            }
+        });
+    }
+}
+
+impl Node {
+    /// Keeps the last few launch errors for `/status`.
+    pub fn note_launch_error(&self, e: &LaunchError) {
+        let mut errors = self.launch_errors.lock().unwrap_or_else(|p| p.into_inner());
+        if errors.len() >= 5 {
+            errors.remove(0);
+        }
+        errors.push(format!("{} {e}", now_ms()));
+    }
+}
