@@ -13,6 +13,7 @@ fn options() -> Options {
     Options {
         nodes: 3,
         launch_workers: false,
+        proxied: false,
         node_args: [
             "--max-iterations",
             "100000",

@@ -322,3 +322,86 @@ async fn a_node_that_was_down_catches_up_from_a_snapshot() {
         );
     }
 }
+
+/// Regression (found by the chaos suite): a follower restarted from an older copy of its data
+/// (a restored backup) made the leader panic on the follower's log going backwards. The
+/// leader now resets that follower's progress and re-replicates.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_follower_restored_from_an_old_backup_rejoins_without_harm() {
+    let mut cluster = Cluster::start(Options::default()).await;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await;
+    let follower = cluster.ids().into_iter().find(|id| *id != leader).unwrap();
+    for i in 0..20u64 {
+        cluster
+            .enqueue(leader, payload(i, 1000), 1, &format!("before-{i}"))
+            .await;
+    }
+    cluster.kill_node(follower);
+    let data = cluster.data_dir(follower);
+    let backup = cluster.dir.path().join("backup");
+    assert!(std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&data)
+        .arg(&backup)
+        .status()
+        .unwrap()
+        .success());
+    cluster.start_node(follower);
+    for i in 20..60u64 {
+        cluster
+            .enqueue(leader, payload(i, 1000), 1, &format!("between-{i}"))
+            .await;
+    }
+    wait_for(
+        "the follower to catch up",
+        Duration::from_secs(30),
+        || async {
+            let s = cluster.get_json(follower, "/status").await?;
+            (s["counts"]["queued"] == 60).then_some(())
+        },
+    )
+    .await;
+    // Back to the old copy: its log now ends 40 entries earlier than the leader knew.
+    cluster.kill_node(follower);
+    std::fs::remove_dir_all(&data).unwrap();
+    assert!(std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&backup)
+        .arg(&data)
+        .status()
+        .unwrap()
+        .success());
+    // A patient follower: it waits for the leader instead of calling an election, so the
+    // leader (not a newly elected one) meets the reverted log.
+    cluster.start_node_with(
+        follower,
+        &["--election-timeout", "5s", "--request-timeout", "20s"],
+    );
+    // Writes go through the same leader, directly (no failing over to another node).
+    for i in 60..80u64 {
+        let answer = cluster
+            .http
+            .put(format!("{}/enqueue?iterations=1", cluster.url(leader)))
+            .body(payload(i, 1000))
+            .send()
+            .await
+            .expect("the leader answers");
+        assert_eq!(answer.status(), 200, "write {i} on the leader");
+    }
+    wait_for(
+        "the restored follower to catch up again",
+        Duration::from_secs(30),
+        || async {
+            let s = cluster.get_json(follower, "/status").await?;
+            (s["counts"]["queued"] == 80).then_some(())
+        },
+    )
+    .await;
+    // The leader is still the leader and serving: it did not stop on the reverted log.
+    let s = cluster
+        .get_json(leader, "/status")
+        .await
+        .expect("the leader answers");
+    assert_eq!(s["state"], "leader", "{s}");
+    assert_eq!(s["counts"]["queued"], 80);
+}

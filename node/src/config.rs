@@ -101,6 +101,10 @@ pub struct NodeArgs {
     /// Every voter as id=host:port, comma-separated: the addresses peers and workers use.
     #[arg(long, env = "HASHQ_PEERS")]
     pub peers: Peers,
+    /// Source address for this node's connections to its peers (a multi-homed host; the
+    /// chaos tests use it to tell nodes apart).
+    #[arg(long, env = "HASHQ_OUTBOUND_ADDR")]
+    pub outbound_addr: Option<std::net::IpAddr>,
     /// Where this node keeps its Raft log, state machine and snapshots.
     #[arg(long, env = "HASHQ_DATA_DIR")]
     pub data_dir: PathBuf,
@@ -164,7 +168,7 @@ pub struct NodeArgs {
     pub max_connections: usize,
 
     /// Raft heartbeat interval.
-    #[arg(long, env = "HASHQ_RAFT_HEARTBEAT", default_value = "50ms", value_parser = duration)]
+    #[arg(long, env = "HASHQ_RAFT_HEARTBEAT", default_value = "100ms", value_parser = duration)]
     pub raft_heartbeat: Duration,
     /// Minimum election timeout (the maximum is twice this).
     #[arg(long, env = "HASHQ_ELECTION_TIMEOUT", default_value = "300ms", value_parser = duration)]
@@ -220,7 +224,7 @@ pub struct Timing {
 impl Default for Timing {
     fn default() -> Self {
         Timing {
-            raft_heartbeat: Duration::from_millis(50),
+            raft_heartbeat: Duration::from_millis(100),
             election_timeout: Duration::from_millis(300),
             lease: Duration::from_secs(30),
             worker_heartbeat: Duration::from_secs(10),
@@ -290,6 +294,7 @@ pub struct NodeConfig {
     pub id: NodeId,
     pub listen: SocketAddr,
     pub peers: Peers,
+    pub outbound_addr: Option<std::net::IpAddr>,
     pub data_dir: PathBuf,
     pub cluster_token: Option<String>,
     pub client_token: Option<String>,
@@ -344,6 +349,7 @@ impl NodeArgs {
             id: self.id,
             listen: self.listen,
             peers: self.peers,
+            outbound_addr: self.outbound_addr,
             data_dir: self.data_dir,
             cluster_token: self.cluster_token.filter(|t| !t.is_empty()),
             client_token: self.client_token.filter(|t| !t.is_empty()),

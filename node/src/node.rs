@@ -1,7 +1,7 @@
 //! A running node: storage, Raft, the proposer, the leader's loops and the HTTP server.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -59,6 +59,8 @@ pub struct Inner {
     pub http: reqwest::Client,
     pub stats: Stats,
     pub started: Instant,
+    /// Set when the node stops on purpose, so Raft stopping is not taken for a crash.
+    pub stopping: Arc<AtomicBool>,
 }
 
 /// A node. Cheap to clone: clones share everything.
@@ -96,7 +98,9 @@ impl Node {
             election_timeout_min: millis(timing.election_timeout),
             election_timeout_max: millis(timing.election_timeout) * 2,
             install_snapshot_timeout: 10_000,
-            max_payload_entries: 16,
+            // An append RPC must finish within a heartbeat interval (openraft's timeout for
+            // it): keep them to a few MiB.
+            max_payload_entries: 8,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
             snapshot_max_chunk_size: 4 << 20,
             max_in_snapshot_log_to_keep: (config.snapshot_every / 2).min(1000),
@@ -109,6 +113,8 @@ impl Node {
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(64)
             .tcp_nodelay(true)
+            .no_proxy()
+            .local_address(config.outbound_addr)
             .build()
             .map_err(|e| StartError::Http(e.to_string()))?;
         let token: Option<Arc<str>> = config.cluster_token.as_deref().map(Arc::from);
@@ -135,8 +141,10 @@ impl Node {
                 http,
                 stats: Stats::default(),
                 started: Instant::now(),
+                stopping: Arc::new(AtomicBool::new(false)),
             }),
         };
+        tokio::spawn(exit_on_fatal(node.raft.clone(), node.stopping.clone()));
         tokio::spawn(bootstrap::run(node.clone()));
         tokio::spawn(housekeeping::run(node.clone()));
         tokio::spawn(autoscaler::run(node.clone(), launcher));
@@ -150,9 +158,35 @@ impl Node {
     /// Stops the workers this node launched (they give their leases back), then Raft. The
     /// HTTP server is stopped by its shutdown future.
     pub async fn shutdown(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
         self.launcher.shutdown().await;
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft did not shut down cleanly");
+        }
+    }
+}
+
+/// A node whose Raft stopped on a fatal error (a storage failure, a bug) exits, so that its
+/// supervisor restarts it from its durable state instead of leaving it answering 503s.
+async fn exit_on_fatal(raft: Raft, stopping: Arc<AtomicBool>) {
+    let mut metrics = raft.metrics();
+    loop {
+        let fatal = match &metrics.borrow().running_state {
+            Err(openraft::error::Fatal::Stopped) => return,
+            Err(fatal) => Some(fatal.to_string()),
+            Ok(()) => None,
+        };
+        if let Some(fatal) = fatal {
+            tracing::error!(error = %fatal, "raft stopped on a fatal error; exiting");
+            std::process::exit(70);
+        }
+        if metrics.changed().await.is_err() {
+            // The Raft core is gone without saying why (a panic drops its channels).
+            if !stopping.load(Ordering::SeqCst) {
+                tracing::error!("raft core stopped unexpectedly; exiting");
+                std::process::exit(70);
+            }
+            return;
         }
     }
 }

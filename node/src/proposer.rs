@@ -116,7 +116,17 @@ impl Proposer {
         let deadline = Instant::now() + self.shared.request_timeout;
         let mut delay = Duration::from_millis(10);
         loop {
-            let result = self.submit_once(request.clone()).await;
+            // An attempt can hang (a leader cut off from its majority cannot commit): bound it
+            // by the deadline. Retrying after that is safe, the request carries its key.
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let result = match tokio::time::timeout(remaining, self.submit_once(request.clone())).await {
+                Ok(result) => result,
+                Err(_) => {
+                    return Err(ApiError::Unavailable(
+                        "no majority confirmed the request in time; retry (with the same idempotency key)".into(),
+                    ))
+                }
+            };
             match result {
                 Err(e) if e.is_transient() && Instant::now() + delay < deadline => {
                     tracing::debug!(error = %e, "retrying a proposal");

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::net::TcpListener;
@@ -69,6 +71,8 @@ pub struct Options {
     pub node_args: Vec<String>,
     /// Let nodes launch workers (`--launcher local`); otherwise tests start workers by hand.
     pub launch_workers: bool,
+    /// Put a fault-injecting proxy between the nodes ([`proxy::Proxy`]).
+    pub proxied: bool,
 }
 
 impl Default for Options {
@@ -77,6 +81,7 @@ impl Default for Options {
             nodes: 3,
             node_args: Vec::new(),
             launch_workers: false,
+            proxied: false,
         }
     }
 }
@@ -84,7 +89,11 @@ impl Default for Options {
 /// A cluster of real `hashq node` processes and the workers a test starts.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
+    /// The ports nodes listen on (clients in the tests talk to these).
     pub ports: Vec<u16>,
+    /// The ports in `--peers` (the proxy's when proxied): peers and workers use these.
+    pub advertised: Vec<u16>,
+    pub proxy: Option<proxy::Proxy>,
     options: Options,
     nodes: HashMap<u64, Proc>,
     workers: Vec<Proc>,
@@ -95,9 +104,20 @@ impl Cluster {
     /// Starts the nodes and waits until they agree on a leader.
     pub async fn start(options: Options) -> Cluster {
         let ports: Vec<u16> = (0..options.nodes).map(|_| free_port()).collect();
+        let (advertised, proxy) = if options.proxied {
+            let advertised: Vec<u16> = (0..options.nodes).map(|_| free_port()).collect();
+            let routes: Vec<(u64, u16, u16)> = (0..options.nodes)
+                .map(|i| (i as u64 + 1, advertised[i], ports[i]))
+                .collect();
+            (advertised, Some(proxy::Proxy::start(&routes).await))
+        } else {
+            (ports.clone(), None)
+        };
         let mut cluster = Cluster {
             dir: tempfile::tempdir().expect("temp dir"),
             ports,
+            advertised,
+            proxy,
             options,
             nodes: HashMap::new(),
             workers: Vec::new(),
@@ -118,7 +138,7 @@ impl Cluster {
     }
 
     pub fn peers(&self) -> String {
-        self.ports
+        self.advertised
             .iter()
             .enumerate()
             .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
@@ -130,10 +150,11 @@ impl Cluster {
         format!("http://127.0.0.1:{}", self.ports[id as usize - 1])
     }
 
+    /// The endpoint list workers get (through the proxy when there is one).
     pub fn endpoints(&self) -> String {
-        self.ids()
+        self.advertised
             .iter()
-            .map(|id| self.url(*id))
+            .map(|p| format!("http://127.0.0.1:{p}"))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -174,6 +195,14 @@ impl Cluster {
                     "none"
                 },
             ])
+            .args(if self.options.proxied {
+                vec![
+                    "--outbound-addr".to_string(),
+                    proxy::node_addr(id).to_string(),
+                ]
+            } else {
+                Vec::new()
+            })
             .args(&self.options.node_args)
             .args(extra)
             .env("RUST_LOG", "info,openraft=warn")
@@ -197,6 +226,19 @@ impl Cluster {
         if let Some(mut p) = self.nodes.remove(&id) {
             signal(&p.child, "TERM");
             wait_exit(&mut p.child, Duration::from_secs(10));
+        }
+    }
+
+    /// SIGSTOPs node `id` (it keeps its sockets but answers nothing).
+    pub fn pause_node(&self, id: u64) {
+        if let Some(p) = self.nodes.get(&id) {
+            signal(&p.child, "STOP");
+        }
+    }
+
+    pub fn resume_node(&self, id: u64) {
+        if let Some(p) = self.nodes.get(&id) {
+            signal(&p.child, "CONT");
         }
     }
 
@@ -437,8 +479,21 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
             self.dump_logs();
+            // Keep every log of a failed test for a closer look.
+            let keep = std::env::temp_dir().join(format!("hashq-failed-{}", std::process::id()));
+            let copied = Command::new("sh")
+                .arg("-c")
+                .arg("mkdir -p \"$2\" && cd \"$1\" && find . -name '*.log' -exec cp --parents {} \"$2\" \\;")
+                .arg("sh")
+                .arg(self.dir.path())
+                .arg(&keep)
+                .status();
+            if copied.is_ok_and(|s| s.success()) {
+                eprintln!("logs of the failed test kept in {}", keep.display());
+            }
         }
         for p in self.workers.iter_mut().chain(self.nodes.values_mut()) {
+            signal(&p.child, "CONT");
             let _ = p.child.kill();
             let _ = p.child.wait();
         }

@@ -261,7 +261,15 @@ async fn work(
         .parse()
         .map_err(|_| ApiError::invalid("invalid_work_id", format!("`{id}` is not a work id")))?;
     // A linearizable read: on the leader after confirming leadership, else at the leader.
-    match node.raft.ensure_linearizable().await {
+    let confirmed = tokio::time::timeout(
+        node.config.timing.request_timeout,
+        node.raft.ensure_linearizable(),
+    )
+    .await
+    .map_err(|_| ApiError::NoLeader {
+        reason: "leadership could not be confirmed by a majority in time".into(),
+    })?;
+    match confirmed {
         Ok(_) => {
             let item = machine::item(&node.reader.view(), work_id)?
                 .ok_or_else(|| ApiError::NotFound(format!("no work item {work_id}")))?;

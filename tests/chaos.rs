@@ -1,0 +1,747 @@
+//! Chaos: a real cluster under client load while a seeded schedule kills, pauses, partitions
+//! and rewinds nodes and kills workers; then a checker proves nothing acknowledged was lost,
+//! duplicated or wrong.
+//!
+//! The bounded profile runs in `scripts/test.sh`; `scripts/chaos.sh` runs longer ones through
+//! the same test with `HASHQ_CHAOS_*` variables: DURATION (e.g. `30m`), NODES (3 or 5), SEED,
+//! MIN_FAULTS.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{payload, reference, wait_for, worker_processes, Cluster, Options};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+
+struct Profile {
+    nodes: usize,
+    duration: Duration,
+    min_faults: usize,
+    seed: u64,
+    clients: usize,
+    max_workers: u32,
+}
+
+fn profile() -> Profile {
+    let var = |name: &str| std::env::var(format!("HASHQ_CHAOS_{name}")).ok();
+    Profile {
+        nodes: var("NODES").and_then(|v| v.parse().ok()).unwrap_or(3),
+        duration: var("DURATION")
+            .and_then(|v| humantime::parse_duration(&v).ok())
+            .unwrap_or(Duration::from_secs(120)),
+        min_faults: var("MIN_FAULTS").and_then(|v| v.parse().ok()).unwrap_or(20),
+        seed: var("SEED")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(rand::random),
+        clients: var("CLIENTS").and_then(|v| v.parse().ok()).unwrap_or(3),
+        max_workers: 3,
+    }
+}
+
+/// The fate of one enqueue as the client saw it.
+#[derive(Clone, Debug)]
+enum Outcome {
+    Acked(String),
+    /// No answer came back (timeouts, resets, 503s until the end).
+    Unknown,
+}
+
+#[derive(Clone, Debug)]
+struct Enqueue {
+    key: String,
+    seed: u64,
+    len: usize,
+    iterations: u32,
+    outcome: Outcome,
+    /// Sent straight to a node cut off from its majority.
+    minority: bool,
+}
+
+#[derive(Default)]
+struct History {
+    enqueues: Vec<Enqueue>,
+    pulled: HashMap<String, String>,
+    duplicates: Vec<String>,
+    minority_acks: Vec<String>,
+    requests: u64,
+    retries: u64,
+    faults: BTreeMap<&'static str, u32>,
+}
+
+struct Shared {
+    history: Mutex<History>,
+    stop: AtomicBool,
+    /// A node cut off from the others right now (0 = none).
+    isolated: AtomicU64,
+    max_processes: AtomicUsize,
+}
+
+/// What the clients need of the cluster: each node's own URL (never changes).
+struct Nodes {
+    urls: Vec<String>,
+}
+
+impl Nodes {
+    fn ids(&self) -> Vec<u64> {
+        (1..=self.urls.len() as u64).collect()
+    }
+    fn url(&self, id: u64) -> &str {
+        &self.urls[id as usize - 1]
+    }
+}
+
+/// One HTTP attempt against node `id`'s own port.
+async fn attempt(
+    cluster: &Nodes,
+    http: &reqwest::Client,
+    id: u64,
+    method: reqwest::Method,
+    path: &str,
+    key: &str,
+    body: Vec<u8>,
+) -> Option<(u16, Value)> {
+    let answer = http
+        .request(method, format!("{}{}", cluster.url(id), path))
+        .header("idempotency-key", key)
+        .body(body)
+        .timeout(Duration::from_secs(4))
+        .send()
+        .await
+        .ok()?;
+    let status = answer.status().as_u16();
+    let value = answer.json().await.unwrap_or(Value::Null);
+    Some((status, value))
+}
+
+/// A client of the cluster as the tests' users see it: keyed requests to random nodes.
+struct Requester<'a> {
+    nodes: &'a Nodes,
+    http: reqwest::Client,
+    shared: &'a Shared,
+}
+
+/// One keyed request.
+struct Call<'a> {
+    method: reqwest::Method,
+    path: &'a str,
+    key: &'a str,
+    body: &'a [u8],
+}
+
+impl Requester<'_> {
+    /// Sends `call` to random nodes until one answers 200 or `give_up` says stop.
+    async fn until_answered(
+        &self,
+        rng: &mut StdRng,
+        call: Call<'_>,
+        give_up: impl Fn() -> bool,
+    ) -> Option<Value> {
+        let ids = self.nodes.ids();
+        loop {
+            let id = ids[rng.random_range(0..ids.len())];
+            self.shared.history.lock().unwrap().requests += 1;
+            let answer = attempt(
+                self.nodes,
+                &self.http,
+                id,
+                call.method.clone(),
+                call.path,
+                call.key,
+                call.body.to_vec(),
+            )
+            .await;
+            if let Some((status, value)) = answer {
+                match status {
+                    200 => return Some(value),
+                    503 | 429 => {}
+                    other => panic!("{} {} answered {other}: {value}", call.method, call.path),
+                }
+            }
+            if give_up() {
+                return None;
+            }
+            self.shared.history.lock().unwrap().retries += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// A random item: payload seed, payload length, iterations.
+fn item_of(seed: u64) -> (u64, usize, u32) {
+    let mut r = StdRng::seed_from_u64(seed);
+    (
+        r.random(),
+        r.random_range(512..16 * 1024),
+        r.random_range(1..20_000),
+    )
+}
+
+async fn client(cluster: &Nodes, shared: &Shared, n: usize, seed: u64) {
+    let requester = Requester {
+        nodes: cluster,
+        http: reqwest::Client::new(),
+        shared,
+    };
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut count = 0u64;
+    while !shared.stop.load(Ordering::SeqCst) {
+        count += 1;
+        if rng.random_range(0..4) < 3 {
+            let key = format!("c{n}-{count}");
+            let (item_seed, len, iterations) = item_of(rng.random());
+            let data = payload(item_seed, len);
+            let answer = requester
+                .until_answered(
+                    &mut rng,
+                    Call {
+                        method: reqwest::Method::PUT,
+                        path: &format!("/enqueue?iterations={iterations}"),
+                        key: &key,
+                        body: &data,
+                    },
+                    || shared.stop.load(Ordering::SeqCst),
+                )
+                .await;
+            let outcome = match answer {
+                Some(v) => Outcome::Acked(v["work_id"].as_str().expect("work_id").to_string()),
+                None => Outcome::Unknown,
+            };
+            shared.history.lock().unwrap().enqueues.push(Enqueue {
+                key,
+                seed: item_seed,
+                len,
+                iterations,
+                outcome,
+                minority: false,
+            });
+        } else {
+            let key = format!("p{n}-{count}");
+            let top = rng.random_range(1..40);
+            // A pull whose answer was lost is retried with its key until it is answered, so
+            // no result taken by the cluster is lost by the client.
+            let answer = requester
+                .until_answered(
+                    &mut rng,
+                    Call {
+                        method: reqwest::Method::POST,
+                        path: &format!("/pullCompleted?top={top}"),
+                        key: &key,
+                        body: &[],
+                    },
+                    || false,
+                )
+                .await;
+            record_pull(shared, answer.expect("pull answered"));
+        }
+        tokio::time::sleep(Duration::from_millis(rng.random_range(10..60))).await;
+    }
+}
+
+fn record_pull(shared: &Shared, items: Value) {
+    let mut h = shared.history.lock().unwrap();
+    for item in items.as_array().expect("array") {
+        let id = item["work_id"].as_str().unwrap().to_string();
+        let value = item["value"].as_str().unwrap().to_string();
+        if h.pulled.insert(id.clone(), value).is_some() {
+            h.duplicates.push(id);
+        }
+    }
+}
+
+/// While a node is cut off, sends it writes directly: none may be acknowledged.
+async fn minority_writer(cluster: &Nodes, shared: &Shared) {
+    let http = reqwest::Client::new();
+    let mut n = 0u64;
+    while !shared.stop.load(Ordering::SeqCst) {
+        let isolated = shared.isolated.load(Ordering::SeqCst);
+        if isolated == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        n += 1;
+        let key = format!("m-{n}");
+        let (item_seed, len, iterations) = item_of(n);
+        let answer = http
+            .put(format!(
+                "{}/enqueue?iterations={iterations}",
+                cluster.url(isolated)
+            ))
+            .header("idempotency-key", &key)
+            .body(payload(item_seed, len))
+            .timeout(Duration::from_millis(1500))
+            .send()
+            .await;
+        let still_isolated = shared.isolated.load(Ordering::SeqCst) == isolated;
+        let mut h = shared.history.lock().unwrap();
+        h.requests += 1;
+        if let Ok(a) = answer {
+            if a.status().is_success() && still_isolated {
+                h.minority_acks.push(key.clone());
+            }
+        }
+        // Whatever happened, the node may still apply it after the partition heals.
+        h.enqueues.push(Enqueue {
+            key,
+            seed: item_seed,
+            len,
+            iterations,
+            outcome: Outcome::Unknown,
+            minority: true,
+        });
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    KillLeader,
+    KillFollower,
+    KillWorkers,
+    PauseLeader,
+    PauseFollower,
+    CrashAll,
+    IsolateLeader,
+    IsolateFollower,
+    SplitMinority,
+    StaleRestart,
+}
+
+impl Fault {
+    fn name(self) -> &'static str {
+        match self {
+            Fault::KillLeader => "kill_leader",
+            Fault::KillFollower => "kill_follower",
+            Fault::KillWorkers => "kill_workers",
+            Fault::PauseLeader => "pause_leader",
+            Fault::PauseFollower => "pause_follower",
+            Fault::CrashAll => "crash_all",
+            Fault::IsolateLeader => "isolate_leader",
+            Fault::IsolateFollower => "isolate_follower",
+            Fault::SplitMinority => "split_minority",
+            Fault::StaleRestart => "stale_restart",
+        }
+    }
+}
+
+const FAULTS: [Fault; 10] = [
+    Fault::KillLeader,
+    Fault::KillFollower,
+    Fault::KillWorkers,
+    Fault::PauseLeader,
+    Fault::PauseFollower,
+    Fault::CrashAll,
+    Fault::IsolateLeader,
+    Fault::IsolateFollower,
+    Fault::SplitMinority,
+    Fault::StaleRestart,
+];
+
+async fn leader_and_follower(cluster: &Cluster, rng: &mut StdRng) -> (u64, u64) {
+    let leader = cluster.wait_for_leader(Duration::from_secs(60)).await;
+    let followers: Vec<u64> = cluster
+        .ids()
+        .into_iter()
+        .filter(|id| *id != leader)
+        .collect();
+    (leader, followers[rng.random_range(0..followers.len())])
+}
+
+fn hold(rng: &mut StdRng, min_ms: u64, max_ms: u64) -> Duration {
+    Duration::from_millis(rng.random_range(min_ms..max_ms))
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    let _ = std::fs::remove_dir_all(to);
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "cp -a {} {}",
+        from.display(),
+        to.display()
+    );
+}
+
+async fn inject(cluster: &mut Cluster, shared: &Shared, fault: Fault, rng: &mut StdRng) {
+    let all = cluster.ids();
+    match fault {
+        Fault::KillLeader | Fault::KillFollower => {
+            let (leader, follower) = leader_and_follower(cluster, rng).await;
+            let victim = if matches!(fault, Fault::KillLeader) {
+                leader
+            } else {
+                follower
+            };
+            cluster.kill_node(victim);
+            tokio::time::sleep(hold(rng, 500, 3000)).await;
+            cluster.start_node(victim);
+        }
+        Fault::KillWorkers => {
+            let pids = worker_processes(&cluster.endpoints());
+            for pid in pids.iter().take(rng.random_range(1..3)) {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
+        }
+        Fault::PauseLeader | Fault::PauseFollower => {
+            let (leader, follower) = leader_and_follower(cluster, rng).await;
+            let victim = if matches!(fault, Fault::PauseLeader) {
+                leader
+            } else {
+                follower
+            };
+            cluster.pause_node(victim);
+            tokio::time::sleep(hold(rng, 1000, 3000)).await;
+            cluster.resume_node(victim);
+        }
+        Fault::CrashAll => {
+            for id in &all {
+                cluster.kill_node(*id);
+            }
+            tokio::time::sleep(hold(rng, 200, 1500)).await;
+            for id in &all {
+                cluster.start_node(*id);
+            }
+        }
+        Fault::IsolateLeader | Fault::IsolateFollower => {
+            let (leader, follower) = leader_and_follower(cluster, rng).await;
+            let victim = if matches!(fault, Fault::IsolateLeader) {
+                leader
+            } else {
+                follower
+            };
+            let proxy = cluster.proxy.as_ref().expect("proxied cluster");
+            proxy.isolate(&[victim], &all);
+            shared.isolated.store(victim, Ordering::SeqCst);
+            tokio::time::sleep(hold(rng, 2000, 4000)).await;
+            shared.isolated.store(0, Ordering::SeqCst);
+            proxy.heal();
+        }
+        Fault::SplitMinority => {
+            // A minority side (the leader and, with 5 nodes, one more) against the rest.
+            let (leader, follower) = leader_and_follower(cluster, rng).await;
+            let minority: Vec<u64> = if all.len() >= 5 {
+                vec![leader, follower]
+            } else {
+                vec![leader]
+            };
+            let proxy = cluster.proxy.as_ref().expect("proxied cluster");
+            proxy.isolate(&minority, &all);
+            if minority.len() == 1 {
+                shared.isolated.store(leader, Ordering::SeqCst);
+            }
+            tokio::time::sleep(hold(rng, 2000, 4000)).await;
+            shared.isolated.store(0, Ordering::SeqCst);
+            proxy.heal();
+        }
+        Fault::StaleRestart => {
+            // A follower comes back with an older copy of its data (a restored backup).
+            let (_, victim) = leader_and_follower(cluster, rng).await;
+            cluster.kill_node(victim);
+            let data = cluster.data_dir(victim);
+            let backup = cluster.dir.path().join(format!("stale-{victim}"));
+            copy_dir(&data, &backup);
+            cluster.start_node(victim);
+            tokio::time::sleep(hold(rng, 1500, 3000)).await;
+            cluster.kill_node(victim);
+            copy_dir(&backup, &data);
+            cluster.start_node(victim);
+        }
+    }
+}
+
+/// Waits until every node is up, agrees on a leader and has applied what the leader had.
+async fn wait_healthy(cluster: &Cluster, timeout: Duration) {
+    let leader = cluster.wait_for_leader(timeout).await;
+    let target = wait_for("the leader's status", timeout, || async {
+        cluster.get_json(leader, "/status").await?["commit_index"].as_u64()
+    })
+    .await;
+    for id in cluster.ids() {
+        wait_for(
+            &format!("node {id} to catch up to {target}"),
+            timeout,
+            || async {
+                let s = cluster.get_json(id, "/status").await?;
+                (s["commit_index"].as_u64()? >= target).then_some(())
+            },
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_nothing_acknowledged_is_lost_duplicated_or_wrong() {
+    let p = profile();
+    eprintln!(
+        "chaos: {} nodes, {:?}, at least {} faults, seed {}",
+        p.nodes, p.duration, p.min_faults, p.seed
+    );
+    let node_args: Vec<String> = [
+        "--max-workers",
+        &p.max_workers.to_string(),
+        "--scale-up-wait",
+        "300ms",
+        "--scale-up-interval",
+        "300ms",
+        "--worker-idle-timeout",
+        "10s",
+        "--worker-orphan-timeout",
+        "30s",
+        "--lease",
+        "3s",
+        "--worker-lost-after",
+        "4s",
+        "--snapshot-every",
+        "300",
+        "--request-timeout",
+        "8s",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut cluster = Cluster::start(Options {
+        nodes: p.nodes,
+        node_args,
+        launch_workers: true,
+        proxied: true,
+    })
+    .await;
+    let shared = Arc::new(Shared {
+        history: Mutex::new(History::default()),
+        stop: AtomicBool::new(false),
+        isolated: AtomicU64::new(0),
+        max_processes: AtomicUsize::new(0),
+    });
+    let started = Instant::now();
+    let mut rng = StdRng::seed_from_u64(p.seed);
+    let nodes = Nodes {
+        urls: cluster.ids().iter().map(|id| cluster.url(*id)).collect(),
+    };
+    let endpoints = cluster.endpoints();
+    let budget = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            while !shared.stop.load(Ordering::SeqCst) {
+                shared
+                    .max_processes
+                    .fetch_max(worker_processes(&endpoints).len(), Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let seeds: Vec<u64> = (0..p.clients).map(|_| rng.random()).collect();
+    let load = async {
+        let clients = seeds
+            .iter()
+            .enumerate()
+            .map(|(n, s)| client(&nodes, &shared, n, *s));
+        tokio::join!(
+            futures::future::join_all(clients),
+            minority_writer(&nodes, &shared)
+        );
+    };
+    let faults = async {
+        let mut injected = 0;
+        while injected < p.min_faults || started.elapsed() < p.duration {
+            let fault = FAULTS[rng.random_range(0..FAULTS.len())];
+            eprintln!(
+                "[{:>6.1}s] fault {}: {}",
+                started.elapsed().as_secs_f64(),
+                injected + 1,
+                fault.name()
+            );
+            inject(&mut cluster, &shared, fault, &mut rng).await;
+            *shared
+                .history
+                .lock()
+                .unwrap()
+                .faults
+                .entry(fault.name())
+                .or_default() += 1;
+            injected += 1;
+            wait_healthy(&cluster, Duration::from_secs(60)).await;
+            tokio::time::sleep(hold(&mut rng, 500, 2500)).await;
+        }
+        shared.stop.store(true, Ordering::SeqCst);
+    };
+    tokio::join!(load, faults);
+    let _ = budget.await;
+    check(&cluster, &nodes, &shared, &p, started).await;
+}
+
+/// After the faults: resolve every unknown enqueue (same key, healthy cluster), let the
+/// workers drain the queue, pull everything, and compare with the history.
+async fn check(cluster: &Cluster, nodes: &Nodes, shared: &Shared, p: &Profile, started: Instant) {
+    wait_healthy(cluster, Duration::from_secs(60)).await;
+    let requester = Requester {
+        nodes,
+        http: reqwest::Client::new(),
+        shared,
+    };
+    let mut rng = StdRng::seed_from_u64(p.seed ^ 0x5eed);
+    let unknown: Vec<usize> = {
+        let h = shared.history.lock().unwrap();
+        h.enqueues
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| matches!(e.outcome, Outcome::Unknown))
+            .map(|(i, _)| i)
+            .collect()
+    };
+    let unknown_count = unknown.len();
+    for i in unknown {
+        let (key, seed, len, iterations) = {
+            let h = shared.history.lock().unwrap();
+            let e = &h.enqueues[i];
+            (e.key.clone(), e.seed, e.len, e.iterations)
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let answer = requester
+            .until_answered(
+                &mut rng,
+                Call {
+                    method: reqwest::Method::PUT,
+                    path: &format!("/enqueue?iterations={iterations}"),
+                    key: &key,
+                    body: &payload(seed, len),
+                },
+                || Instant::now() > deadline,
+            )
+            .await
+            .unwrap_or_else(|| panic!("unknown enqueue {key} could not be resolved"));
+        let id = answer["work_id"].as_str().unwrap().to_string();
+        shared.history.lock().unwrap().enqueues[i].outcome = Outcome::Acked(id);
+    }
+
+    // Drain: workers finish everything; then pull what is left.
+    wait_for("the queue to drain", Duration::from_secs(180), || async {
+        let s = cluster
+            .get_json(
+                cluster.wait_for_leader(Duration::from_secs(30)).await,
+                "/status",
+            )
+            .await?;
+        (s["counts"]["queued"] == 0 && s["counts"]["running"] == 0).then_some(())
+    })
+    .await;
+    let mut round = 0;
+    loop {
+        round += 1;
+        let answer = requester
+            .until_answered(
+                &mut rng,
+                Call {
+                    method: reqwest::Method::POST,
+                    path: "/pullCompleted?top=1000",
+                    key: &format!("final-{round}"),
+                    body: &[],
+                },
+                || false,
+            )
+            .await
+            .unwrap();
+        let empty = answer.as_array().is_none_or(|a| a.is_empty());
+        record_pull(shared, answer);
+        if empty {
+            break;
+        }
+    }
+
+    let (enqueues, pulled, mut duplicated) = {
+        let h = shared.history.lock().unwrap();
+        (h.enqueues.clone(), h.pulled.clone(), h.duplicates.clone())
+    };
+    let mut expected: HashMap<String, &Enqueue> = HashMap::new();
+    for e in &enqueues {
+        if let Outcome::Acked(id) = &e.outcome {
+            if let Some(other) = expected.insert(id.clone(), e) {
+                if other.key != e.key {
+                    duplicated.push(format!(
+                        "work id {id} acknowledged for keys {} and {}",
+                        other.key, e.key
+                    ));
+                }
+            }
+        }
+    }
+    let (mut ok, mut lost, mut wrong, mut dead) = (0, Vec::new(), Vec::new(), 0);
+    for (id, e) in &expected {
+        match pulled.get(id) {
+            Some(value) => {
+                if *value == reference(&payload(e.seed, e.len), e.iterations) {
+                    ok += 1;
+                } else {
+                    wrong.push(id.clone());
+                }
+            }
+            None => lost.push(id.clone()),
+        }
+    }
+    // Items the cluster reports dead are accounted for, with their attempts.
+    let mut really_lost = Vec::new();
+    for id in lost {
+        let w = cluster.get_json(1, &format!("/work/{id}")).await;
+        match w {
+            Some(w) if w["status"] == "dead" => dead += 1,
+            other => really_lost.push(format!("{id}: {other:?}")),
+        }
+    }
+    let h = shared.history.lock().unwrap();
+    let unexpected: Vec<&String> = pulled
+        .keys()
+        .filter(|id| !expected.contains_key(*id))
+        .collect();
+    let max_processes = shared.max_processes.load(Ordering::SeqCst);
+    let summary = json!({
+        "seed": p.seed,
+        "nodes": p.nodes,
+        "seconds": started.elapsed().as_secs(),
+        "faults": h.faults.values().sum::<u32>(),
+        "faults_by_kind": h.faults,
+        "requests": h.requests,
+        "retried_attempts": h.retries,
+        "enqueues": h.enqueues.len(),
+        "minority_writes": h.enqueues.iter().filter(|e| e.minority).count(),
+        "unknown_then_resolved": unknown_count,
+        "ok": ok,
+        "dead": dead,
+        "lost": really_lost.len(),
+        "duplicated": duplicated.len(),
+        "wrong": wrong.len(),
+        "unexpected": unexpected.len(),
+        "minority_acks": h.minority_acks.len(),
+        "max_worker_processes": max_processes,
+        "max_workers": p.max_workers,
+    });
+    println!("CHAOS SUMMARY {summary}");
+    eprintln!("CHAOS SUMMARY {summary}");
+    assert!(really_lost.is_empty(), "lost: {really_lost:?}");
+    assert!(duplicated.is_empty(), "duplicated: {duplicated:?}");
+    assert!(wrong.is_empty(), "wrong values: {wrong:?}");
+    assert!(
+        unexpected.is_empty(),
+        "pulled but never enqueued: {unexpected:?}"
+    );
+    assert!(
+        h.minority_acks.is_empty(),
+        "a cut-off node acknowledged writes: {:?}",
+        h.minority_acks
+    );
+    assert!(
+        max_processes <= p.max_workers as usize,
+        "{max_processes} workers for a budget of {}",
+        p.max_workers
+    );
+    let faults: u32 = h.faults.values().sum();
+    assert!(faults as usize >= p.min_faults);
+    assert!(ok > 0, "nothing got through");
+}

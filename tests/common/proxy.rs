@@ -1,0 +1,118 @@
+//! A fault-injecting TCP proxy in front of every node, for network partitions.
+//!
+//! Peers reach node `b` only through its proxy port (that is the address in `--peers`), and
+//! every node connects from its own loopback address (`--outbound-addr 127.0.0.<10+id>`), so
+//! the proxy knows who is talking to whom. A partition refuses new connections between the
+//! two sides and cuts the ones that exist. Clients and workers (any other source address) are
+//! never blocked: the partition is between the nodes.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::{Arc, Mutex};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::{AbortHandle, JoinHandle};
+
+/// The loopback address node `id` connects from.
+pub fn node_addr(id: u64) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 10 + id as u8))
+}
+
+fn source_node(ip: IpAddr) -> Option<u64> {
+    match ip {
+        IpAddr::V4(v4) if v4.octets()[..3] == [127, 0, 0] && v4.octets()[3] > 10 => {
+            Some(u64::from(v4.octets()[3] - 10))
+        }
+        _ => None,
+    }
+}
+
+#[derive(Default)]
+struct State {
+    /// (from, to) node pairs that may not talk.
+    blocked: HashSet<(u64, u64)>,
+    /// Open connections: (from node, to node, the relay task).
+    open: Vec<(u64, u64, AbortHandle)>,
+}
+
+pub struct Proxy {
+    state: Arc<Mutex<State>>,
+    listeners: Vec<JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// Starts one listener per `(node, proxy port, node's real port)`.
+    pub async fn start(routes: &[(u64, u16, u16)]) -> Proxy {
+        let state = Arc::new(Mutex::new(State::default()));
+        let mut listeners = Vec::new();
+        for &(to, port, target) in routes {
+            let listener = TcpListener::bind(("127.0.0.1", port))
+                .await
+                .expect("bind proxy port");
+            let state = state.clone();
+            listeners.push(tokio::spawn(async move {
+                loop {
+                    let Ok((inbound, peer)) = listener.accept().await else {
+                        continue;
+                    };
+                    let from = source_node(peer.ip());
+                    if from.is_some_and(|f| state.lock().unwrap().blocked.contains(&(f, to))) {
+                        drop(inbound);
+                        continue;
+                    }
+                    let relay = tokio::spawn(async move {
+                        let _ = inbound.set_nodelay(true);
+                        if let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", target)).await {
+                            let _ = outbound.set_nodelay(true);
+                            let mut inbound = inbound;
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    });
+                    if let Some(from) = from {
+                        let mut s = state.lock().unwrap();
+                        s.open.retain(|(_, _, h)| !h.is_finished());
+                        s.open.push((from, to, relay.abort_handle()));
+                    }
+                }
+            }));
+        }
+        Proxy { state, listeners }
+    }
+
+    /// Cuts every link between `side` and the other nodes, both ways.
+    pub fn isolate(&self, side: &[u64], all: &[u64]) {
+        let mut s = self.state.lock().unwrap();
+        for a in side {
+            for b in all.iter().filter(|b| !side.contains(b)) {
+                s.blocked.insert((*a, *b));
+                s.blocked.insert((*b, *a));
+            }
+        }
+        let blocked = s.blocked.clone();
+        s.open.retain(|(from, to, relay)| {
+            if blocked.contains(&(*from, *to)) {
+                relay.abort();
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    /// Restores every link.
+    pub fn heal(&self) {
+        self.state.lock().unwrap().blocked.clear();
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        for l in &self.listeners {
+            l.abort();
+        }
+        for (_, _, relay) in self.state.lock().unwrap().open.drain(..) {
+            relay.abort();
+        }
+    }
+}
