@@ -256,11 +256,46 @@ fn record_pull(shared: &Shared, items: Value) {
 /// While a node is cut off, sends it writes directly: none may be acknowledged.
 async fn minority_writer(cluster: &Nodes, shared: &Shared) {
     let http = reqwest::Client::new();
+    let requester = Requester {
+        nodes: cluster,
+        http: http.clone(),
+        shared,
+    };
+    let mut rng = StdRng::seed_from_u64(0x3170);
+    let mut pending: Vec<usize> = Vec::new();
     let mut n = 0u64;
     while !shared.stop.load(Ordering::SeqCst) {
         let isolated = shared.isolated.load(Ordering::SeqCst);
         if isolated == 0 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // The partition healed: settle what was sent into it now, by key, while the key is
+            // still remembered (a long run outlives the idempotency retention).
+            if let Some(i) = pending.pop() {
+                let (key, seed, len, iterations) = {
+                    let h = shared.history.lock().unwrap();
+                    let e = &h.enqueues[i];
+                    (e.key.clone(), e.seed, e.len, e.iterations)
+                };
+                let path = format!("/enqueue?iterations={iterations}");
+                let body = payload(seed, len);
+                let call = Call {
+                    method: reqwest::Method::PUT,
+                    path: &path,
+                    key: &key,
+                    body: &body,
+                };
+                match requester
+                    .until_answered(&mut rng, call, || shared.stop.load(Ordering::SeqCst))
+                    .await
+                {
+                    Some(v) => {
+                        let id = v["work_id"].as_str().expect("work_id").to_string();
+                        shared.history.lock().unwrap().enqueues[i].outcome = Outcome::Acked(id);
+                    }
+                    None => pending.push(i),
+                }
+            } else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             continue;
         }
         n += 1;
@@ -285,6 +320,7 @@ async fn minority_writer(cluster: &Nodes, shared: &Shared) {
             }
         }
         // Whatever happened, the node may still apply it after the partition heals.
+        pending.push(h.enqueues.len());
         h.enqueues.push(Enqueue {
             key,
             seed: item_seed,
