@@ -7,12 +7,23 @@ cd "$(dirname "$0")/.."
 
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 export RUST_BACKTRACE=1
+step() { printf '\n== %s (%s)\n' "$*" "$(date +%T)"; }
 locked=()
 [[ -f Cargo.lock ]] && locked=(--locked)
 
-step() { printf '\n== %s (%s)\n' "$*" "$(date +%T)"; }
+die() { echo "test.sh: $*" >&2; exit 1; }
+command -v cargo >/dev/null || die "cargo is not installed"
 
-command -v cargo >/dev/null || { echo "test.sh: cargo is not installed" >&2; exit 1; }
+# What the tests need besides Rust, installed here on a fresh machine.
+as_root() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
+have_chromium() { command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null; }
+if ! have_chromium; then
+  step "installing Debian's chromium (the dashboard test runs in headless Chromium)"
+  command -v apt-get >/dev/null || die "no chromium and no apt-get to install it; install Chromium and re-run"
+  as_root apt-get update -qq || die "apt-get update failed"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || die "could not install chromium"
+  have_chromium || die "chromium is still missing after installing it"
+fi
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

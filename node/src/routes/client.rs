@@ -39,6 +39,8 @@ pub fn router(_node: &Node) -> Router<Node> {
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/health", get(health))
+        .route("/", get(dashboard))
+        .route("/openapi.json", get(openapi))
         // enqueue reads its body itself, against the configured limit.
         .layer(DefaultBodyLimit::disable())
 }
@@ -311,6 +313,27 @@ async fn forward_read(node: &Node, path: &str, headers: &HeaderMap) -> Result<Re
         response.headers_mut().insert(header::RETRY_AFTER, v);
     }
     Ok(response)
+}
+
+/// The live dashboard: plain HTML and JS that polls `/status` (no build step).
+async fn dashboard() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("dashboard.html"),
+    )
+        .into_response()
+}
+
+/// The OpenAPI document of the client and admin routes.
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        include_str!("openapi.json"),
+    )
+        .into_response()
 }
 
 fn state_name(state: ServerState) -> &'static str {

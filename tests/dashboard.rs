@@ -1,0 +1,171 @@
+//! The dashboard in a real headless Chromium, and the OpenAPI document.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{payload, wait_for, Cluster, Options};
+use serde_json::Value;
+
+/// The Chromium binary: `HASHQ_CHROMIUM`, or the first of the usual names on PATH.
+fn chromium() -> String {
+    if let Ok(path) = std::env::var("HASHQ_CHROMIUM") {
+        return path;
+    }
+    for name in ["chromium", "chromium-browser", "google-chrome"] {
+        if Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {name}"))
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            return name.to_string();
+        }
+    }
+    panic!("no Chromium found: scripts/test.sh installs Debian's chromium; or set HASHQ_CHROMIUM");
+}
+
+/// Loads `url` in headless Chromium, lets its scripts run for a few (virtual) seconds, and
+/// returns the DOM as it is then.
+fn rendered_dom(url: &str) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let output = Command::new(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(url)
+        .output()
+        .expect("run chromium");
+    assert!(
+        output.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("utf-8 DOM")
+}
+
+/// The text content of the element with `id` in a dumped DOM.
+fn text_of(dom: &str, id: &str) -> String {
+    let marker = format!("id=\"{id}\"");
+    let start = dom
+        .find(&marker)
+        .unwrap_or_else(|| panic!("no #{id} in the page"));
+    let open_end = start + dom[start..].find('>').unwrap() + 1;
+    let close = open_end + dom[open_end..].find('<').unwrap();
+    dom[open_end..close].trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dashboard_shows_the_live_cluster_in_a_real_browser() {
+    let mut cluster = Cluster::start(Options::default()).await;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await;
+    for i in 0..5u64 {
+        cluster
+            .enqueue(1, payload(i, 2048), 10, &format!("d-{i}"))
+            .await;
+    }
+    cluster.start_worker(&[]);
+    wait_for(
+        "the worker to finish the five items",
+        Duration::from_secs(30),
+        || async {
+            let s = cluster.get_json(2, "/status").await?;
+            (s["counts"]["completed"] == 5).then_some(())
+        },
+    )
+    .await;
+    cluster
+        .enqueue(3, payload(9, 100), 10_000_000, "long-one")
+        .await;
+
+    let follower = cluster.ids().into_iter().find(|id| *id != leader).unwrap();
+    let dom = rendered_dom(&format!("{}/", cluster.url(follower)));
+    assert_eq!(
+        text_of(&dom, "leader"),
+        format!("node {leader}"),
+        "leader shown"
+    );
+    assert!(
+        text_of(&dom, "conn").starts_with("live"),
+        "the page says it is live"
+    );
+    assert_eq!(text_of(&dom, "completed"), "5");
+    assert_eq!(text_of(&dom, "dead"), "0");
+    assert_eq!(
+        text_of(&dom, "workers"),
+        "0",
+        "a hand-started worker holds no budget slot"
+    );
+    assert_eq!(text_of(&dom, "external"), "1");
+    assert_eq!(text_of(&dom, "budget"), "8");
+    assert!(text_of(&dom, "self").contains(&format!("node {follower}")));
+    // Three members, one row each, the leader marked as such.
+    let members = &dom[dom.find("id=\"members\"").unwrap()..];
+    let members = &members[..members.find("</tbody>").unwrap()];
+    assert_eq!(members.matches("<tr>").count(), 3, "{members}");
+    assert!(members.contains("leader"));
+    // The worker list shows the hand-started worker.
+    let workers = &dom[dom.find("id=\"worker_list\"").unwrap()..];
+    let workers = &workers[..workers.find("</tbody>").unwrap()];
+    assert_eq!(workers.matches("<tr>").count(), 1, "{workers}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_openapi_document_describes_every_client_route() {
+    let cluster = Cluster::start(Options {
+        nodes: 1,
+        ..Options::default()
+    })
+    .await;
+    let doc: Value = cluster
+        .get_json(1, "/openapi.json")
+        .await
+        .expect("openapi.json");
+    assert_eq!(doc["openapi"], "3.0.3");
+    for (path, method) in [
+        ("/enqueue", "put"),
+        ("/pullCompleted", "post"),
+        ("/work/{id}", "get"),
+        ("/status", "get"),
+        ("/metrics", "get"),
+        ("/health", "get"),
+        ("/admin/max-workers", "post"),
+    ] {
+        assert!(
+            doc["paths"][path][method].is_object(),
+            "{method} {path} is not documented"
+        );
+    }
+    let enqueue = &doc["paths"]["/enqueue"]["put"]["responses"];
+    for status in ["200", "400", "413", "429", "503"] {
+        assert!(
+            enqueue[status].is_object(),
+            "enqueue's {status} is not documented"
+        );
+    }
+    // The routes it documents answer as documented.
+    let metrics = cluster
+        .http
+        .get(format!("{}/metrics", cluster.url(1)))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("hashq_items{node=\"1\",status=\"queued\"} 0"),
+        "{metrics}"
+    );
+}
