@@ -297,3 +297,58 @@ async fn idempotency_keys_hold_across_nodes_and_an_item_shows_its_whole_life() {
     assert_eq!(work["status"], "pulled", "{work}");
     assert_eq!(work["value"], reference(&data, 1000));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_worker_budget_changes_at_run_time_through_the_cli() {
+    let cluster = Cluster::start(options()).await;
+    let budget = |node: u64| {
+        let cluster = &cluster;
+        async move { cluster.get_json(node, "/status").await?["workers"]["max"].as_u64() }
+    };
+    wait_for("the bootstrap budget", Duration::from_secs(10), || async {
+        (budget(1).await == Some(8)).then_some(())
+    })
+    .await;
+    let cli = |args: &[&str]| {
+        std::process::Command::new(common::binary())
+            .args(["cluster", "--endpoints", &cluster.endpoints()])
+            .args(args)
+            .output()
+            .expect("run hashq cluster")
+    };
+    let out = cli(&["set-max-workers", "3", "--cluster-token", TOKEN]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for node in cluster.ids() {
+        wait_for(
+            "every node to see the new budget",
+            Duration::from_secs(10),
+            || async { (budget(node).await == Some(3)).then_some(()) },
+        )
+        .await;
+    }
+    // Without the token, or out of range: refused, budget unchanged.
+    let out = cli(&["set-max-workers", "5"]);
+    assert!(!out.status.success());
+    let out = cli(&["set-max-workers", "5", "--cluster-token", "wrong"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("401"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&["set-max-workers", "20000", "--cluster-token", TOKEN]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("out_of_range")
+            || String::from_utf8_lossy(&out.stderr).contains("from 0 to")
+    );
+    assert_eq!(budget(2).await, Some(3));
+    // The members listing works too.
+    let out = cli(&["members"]);
+    let members: Value = serde_json::from_slice(&out.stdout).expect("members JSON");
+    assert_eq!(members.as_array().map(Vec::len), Some(3));
+}

@@ -103,7 +103,12 @@ pub struct ClusterArgs {
     #[command(flatten)]
     pub target: Target,
     /// The cluster token (admin commands need it).
-    #[arg(long, env = "HASHQ_CLUSTER_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "HASHQ_CLUSTER_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
     pub cluster_token: Option<String>,
     #[command(subcommand)]
     pub command: ClusterCommand,
