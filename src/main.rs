@@ -35,6 +35,8 @@ enum Command {
     Status(cli::StatusArgs),
     /// Cluster administration.
     Cluster(cli::ClusterArgs),
+    /// Start a cluster on loopback, run a fixed workload, print the figures as JSON.
+    Bench(cli::BenchArgs),
 }
 
 /// Runs `main` on a runtime whose threads all carry `name`, so every log line says which
@@ -82,5 +84,6 @@ fn main() -> anyhow::Result<()> {
         Command::Pull(args) => run_named("hashq".into(), cli::client::pull(args)),
         Command::Status(args) => run_named("hashq".into(), cli::client::status(args)),
         Command::Cluster(args) => run_named("hashq".into(), cli::client::cluster(args)),
+        Command::Bench(args) => run_named("bench".into(), cli::bench::run(args)),
     }
 }

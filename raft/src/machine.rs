@@ -150,17 +150,15 @@ impl<K: Kv> Machine<'_, K> {
         payload: &ByteBuf,
         dedup: Option<&Dedup>,
     ) -> Result<Response, KvError> {
-        if let Some(dedup) = dedup {
-            if dedup.key.len() > MAX_IDEMPOTENCY_KEY {
-                return Ok(invalid("idempotency key too long"));
-            }
-            let k = keys::idempotency(keys::ENQUEUE_KEY, &dedup.key);
-            if let Some(prev) = get_t::<EnqueueKey>(self.kv, &k)? {
+        match self.remembered::<EnqueueKey>(keys::ENQUEUE_KEY, dedup)? {
+            Remembered::Invalid(r) => return Ok(r),
+            Remembered::Seen(prev) => {
                 return Ok(Response::Enqueued {
                     id: prev.id,
                     duplicate: true,
-                });
+                })
             }
+            Remembered::New => {}
         }
         if iterations == 0 {
             return Ok(invalid("iterations must be at least 1"));
@@ -201,17 +199,15 @@ impl<K: Kv> Machine<'_, K> {
     }
 
     fn take(&mut self, top: u32, dedup: Option<&Dedup>) -> Result<Response, KvError> {
-        if let Some(dedup) = dedup {
-            if dedup.key.len() > MAX_IDEMPOTENCY_KEY {
-                return Ok(invalid("idempotency key too long"));
-            }
-            let k = keys::idempotency(keys::TAKE_KEY, &dedup.key);
-            if let Some(prev) = get_t::<TakeKey>(self.kv, &k)? {
+        match self.remembered::<TakeKey>(keys::TAKE_KEY, dedup)? {
+            Remembered::Invalid(r) => return Ok(r),
+            Remembered::Seen(prev) => {
                 return Ok(Response::Taken {
                     items: prev.items,
                     replay: true,
-                });
+                })
             }
+            Remembered::New => {}
         }
         let top = top.min(MAX_TAKE) as usize;
         let (start, end) = keys::table(keys::COMPLETED);
@@ -675,6 +671,27 @@ impl<K: Kv> Machine<'_, K> {
         Ok(())
     }
 
+    /// What an idempotency key says about a request: seen before (with its answer), new, or
+    /// not a valid key.
+    fn remembered<T: DeserializeOwned>(
+        &self,
+        table: u8,
+        dedup: Option<&Dedup>,
+    ) -> Result<Remembered<T>, KvError> {
+        let Some(dedup) = dedup else {
+            return Ok(Remembered::New);
+        };
+        if dedup.key.len() > MAX_IDEMPOTENCY_KEY {
+            return Ok(Remembered::Invalid(invalid("idempotency key too long")));
+        }
+        Ok(
+            match get_t::<T>(self.kv, &keys::idempotency(table, &dedup.key))? {
+                Some(prev) => Remembered::Seen(prev),
+                None => Remembered::New,
+            },
+        )
+    }
+
     fn remember_key<T: Serialize>(&mut self, table: u8, dedup: &Dedup, value: &T) {
         put_t(self.kv, keys::idempotency(table, &dedup.key), value);
         let expires_at = self.now.saturating_add(dedup.ttl_ms);
@@ -698,6 +715,12 @@ impl<K: Kv> Machine<'_, K> {
     fn put_worker(&mut self, record: &WorkerRecord) {
         put_t(self.kv, keys::worker(record.id), record);
     }
+}
+
+enum Remembered<T> {
+    New,
+    Seen(T),
+    Invalid(Response),
 }
 
 /// Whether a process with `handle` may register for the slot `w`.

@@ -1,5 +1,6 @@
 //! The subcommands of the `hashq` binary besides the node itself.
 
+pub mod bench;
 pub mod client;
 pub mod node;
 pub mod worker;
@@ -125,4 +126,18 @@ pub enum ClusterCommand {
         /// The new budget (0 stops launching; running workers finish and idle out).
         max: u32,
     },
+}
+
+/// `hashq bench` flags.
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Nodes in the benchmark cluster.
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// Seconds of each enqueue phase.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Jobs in the warm-worker latency phase.
+    #[arg(long, default_value_t = 200)]
+    pub jobs: usize,
 }

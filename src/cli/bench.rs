@@ -1,0 +1,397 @@
+//! `hashq bench`: starts a cluster on loopback, runs a fixed workload, prints one JSON document.
+//!
+//! Measured: durable enqueue throughput and latency at several concurrencies (1 KiB and
+//! 16 KiB payloads), pullCompleted throughput, the end-to-end overhead a warm worker adds
+//! beyond hashing, failover time after a leader SIGKILL, and the worker's iterated SHA-512
+//! rate beside OpenSSL's single-core rate. Every process it starts is killed when it ends.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+
+use super::BenchArgs;
+
+/// The bench's own cluster, killed on drop.
+struct BenchCluster {
+    _dir: tempfile::TempDir,
+    dir: PathBuf,
+    binary: PathBuf,
+    ports: Vec<u16>,
+    token: String,
+    nodes: Vec<Option<Child>>,
+    workers: Vec<Child>,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl BenchCluster {
+    fn start(nodes: usize) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("hashq-bench-").tempdir()?;
+        let ports = (0..nodes).map(|_| free_port()).collect::<anyhow::Result<Vec<_>>>()?;
+        let mut cluster = BenchCluster {
+            dir: dir.path().to_path_buf(),
+            _dir: dir,
+            binary: std::env::current_exe()?,
+            ports,
+            token: format!("{:032x}", rand::random::<u128>()),
+            nodes: Vec::new(),
+            workers: Vec::new(),
+        };
+        for id in 1..=nodes as u64 {
+            let child = cluster.spawn_node(id)?;
+            cluster.nodes.push(Some(child));
+        }
+        Ok(cluster)
+    }
+
+    fn url(&self, id: u64) -> String {
+        format!("http://127.0.0.1:{}", self.ports[id as usize - 1])
+    }
+
+    fn endpoints(&self) -> String {
+        (1..=self.ports.len() as u64).map(|id| self.url(id)).collect::<Vec<_>>().join(",")
+    }
+
+    fn spawn_node(&self, id: u64) -> anyhow::Result<Child> {
+        let peers = self
+            .ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let log = std::fs::File::create(self.dir.join(format!("node-{id}.log")))?;
+        Command::new(&self.binary)
+            .arg("node")
+            .args(["--id", &id.to_string()])
+            .args(["--listen", &format!("127.0.0.1:{}", self.ports[id as usize - 1])])
+            .args(["--peers", &peers])
+            .arg("--data-dir")
+            .arg(self.dir.join(format!("node-{id}")))
+            .args(["--cluster-token", &self.token, "--launcher", "none"])
+            .args(["--max-backlog", "10000000"])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting a node")
+    }
+
+    fn start_worker(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::File::create(self.dir.join(format!("worker-{}.log", self.workers.len())))?;
+        let child = Command::new(&self.binary)
+            .arg("worker")
+            .args(["--endpoints", &self.endpoints(), "--idle-timeout", "1h"])
+            .env("HASHQ_CLUSTER_TOKEN", &self.token)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        self.workers.push(child);
+        Ok(())
+    }
+
+    fn kill_node(&mut self, id: u64) {
+        if let Some(mut child) = self.nodes[id as usize - 1].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    async fn leader(&self, http: &reqwest::Client) -> Option<u64> {
+        for (i, node) in self.nodes.iter().enumerate() {
+            if node.is_none() {
+                continue;
+            }
+            let url = format!("{}/health", self.url(i as u64 + 1));
+            if let Ok(answer) = http.get(url).timeout(Duration::from_millis(500)).send().await {
+                if let Ok(v) = answer.json::<Value>().await {
+                    if let Some(l) = v["leader"].as_u64() {
+                        if self.nodes[l as usize - 1].is_some() {
+                            return Some(l);
+                        }
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    async fn wait_leader(&self, http: &reqwest::Client) -> anyhow::Result<u64> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(l) = self.leader(http).await {
+                return Ok(l);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        bail!("no leader after 30s (logs in {})", self.dir.display())
+    }
+}
+
+impl Drop for BenchCluster {
+    fn drop(&mut self) {
+        for child in self.workers.iter_mut().chain(self.nodes.iter_mut().flatten()) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// `clients` loops enqueueing `size`-byte payloads round-robin over the nodes for `duration`.
+async fn enqueue_load(cluster: &BenchCluster, http: &reqwest::Client, clients: usize, size: usize, duration: Duration) -> Value {
+    let urls: Arc<Vec<String>> = Arc::new((1..=cluster.ports.len() as u64).map(|id| cluster.url(id)).collect());
+    let payload = bytes::Bytes::from(vec![0x5au8; size]);
+    let stop_at = Instant::now() + duration;
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (http, urls, payload, errors) = (http.clone(), urls.clone(), payload.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut n = c;
+            while Instant::now() < stop_at {
+                n += 1;
+                let url = format!("{}/enqueue?iterations=1", urls[n % urls.len()]);
+                let started = Instant::now();
+                match http.put(url).body(payload.clone()).send().await {
+                    Ok(a) if a.status().is_success() => {
+                        let _ = a.bytes().await;
+                        latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+                    }
+                    _ => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            latencies
+        }));
+    }
+    let started = Instant::now();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap_or_default());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    json!({
+        "clients": clients,
+        "payload_bytes": size,
+        "acknowledged": all.len(),
+        "errors": errors.load(Ordering::Relaxed),
+        "per_second": (all.len() as f64 / elapsed).round(),
+        "latency_ms": {
+            "p50": percentile(&all, 0.50),
+            "p90": percentile(&all, 0.90),
+            "p99": percentile(&all, 0.99),
+        }
+    })
+}
+
+/// Takes everything completed, `top` at a time, and reports items/s.
+async fn pull_rate(cluster: &BenchCluster, http: &reqwest::Client) -> anyhow::Result<Value> {
+    let started = Instant::now();
+    let (mut items, mut calls) = (0u64, 0u64);
+    loop {
+        let answer: Value = http
+            .post(format!("{}/pullCompleted?top=1000", cluster.url(1 + calls % cluster.ports.len() as u64)))
+            .send()
+            .await?
+            .json()
+            .await?;
+        calls += 1;
+        let n = answer.as_array().map_or(0, Vec::len) as u64;
+        if n == 0 {
+            break;
+        }
+        items += n;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    Ok(json!({ "items": items, "calls": calls, "items_per_second": (items as f64 / secs).round() }))
+}
+
+async fn status(cluster: &BenchCluster, http: &reqwest::Client, id: u64) -> anyhow::Result<Value> {
+    Ok(http.get(format!("{}/status", cluster.url(id))).send().await?.json().await?)
+}
+
+/// The end-to-end cost a warm worker adds beyond hashing, from the leader-stamped enqueue and
+/// completion times (1 ms resolution), one job at a time.
+async fn worker_overhead(cluster: &mut BenchCluster, http: &reqwest::Client, rate: f64, jobs: usize) -> anyhow::Result<Value> {
+    cluster.start_worker()?;
+    let iterations = 10_000u32;
+    let hashing_ms = f64::from(iterations) / rate * 1000.0;
+    let mut overheads = Vec::new();
+    let started = Instant::now();
+    for j in 0..jobs + 5 {
+        let answer: Value = http
+            .put(format!("{}/enqueue?iterations={iterations}", cluster.url(1 + j as u64 % 3)))
+            .body(vec![7u8; 1024])
+            .send()
+            .await?
+            .json()
+            .await?;
+        let id = answer["work_id"].as_str().context("work_id")?.to_string();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let work = loop {
+            let w: Value = http.get(format!("{}/work/{id}", cluster.url(1))).send().await?.json().await?;
+            if w["status"] == "completed" {
+                break w;
+            }
+            if Instant::now() > deadline {
+                bail!("job {id} did not complete in 10s");
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        // The first few warm the worker up (connections, caches).
+        if j >= 5 {
+            let total = work["completed_at_ms"].as_f64().unwrap_or(0.0) - work["enqueued_at_ms"].as_f64().unwrap_or(0.0);
+            overheads.push((total - hashing_ms).max(0.0));
+        }
+    }
+    let jobs_per_second = (jobs + 5) as f64 / started.elapsed().as_secs_f64();
+    overheads.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    // Drain what the pull phase should not count.
+    let _ = pull_rate(cluster, http).await?;
+    Ok(json!({
+        "jobs": jobs,
+        "iterations": iterations,
+        "hashing_ms": (hashing_ms * 100.0).round() / 100.0,
+        "overhead_ms": { "p50": percentile(&overheads, 0.5), "p90": percentile(&overheads, 0.9) },
+        "sequential_jobs_per_second": (jobs_per_second * 10.0).round() / 10.0,
+    }))
+}
+
+/// Time from a leader SIGKILL until a write is acknowledged again.
+async fn failover(cluster: &mut BenchCluster, http: &reqwest::Client) -> anyhow::Result<Value> {
+    let leader = cluster.wait_leader(http).await?;
+    let survivors: Vec<String> = (1..=cluster.ports.len() as u64)
+        .filter(|id| *id != leader)
+        .map(|id| cluster.url(id))
+        .collect();
+    cluster.kill_node(leader);
+    let killed = Instant::now();
+    let mut attempts = 0u64;
+    let acknowledged = loop {
+        let url = &survivors[attempts as usize % survivors.len()];
+        attempts += 1;
+        let answer = http
+            .put(format!("{url}/enqueue?iterations=1"))
+            .body(vec![1u8; 64])
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await;
+        if answer.is_ok_and(|a| a.status().is_success()) {
+            break killed.elapsed();
+        }
+        if killed.elapsed() > Duration::from_secs(30) {
+            bail!("no write accepted 30s after the leader was killed");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    Ok(json!({ "writes_accepted_after_ms": acknowledged.as_millis(), "attempts": attempts }))
+}
+
+/// `openssl speed` single-core SHA-512 on 64-byte blocks, in hashes per second.
+fn openssl_sha512_rate() -> Option<f64> {
+    let out = Command::new("openssl")
+        .args(["speed", "-seconds", "2", "-bytes", "64", "sha512"])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "sha512  12345.67k" (thousands of bytes per second) on the line for sha512.
+    let line = text.lines().rev().find(|l| l.starts_with("sha512"))?;
+    let kbytes: f64 = line.split_whitespace().nth(1)?.trim_end_matches('k').parse().ok()?;
+    Some(kbytes * 1000.0 / 64.0)
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .tcp_nodelay(true)
+        .no_proxy()
+        .build()?;
+    let seconds = Duration::from_secs(args.seconds);
+    eprintln!("hashq bench: hashing rate");
+    let chain_rate = tokio::task::spawn_blocking(|| hashq_worker::hash::measure_rate(Duration::from_secs(2))).await?;
+    let openssl = openssl_sha512_rate();
+
+    eprintln!("hashq bench: starting a {}-node cluster", args.nodes);
+    let mut cluster = BenchCluster::start(args.nodes)?;
+    cluster.wait_leader(&http).await?;
+
+    let mut enqueue = Vec::new();
+    for (clients, size) in [(1, 1024), (16, 1024), (64, 1024), (64, 16 * 1024)] {
+        eprintln!("hashq bench: enqueue, {clients} clients, {size} B payloads, {}s", args.seconds);
+        enqueue.push(enqueue_load(&cluster, &http, clients, size, seconds).await);
+    }
+    let queued = status(&cluster, &http, 1).await?["counts"]["queued"].as_u64().unwrap_or(0);
+
+    eprintln!("hashq bench: workers draining {queued} one-iteration items");
+    for _ in 0..2 {
+        cluster.start_worker()?;
+    }
+    let drain_started = Instant::now();
+    loop {
+        let s = status(&cluster, &http, 1).await?;
+        if s["counts"]["queued"] == 0 && s["counts"]["running"] == 0 {
+            break;
+        }
+        if drain_started.elapsed() > Duration::from_secs(600) {
+            bail!("workers did not drain the queue in 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let drain_secs = drain_started.elapsed().as_secs_f64();
+    eprintln!("hashq bench: pulling");
+    let pull = pull_rate(&cluster, &http).await?;
+    for mut w in cluster.workers.drain(..) {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
+    eprintln!("hashq bench: warm worker overhead");
+    let overhead = worker_overhead(&mut cluster, &http, chain_rate, args.jobs).await?;
+    eprintln!("hashq bench: failover");
+    let failover = failover(&mut cluster, &http).await?;
+
+    let machine = json!({
+        "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "cpu": std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())),
+    });
+    let report = json!({
+        "machine": machine,
+        "nodes": args.nodes,
+        "enqueue": enqueue,
+        "end_to_end": {
+            "drained_items": queued,
+            "drain_seconds": (drain_secs * 10.0).round() / 10.0,
+            "jobs_per_second_two_workers": (queued as f64 / drain_secs).round(),
+            "warm_worker": overhead,
+        },
+        "pull": pull,
+        "failover": failover,
+        "hashing": {
+            "worker_iterations_per_second": chain_rate.round(),
+            "openssl_sha512_64_byte_hashes_per_second": openssl.map(f64::round),
+            "ratio": openssl.map(|o| ((chain_rate / o) * 1000.0).round() / 1000.0),
+        },
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
