@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 
 use hashq_raft::command::{Request, Response};
 use hashq_raft::types::{WorkerRecord, WorkerState};
-use hashq_raft::wire::Health;
 use hashq_raft::{machine, NodeId, WorkerId};
 use openraft::ServerState;
 
@@ -188,14 +187,7 @@ async fn live_endpoints(node: &Node) -> Vec<NodeId> {
             if id == node.id() {
                 return (node.config.role == crate::config::Role::Endpoint).then_some(id);
             }
-            let answer = node
-                .http
-                .get(format!("http://{addr}/health"))
-                .timeout(Duration::from_millis(500))
-                .send()
-                .await
-                .ok()?;
-            let health: Health = answer.json().await.ok()?;
+            let health = node.probe_health(&addr).await?;
             (health.role == "endpoint").then_some(id)
         }
     });

@@ -155,6 +155,18 @@ impl Node {
         self.config.id
     }
 
+    /// Asks a peer's `/health`, briefly; `None` if it does not answer.
+    pub async fn probe_health(&self, addr: &str) -> Option<hashq_raft::wire::Health> {
+        let answer = self
+            .http
+            .get(format!("http://{addr}/health"))
+            .timeout(Duration::from_millis(500))
+            .send()
+            .await
+            .ok()?;
+        answer.json().await.ok()
+    }
+
     /// Stops the workers this node launched (they give their leases back), then Raft. The
     /// HTTP server is stopped by its shutdown future.
     pub async fn shutdown(&self) {

@@ -28,13 +28,17 @@ struct BenchCluster {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 impl BenchCluster {
     fn start(nodes: usize) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("hashq-bench-").tempdir()?;
-        let ports = (0..nodes).map(|_| free_port()).collect::<anyhow::Result<Vec<_>>>()?;
+        let ports = (0..nodes)
+            .map(|_| free_port())
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let mut cluster = BenchCluster {
             dir: dir.path().to_path_buf(),
             _dir: dir,
@@ -56,7 +60,10 @@ impl BenchCluster {
     }
 
     fn endpoints(&self) -> String {
-        (1..=self.ports.len() as u64).map(|id| self.url(id)).collect::<Vec<_>>().join(",")
+        (1..=self.ports.len() as u64)
+            .map(|id| self.url(id))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     fn spawn_node(&self, id: u64) -> anyhow::Result<Child> {
@@ -71,7 +78,10 @@ impl BenchCluster {
         Command::new(&self.binary)
             .arg("node")
             .args(["--id", &id.to_string()])
-            .args(["--listen", &format!("127.0.0.1:{}", self.ports[id as usize - 1])])
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{}", self.ports[id as usize - 1]),
+            ])
             .args(["--peers", &peers])
             .arg("--data-dir")
             .arg(self.dir.join(format!("node-{id}")))
@@ -86,7 +96,8 @@ impl BenchCluster {
     }
 
     fn start_worker(&mut self) -> anyhow::Result<()> {
-        let log = std::fs::File::create(self.dir.join(format!("worker-{}.log", self.workers.len())))?;
+        let log =
+            std::fs::File::create(self.dir.join(format!("worker-{}.log", self.workers.len())))?;
         let child = Command::new(&self.binary)
             .arg("worker")
             .args(["--endpoints", &self.endpoints(), "--idle-timeout", "1h"])
@@ -113,7 +124,12 @@ impl BenchCluster {
                 continue;
             }
             let url = format!("{}/health", self.url(i as u64 + 1));
-            if let Ok(answer) = http.get(url).timeout(Duration::from_millis(500)).send().await {
+            if let Ok(answer) = http
+                .get(url)
+                .timeout(Duration::from_millis(500))
+                .send()
+                .await
+            {
                 if let Ok(v) = answer.json::<Value>().await {
                     if let Some(l) = v["leader"].as_u64() {
                         if self.nodes[l as usize - 1].is_some() {
@@ -140,7 +156,11 @@ impl BenchCluster {
 
 impl Drop for BenchCluster {
     fn drop(&mut self) {
-        for child in self.workers.iter_mut().chain(self.nodes.iter_mut().flatten()) {
+        for child in self
+            .workers
+            .iter_mut()
+            .chain(self.nodes.iter_mut().flatten())
+        {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -156,14 +176,25 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// `clients` loops enqueueing `size`-byte payloads round-robin over the nodes for `duration`.
-async fn enqueue_load(cluster: &BenchCluster, http: &reqwest::Client, clients: usize, size: usize, duration: Duration) -> Value {
-    let urls: Arc<Vec<String>> = Arc::new((1..=cluster.ports.len() as u64).map(|id| cluster.url(id)).collect());
+async fn enqueue_load(
+    cluster: &BenchCluster,
+    http: &reqwest::Client,
+    clients: usize,
+    size: usize,
+    duration: Duration,
+) -> Value {
+    let urls: Arc<Vec<String>> = Arc::new(
+        (1..=cluster.ports.len() as u64)
+            .map(|id| cluster.url(id))
+            .collect(),
+    );
     let payload = bytes::Bytes::from(vec![0x5au8; size]);
     let stop_at = Instant::now() + duration;
     let errors = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for c in 0..clients {
-        let (http, urls, payload, errors) = (http.clone(), urls.clone(), payload.clone(), errors.clone());
+        let (http, urls, payload, errors) =
+            (http.clone(), urls.clone(), payload.clone(), errors.clone());
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut n = c;
@@ -211,7 +242,10 @@ async fn pull_rate(cluster: &BenchCluster, http: &reqwest::Client) -> anyhow::Re
     let (mut items, mut calls) = (0u64, 0u64);
     loop {
         let answer: Value = http
-            .post(format!("{}/pullCompleted?top=1000", cluster.url(1 + calls % cluster.ports.len() as u64)))
+            .post(format!(
+                "{}/pullCompleted?top=1000",
+                cluster.url(1 + calls % cluster.ports.len() as u64)
+            ))
             .send()
             .await?
             .json()
@@ -228,12 +262,22 @@ async fn pull_rate(cluster: &BenchCluster, http: &reqwest::Client) -> anyhow::Re
 }
 
 async fn status(cluster: &BenchCluster, http: &reqwest::Client, id: u64) -> anyhow::Result<Value> {
-    Ok(http.get(format!("{}/status", cluster.url(id))).send().await?.json().await?)
+    Ok(http
+        .get(format!("{}/status", cluster.url(id)))
+        .send()
+        .await?
+        .json()
+        .await?)
 }
 
 /// The end-to-end cost a warm worker adds beyond hashing, from the leader-stamped enqueue and
 /// completion times (1 ms resolution), one job at a time.
-async fn worker_overhead(cluster: &mut BenchCluster, http: &reqwest::Client, rate: f64, jobs: usize) -> anyhow::Result<Value> {
+async fn worker_overhead(
+    cluster: &mut BenchCluster,
+    http: &reqwest::Client,
+    rate: f64,
+    jobs: usize,
+) -> anyhow::Result<Value> {
     cluster.start_worker()?;
     let iterations = 10_000u32;
     let hashing_ms = f64::from(iterations) / rate * 1000.0;
@@ -241,7 +285,10 @@ async fn worker_overhead(cluster: &mut BenchCluster, http: &reqwest::Client, rat
     let started = Instant::now();
     for j in 0..jobs + 5 {
         let answer: Value = http
-            .put(format!("{}/enqueue?iterations={iterations}", cluster.url(1 + j as u64 % 3)))
+            .put(format!(
+                "{}/enqueue?iterations={iterations}",
+                cluster.url(1 + j as u64 % 3)
+            ))
             .body(vec![7u8; 1024])
             .send()
             .await?
@@ -250,7 +297,12 @@ async fn worker_overhead(cluster: &mut BenchCluster, http: &reqwest::Client, rat
         let id = answer["work_id"].as_str().context("work_id")?.to_string();
         let deadline = Instant::now() + Duration::from_secs(10);
         let work = loop {
-            let w: Value = http.get(format!("{}/work/{id}", cluster.url(1))).send().await?.json().await?;
+            let w: Value = http
+                .get(format!("{}/work/{id}", cluster.url(1)))
+                .send()
+                .await?
+                .json()
+                .await?;
             if w["status"] == "completed" {
                 break w;
             }
@@ -261,7 +313,8 @@ async fn worker_overhead(cluster: &mut BenchCluster, http: &reqwest::Client, rat
         };
         // The first few warm the worker up (connections, caches).
         if j >= 5 {
-            let total = work["completed_at_ms"].as_f64().unwrap_or(0.0) - work["enqueued_at_ms"].as_f64().unwrap_or(0.0);
+            let total = work["completed_at_ms"].as_f64().unwrap_or(0.0)
+                - work["enqueued_at_ms"].as_f64().unwrap_or(0.0);
             overheads.push((total - hashing_ms).max(0.0));
         }
     }
@@ -317,7 +370,12 @@ fn openssl_sha512_rate() -> Option<f64> {
     let text = String::from_utf8_lossy(&out.stdout);
     // "sha512  12345.67k" (thousands of bytes per second) on the line for sha512.
     let line = text.lines().rev().find(|l| l.starts_with("sha512"))?;
-    let kbytes: f64 = line.split_whitespace().nth(1)?.trim_end_matches('k').parse().ok()?;
+    let kbytes: f64 = line
+        .split_whitespace()
+        .nth(1)?
+        .trim_end_matches('k')
+        .parse()
+        .ok()?;
     Some(kbytes * 1000.0 / 64.0)
 }
 
@@ -329,7 +387,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .build()?;
     let seconds = Duration::from_secs(args.seconds);
     eprintln!("hashq bench: hashing rate");
-    let chain_rate = tokio::task::spawn_blocking(|| hashq_worker::hash::measure_rate(Duration::from_secs(2))).await?;
+    let chain_rate =
+        tokio::task::spawn_blocking(|| hashq_worker::hash::measure_rate(Duration::from_secs(2)))
+            .await?;
     let openssl = openssl_sha512_rate();
 
     eprintln!("hashq bench: starting a {}-node cluster", args.nodes);
@@ -338,10 +398,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     let mut enqueue = Vec::new();
     for (clients, size) in [(1, 1024), (16, 1024), (64, 1024), (64, 16 * 1024)] {
-        eprintln!("hashq bench: enqueue, {clients} clients, {size} B payloads, {}s", args.seconds);
+        eprintln!(
+            "hashq bench: enqueue, {clients} clients, {size} B payloads, {}s",
+            args.seconds
+        );
         enqueue.push(enqueue_load(&cluster, &http, clients, size, seconds).await);
     }
-    let queued = status(&cluster, &http, 1).await?["counts"]["queued"].as_u64().unwrap_or(0);
+    let queued = status(&cluster, &http, 1).await?["counts"]["queued"]
+        .as_u64()
+        .unwrap_or(0);
 
     eprintln!("hashq bench: workers draining {queued} one-iteration items");
     for _ in 0..2 {

@@ -1,7 +1,6 @@
 //! The client API: the exercise's two routes, item status, cluster status, metrics, health.
 
 use std::fmt::Write as _;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
@@ -357,18 +356,6 @@ async fn health(State(node): State<Node>) -> Json<Health> {
     })
 }
 
-/// Asks a peer's `/health`, briefly.
-async fn probe(node: &Node, addr: &str) -> Option<Health> {
-    let answer = node
-        .http
-        .get(format!("http://{addr}/health"))
-        .timeout(Duration::from_millis(500))
-        .send()
-        .await
-        .ok()?;
-    answer.json::<Health>().await.ok()
-}
-
 async fn status(State(node): State<Node>) -> Result<Json<serde_json::Value>, ApiError> {
     let m = node.raft.metrics().borrow().clone();
     let view = node.reader.view();
@@ -385,7 +372,7 @@ async fn status(State(node): State<Node>) -> Result<Json<serde_json::Value>, Api
             let health = if id == node.id() {
                 None
             } else {
-                probe(&node, &addr).await
+                node.probe_health(&addr).await
             };
             (id, addr, health)
         }
