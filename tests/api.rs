@@ -352,3 +352,43 @@ async fn the_worker_budget_changes_at_run_time_through_the_cli() {
     let members: Value = serde_json::from_slice(&out.stdout).expect("members JSON");
     assert_eq!(members.as_array().map(Vec::len), Some(3));
 }
+
+/// Two endpoints and a witness: the exercise's "exactly two endpoints", with a majority that
+/// survives the loss of either endpoint.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_endpoints_and_a_witness_keep_serving_when_an_endpoint_dies() {
+    let mut cluster = Cluster::start(options()).await;
+    cluster.stop_node(3);
+    cluster.start_node_with(3, &["--role", "witness"]);
+    cluster.wait_for_leader(Duration::from_secs(30)).await;
+    // The witness serves no client or worker API, with a clear error.
+    for (method, path) in [
+        (Method::PUT, "/enqueue?iterations=1"),
+        (Method::POST, "/pullCompleted?top=1"),
+    ] {
+        let answer = cluster
+            .http
+            .request(method, format!("{}{path}", cluster.url(3)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 421);
+        let body: Value = answer.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "witness", "{body}");
+    }
+    let health = cluster.get_json(3, "/health").await.unwrap();
+    assert_eq!(health["role"], "witness");
+    let id = cluster.enqueue(1, b"abc".to_vec(), 3, "w-1").await;
+    // Lose an endpoint: the other endpoint and the witness are a majority.
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await;
+    let doomed = if leader == 3 { 1 } else { leader };
+    let survivor = if doomed == 1 { 2 } else { 1 };
+    cluster.kill_node(doomed);
+    let later = cluster.enqueue(survivor, b"def".to_vec(), 3, "w-2").await;
+    assert_ne!(id, later);
+    let w = cluster
+        .get_json(survivor, &format!("/work/{id}"))
+        .await
+        .unwrap();
+    assert_eq!(w["status"], "queued", "{w}");
+}
