@@ -194,6 +194,9 @@ pub struct NodeArgs {
     /// Take a snapshot (and purge the log) every this many log entries.
     #[arg(long, env = "HASHQ_SNAPSHOT_EVERY", default_value_t = 5000)]
     pub snapshot_every: u64,
+    /// Batches of requests proposed at once (a tuning knob: fewer means bigger batches).
+    #[arg(long, env = "HASHQ_PROPOSALS_IN_FLIGHT", default_value_t = crate::proposer::DEFAULT_IN_FLIGHT)]
+    pub proposals_in_flight: usize,
     /// sled page cache, in MiB: the bound on the store's memory.
     #[arg(long, env = "HASHQ_CACHE_MB", default_value_t = 128)]
     pub cache_mb: u64,
@@ -308,6 +311,7 @@ pub struct NodeConfig {
     pub timing: Timing,
     pub snapshot_every: u64,
     pub cache_bytes: u64,
+    pub proposals_in_flight: usize,
 }
 
 impl NodeArgs {
@@ -376,6 +380,7 @@ impl NodeArgs {
             },
             timing,
             snapshot_every: self.snapshot_every,
+            proposals_in_flight: self.proposals_in_flight.max(1),
             cache_bytes: self.cache_mb.max(8) * 1024 * 1024,
         })
     }

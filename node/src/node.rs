@@ -129,6 +129,7 @@ impl Node {
             http.clone(),
             token,
             timing.request_timeout,
+            config.proposals_in_flight,
         );
         let node = Node {
             inner: Arc::new(Inner {

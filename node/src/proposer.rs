@@ -28,8 +28,10 @@ pub const PROPOSE_ROUTE: &str = "/internal/propose";
 const MAX_BATCH_REQUESTS: usize = 1024;
 /// Most payload bytes in one log entry (a single larger request still goes alone).
 const MAX_BATCH_BYTES: usize = 1 << 20;
-/// Batches in flight at once; requests arriving meanwhile form the next batch.
-const MAX_IN_FLIGHT: usize = 32;
+/// Batches in flight at once by default; requests arriving meanwhile form the next batch.
+/// Few in flight means big batches (one log entry, one apply for many requests); enough to
+/// keep the pipeline to the followers busy.
+pub const DEFAULT_IN_FLIGHT: usize = 4;
 
 /// The answer to one request, with what the leader attaches after apply: the payloads of
 /// leased items, in the order of `Response::Leased::items`.
@@ -67,6 +69,7 @@ struct Shared {
     http: reqwest::Client,
     token: Option<Arc<str>>,
     request_timeout: Duration,
+    in_flight: usize,
 }
 
 /// Submits requests to the replicated log. Cheap to clone.
@@ -85,6 +88,7 @@ impl Proposer {
         http: reqwest::Client,
         token: Option<Arc<str>>,
         request_timeout: Duration,
+        in_flight: usize,
     ) -> Proposer {
         let shared = Arc::new(Shared {
             id,
@@ -93,6 +97,7 @@ impl Proposer {
             http,
             token,
             request_timeout,
+            in_flight,
         });
         let (local, local_rx) = mpsc::unbounded_channel();
         let (forward, forward_rx) = mpsc::unbounded_channel();
@@ -205,9 +210,9 @@ fn request_bytes(r: &Request) -> usize {
 }
 
 /// Gathers whatever requests are waiting into one batch, up to the limits, and sends it off;
-/// at most [`MAX_IN_FLIGHT`] batches are under way, so under load batches grow by themselves.
+/// at most `in_flight` batches are under way, so under load batches grow by themselves.
 async fn batcher(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Pending>, sink: Sink) {
-    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let in_flight = Arc::new(Semaphore::new(shared.in_flight.max(1)));
     let mut carry: Option<Pending> = None;
     loop {
         let first = match carry.take() {
