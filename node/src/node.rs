@@ -81,7 +81,9 @@ fn millis(d: Duration) -> u64 {
 impl Node {
     /// Opens the store, starts Raft and the background loops. Serve it with [`serve`].
     pub async fn start(config: NodeConfig) -> Result<Node, StartError> {
-        let launcher = launcher::from_config(&config).map_err(StartError::Launcher)?;
+        let launcher = launcher::from_config(&config)
+            .await
+            .map_err(StartError::Launcher)?;
         let (log, sm) = hashq_storage::open(
             &config.data_dir,
             &StoreOptions {
@@ -155,6 +157,17 @@ impl Node {
             tracing::warn!(error = %e, "raft did not shut down cleanly");
         }
     }
+}
+
+/// Serves the client API alone (`--client-listen`) on `listener` until `shutdown` completes.
+pub async fn serve_client(
+    listener: TcpListener,
+    node: Node,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, routes::client_router(node))
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 /// Serves `node` on `listener` until `shutdown` completes.
