@@ -175,6 +175,13 @@ impl Seen {
 
 /// Every instance with these tags, in any state.
 async fn instances(ec2: &aws_sdk_ec2::Client, tags: &[(&str, &str)]) -> Vec<Seen> {
+    try_instances(ec2, tags).await.expect("DescribeInstances")
+}
+
+async fn try_instances(
+    ec2: &aws_sdk_ec2::Client,
+    tags: &[(&str, &str)],
+) -> Result<Vec<Seen>, String> {
     let mut request = ec2.describe_instances();
     for (k, v) in tags {
         request = request.filters(filter(&format!("tag:{k}"), &[v]));
@@ -182,7 +189,7 @@ async fn instances(ec2: &aws_sdk_ec2::Client, tags: &[(&str, &str)]) -> Vec<Seen
     let mut pages = request.into_paginator().send();
     let mut seen = Vec::new();
     while let Some(page) = pages.next().await {
-        let page = page.expect("DescribeInstances");
+        let page = page.map_err(|e| format!("DescribeInstances: {e:?}"))?;
         for i in page.reservations().iter().flat_map(|r| r.instances()) {
             seen.push(Seen {
                 id: i.instance_id().unwrap_or_default().to_string(),
@@ -199,7 +206,7 @@ async fn instances(ec2: &aws_sdk_ec2::Client, tags: &[(&str, &str)]) -> Vec<Seen
             });
         }
     }
-    seen
+    Ok(seen)
 }
 
 /// Starts one instance with these tags (an endpoint's stand-in, or a stray).
@@ -340,11 +347,19 @@ impl Hypervisor {
         let task = tokio::spawn(async move {
             let http = reqwest::Client::new();
             while !st.load(Ordering::SeqCst) {
-                let seen = instances(
+                let seen = match try_instances(
                     &ec2,
                     &[("hashq:cluster", &cluster), ("hashq:role", "worker")],
                 )
-                .await;
+                .await
+                {
+                    Ok(seen) => seen,
+                    Err(e) => {
+                        s.lock().unwrap().errors.push(e);
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                };
                 m.fetch_max(seen.iter().filter(|i| i.live()).count(), Ordering::SeqCst);
                 for instance in &seen {
                     let known = s.lock().unwrap().booted.contains_key(&instance.id);
@@ -393,7 +408,12 @@ impl Hypervisor {
                     exited
                 };
                 for id in exited {
-                    terminate(&ec2, &id).await;
+                    if let Err(e) = ec2.terminate_instances().instance_ids(&id).send().await {
+                        s.lock()
+                            .unwrap()
+                            .errors
+                            .push(format!("terminating {id}: {e:?}"));
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -429,6 +449,22 @@ impl Hypervisor {
 
     fn errors(&self) -> Vec<String> {
         self.state.lock().unwrap().errors.clone()
+    }
+
+    /// How each booted worker ended, from its log (`worker exiting reason=...`).
+    fn exit_reasons(&self) -> HashMap<String, String> {
+        let state = self.state.lock().unwrap();
+        state
+            .booted
+            .iter()
+            .filter_map(|(id, b)| {
+                let log = std::fs::read_to_string(&b.log).ok()?;
+                let reason = log
+                    .lines()
+                    .find_map(|l| l.split_once("worker exiting reason=").map(|(_, r)| r))?;
+                Some((id.clone(), reason.trim().to_string()))
+            })
+            .collect()
     }
 
     /// Instance ids the workers' orphan shutdown command recorded.
@@ -857,17 +893,18 @@ async fn backlog_launches_tagged_worker_instances_within_the_budget_and_idle_one
         },
     )
     .await;
-    let launched: HashSet<String> =
-        instances(&ec2, &[("hashq:cluster", name), ("hashq:role", "worker")])
-            .await
-            .into_iter()
-            .map(|i| i.id)
-            .collect();
-    assert_eq!(
-        hypervisor.powered_off(),
-        launched,
-        "every worker ended by itself"
-    );
+    // Each worker ended by itself, idle (its instance may have been terminated by the
+    // reconciler a moment before its own power-off: a freed slot's instance is a stray).
+    let launched = instances(&ec2, &[("hashq:cluster", name), ("hashq:role", "worker")]).await;
+    let reasons = hypervisor.exit_reasons();
+    for instance in &launched {
+        assert_eq!(
+            reasons.get(&instance.id).map(String::as_str),
+            Some("idle"),
+            "{}: {reasons:?}",
+            instance.id
+        );
+    }
     assert_eq!(
         hypervisor.max_live.load(Ordering::SeqCst),
         2,
@@ -907,7 +944,7 @@ async fn workers_follow_the_endpoint_instances_reparent_and_stop_when_none_is_le
     .await;
     let hypervisor = Hypervisor::start(ec2.clone(), name);
     // Enough work to keep both workers busy through the test.
-    enqueue_items(&cluster, 0..16, 20_000_000).await;
+    enqueue_items(&cluster, 0..16, 10_000_000).await;
     let running: Vec<Value> = wait_for("two running workers", Duration::from_secs(40), || async {
         let list = workers(&cluster.get_json(1, "/status").await?);
         let running: Vec<Value> = list
@@ -965,6 +1002,16 @@ async fn workers_follow_the_endpoint_instances_reparent_and_stop_when_none_is_le
         booted,
         "each worker ran its orphan shutdown"
     );
+    let reasons = hypervisor.exit_reasons();
+    for instance in &booted {
+        assert_eq!(
+            reasons.get(instance).map(String::as_str),
+            Some("orphaned"),
+            "{reasons:?}"
+        );
+    }
+    // Their exits powered the instances off (the hypervisor, not the cluster, ended them).
+    assert_eq!(hypervisor.powered_off(), booted);
     wait_for(
         "their instances to terminate",
         Duration::from_secs(15),
@@ -1022,7 +1069,7 @@ async fn the_reconciler_terminates_strays_and_frees_slots_of_vanished_instances(
     .await;
 
     let hypervisor = Hypervisor::start(ec2.clone(), name);
-    enqueue_items(&cluster, 0..4, 50_000_000).await;
+    enqueue_items(&cluster, 0..6, 10_000_000).await;
     let (first, instance) = wait_for("a running worker", Duration::from_secs(30), || async {
         let list = workers(&cluster.get_json(1, "/status").await?);
         list.iter().find_map(|w| {

@@ -642,20 +642,29 @@ impl Launcher for Ec2Launcher {
 /// Everything a worker instance's user data says.
 #[derive(Clone, Debug)]
 pub struct WorkerBoot<'a> {
+    /// The reserved slot the worker fills.
     pub worker: WorkerId,
+    /// The launching node.
     pub parent: NodeId,
     /// The launching endpoint's instance id, for the parent check.
     pub parent_instance: &'a str,
+    /// `--cluster-name`: the `hashq:cluster` tag.
     pub cluster: &'a str,
+    /// The cluster token (written to a root-only file on the instance).
     pub token: &'a str,
     /// Client-API base URLs of the members.
     pub endpoints: &'a [String],
     /// Where to fetch the binary, in order of preference.
     pub binary_urls: &'a [String],
+    /// The worker's `--idle-timeout`.
     pub idle_timeout: Duration,
+    /// The worker's `--no-endpoint-exit-after`.
     pub orphan_timeout: Duration,
+    /// The worker's `--parent-check-every`.
     pub parent_check_every: Duration,
+    /// The region the worker's EC2 client uses.
     pub region: &'a str,
+    /// An EC2 API endpoint other than AWS's (an emulator).
     pub endpoint_url: Option<&'a str>,
 }
 

@@ -42,6 +42,7 @@ pub enum LaunchError {
 /// The replicated worker table as the leader sees it, for [`Launcher::reconcile`].
 #[derive(Clone, Debug)]
 pub struct WorkerTable {
+    /// Every worker record, managed or not.
     pub workers: Vec<WorkerRecord>,
     /// The next worker id the state machine will hand out: a machine naming an id at or
     /// above it belongs to a reservation this view does not show yet, not to a stray.
