@@ -383,9 +383,18 @@ impl Hypervisor {
                         }
                     }
                     if !instance.live() {
-                        // Terminated (by the cluster or the test): the machine is gone.
-                        if let Some(b) = s.lock().unwrap().booted.get_mut(&instance.id) {
-                            if let Some(mut child) = b.child.take() {
+                        // Terminated (by the cluster or the test): the machine is gone. A
+                        // worker that had already exited powered off by itself, even if the
+                        // cluster's reconciler terminated the instance first.
+                        let mut state = s.lock().unwrap();
+                        let child = state
+                            .booted
+                            .get_mut(&instance.id)
+                            .and_then(|b| b.child.take());
+                        if let Some(mut child) = child {
+                            if matches!(child.try_wait(), Ok(Some(_))) {
+                                state.powered_off.insert(instance.id.clone());
+                            } else {
                                 let _ = child.kill();
                                 let _ = child.wait();
                             }

@@ -180,7 +180,7 @@ mod tests {
     #[test]
     fn each_rule_names_its_field() {
         type Breaker = fn(&mut WorkerConfig);
-        let cases: [(&str, Breaker); 11] = [
+        let cases: [(&str, Breaker); 13] = [
             ("endpoints", |c| c.endpoints.clear()),
             ("endpoints", |c| c.endpoints.push("ftp://example".into())),
             ("cluster_token", |c| c.cluster_token = Some(String::new())),
@@ -193,6 +193,17 @@ mod tests {
                 c.no_endpoint_exit_after = Duration::ZERO
             }),
             ("request_timeout", |c| c.request_timeout = Duration::ZERO),
+            ("parent_check_every", |c| {
+                c.parent_check_every = Duration::ZERO
+            }),
+            ("parent_check", |c| {
+                c.parent_check = ParentCheck::Ec2(Ec2Parent {
+                    region: None,
+                    endpoint_url: None,
+                    parent_instance: String::new(),
+                    cluster: "hashq".into(),
+                })
+            }),
             ("request_timeout", |c| {
                 c.request_timeout = c.lease_wait + Duration::from_millis(500)
             }),
