@@ -1390,3 +1390,56 @@ async fn the_deploy_script_creates_the_cluster_and_destroy_removes_all_of_it() {
     );
     assert!(!token_file.exists(), "the token file goes with the cluster");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_client_port_serves_the_client_api_and_nothing_else() {
+    // The deploy script opens only this port to clients; the cluster's routes must not
+    // answer there, token or not.
+    let client_port = free_port();
+    let listen = format!("127.0.0.1:{client_port}");
+    let cluster = Cluster::start(Options {
+        nodes: 1,
+        node_args: vec!["--client-listen".into(), listen],
+        launch_workers: false,
+    })
+    .await;
+    let client = format!("http://127.0.0.1:{client_port}");
+    let http = &cluster.http;
+    let status = http.get(format!("{client}/status")).send().await.unwrap();
+    assert!(status.status().is_success(), "{}", status.status());
+    let enqueued = http
+        .put(format!("{client}/enqueue?iterations=1"))
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    assert!(enqueued.status().is_success(), "{}", enqueued.status());
+    for (method, path) in [
+        ("GET", "/internal/binary"),
+        ("POST", "/admin/max-workers"),
+        ("POST", "/worker/register"),
+        ("POST", "/raft/append"),
+    ] {
+        let answer = http
+            .request(method.parse().unwrap(), format!("{client}{path}"))
+            .bearer_auth(TOKEN)
+            .body("{\"max\":3}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status().as_u16(), 404, "{method} {path}");
+        // The same route on the cluster port exists (it may refuse the body, not the path).
+        let inside = http
+            .request(method.parse().unwrap(), format!("{}{path}", cluster.url(1)))
+            .bearer_auth(TOKEN)
+            .body("{\"max\":3}")
+            .send()
+            .await
+            .unwrap();
+        assert_ne!(
+            inside.status().as_u16(),
+            404,
+            "{method} {path} on the cluster port"
+        );
+    }
+}
