@@ -25,6 +25,20 @@ if ! have_chromium; then
   have_chromium || die "chromium is still missing after installing it"
 fi
 
+# tests/ec2.rs runs the EC2 paths against moto_server (an EC2 API on loopback) and runs
+# scripts/deploy-ec2.sh, which needs the AWS CLI. Install them from PyPI when missing.
+if ! command -v moto_server >/dev/null || ! command -v aws >/dev/null; then
+  step "installing moto[server] and awscli from PyPI"
+  python3 -m pip install --quiet 'moto[server]' awscli ||
+    { echo "test.sh: cannot install moto[server] and awscli with pip (python3 -m pip)" >&2; exit 1; }
+  if command -v pyenv >/dev/null; then pyenv rehash; fi
+  hash -r
+fi
+for tool in moto_server aws; do
+  command -v "$tool" >/dev/null ||
+    { echo "test.sh: $tool is not on PATH (pip installed it where PATH does not look)" >&2; exit 1; }
+done
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use hashq_raft::NodeId;
 
+use crate::launcher::ec2::Ec2Args;
+
 /// What a node is for.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -85,7 +87,7 @@ impl FromStr for Peers {
     }
 }
 
-fn duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e}"))
 }
 
@@ -98,6 +100,10 @@ pub struct NodeArgs {
     /// Address to bind the HTTP server (client API, worker API, Raft RPC).
     #[arg(long, env = "HASHQ_LISTEN", default_value = "127.0.0.1:7101")]
     pub listen: SocketAddr,
+    /// An extra address that serves the client API only (no Raft, worker, admin or internal
+    /// route), so a firewall can open it to clients and keep --listen inside the cluster.
+    #[arg(long, env = "HASHQ_CLIENT_LISTEN")]
+    pub client_listen: Option<SocketAddr>,
     /// Every voter as id=host:port, comma-separated: the addresses peers and workers use.
     #[arg(long, env = "HASHQ_PEERS")]
     pub peers: Peers,
@@ -147,6 +153,12 @@ pub struct NodeArgs {
     /// The `hashq` binary launched workers run (default: this node's own binary).
     #[arg(long, env = "HASHQ_WORKER_BINARY")]
     pub worker_binary: Option<PathBuf>,
+    /// How often the leader compares the worker table with what the launcher's provider runs
+    /// (EC2: terminates strays, frees the slots of vanished instances).
+    #[arg(long, env = "HASHQ_RECONCILE_EVERY", default_value = "15s", value_parser = duration)]
+    pub reconcile_every: Duration,
+    #[command(flatten)]
+    pub ec2: Ec2Args,
 
     /// Largest request body, in bytes (413 above).
     #[arg(long, env = "HASHQ_MAX_BODY_BYTES", default_value_t = 1 << 20)]
@@ -222,6 +234,8 @@ pub struct Timing {
     pub request_timeout: Duration,
     /// Longest a lease request may wait for work.
     pub lease_wait_max: Duration,
+    /// How often the leader reconciles the worker table with the launcher's provider.
+    pub reconcile_period: Duration,
 }
 
 impl Default for Timing {
@@ -239,6 +253,7 @@ impl Default for Timing {
             internal_key_ttl: Duration::from_secs(120),
             request_timeout: Duration::from_secs(10),
             lease_wait_max: Duration::from_secs(20),
+            reconcile_period: Duration::from_secs(15),
         }
     }
 }
@@ -259,6 +274,9 @@ impl Timing {
         }
         if self.worker_lost_after < self.worker_heartbeat * 2 {
             return Err("--worker-lost-after must be at least two worker heartbeats".into());
+        }
+        if self.reconcile_period < Duration::from_millis(100) {
+            return Err("--reconcile-every must be at least 100ms".into());
         }
         if self.request_timeout < self.election_timeout * 2 {
             return Err(
@@ -296,6 +314,7 @@ pub struct Scaling {
 pub struct NodeConfig {
     pub id: NodeId,
     pub listen: SocketAddr,
+    pub client_listen: Option<SocketAddr>,
     pub peers: Peers,
     pub outbound_addr: Option<std::net::IpAddr>,
     pub data_dir: PathBuf,
@@ -307,6 +326,8 @@ pub struct NodeConfig {
     pub max_workers: u32,
     pub scaling: Scaling,
     pub worker_binary: PathBuf,
+    /// The `ec2` launcher's settings (checked only with `--launcher ec2`).
+    pub ec2: Ec2Args,
     pub limits: Limits,
     pub timing: Timing,
     pub snapshot_every: u64,
@@ -346,16 +367,24 @@ impl NodeArgs {
             pulled_retention: self.pulled_retention,
             idempotency_retention: self.idempotency_retention,
             request_timeout: self.request_timeout,
+            reconcile_period: self.reconcile_every,
             ..Timing::default()
         };
         timing.validate()?;
+        let cluster_token = self.cluster_token.filter(|t| !t.is_empty());
+        if self.launcher == LauncherKind::Ec2 {
+            self.ec2
+                .validate(&self.cluster_name, cluster_token.is_some())
+                .map_err(|e| e.to_string())?;
+        }
         Ok(NodeConfig {
             id: self.id,
             listen: self.listen,
+            client_listen: self.client_listen,
             peers: self.peers,
             outbound_addr: self.outbound_addr,
             data_dir: self.data_dir,
-            cluster_token: self.cluster_token.filter(|t| !t.is_empty()),
+            cluster_token,
             client_token: self.client_token.filter(|t| !t.is_empty()),
             cluster_name: self.cluster_name,
             role: self.role,
@@ -370,6 +399,7 @@ impl NodeArgs {
                 worker_threads: self.worker_threads,
             },
             worker_binary,
+            ec2: self.ec2,
             limits: Limits {
                 max_body_bytes: self.max_body_bytes,
                 max_iterations: self.max_iterations,

@@ -6,6 +6,7 @@ use hashq_raft::command::{Request, Response, TickParams};
 use hashq_raft::machine;
 use openraft::ServerState;
 
+use crate::launcher::WorkerTable;
 use crate::node::Node;
 use crate::proposer::now_ms;
 
@@ -23,9 +24,6 @@ pub fn tick_params(node: &Node) -> TickParams {
     }
 }
 
-/// How often the leader reconciles the worker table with the launcher's provider.
-const RECONCILE_EVERY: std::time::Duration = std::time::Duration::from_secs(15);
-
 pub async fn run(node: Node) {
     let mut interval = tokio::time::interval(node.config.timing.reaper_period);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -38,7 +36,7 @@ pub async fn run(node: Node) {
         if let Err(e) = duties(&node).await {
             tracing::debug!(error = %e, "housekeeping deferred");
         }
-        if reconciled.elapsed() >= RECONCILE_EVERY {
+        if reconciled.elapsed() >= node.config.timing.reconcile_period {
             reconciled = std::time::Instant::now();
             if let Err(e) = reconcile(&node).await {
                 tracing::warn!(error = %e, "reconciliation deferred");
@@ -49,10 +47,16 @@ pub async fn run(node: Node) {
 
 /// Frees the slots of workers whose machines the launcher's provider no longer runs.
 async fn reconcile(node: &Node) -> Result<(), crate::error::ApiError> {
-    let workers = machine::workers(&node.reader.view())?;
+    let view = node.reader.view();
+    let meta = machine::read_meta(&view)?;
+    let table = WorkerTable {
+        workers: machine::workers(&view)?,
+        next_worker: meta.next_worker,
+        now: meta.now.max(now_ms()),
+    };
     let gone = node
         .launcher
-        .reconcile(workers)
+        .reconcile(table)
         .await
         .map_err(|e| crate::error::ApiError::Unavailable(e.to_string()))?;
     for worker in gone {

@@ -24,4 +24,4 @@ pub mod proposer;
 pub mod routes;
 
 pub use config::{NodeArgs, NodeConfig};
-pub use node::{serve, Node, StartError};
+pub use node::{serve, serve_client, Node, StartError};

@@ -83,7 +83,9 @@ fn millis(d: Duration) -> u64 {
 impl Node {
     /// Opens the store, starts Raft and the background loops. Serve it with [`serve`].
     pub async fn start(config: NodeConfig) -> Result<Node, StartError> {
-        let launcher = launcher::from_config(&config).map_err(StartError::Launcher)?;
+        let launcher = launcher::from_config(&config)
+            .await
+            .map_err(StartError::Launcher)?;
         let (log, sm) = hashq_storage::open(
             &config.data_dir,
             &StoreOptions {
@@ -202,6 +204,17 @@ async fn exit_on_fatal(raft: Raft, stopping: Arc<AtomicBool>) {
             return;
         }
     }
+}
+
+/// Serves the client API alone (`--client-listen`) on `listener` until `shutdown` completes.
+pub async fn serve_client(
+    listener: TcpListener,
+    node: Node,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, routes::client_router(node))
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 /// Serves `node` on `listener` until `shutdown` completes.

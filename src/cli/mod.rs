@@ -42,6 +42,34 @@ pub struct WorkerArgs {
     /// Exit when no endpoint of the cluster has answered for this long.
     #[arg(long, env = "HASHQ_NO_ENDPOINT_EXIT_AFTER", default_value = "30s", value_parser = duration)]
     pub no_endpoint_exit_after: Duration,
+    /// How often to check that the parent endpoint is alive (default: 2s by /health, 15s on
+    /// EC2).
+    #[arg(long, env = "HASHQ_PARENT_CHECK_EVERY", value_parser = duration)]
+    pub parent_check_every: Option<Duration>,
+    /// On EC2: the parent endpoint's instance id. Turns on the EC2 parent check
+    /// (DescribeInstanceStatus) instead of the parent's /health.
+    #[arg(long, env = "HASHQ_EC2_PARENT_INSTANCE")]
+    pub ec2_parent_instance: Option<String>,
+    /// On EC2: the region (default: the SDK's chain).
+    #[arg(long, env = "HASHQ_EC2_REGION")]
+    pub ec2_region: Option<String>,
+    /// On EC2: an EC2-compatible API endpoint (default: AWS, or AWS_ENDPOINT_URL).
+    #[arg(long, env = "HASHQ_EC2_ENDPOINT_URL")]
+    pub ec2_endpoint_url: Option<String>,
+    /// The cluster's name (the `hashq:cluster` tag of its instances).
+    #[arg(long, env = "HASHQ_CLUSTER_NAME", default_value = "hashq")]
+    pub cluster_name: String,
+    /// When the cluster is gone (no endpoint instance runs, or no endpoint answers), power
+    /// the machine off after exiting: an EC2 worker instance then terminates itself.
+    #[arg(long, env = "HASHQ_SHUTDOWN_ON_ORPHAN")]
+    pub shutdown_on_orphan: bool,
+    /// The command --shutdown-on-orphan runs (with `sh -c`).
+    #[arg(
+        long,
+        env = "HASHQ_ORPHAN_SHUTDOWN_COMMAND",
+        default_value = "shutdown -h now"
+    )]
+    pub orphan_shutdown_command: String,
     #[arg(long, env = "HASHQ_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 }

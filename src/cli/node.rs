@@ -1,7 +1,7 @@
 //! `hashq node`.
 
 use anyhow::Context;
-use hashq_node::{serve, Node, NodeArgs};
+use hashq_node::{serve, serve_client, Node, NodeArgs};
 use tokio::net::TcpListener;
 
 /// Resolves when the process is asked to stop (SIGTERM or Ctrl-C).
@@ -32,9 +32,37 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
+    let client_listener = match config.client_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {addr}"))?,
+        ),
+        None => None,
+    };
     let node = Node::start(config).await.context("starting the node")?;
     tracing::info!(%listen, "serving");
-    serve(listener, node.clone(), shutdown_signal()).await?;
+    // One signal stops both listeners.
+    let (stop, stopped) = tokio::sync::watch::channel(());
+    let client = client_listener.map(|listener| {
+        let mut stopped = stopped.clone();
+        let node = node.clone();
+        tokio::spawn(async move {
+            serve_client(listener, node, async move {
+                let _ = stopped.changed().await;
+            })
+            .await
+        })
+    });
+    drop(stopped);
+    serve(listener, node.clone(), async move {
+        shutdown_signal().await;
+        let _ = stop.send(());
+    })
+    .await?;
+    if let Some(client) = client {
+        client.await.context("client listener")??;
+    }
     tracing::info!("stopping");
     node.shutdown().await;
     Ok(())

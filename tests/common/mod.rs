@@ -97,12 +97,26 @@ pub struct Cluster {
     options: Options,
     nodes: HashMap<u64, Proc>,
     workers: Vec<Proc>,
+    /// Environment and flags given to particular nodes (see [`Cluster::start_with`]).
+    node_env: Vec<(String, String)>,
+    node_extra: HashMap<u64, Vec<String>>,
     pub http: reqwest::Client,
 }
 
 impl Cluster {
     /// Starts the nodes and waits until they agree on a leader.
     pub async fn start(options: Options) -> Cluster {
+        Cluster::start_with(options, Vec::new(), HashMap::new()).await
+    }
+
+    /// Like [`Cluster::start`], with environment variables for every node and extra flags for
+    /// some (by node id; kept for restarts). A `--launcher` among the flags replaces the one
+    /// `launch_workers` picks.
+    pub async fn start_with(
+        options: Options,
+        node_env: Vec<(String, String)>,
+        node_extra: HashMap<u64, Vec<String>>,
+    ) -> Cluster {
         let ports: Vec<u16> = (0..options.nodes).map(|_| free_port()).collect();
         let (advertised, proxy) = if options.proxied {
             let advertised: Vec<u16> = (0..options.nodes).map(|_| free_port()).collect();
@@ -121,6 +135,8 @@ impl Cluster {
             options,
             nodes: HashMap::new(),
             workers: Vec::new(),
+            node_env,
+            node_extra,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
                 .build()
@@ -176,6 +192,14 @@ impl Cluster {
             .append(true)
             .open(&log)
             .unwrap();
+        let per_node = self.node_extra.get(&id).cloned().unwrap_or_default();
+        let own_launcher = self
+            .options
+            .node_args
+            .iter()
+            .chain(&per_node)
+            .any(|a| a == "--launcher")
+            || extra.contains(&"--launcher");
         let mut cmd = Command::new(binary());
         cmd.arg("node")
             .args(["--id", &id.to_string()])
@@ -186,25 +210,24 @@ impl Cluster {
             .args(["--peers", &self.peers()])
             .arg("--data-dir")
             .arg(self.data_dir(id))
-            .args(["--cluster-token", TOKEN])
-            .args([
+            .args(["--cluster-token", TOKEN]);
+        if !own_launcher {
+            cmd.args([
                 "--launcher",
                 if self.options.launch_workers {
                     "local"
                 } else {
                     "none"
                 },
-            ])
-            .args(if self.options.proxied {
-                vec![
-                    "--outbound-addr".to_string(),
-                    proxy::node_addr(id).to_string(),
-                ]
-            } else {
-                Vec::new()
-            })
-            .args(&self.options.node_args)
+            ]);
+        }
+        if self.options.proxied {
+            cmd.args(["--outbound-addr", &proxy::node_addr(id).to_string()]);
+        }
+        cmd.args(&self.options.node_args)
+            .args(&per_node)
             .args(extra)
+            .envs(self.node_env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info,openraft=warn")
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())

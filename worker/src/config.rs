@@ -15,6 +15,29 @@ pub const MIN_REQUEST_MARGIN: Duration = Duration::from_secs(1);
 /// queue into one process.
 pub const MAX_CAPACITY: usize = 4096;
 
+/// How a worker tells that its parent endpoint is alive (SPEC section 4).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ParentCheck {
+    /// The parent node's `/health` answers (workers on the nodes' own machines).
+    #[default]
+    Health,
+    /// The parent's EC2 instance runs (`DescribeInstanceStatus`); see [`crate::ec2`].
+    Ec2(Ec2Parent),
+}
+
+/// Where a worker on EC2 finds its parent's instance and its cluster's endpoints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ec2Parent {
+    /// The AWS region (default: the SDK's chain).
+    pub region: Option<String>,
+    /// An EC2-compatible API endpoint (an emulator); default: AWS.
+    pub endpoint_url: Option<String>,
+    /// The instance of the node that launched the worker.
+    pub parent_instance: String,
+    /// The `hashq:cluster` tag of the cluster's instances.
+    pub cluster: String,
+}
+
 /// Everything a worker needs to know before it meets the cluster. The cluster tells it the
 /// rest (lease length, heartbeat period, the full endpoint list) when it registers.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,6 +66,10 @@ pub struct WorkerConfig {
     pub request_timeout: Duration,
     /// Exit when no endpoint of the cluster has answered for this long.
     pub no_endpoint_exit_after: Duration,
+    /// How the parent is checked.
+    pub parent_check: ParentCheck,
+    /// How often the parent is checked.
+    pub parent_check_every: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -59,6 +86,8 @@ impl Default for WorkerConfig {
             lease_wait: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
             no_endpoint_exit_after: Duration::from_secs(30),
+            parent_check: ParentCheck::Health,
+            parent_check_every: Duration::from_secs(2),
         }
     }
 }
@@ -98,6 +127,17 @@ impl WorkerConfig {
         ] {
             if value.is_zero() {
                 return Err(format!("{name}: must be positive"));
+            }
+        }
+        if self.parent_check_every < Duration::from_millis(100) {
+            return Err("parent_check_every: must be at least 100ms".into());
+        }
+        if let ParentCheck::Ec2(ec2) = &self.parent_check {
+            if ec2.parent_instance.is_empty() || ec2.cluster.is_empty() {
+                return Err(
+                    "parent_check: the EC2 check needs the parent instance and the cluster name"
+                        .into(),
+                );
             }
         }
         if self.request_timeout < self.lease_wait + MIN_REQUEST_MARGIN {
@@ -140,7 +180,7 @@ mod tests {
     #[test]
     fn each_rule_names_its_field() {
         type Breaker = fn(&mut WorkerConfig);
-        let cases: [(&str, Breaker); 11] = [
+        let cases: [(&str, Breaker); 13] = [
             ("endpoints", |c| c.endpoints.clear()),
             ("endpoints", |c| c.endpoints.push("ftp://example".into())),
             ("cluster_token", |c| c.cluster_token = Some(String::new())),
@@ -153,6 +193,17 @@ mod tests {
                 c.no_endpoint_exit_after = Duration::ZERO
             }),
             ("request_timeout", |c| c.request_timeout = Duration::ZERO),
+            ("parent_check_every", |c| {
+                c.parent_check_every = Duration::ZERO
+            }),
+            ("parent_check", |c| {
+                c.parent_check = ParentCheck::Ec2(Ec2Parent {
+                    region: None,
+                    endpoint_url: None,
+                    parent_instance: String::new(),
+                    cluster: "hashq".into(),
+                })
+            }),
             ("request_timeout", |c| {
                 c.request_timeout = c.lease_wait + Duration::from_millis(500)
             }),

@@ -32,7 +32,8 @@
 //! [`run()`] returns an [`ExitReason`]: `Idle` (nothing held for `idle_timeout`: it exits and
 //! frees its slot), `Shutdown` (the shutdown future fired: it delivers finished results,
 //! releases the rest and exits), `NoEndpoint` (no endpoint answered for
-//! `no_endpoint_exit_after`), or `SlotGone`. It returns a [`WorkerError`] for what retrying
+//! `no_endpoint_exit_after`), `Orphaned` (EC2: no endpoint instance of the cluster runs), or
+//! `SlotGone`. It returns a [`WorkerError`] for what retrying
 //! cannot fix: an invalid configuration, a request the cluster rejects (a wrong token, an
 //! incompatible version), an answer it cannot decode, or a bug.
 //!
@@ -43,17 +44,19 @@
 //!   network.
 //! - Results computed for leases the cluster has already reclaimed (the worker was declared
 //!   lost) are dropped; the items are recomputed by whoever leases them next.
-//! - The parent check of SPEC §4 is only half here: a worker fails over from a dead parent to
-//!   any live endpoint and exits when none answers, but the cluster's record of its parent
-//!   does not change (the protocol has no way to say so).
+//! - The parent check of SPEC §4 has two flavours: locally the parent's `/health`, on EC2
+//!   the parent's instance state ([`ec2`]). Either way a worker whose parent is gone names a
+//!   new parent in its heartbeats; on EC2 it stops ([`ExitReason::Orphaned`]) when no
+//!   endpoint instance of its cluster runs.
 //! - Only the local monotonic clock is used; lease deadlines in grants are the leader's
 //!   clock and are not compared to it. The worker relies on heartbeating instead.
 
 pub mod client;
 pub mod config;
+pub mod ec2;
 pub mod hash;
 pub mod run;
 
 pub use client::{ClientError, EndpointClient, Endpoints};
-pub use config::WorkerConfig;
+pub use config::{Ec2Parent, ParentCheck, WorkerConfig};
 pub use run::{run, ExitReason, WorkerError};

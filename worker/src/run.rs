@@ -25,7 +25,8 @@ use tokio::task::JoinSet;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::client::{backoff_ceiling, ClientError, EndpointClient};
-use crate::config::WorkerConfig;
+use crate::config::{ParentCheck, WorkerConfig};
+use crate::ec2::{self, Ec2ParentCheck, Verdict};
 use crate::hash;
 
 /// Most results sent in one `/worker/complete`: keeps one request, and the log entry it
@@ -57,6 +58,8 @@ pub enum ExitReason {
     Shutdown,
     /// No endpoint answered for `no_endpoint_exit_after`: the cluster is gone.
     NoEndpoint,
+    /// On EC2: no endpoint instance of the worker's cluster is running any more.
+    Orphaned,
     /// The cluster forgot this managed worker, so its budget slot is gone (it may already
     /// have launched a replacement).
     SlotGone,
@@ -69,8 +72,17 @@ impl ExitReason {
             ExitReason::Idle => "idle",
             ExitReason::Shutdown => "shutdown",
             ExitReason::NoEndpoint => "no_endpoint",
+            ExitReason::Orphaned => "orphaned",
             ExitReason::SlotGone => "slot_gone",
         }
+    }
+}
+
+impl ExitReason {
+    /// Whether the worker ended because its cluster is gone (SPEC section 4: it then
+    /// terminates itself).
+    pub fn is_orphaned(self) -> bool {
+        matches!(self, ExitReason::NoEndpoint | ExitReason::Orphaned)
     }
 }
 
@@ -121,6 +133,10 @@ async fn run_until_done(
     let host = gethostname::gethostname().to_string_lossy().into_owned();
     tokio::pin!(shutdown);
     let mut parent = config.parent;
+    let ec2_check = match &config.parent_check {
+        ParentCheck::Ec2(ec2) => Some(Ec2ParentCheck::new(ec2, config.parent).await),
+        ParentCheck::Health => None,
+    };
     let mut flaps: u32 = 0;
     loop {
         let request = RegisterRequest {
@@ -141,6 +157,7 @@ async fn run_until_done(
             }
             Err(Stop::Forgotten(e) | Stop::Failed(e)) => return Err(e.into()),
             Err(Stop::NoEndpoint) => return Ok(ExitReason::NoEndpoint),
+            Err(Stop::Orphaned) => return Ok(ExitReason::Orphaned),
         };
         let added = client.merge_endpoints(registered.endpoints.iter().map(|(_, url)| url));
         let worker = registered.worker;
@@ -164,6 +181,7 @@ async fn run_until_done(
             &threads,
             &config,
             &registered,
+            ec2_check.as_ref(),
             shutdown.as_mut(),
         )
         .instrument(span.clone())
@@ -180,6 +198,12 @@ async fn run_until_done(
             SessionEnd::Stop(Stop::NoEndpoint) => {
                 session.held().cancel_all(Instant::now());
                 return Ok(ExitReason::NoEndpoint);
+            }
+            SessionEnd::Stop(Stop::Orphaned) => {
+                // The endpoints may still answer (only their instances are going): hand back
+                // what can be handed back, within the leave timeout.
+                leave(&client, &session).instrument(span).await;
+                return Ok(ExitReason::Orphaned);
             }
             SessionEnd::Stop(Stop::Forgotten(e)) => {
                 // Its leases were reclaimed with it, so nothing it holds can still complete.
@@ -226,6 +250,8 @@ enum Stop {
     /// `unknown_worker` or `unknown_slot`: the cluster has no record of this registration.
     Forgotten(ClientError),
     NoEndpoint,
+    /// EC2: no endpoint instance of the cluster runs.
+    Orphaned,
     Failed(ClientError),
 }
 
@@ -295,6 +321,7 @@ async fn serve<F: Future<Output = ()>>(
     threads: &Arc<Semaphore>,
     config: &WorkerConfig,
     registered: &RegisterResponse,
+    ec2_check: Option<&Arc<Ec2ParentCheck>>,
     mut shutdown: Pin<&mut F>,
 ) -> SessionEnd {
     let mut tasks = JoinSet::new();
@@ -317,14 +344,26 @@ async fn serve<F: Future<Output = ()>>(
         .in_current_span(),
     );
     tasks.spawn(complete_loop(Arc::clone(client), Arc::clone(session)).in_current_span());
-    tasks.spawn(
-        parent_loop(
-            Arc::clone(client),
-            Arc::clone(session),
-            registered.endpoints.clone(),
-        )
-        .in_current_span(),
-    );
+    match ec2_check {
+        Some(check) => tasks.spawn(
+            ec2_parent_loop(
+                Arc::clone(check),
+                Arc::clone(session),
+                registered.endpoints.iter().map(|(id, _)| *id).collect(),
+                config.parent_check_every,
+            )
+            .in_current_span(),
+        ),
+        None => tasks.spawn(
+            parent_loop(
+                Arc::clone(client),
+                Arc::clone(session),
+                registered.endpoints.clone(),
+                config.parent_check_every,
+            )
+            .in_current_span(),
+        ),
+    };
     let mut idle_check = tokio::time::interval(idle_check_period(config.idle_timeout));
     idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let end = loop {
@@ -576,8 +615,6 @@ fn idle_check_period(idle_timeout: Duration) -> Duration {
     (idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
 }
 
-/// How often the worker checks that its parent node is alive.
-pub const PARENT_CHECK_EVERY: Duration = Duration::from_secs(2);
 /// Failed checks in a row before the worker re-parents.
 const PARENT_FAILURES: u32 = 2;
 
@@ -589,10 +626,11 @@ async fn parent_loop(
     client: Arc<EndpointClient>,
     session: Arc<Session>,
     members: Vec<(NodeId, String)>,
+    every: Duration,
 ) -> Stop {
-    let mut ticker = tokio::time::interval(PARENT_CHECK_EVERY);
+    let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let timeout = PARENT_CHECK_EVERY / 2;
+    let timeout = (every / 2).min(Duration::from_secs(5));
     let mut failures = 0;
     loop {
         ticker.tick().await;
@@ -617,6 +655,33 @@ async fn parent_loop(
                 failures = 0;
                 break;
             }
+        }
+    }
+}
+
+/// The parent check on EC2 ([`crate::ec2`]): the parent's instance must be running. When it
+/// is gone the worker names a running endpoint instance's node as its parent in its next
+/// heartbeat; when no endpoint instance of the cluster runs, the session stops with
+/// [`Stop::Orphaned`].
+async fn ec2_parent_loop(
+    check: Arc<Ec2ParentCheck>,
+    session: Arc<Session>,
+    members: Vec<NodeId>,
+    every: Duration,
+) -> Stop {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let Some(parent) = session.parent() else {
+            continue;
+        };
+        let verdict = check.check(parent, &members, session.worker.0).await;
+        ec2::log_verdict(parent, &verdict);
+        match verdict {
+            Verdict::Keep => {}
+            Verdict::Reparent { node, .. } => session.set_parent(node),
+            Verdict::Orphaned => return Stop::Orphaned,
         }
     }
 }

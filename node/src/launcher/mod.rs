@@ -4,13 +4,14 @@
 //! machine when a slot is reserved ([`crate::autoscaler`]), and a launcher only turns a
 //! reserved slot into a running worker, or stops one the cluster has declared lost.
 
+pub mod ec2;
 pub mod local;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use hashq_raft::types::WorkerRecord;
+use hashq_raft::types::{Millis, WorkerRecord};
 use hashq_raft::{NodeId, WorkerId};
 
 use crate::config::{LauncherKind, NodeConfig};
@@ -38,6 +39,18 @@ pub enum LaunchError {
     Failed(String),
 }
 
+/// The replicated worker table as the leader sees it, for [`Launcher::reconcile`].
+#[derive(Clone, Debug)]
+pub struct WorkerTable {
+    /// Every worker record, managed or not.
+    pub workers: Vec<WorkerRecord>,
+    /// The next worker id the state machine will hand out: a machine naming an id at or
+    /// above it belongs to a reservation this view does not show yet, not to a stray.
+    pub next_worker: u64,
+    /// The state machine's time (the leader's clock, stamped into commands).
+    pub now: Millis,
+}
+
 /// Starts and stops workers.
 pub trait Launcher: Send + Sync {
     /// For `/status` and logs.
@@ -52,10 +65,7 @@ pub trait Launcher: Send + Sync {
     /// Compares the replicated worker table with what the provider runs (the leader calls it
     /// now and then): stops strays the table does not know, and returns the workers whose
     /// machine is gone, so their slots are freed. The default knows of no provider state.
-    fn reconcile(
-        &self,
-        _workers: Vec<WorkerRecord>,
-    ) -> BoxFuture<'_, Result<Vec<WorkerId>, LaunchError>> {
+    fn reconcile(&self, _table: WorkerTable) -> BoxFuture<'_, Result<Vec<WorkerId>, LaunchError>> {
         Box::pin(async { Ok(Vec::new()) })
     }
 }
@@ -82,8 +92,10 @@ impl Launcher for NoLauncher {
     }
 }
 
-/// The launcher `config` asks for.
-pub fn from_config(config: &NodeConfig) -> Result<Arc<dyn Launcher>, String> {
+/// The launcher `config` asks for. The `ec2` launcher resolves its region and this node's
+/// instance id here, so a node that cannot launch on EC2 says so at startup, not at its first
+/// launch.
+pub async fn from_config(config: &NodeConfig) -> Result<Arc<dyn Launcher>, String> {
     match config.launcher {
         LauncherKind::None => Ok(Arc::new(NoLauncher)),
         LauncherKind::Local => Ok(Arc::new(local::LocalLauncher::new(
@@ -91,6 +103,10 @@ pub fn from_config(config: &NodeConfig) -> Result<Arc<dyn Launcher>, String> {
             config.data_dir.join("workers"),
             config.cluster_token.clone(),
         ))),
-        LauncherKind::Ec2 => Err("--launcher ec2 is not available in this build yet".into()),
+        LauncherKind::Ec2 => Ok(Arc::new(
+            ec2::Ec2Launcher::new(config)
+                .await
+                .map_err(|e| e.to_string())?,
+        )),
     }
 }

@@ -1,19 +1,59 @@
-//! Node-to-node routes (cluster token): a follower's batch of requests for the leader.
+//! Node-to-node routes (cluster token): a follower's batch of requests for the leader, and
+//! the node's own binary for new worker instances (SPEC section 7: no S3, workers fetch
+//! `hashq` from their endpoint).
 
+use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::routing::post;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
 use axum::Router;
 use hashq_raft::command::Request;
+use tokio_util::io::ReaderStream;
 
 use super::{Postcard, INTERNAL_BODY_LIMIT};
 use crate::error::ApiError;
+use crate::launcher::ec2::BINARY_ROUTE;
 use crate::node::Node;
 use crate::proposer::{Reply, PROPOSE_ROUTE};
 
 pub fn router() -> Router<Node> {
     Router::new()
         .route(PROPOSE_ROUTE, post(propose))
+        .route(BINARY_ROUTE, get(binary))
         .layer(DefaultBodyLimit::max(INTERNAL_BODY_LIMIT))
+}
+
+/// Streams this node's own executable (`GET /internal/binary`), so a worker instance runs
+/// exactly the version of its endpoint. `/proc/self/exe` is the running program even when
+/// the file on disk was replaced by an upgrade since it started.
+async fn binary() -> Result<Response, ApiError> {
+    let path = match std::path::Path::new("/proc/self/exe") {
+        p if p.exists() => p.to_path_buf(),
+        _ => std::env::current_exe()
+            .map_err(|e| ApiError::Internal(format!("cannot find this binary: {e}")))?,
+    };
+    let file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| ApiError::Internal(format!("cannot open this binary: {e}")))?;
+    let len = file
+        .metadata()
+        .await
+        .map_err(|e| ApiError::Internal(format!("cannot read this binary: {e}")))?
+        .len();
+    // The length lets the downloader (curl) notice a transfer cut short.
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, len.to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                "attachment; filename=\"hashq\"".to_string(),
+            ),
+        ],
+        Body::from_stream(ReaderStream::with_capacity(file, 256 << 10)),
+    )
+        .into_response())
 }
 
 /// Proposes a forwarded batch here, which must be the leader; a follower that forwarded to a

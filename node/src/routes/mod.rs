@@ -1,7 +1,8 @@
 //! HTTP routes, split by audience: [`client`] (the exercise's API and status), [`worker`]
 //! (leases and results), [`admin`] (the worker budget), [`raft`] (consensus RPC),
-//! [`internal`] (forwarding between nodes).
-//! Everything that is not the client API needs the cluster token.
+//! [`internal`] (forwarding between nodes, the binary for worker instances).
+//! Everything that is not the client API needs the cluster token. [`client_router`] is the
+//! client API alone, for a listener that faces clients (`--client-listen`).
 
 pub mod admin;
 pub mod client;
@@ -43,9 +44,17 @@ pub fn router(node: Node) -> Router {
             node.clone(),
             require_cluster_token,
         ));
-    Router::new()
-        .merge(client::router(&node))
-        .merge(guarded)
+    finish(client::router(&node).merge(guarded), node)
+}
+
+/// The client API alone: no Raft, worker, admin or internal route answers here.
+pub fn client_router(node: Node) -> Router {
+    finish(client::router(&node), node)
+}
+
+/// The layers every listener shares.
+fn finish(routes: Router<Node>, node: Node) -> Router {
+    routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(node.clone(), count_requests))

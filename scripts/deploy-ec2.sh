@@ -1,0 +1,481 @@
+#!/usr/bin/env bash
+# Deploys a hashq cluster to AWS with the AWS CLI (SPEC section 7), or removes one.
+#
+#   scripts/deploy-ec2.sh --binary-url URL --client-cidr CIDR [options]   deploy
+#   scripts/deploy-ec2.sh --destroy [--name NAME]                         remove it all
+#
+# It creates, all tagged hashq:cluster=NAME:
+#   - two security groups: `cluster` (the cluster port, Raft + workers + internal routes, open
+#     only to members of this same group) on every instance, and `client` (the client port,
+#     serving the client API alone, open to --client-cidr) on the endpoints;
+#   - two IAM roles with instance profiles under the path /hashq/NAME/: `node` (run, tag and
+#     terminate this cluster's worker instances, describe instances, pass the worker role)
+#     and `worker` (describe instances and their status, for the parent check);
+#   - the voters: --endpoints endpoint instances (default 3) and --witness witness instances
+#     (0 or 1), spread over the subnets given (default: the default VPC's subnets, one AZ per
+#     node), each with a fixed private IP so every node's user data carries the peers list.
+#     Their user data downloads `hashq` from --binary-url (S3 is not allowed by the exercise:
+#     serve the release binary from any HTTPS host you trust, and pass --binary-sha256) and
+#     installs `hashq node --launcher ec2` as a systemd service with a generated cluster token.
+# Then it waits for a leader (skip with --no-wait, e.g. against an emulator whose instances
+# run nothing) and prints the endpoint URLs. The token is kept in STATE_DIR/NAME.token.
+#
+# Options:
+#   --name NAME              cluster name, the hashq:cluster tag (default: hashq)
+#   --region REGION          AWS region (default: AWS_REGION, AWS_DEFAULT_REGION, CLI config)
+#   --endpoint-url URL       EC2 and IAM API endpoint, e.g. an emulator (moto_server)
+#   --binary-url URL         where the instances download the hashq binary (Linux x86_64)
+#   --binary-sha256 HEX      its SHA-256, checked on each instance before it runs
+#   --ami AMI                image for every instance (default: the latest Amazon Linux 2023)
+#   --instance-type TYPE     endpoint instance type (default: t3.small)
+#   --worker-instance-type T worker instance type (default: t3.micro)
+#   --subnet ID              a subnet for the nodes, repeatable (node i gets subnet i mod n)
+#   --client-cidr CIDR       who may reach the client port (required to deploy)
+#   --client-port PORT       the client API port (default: 8080)
+#   --port PORT              the cluster port (default: 7101)
+#   --endpoints N            endpoint instances (default: 3)
+#   --witness N              witness instances, 0 or 1 (default: 0)
+#   --max-workers N          the cluster-wide worker budget (default: 8)
+#   --worker-idle-timeout D  workers end after this long without work (default: 10m)
+#   --key-name NAME          an EC2 key pair for SSH; with --ssh-cidr CIDR, port 22 opens
+#   --state-dir DIR          where the token file lives (default: .hashq-ec2)
+#   --no-wait                do not wait for a leader
+#   --destroy                terminate every instance tagged hashq:cluster=NAME (workers
+#                            included), delete its security groups, roles and profiles
+set -euo pipefail
+
+name=hashq
+region=${AWS_REGION:-${AWS_DEFAULT_REGION:-}}
+endpoint_url=
+binary_url=
+binary_sha256=
+ami=
+instance_type=t3.small
+worker_instance_type=t3.micro
+subnets=()
+client_cidr=
+client_port=8080
+port=7101
+endpoints=3
+witness=0
+max_workers=8
+worker_idle_timeout=10m
+key_name=
+ssh_cidr=
+state_dir=.hashq-ec2
+wait_for_leader=yes
+destroy=
+
+die() { echo "deploy-ec2.sh: $*" >&2; exit 1; }
+say() { echo "deploy-ec2.sh: $*" >&2; }
+need() { [[ $# -ge 2 && -n $2 ]] || die "$1 needs a value"; }
+
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --name) need "$@"; name=$2; shift 2 ;;
+    --region) need "$@"; region=$2; shift 2 ;;
+    --endpoint-url) need "$@"; endpoint_url=$2; shift 2 ;;
+    --binary-url) need "$@"; binary_url=$2; shift 2 ;;
+    --binary-sha256) need "$@"; binary_sha256=$2; shift 2 ;;
+    --ami) need "$@"; ami=$2; shift 2 ;;
+    --instance-type) need "$@"; instance_type=$2; shift 2 ;;
+    --worker-instance-type) need "$@"; worker_instance_type=$2; shift 2 ;;
+    --subnet) need "$@"; subnets+=("$2"); shift 2 ;;
+    --client-cidr) need "$@"; client_cidr=$2; shift 2 ;;
+    --client-port) need "$@"; client_port=$2; shift 2 ;;
+    --port) need "$@"; port=$2; shift 2 ;;
+    --endpoints) need "$@"; endpoints=$2; shift 2 ;;
+    --witness) need "$@"; witness=$2; shift 2 ;;
+    --max-workers) need "$@"; max_workers=$2; shift 2 ;;
+    --worker-idle-timeout) need "$@"; worker_idle_timeout=$2; shift 2 ;;
+    --key-name) need "$@"; key_name=$2; shift 2 ;;
+    --ssh-cidr) need "$@"; ssh_cidr=$2; shift 2 ;;
+    --state-dir) need "$@"; state_dir=$2; shift 2 ;;
+    --no-wait) wait_for_leader=; shift ;;
+    --destroy) destroy=yes; shift ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) die "unknown option $1 (see --help)" ;;
+  esac
+done
+
+command -v aws >/dev/null || die "the AWS CLI is not installed (pip install awscli)"
+[[ $name =~ ^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$ ]] || die "--name: 1-40 letters, digits, '.', '_' or '-'"
+if [[ -z $region ]]; then
+  region=$(aws configure get region 2>/dev/null || true)
+fi
+[[ -n $region ]] || die "no region: pass --region (or set AWS_REGION)"
+
+api=(--region "$region")
+[[ -n $endpoint_url ]] && api+=(--endpoint-url "$endpoint_url")
+# One AWS CLI call, text output; "None" (nothing found) becomes empty.
+awsq() {
+  local out
+  out=$(aws "${api[@]}" --output text "$@") || return 1
+  [[ $out == None ]] && out=
+  printf '%s' "$out"
+}
+
+token_file="$state_dir/$name.token"
+tag_filter=(Name=tag:hashq:cluster,Values="$name")
+
+# ---------------------------------------------------------------------------------- destroy
+instances_in() { # states... -> instance ids of this cluster in those states
+  local states
+  states=$(IFS=,; echo "$*")
+  awsq ec2 describe-instances --filters "${tag_filter[@]}" "Name=instance-state-name,Values=$states" \
+    --query 'Reservations[].Instances[].InstanceId' | tr '\t' '\n' | sed '/^$/d'
+}
+
+terminate_all() {
+  local deadline=$((SECONDS + 900)) ids
+  while :; do
+    ids=$(instances_in pending running stopping stopped)
+    if [[ -n $ids ]]; then
+      # shellcheck disable=SC2086 # one id per word
+      awsq ec2 terminate-instances --instance-ids $ids --query 'TerminatingInstances[].InstanceId' >/dev/null
+      say "terminating $(echo $ids | wc -w) instance(s)"
+    fi
+    # Endpoints may launch a worker until they are gone: look again until nothing is left.
+    if [[ -z $ids && -z $(instances_in shutting-down) ]]; then
+      return 0
+    fi
+    ((SECONDS < deadline)) || die "instances still not terminated after 15 minutes"
+    sleep 3
+  done
+}
+
+delete_groups() {
+  local deadline=$((SECONDS + 600)) groups group left
+  while :; do
+    groups=$(awsq ec2 describe-security-groups --filters "${tag_filter[@]}" --query 'SecurityGroups[].GroupId' | tr '\t' '\n' | sed '/^$/d')
+    [[ -z $groups ]] && return 0
+    left=
+    for group in $groups; do
+      # A group stays in use while the network interfaces of terminated instances detach.
+      if awsq ec2 delete-security-group --group-id "$group" >/dev/null 2>&1; then
+        say "deleted security group $group"
+      else
+        left=yes
+      fi
+    done
+    [[ -z $left ]] && return 0
+    ((SECONDS < deadline)) || die "security groups still in use after 10 minutes: $groups"
+    sleep 5
+  done
+}
+
+delete_iam() {
+  # Found by path (and the path is matched exactly: some emulators ignore --path-prefix).
+  local path="/hashq/$name/" profile role policy
+  while read -r profile role; do
+    [[ -n $profile ]] || continue
+    if [[ -n $role ]]; then
+      awsq iam remove-role-from-instance-profile --instance-profile-name "$profile" --role-name "$role" >/dev/null
+    fi
+    awsq iam delete-instance-profile --instance-profile-name "$profile" >/dev/null
+    say "deleted instance profile $profile"
+  done <<<"$(awsq iam list-instance-profiles --path-prefix "$path" \
+    --query "InstanceProfiles[?Path=='$path'].[InstanceProfileName, Roles[0].RoleName]" | sed 's/\tNone$//')"
+  for role in $(awsq iam list-roles --path-prefix "$path" --query "Roles[?Path=='$path'].RoleName" | tr '\t' '\n'); do
+    for policy in $(awsq iam list-role-policies --role-name "$role" --query 'PolicyNames[]' | tr '\t' '\n'); do
+      awsq iam delete-role-policy --role-name "$role" --policy-name "$policy" >/dev/null
+    done
+    awsq iam delete-role --role-name "$role" >/dev/null
+    say "deleted role $role"
+  done
+}
+
+if [[ -n $destroy ]]; then
+  say "destroying cluster $name in $region"
+  terminate_all
+  delete_groups
+  delete_iam
+  rm -f "$token_file"
+  say "cluster $name is gone"
+  exit 0
+fi
+
+# ----------------------------------------------------------------------------------- deploy
+[[ -n $binary_url ]] || die "--binary-url is required: where the instances download hashq"
+[[ $binary_url =~ ^https?://[^[:space:]\']+$ ]] || die "--binary-url must be an http(s) URL"
+[[ -z $binary_sha256 || $binary_sha256 =~ ^[0-9a-fA-F]{64}$ ]] || die "--binary-sha256 must be 64 hex digits"
+[[ -n $client_cidr ]] || die "--client-cidr is required: who may use the client API (e.g. 203.0.113.7/32)"
+[[ $client_cidr =~ ^[0-9.]+/[0-9]+$ ]] || die "--client-cidr must be an IPv4 CIDR"
+[[ -z $ssh_cidr || $ssh_cidr =~ ^[0-9.]+/[0-9]+$ ]] || die "--ssh-cidr must be an IPv4 CIDR"
+[[ $endpoints =~ ^[0-9]+$ && $endpoints -ge 1 ]] || die "--endpoints must be at least 1"
+[[ $witness =~ ^[01]$ ]] || die "--witness must be 0 or 1"
+[[ $max_workers =~ ^[0-9]+$ ]] || die "--max-workers must be a whole number"
+[[ $port =~ ^[0-9]+$ && $client_port =~ ^[0-9]+$ && $port != "$client_port" ]] || die "--port and --client-port must be two different ports"
+voters=$((endpoints + witness))
+((voters % 2 == 1)) || say "warning: $voters voters; an odd number tolerates as many failures with one machine less"
+
+if [[ -n $(instances_in pending running stopping stopped) ]] ||
+  [[ -n $(awsq ec2 describe-security-groups --filters "${tag_filter[@]}" --query 'SecurityGroups[].GroupId') ]]; then
+  die "cluster $name already exists; remove it first with --destroy --name $name"
+fi
+
+# Whatever stops the deploy half-way, say how to remove what it created.
+deployed=
+user_data_file=$(mktemp)
+on_exit() {
+  rm -f "$user_data_file" "$user_data_file.err"
+  if [[ -z $deployed ]]; then
+    say "deploy failed; what it created is tagged hashq:cluster=$name. Remove it with:"
+    say "  $0 --destroy --name $name --region $region${endpoint_url:+ --endpoint-url $endpoint_url}"
+  fi
+}
+trap on_exit EXIT
+
+# Subnets: as given, else the default VPC's (one per availability zone), with their VPC and
+# address range, in one call.
+declare -A cidr_of=()
+if [[ ${#subnets[@]} -eq 0 ]]; then
+  subnet_query=(--filters Name=default-for-az,Values=true)
+else
+  subnet_query=(--subnet-ids "${subnets[@]}")
+fi
+vpc=
+found_subnets=()
+while read -r subnet subnet_vpc cidr; do
+  [[ -n $subnet ]] || continue
+  cidr_of[$subnet]=$cidr
+  [[ -z $vpc || $vpc == "$subnet_vpc" ]] || die "the subnets must share one VPC"
+  vpc=$subnet_vpc
+  found_subnets+=("$subnet")
+done <<<"$(awsq ec2 describe-subnets "${subnet_query[@]}" \
+  --query 'sort_by(Subnets,&AvailabilityZone)[].[SubnetId,VpcId,CidrBlock]')"
+[[ -n $vpc ]] || die "no subnet found: pass --subnet (there is no default VPC here)"
+[[ ${#subnets[@]} -gt 0 ]] || subnets=("${found_subnets[@]}")
+for subnet in "${subnets[@]}"; do
+  [[ -n ${cidr_of[$subnet]:-} ]] || die "subnet $subnet not found"
+done
+
+if [[ -z $ami ]]; then
+  ami=$(awsq ec2 describe-images --owners amazon \
+    --filters 'Name=name,Values=al2023-ami-2023.*-x86_64' Name=state,Values=available \
+    --query 'sort_by(Images,&CreationDate)[-1].ImageId')
+  [[ -n $ami ]] || die "no Amazon Linux 2023 image found: pass --ami"
+fi
+
+# --- security groups
+group_tags() { echo "ResourceType=security-group,Tags=[{Key=Name,Value=hashq-$name-$1},{Key=hashq:cluster,Value=$name},{Key=hashq:role,Value=$1}]"; }
+cluster_sg=$(awsq ec2 create-security-group --group-name "hashq-$name-cluster" --vpc-id "$vpc" \
+  --description "hashq $name: cluster port, members only" --tag-specifications "$(group_tags cluster)" --query GroupId)
+awsq ec2 authorize-security-group-ingress --group-id "$cluster_sg" \
+  --ip-permissions "IpProtocol=tcp,FromPort=$port,ToPort=$port,UserIdGroupPairs=[{GroupId=$cluster_sg}]" >/dev/null
+client_sg=$(awsq ec2 create-security-group --group-name "hashq-$name-client" --vpc-id "$vpc" \
+  --description "hashq $name: client API" --tag-specifications "$(group_tags client)" --query GroupId)
+awsq ec2 authorize-security-group-ingress --group-id "$client_sg" --protocol tcp --port "$client_port" --cidr "$client_cidr" >/dev/null
+if [[ -n $ssh_cidr ]]; then
+  awsq ec2 authorize-security-group-ingress --group-id "$cluster_sg" --protocol tcp --port 22 --cidr "$ssh_cidr" >/dev/null
+fi
+say "security groups: cluster $cluster_sg, client $client_sg"
+
+# --- IAM: roles, least-privilege policies, instance profiles
+trust='{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"ec2.amazonaws.com"},"Action":"sts:AssumeRole"}]}'
+iam_path="/hashq/$name/"
+iam_tags=(Key=hashq:cluster,Value="$name")
+make_role() { # role -> its ARN
+  awsq iam create-role --role-name "hashq-$name-$1" --path "$iam_path" --assume-role-policy-document "$trust" \
+    --description "hashq $name $1 instances" --tags "${iam_tags[@]}" --query Role.Arn
+}
+node_role_arn=$(make_role node)
+worker_role_arn=$(make_role worker)
+
+subnet_arns=
+for s in "${subnets[@]}"; do subnet_arns+="\"arn:aws:ec2:$region:*:subnet/$s\","; done
+node_policy=$(cat <<EOF
+{"Version":"2012-10-17","Statement":[
+ {"Sid":"LaunchTaggedWorkers","Effect":"Allow","Action":"ec2:RunInstances",
+  "Resource":"arn:aws:ec2:$region:*:instance/*",
+  "Condition":{"StringEquals":{"aws:RequestTag/hashq:cluster":"$name","aws:RequestTag/hashq:role":"worker"}}},
+ {"Sid":"LaunchWithTheseResources","Effect":"Allow","Action":"ec2:RunInstances",
+  "Resource":[$subnet_arns"arn:aws:ec2:$region:*:security-group/$cluster_sg","arn:aws:ec2:$region::image/$ami",
+   "arn:aws:ec2:$region:*:volume/*","arn:aws:ec2:$region:*:network-interface/*"]},
+ {"Sid":"TagOnlyAtLaunch","Effect":"Allow","Action":"ec2:CreateTags",
+  "Resource":["arn:aws:ec2:$region:*:instance/*","arn:aws:ec2:$region:*:volume/*"],
+  "Condition":{"StringEquals":{"ec2:CreateAction":"RunInstances"}}},
+ {"Sid":"TerminateOwnWorkers","Effect":"Allow","Action":"ec2:TerminateInstances",
+  "Resource":"arn:aws:ec2:$region:*:instance/*",
+  "Condition":{"StringEquals":{"aws:ResourceTag/hashq:cluster":"$name","aws:ResourceTag/hashq:role":"worker"}}},
+ {"Sid":"Describe","Effect":"Allow","Action":["ec2:DescribeInstances","ec2:DescribeInstanceStatus"],"Resource":"*"},
+ {"Sid":"PassTheWorkerRole","Effect":"Allow","Action":"iam:PassRole","Resource":"$worker_role_arn",
+  "Condition":{"StringEquals":{"iam:PassedToService":"ec2.amazonaws.com"}}}
+]}
+EOF
+)
+worker_policy='{"Version":"2012-10-17","Statement":[{"Sid":"ParentCheck","Effect":"Allow","Action":["ec2:DescribeInstanceStatus","ec2:DescribeInstances"],"Resource":"*"}]}'
+awsq iam put-role-policy --role-name "hashq-$name-node" --policy-name hashq-node --policy-document "$node_policy" >/dev/null
+awsq iam put-role-policy --role-name "hashq-$name-worker" --policy-name hashq-worker --policy-document "$worker_policy" >/dev/null
+for kind in node worker; do
+  awsq iam create-instance-profile --instance-profile-name "hashq-$name-$kind" --path "$iam_path" --tags "${iam_tags[@]}" >/dev/null
+  awsq iam add-role-to-instance-profile --instance-profile-name "hashq-$name-$kind" --role-name "hashq-$name-$kind" >/dev/null
+done
+say "roles: $node_role_arn, $worker_role_arn"
+
+# --- private addresses: fixed, so the peers list is known before anything boots
+ip_to_int() { local IFS=.; read -r a b c d <<<"$1"; echo $(((a << 24) + (b << 16) + (c << 8) + d)); }
+int_to_ip() { echo "$((($1 >> 24) & 255)).$((($1 >> 16) & 255)).$((($1 >> 8) & 255)).$(($1 & 255))"; }
+# Addresses in use anywhere in the VPC, once.
+used=" $(awsq ec2 describe-network-interfaces --filters "Name=vpc-id,Values=$vpc" \
+  --query 'NetworkInterfaces[].PrivateIpAddresses[].PrivateIpAddress' | tr '\t\n' '  ') "
+picked=
+pick_ip() { # subnet -> $picked, a free private address in it (then marked used)
+  local subnet=$1 cidr=${cidr_of[$1]} base size offset ip
+  base=$(ip_to_int "${cidr%/*}")
+  size=$((1 << (32 - ${cidr#*/})))
+  # AWS reserves the first four addresses and the last one of every subnet.
+  for ((offset = 10; offset < size - 1; offset++)); do
+    ip=$(int_to_ip $((base + offset)))
+    if [[ $used != *" $ip "* ]]; then
+      used+="$ip "
+      picked=$ip
+      return 0
+    fi
+  done
+  die "no free address in $subnet ($cidr)"
+}
+
+ids=() roles=() node_subnets=() ips=()
+for ((i = 1; i <= voters; i++)); do
+  ids+=("$i")
+  if ((i <= endpoints)); then roles+=(endpoint); else roles+=(witness); fi
+  subnet=${subnets[$(((i - 1) % ${#subnets[@]}))]}
+  node_subnets+=("$subnet")
+  pick_ip "$subnet"
+  ips+=("$picked")
+done
+peers=
+for ((k = 0; k < voters; k++)); do peers+="${peers:+,}${ids[$k]}=${ips[$k]}:$port"; done
+
+umask 077
+mkdir -p "$state_dir"
+token=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
+printf '%s\n' "$token" >"$token_file"
+
+node_user_data() { # k -> user data of voter k (0-based)
+  local id=${ids[$1]} role=${roles[$1]} subnet=${node_subnets[$1]}
+  cat <<EOF
+#!/bin/bash
+# hashq node $id ($role) of cluster $name, written by scripts/deploy-ec2.sh.
+# Installs hashq from the operator's URL and runs \`hashq node\` as a systemd service. No AWS
+# key is here: the node uses its instance profile.
+set -euo pipefail
+umask 077
+install -d -m 0700 /etc/hashq
+cat > /etc/hashq/node.env <<'HASHQ_ENV'
+HASHQ_ID=$id
+HASHQ_ROLE=$role
+HASHQ_LISTEN=0.0.0.0:$port$([[ $role == endpoint ]] && printf '\nHASHQ_CLIENT_LISTEN=0.0.0.0:%s' "$client_port")
+HASHQ_PEERS=$peers
+HASHQ_DATA_DIR=/var/lib/hashq
+HASHQ_CLUSTER_NAME=$name
+HASHQ_CLUSTER_TOKEN=$token
+HASHQ_LAUNCHER=ec2
+HASHQ_MAX_WORKERS=$max_workers
+HASHQ_WORKER_IDLE_TIMEOUT=$worker_idle_timeout
+HASHQ_EC2_REGION=$region
+HASHQ_EC2_AMI=$ami
+HASHQ_EC2_INSTANCE_TYPE=$worker_instance_type
+HASHQ_EC2_SUBNET=$subnet
+HASHQ_EC2_SECURITY_GROUP=$cluster_sg
+HASHQ_EC2_INSTANCE_PROFILE=hashq-$name-worker$([[ -n $endpoint_url ]] && printf '\nHASHQ_EC2_ENDPOINT_URL=%s' "$endpoint_url")
+HASHQ_LOG_FORMAT=json
+HASHQ_ENV
+
+curl -fsSL --retry 10 --retry-delay 3 --retry-all-errors -o /usr/local/bin/hashq.part '$binary_url'$([[ -n $binary_sha256 ]] && printf "\necho '%s  /usr/local/bin/hashq.part' | sha256sum -c -" "$binary_sha256")
+chmod 0755 /usr/local/bin/hashq.part
+mv /usr/local/bin/hashq.part /usr/local/bin/hashq
+
+id hashq >/dev/null 2>&1 || useradd --system --home-dir /var/lib/hashq --shell /sbin/nologin hashq
+install -d -o hashq -g hashq -m 0700 /var/lib/hashq
+cat > /etc/systemd/system/hashq-node.service <<'HASHQ_UNIT'
+[Unit]
+Description=hashq node $id of cluster $name
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+User=hashq
+EnvironmentFile=/etc/hashq/node.env
+ExecStart=/usr/local/bin/hashq node
+Restart=always
+RestartSec=2
+LimitNOFILE=65536
+ProtectSystem=strict
+ReadWritePaths=/var/lib/hashq
+ProtectHome=yes
+PrivateTmp=yes
+NoNewPrivileges=yes
+
+[Install]
+WantedBy=multi-user.target
+HASHQ_UNIT
+systemctl daemon-reload
+systemctl enable --now hashq-node.service
+EOF
+}
+
+launched=()
+for ((k = 0; k < voters; k++)); do
+  node_user_data "$k" >"$user_data_file"
+  groups=("$cluster_sg")
+  [[ ${roles[$k]} == endpoint ]] && groups+=("$client_sg")
+  tags="[{Key=Name,Value=hashq-$name-${ids[$k]}},{Key=hashq:cluster,Value=$name},{Key=hashq:role,Value=${roles[$k]}},{Key=hashq:node-id,Value=${ids[$k]}}]"
+  extra=()
+  [[ -n $key_name ]] && extra+=(--key-name "$key_name")
+  # A new instance profile takes a few seconds to be usable by EC2: retry while it is not.
+  for attempt in 1 2 3 4 5 6 7 8 9 10; do
+    if instance=$(awsq ec2 run-instances --image-id "$ami" --instance-type "$instance_type" --count 1 \
+      --subnet-id "${node_subnets[$k]}" --private-ip-address "${ips[$k]}" \
+      --security-group-ids "${groups[@]}" --iam-instance-profile "Name=hashq-$name-node" \
+      --metadata-options HttpTokens=required,HttpEndpoint=enabled \
+      --user-data "file://$user_data_file" \
+      --tag-specifications "ResourceType=instance,Tags=$tags" "ResourceType=volume,Tags=$tags" \
+      "${extra[@]}" --query 'Instances[0].InstanceId' 2>"$user_data_file.err"); then
+      break
+    fi
+    if ((attempt == 10)) || ! grep -qi 'instance profile\|iamInstanceProfile' "$user_data_file.err"; then
+      cat "$user_data_file.err" >&2
+      exit 1
+    fi
+    sleep 5
+  done
+  launched+=("$instance")
+  say "node ${ids[$k]} (${roles[$k]}): $instance at ${ips[$k]} in ${node_subnets[$k]}"
+done
+deployed=yes
+
+# --- the endpoint URLs: public addresses where the subnet gives them, else private ones
+declare -A public_of=()
+while read -r instance address; do
+  [[ -n $instance ]] && public_of[$instance]=$address
+done <<<"$(awsq ec2 describe-instances --instance-ids "${launched[@]}" \
+  --query 'Reservations[].Instances[].[InstanceId,PublicIpAddress]' | sed 's/\tNone$//')"
+urls=()
+for ((k = 0; k < voters; k++)); do
+  [[ ${roles[$k]} == endpoint ]] || continue
+  address=${public_of[${launched[$k]}]:-}
+  urls+=("http://${address:-${ips[$k]}}:$client_port")
+done
+
+leader_elected() {
+  local url
+  for url in "${urls[@]}"; do
+    if curl -fsS --max-time 3 "$url/health" 2>/dev/null | grep -q '"leader":[0-9]'; then
+      return 0
+    fi
+  done
+  return 1
+}
+if [[ -n $wait_for_leader ]]; then
+  say "waiting for the cluster to elect a leader (instances boot and download hashq first)"
+  deadline=$((SECONDS + 900))
+  until leader_elected; do
+    ((SECONDS < deadline)) || die "no leader after 15 minutes; see /var/log/cloud-init-output.log on the instances"
+    sleep 5
+  done
+fi
+
+echo "hashq cluster $name in $region (token in $token_file):"
+printf '  %s\n' "${urls[@]}"
