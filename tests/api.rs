@@ -381,7 +381,8 @@ async fn two_endpoints_and_a_witness_keep_serving_when_an_endpoint_dies() {
     let id = cluster.enqueue(1, b"abc".to_vec(), 3, "w-1").await;
     // Lose an endpoint: the other endpoint and the witness are a majority.
     let leader = cluster.wait_for_leader(Duration::from_secs(10)).await;
-    let doomed = if leader == 3 { 1 } else { leader };
+    assert_ne!(leader, 3, "a witness never stands for election");
+    let doomed = leader;
     let survivor = if doomed == 1 { 2 } else { 1 };
     cluster.kill_node(doomed);
     let later = cluster.enqueue(survivor, b"def".to_vec(), 3, "w-2").await;
@@ -391,4 +392,29 @@ async fn two_endpoints_and_a_witness_keep_serving_when_an_endpoint_dies() {
         .await
         .unwrap();
     assert_eq!(w["status"], "queued", "{w}");
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await;
+    assert_eq!(
+        leader, survivor,
+        "the surviving endpoint leads, not the witness"
+    );
+}
+
+/// A witness with the lowest id leaves forming the cluster to an endpoint (`initialize` would
+/// make it stand for election), and never leads afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_witness_with_the_lowest_id_never_forms_or_leads_the_cluster() {
+    let witness = std::collections::HashMap::from([(1, vec!["--role".into(), "witness".into()])]);
+    let mut cluster = Cluster::start_with(options(), Vec::new(), witness).await;
+    let leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
+    assert_ne!(leader, 1, "a witness never stands for election");
+    let id = cluster.enqueue(2, b"abc".to_vec(), 3, "w-1").await;
+    // Kill the leader: the other endpoint takes over with the witness's vote.
+    cluster.kill_node(leader);
+    let survivor = if leader == 2 { 3 } else { 2 };
+    let later = cluster.enqueue(survivor, b"def".to_vec(), 3, "w-2").await;
+    assert_ne!(id, later);
+    assert_eq!(
+        cluster.wait_for_leader(Duration::from_secs(10)).await,
+        survivor
+    );
 }

@@ -708,6 +708,7 @@ async fn ec2_cluster(
             nodes,
             node_args: ec2_node_args(moto, account, cluster, extra),
             launch_workers: false,
+            ..Options::default()
         },
         aws_env(),
         per_node,
@@ -1401,6 +1402,7 @@ async fn the_client_port_serves_the_client_api_and_nothing_else() {
         nodes: 1,
         node_args: vec!["--client-listen".into(), listen],
         launch_workers: false,
+        ..Options::default()
     })
     .await;
     let client = format!("http://127.0.0.1:{client_port}");

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use openraft::BasicNode;
 
+use crate::config::Role;
 use crate::node::Node;
 use crate::routes::raft::{InitState, INIT_STATE};
 
@@ -64,8 +65,16 @@ pub async fn run(node: Node) {
                 waiting_logged = true;
             }
         } else if answers.len() + 1 >= majority {
-            let lowest = answers.iter().map(|a| a.node).chain([node.id()]).min();
-            if lowest == Some(node.id()) {
+            // `initialize` makes the caller stand for election at once, and a witness never
+            // leads: the reachable endpoint with the lowest id does it.
+            let me = (node.config.role != Role::Witness).then_some(node.id());
+            let lowest = answers
+                .iter()
+                .filter(|a| !a.witness)
+                .map(|a| a.node)
+                .chain(me)
+                .min();
+            if me.is_some() && lowest == me {
                 match node.raft.initialize(members.clone()).await {
                     Ok(()) => tracing::info!(voters = peers.len(), "cluster initialized"),
                     Err(e) => {

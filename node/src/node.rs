@@ -11,7 +11,7 @@ use hashq_storage::{SmReader, StoreOptions};
 use openraft::SnapshotPolicy;
 use tokio::net::TcpListener;
 
-use crate::config::NodeConfig;
+use crate::config::{NodeConfig, Role};
 use crate::launcher::{self, Launcher};
 use crate::proposer::Proposer;
 use crate::{autoscaler, bootstrap, housekeeping, routes};
@@ -107,6 +107,9 @@ impl Node {
             snapshot_max_chunk_size: 4 << 20,
             max_in_snapshot_log_to_keep: (config.snapshot_every / 2).min(1000),
             purge_batch_size: 64,
+            // A witness votes and keeps the log but never stands for election: a leader must
+            // serve clients and workers, which a witness does not.
+            enable_elect: config.role != Role::Witness,
             ..Default::default()
         }
         .validate()

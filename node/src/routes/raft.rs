@@ -56,11 +56,15 @@ async fn snapshot(
 pub struct InitState {
     pub node: NodeId,
     pub initialized: bool,
+    /// A witness votes but never stands for election, so it never initializes the cluster.
+    #[serde(default)]
+    pub witness: bool,
 }
 
 async fn init_state(State(node): State<Node>) -> Json<InitState> {
     Json(InitState {
         node: node.id(),
         initialized: crate::bootstrap::is_initialized(&node).await,
+        witness: node.config.role == crate::config::Role::Witness,
     })
 }
