@@ -67,10 +67,15 @@ pub enum Request {
         host: String,
         handle: String,
     },
-    /// Lease up to `max` queued items, FIFO, until `now + lease_ms`.
+    /// Lease up to `max` queued items, FIFO, until `now + lease_ms`. The first `min` are
+    /// granted whatever their size; beyond them, only while the grant's iterations stay
+    /// within `max_iterations` (a worker's prefetch of quick items never takes slow ones).
+    /// At most [`crate::machine::MAX_LEASE_BYTES`] of payload, but always one item.
     Lease {
         worker: WorkerId,
         max: u32,
+        min: u32,
+        max_iterations: u64,
         lease_ms: u64,
         /// Grows with every new request of a worker. Retrying the same id returns the same
         /// grant; an id older than the last one gets nothing.

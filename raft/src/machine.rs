@@ -31,6 +31,17 @@ use crate::types::{
 
 /// Most items one lease request may take.
 pub const MAX_LEASE_BATCH: u32 = 1000;
+/// Most payload bytes one lease grants (at least one item is always granted): the answer
+/// carries the payloads, so it stays a few MiB however many small items a worker asks for.
+pub const MAX_LEASE_BYTES: u64 = 8 << 20;
+/// How much one lease request may take (see [`Request::Lease`]).
+#[derive(Clone, Copy, Debug)]
+struct Grant {
+    max: u32,
+    min: u32,
+    max_iterations: u64,
+}
+
 /// Most items one take may return.
 pub const MAX_TAKE: u32 = 100_000;
 /// Longest lease a worker may ask for (one day).
@@ -108,9 +119,20 @@ impl<K: Kv> Machine<'_, K> {
             Request::Lease {
                 worker,
                 max,
+                min,
+                max_iterations,
                 lease_ms,
                 request_id,
-            } => self.lease(*worker, *max, *lease_ms, *request_id),
+            } => self.lease(
+                *worker,
+                Grant {
+                    max: *max,
+                    min: *min,
+                    max_iterations: *max_iterations,
+                },
+                *lease_ms,
+                *request_id,
+            ),
             Request::Heartbeat {
                 worker,
                 items,
@@ -296,7 +318,7 @@ impl<K: Kv> Machine<'_, K> {
     fn lease(
         &mut self,
         worker: WorkerId,
-        max: u32,
+        grant: Grant,
         lease_ms: u64,
         request_id: u64,
     ) -> Result<Response, KvError> {
@@ -336,13 +358,22 @@ impl<K: Kv> Machine<'_, K> {
         let head: Vec<(Vec<u8>, Vec<u8>)> = self
             .kv
             .scan(&start, &end, false)
-            .take(max.min(MAX_LEASE_BATCH) as usize)
+            .take(grant.max.min(MAX_LEASE_BATCH) as usize)
             .collect::<Result<_, _>>()?;
         let deadline = self.now + lease_ms;
         let mut items = Vec::with_capacity(head.len());
+        let (mut bytes, mut iterations) = (0u64, 0u64);
         for (qkey, _) in head {
             let id = WorkId(decode_u64(&qkey, &qkey[1..])?);
             let mut item = self.item(id)?;
+            bytes += u64::from(item.payload_len);
+            iterations += u64::from(item.iterations);
+            let beyond_min = items.len() >= grant.min as usize;
+            if (bytes > MAX_LEASE_BYTES && !items.is_empty())
+                || (beyond_min && iterations > grant.max_iterations)
+            {
+                break;
+            }
             item.attempts += 1;
             item.status = Status::Running;
             item.lease = Some(Lease {

@@ -58,6 +58,9 @@ pub struct RegisterResponse {
 pub struct LeaseRequest {
     pub worker: WorkerId,
     pub max: u32,
+    /// Granted whatever their iterations; items beyond these only within `max_iterations`.
+    pub min: u32,
+    pub max_iterations: u64,
     /// Long-poll: how long the node may hold the request while the queue is empty.
     pub wait_ms: u64,
     /// Grows with every new request; a retry with the same id returns the same grant, and an

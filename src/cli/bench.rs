@@ -3,7 +3,8 @@
 //! Measured: durable enqueue throughput and latency at several concurrencies (1 KiB and
 //! 16 KiB payloads), pullCompleted throughput, the end-to-end overhead a warm worker adds
 //! beyond hashing, failover time after a leader SIGKILL, and the worker's iterated SHA-512
-//! rate beside OpenSSL's single-core rate. Every process it starts is killed when it ends.
+//! rate beside OpenSSL's single-core rate, and the nodes' resident memory with and without a
+//! backlog. Every process it starts is killed when it ends.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -109,6 +110,27 @@ impl BenchCluster {
             .spawn()?;
         self.workers.push(child);
         Ok(())
+    }
+
+    /// Each live node's resident memory in MiB (Linux `/proc`), to show it stays flat as the
+    /// backlog grows: payloads live in sled on disk, RAM holds a bounded cache.
+    fn rss_mib(&self) -> Vec<Option<f64>> {
+        self.nodes
+            .iter()
+            .map(|child| {
+                let pid = child.as_ref()?.id();
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+                let kib: f64 = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))?
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse()
+                    .ok()?;
+                Some((kib / 1024.0).round())
+            })
+            .collect()
     }
 
     fn kill_node(&mut self, id: u64) {
@@ -396,6 +418,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut cluster = BenchCluster::start(args.nodes)?;
     cluster.wait_leader(&http).await?;
 
+    let rss_empty = cluster.rss_mib();
     let mut enqueue = Vec::new();
     for (clients, size) in [(1, 1024), (16, 1024), (64, 1024), (64, 16 * 1024)] {
         eprintln!(
@@ -407,6 +430,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let queued = status(&cluster, &http, 1).await?["counts"]["queued"]
         .as_u64()
         .unwrap_or(0);
+    let backlog_bytes: u64 = enqueue
+        .iter()
+        .map(|e| e["acknowledged"].as_u64().unwrap_or(0) * e["payload_bytes"].as_u64().unwrap_or(0))
+        .sum();
+    let memory = json!({
+        "backlog_items": queued,
+        "backlog_mib": backlog_bytes >> 20,
+        "node_rss_mib_empty": rss_empty,
+        "node_rss_mib_with_backlog": cluster.rss_mib(),
+    });
 
     eprintln!("hashq bench: workers draining {queued} one-iteration items");
     for _ in 0..2 {
@@ -451,6 +484,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         },
         "pull": pull,
         "failover": failover,
+        "memory": memory,
         "hashing": {
             "worker_iterations_per_second": chain_rate.round(),
             "openssl_sha512_64_byte_hashes_per_second": openssl.map(f64::round),

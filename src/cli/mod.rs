@@ -39,6 +39,10 @@ pub struct WorkerArgs {
     /// Items leased ahead of the threads, so the next one is ready when one finishes.
     #[arg(long, env = "HASHQ_PREFETCH", default_value_t = 1)]
     pub prefetch: u32,
+    /// Also lease ahead about this much work, judged by how long recent items took (quick
+    /// items come many per lease, at most 256 more); 0 turns it off.
+    #[arg(long, env = "HASHQ_PREFETCH_WINDOW", default_value = "50ms", value_parser = duration)]
+    pub prefetch_window: Duration,
     /// Exit when no endpoint of the cluster has answered for this long.
     #[arg(long, env = "HASHQ_NO_ENDPOINT_EXIT_AFTER", default_value = "30s", value_parser = duration)]
     pub no_endpoint_exit_after: Duration,

@@ -36,6 +36,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         idle_timeout: args.idle_timeout,
         threads: args.threads,
         prefetch: args.prefetch,
+        prefetch_window: args.prefetch_window,
         no_endpoint_exit_after: args.no_endpoint_exit_after,
         parent_check,
         parent_check_every,

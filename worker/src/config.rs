@@ -15,6 +15,10 @@ pub const MIN_REQUEST_MARGIN: Duration = Duration::from_secs(1);
 /// queue into one process.
 pub const MAX_CAPACITY: usize = 4096;
 
+/// Most items the adaptive prefetch adds beyond `threads + prefetch` (see
+/// [`WorkerConfig::prefetch_window`]).
+pub const MAX_ADAPTIVE_PREFETCH: usize = 256;
+
 /// How a worker tells that its parent endpoint is alive (SPEC section 4).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum ParentCheck {
@@ -60,6 +64,10 @@ pub struct WorkerConfig {
     pub threads: usize,
     /// Items leased beyond `threads`, so the next item is already here when one finishes.
     pub prefetch: u32,
+    /// Lease ahead about this much work, judged by how long recent items took: quick items
+    /// come many per lease (one Raft write), slow ones one at a time. Zero turns it off; at
+    /// most [`MAX_ADAPTIVE_PREFETCH`] items are added.
+    pub prefetch_window: Duration,
     /// How long a lease request may wait on the node for work to arrive (long-poll).
     pub lease_wait: Duration,
     /// Timeout of one HTTP request; must exceed `lease_wait` by [`MIN_REQUEST_MARGIN`].
@@ -83,6 +91,7 @@ impl Default for WorkerConfig {
             idle_timeout: Duration::from_secs(60),
             threads: 1,
             prefetch: 1,
+            prefetch_window: Duration::from_millis(50),
             lease_wait: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
             no_endpoint_exit_after: Duration::from_secs(30),
@@ -129,6 +138,11 @@ impl WorkerConfig {
                 return Err(format!("{name}: must be positive"));
             }
         }
+        if self.prefetch_window > Duration::from_secs(10) {
+            return Err(
+                "prefetch_window: at most 10s (items wait that long before hashing)".into(),
+            );
+        }
         if self.parent_check_every < Duration::from_millis(100) {
             return Err("parent_check_every: must be at least 100ms".into());
         }
@@ -152,6 +166,35 @@ impl WorkerConfig {
     /// How many unfinished items the worker holds at most: one per thread plus the prefetch.
     pub fn capacity(&self) -> usize {
         self.threads.saturating_add(self.prefetch as usize)
+    }
+
+    /// How many unfinished items to hold now: [`Self::capacity`], plus enough items for
+    /// `prefetch_window` of work at `item_time` per item (unknown before the first one).
+    pub fn adaptive_capacity(&self, item_time: Option<Duration>) -> usize {
+        let extra = match item_time {
+            Some(t) if !self.prefetch_window.is_zero() => {
+                let per_thread = self.prefetch_window.as_nanos() / t.as_nanos().max(1);
+                usize::try_from(per_thread.saturating_mul(self.threads as u128))
+                    .unwrap_or(usize::MAX)
+                    .min(MAX_ADAPTIVE_PREFETCH)
+            }
+            _ => 0,
+        };
+        self.capacity().saturating_add(extra).min(MAX_CAPACITY)
+    }
+
+    /// How many iterations the prefetch beyond [`Self::capacity`] may take in one lease:
+    /// `prefetch_window` of work on every thread, at `picos_per_iteration` (no limit before
+    /// anything was measured, when nothing beyond the capacity is asked for anyway).
+    pub fn iteration_budget(&self, picos_per_iteration: Option<u64>) -> u64 {
+        match picos_per_iteration {
+            Some(p) => {
+                let window_picos = self.prefetch_window.as_nanos().saturating_mul(1000);
+                let per_thread = window_picos / u128::from(p.max(1));
+                u64::try_from(per_thread.saturating_mul(self.threads as u128)).unwrap_or(u64::MAX)
+            }
+            None => u64::MAX,
+        }
     }
 }
 
@@ -178,10 +221,45 @@ mod tests {
     }
 
     #[test]
+    fn quick_items_are_leased_many_at_a_time_slow_ones_one_by_one() {
+        let c = WorkerConfig {
+            threads: 2,
+            ..valid()
+        };
+        // Nothing measured yet: just the threads and the fixed prefetch.
+        assert_eq!(c.adaptive_capacity(None), 3);
+        // 50 ms of 10 ms items on two threads: ten more.
+        assert_eq!(c.adaptive_capacity(Some(Duration::from_millis(10))), 13);
+        // Items slower than the window add nothing.
+        assert_eq!(c.adaptive_capacity(Some(Duration::from_secs(1))), 3);
+        // Tiny items are capped.
+        assert_eq!(
+            c.adaptive_capacity(Some(Duration::from_nanos(1))),
+            3 + MAX_ADAPTIVE_PREFETCH
+        );
+        assert_eq!(
+            c.adaptive_capacity(Some(Duration::ZERO)),
+            3 + MAX_ADAPTIVE_PREFETCH
+        );
+        // Turned off.
+        let off = WorkerConfig {
+            prefetch_window: Duration::ZERO,
+            ..c.clone()
+        };
+        assert_eq!(off.adaptive_capacity(Some(Duration::from_nanos(1))), 3);
+        // 50 ms on two threads at 500 ns per iteration: 200 000 iterations.
+        assert_eq!(c.iteration_budget(Some(500_000)), 200_000);
+        assert_eq!(c.iteration_budget(None), u64::MAX);
+    }
+
+    #[test]
     fn each_rule_names_its_field() {
         type Breaker = fn(&mut WorkerConfig);
-        let cases: [(&str, Breaker); 13] = [
+        let cases: [(&str, Breaker); 14] = [
             ("endpoints", |c| c.endpoints.clear()),
+            ("prefetch_window", |c| {
+                c.prefetch_window = Duration::from_secs(11)
+            }),
             ("endpoints", |c| c.endpoints.push("ftp://example".into())),
             ("cluster_token", |c| c.cluster_token = Some(String::new())),
             ("cluster_token", |c| c.cluster_token = Some("a\nb".into())),

@@ -284,6 +284,10 @@ struct Session {
     results_ready: Notify,
     /// An item finished or was dropped: the leaser may ask for more.
     capacity_freed: Notify,
+    /// How long an item takes to hash, in nanoseconds, and one iteration, in picoseconds:
+    /// moving averages over recent items (0 until the first one), for the adaptive prefetch.
+    item_nanos: AtomicU64,
+    iteration_picos: AtomicU64,
 }
 
 impl Session {
@@ -294,7 +298,27 @@ impl Session {
             held: Mutex::new(Held::new(Instant::now())),
             results_ready: Notify::new(),
             capacity_freed: Notify::new(),
+            item_nanos: AtomicU64::new(0),
+            iteration_picos: AtomicU64::new(0),
         }
+    }
+
+    /// Folds one item's hashing time into the moving averages.
+    fn record_item_time(&self, took: Duration, iterations: u32) {
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        moving_average(&self.item_nanos, nanos);
+        let picos = nanos.saturating_mul(1000) / u64::from(iterations.max(1));
+        moving_average(&self.iteration_picos, picos);
+    }
+
+    fn item_time(&self) -> Option<Duration> {
+        Some(self.item_nanos.load(Ordering::Relaxed))
+            .filter(|n| *n != 0)
+            .map(Duration::from_nanos)
+    }
+
+    fn iteration_picos(&self) -> Option<u64> {
+        Some(self.iteration_picos.load(Ordering::Relaxed)).filter(|p| *p != 0)
     }
 
     /// The parent node (0 before registration sets it; node ids start at 1).
@@ -311,6 +335,18 @@ impl Session {
         // lock still guards a usable table.
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// Moves `avg` an eighth of the way to `sample` (the first sample sets it; never 0 after).
+fn moving_average(avg: &AtomicU64, sample: u64) {
+    let sample = sample.max(1);
+    let _ = avg.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |a| {
+        Some(if a == 0 {
+            sample
+        } else {
+            a - a / 8 + sample / 8
+        })
+    });
 }
 
 /// Runs the session's loops until one of them stops, the worker is idle, or `shutdown`
@@ -330,8 +366,7 @@ async fn serve<F: Future<Output = ()>>(
             Arc::clone(client),
             Arc::clone(session),
             Arc::clone(threads),
-            config.capacity(),
-            config.lease_wait,
+            config.clone(),
         )
         .in_current_span(),
     );
@@ -387,31 +422,50 @@ async fn serve<F: Future<Output = ()>>(
     end
 }
 
-/// Keeps `capacity` items leased and unfinished: asks for the free capacity, long-polling,
-/// and starts hashing each grant as it arrives.
+/// Keeps the adaptive capacity ([`WorkerConfig::adaptive_capacity`]) leased and unfinished:
+/// asks for the free capacity, long-polling, and starts hashing each grant as it arrives.
 async fn lease_loop(
     client: Arc<EndpointClient>,
     session: Arc<Session>,
     threads: Arc<Semaphore>,
-    capacity: usize,
-    wait: Duration,
+    config: WorkerConfig,
 ) -> Stop {
+    let wait = config.lease_wait;
     let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
     let mut retry = LeaseRetry::default();
+    let base = config.capacity();
     loop {
-        let free = capacity.saturating_sub(session.held().unfinished());
-        if free == 0 {
+        let target = config.adaptive_capacity(session.item_time());
+        let unfinished = session.held().unfinished();
+        // Items the worker must have to keep its threads and prefetch busy: granted whatever
+        // their size. The adaptive rest is asked for once half of it is used up.
+        let min = base.saturating_sub(unfinished);
+        let free = target.saturating_sub(unfinished);
+        if free == 0 || (min == 0 && unfinished > base + (target - base) / 2) {
             // `notify_one` stores a permit, so a wake-up between the check and here is kept.
             session.capacity_freed.notified().await;
             continue;
         }
-        let max = u32::try_from(free).unwrap_or(u32::MAX);
-        let request = retry.request(session.worker, max, wait_ms, next_request_id);
+        let ask = LeaseRequest {
+            worker: session.worker,
+            max: u32::try_from(free).unwrap_or(u32::MAX),
+            min: u32::try_from(min).unwrap_or(u32::MAX),
+            max_iterations: config.iteration_budget(session.iteration_picos()),
+            wait_ms,
+            request_id: 0,
+        };
+        let request = retry.request(ask, next_request_id);
         let asked = Instant::now();
         match client.lease(&request, None).await {
             Ok(response) => {
                 retry.settle();
                 if response.items.is_empty() {
+                    if request.min == 0 {
+                        // Only prefetch was asked for and none fit (or the queue is empty):
+                        // ask again when an item finishes, not in a loop of Raft writes.
+                        session.capacity_freed.notified().await;
+                        continue;
+                    }
                     if asked.elapsed() < (wait / 2).max(EARLY_EMPTY_PAUSE) {
                         tokio::time::sleep(EARLY_EMPTY_PAUSE).await;
                     }
@@ -455,11 +509,18 @@ fn start_hashing(session: &Arc<Session>, threads: &Arc<Semaphore>, grant: WorkGr
                     let hashed = tokio::task::spawn_blocking(move || {
                         // The permit lives as long as the hashing, even if nobody awaits it.
                         let _permit = permit;
-                        hash::sha512_chain_cancellable(&payload, iterations, &flag)
+                        let started = Instant::now();
+                        let value = hash::sha512_chain_cancellable(&payload, iterations, &flag);
+                        (value, started.elapsed())
                     })
                     .await;
                     match hashed {
-                        Ok(value) => value,
+                        Ok((value, took)) => {
+                            if value.is_some() {
+                                session.record_item_time(took, iterations);
+                            }
+                            value
+                        }
                         Err(e) => {
                             // The lease is dropped below and expires; another attempt retries.
                             error!(%id, attempt, error = %e, "hashing failed");
@@ -706,24 +767,17 @@ struct LeaseRetry {
 }
 
 impl LeaseRetry {
-    fn request(
-        &mut self,
-        worker: WorkerId,
-        max: u32,
-        wait_ms: u64,
-        fresh_id: impl FnOnce() -> u64,
-    ) -> LeaseRequest {
+    /// `ask` with a fresh id, or the unsettled request of the same worker.
+    fn request(&mut self, ask: LeaseRequest, fresh_id: impl FnOnce() -> u64) -> LeaseRequest {
         if let Some(pending) = &self.unsettled {
             // A new registration is a new worker: its first request is new too.
-            if pending.worker == worker {
+            if pending.worker == ask.worker {
                 return pending.clone();
             }
         }
         let request = LeaseRequest {
-            worker,
-            max,
-            wait_ms,
             request_id: fresh_id(),
+            ..ask
         };
         self.unsettled = Some(request.clone());
         request
@@ -928,17 +982,28 @@ mod tests {
         }
     }
 
+    fn ask(worker: u64, max: u32) -> LeaseRequest {
+        LeaseRequest {
+            worker: WorkerId(worker),
+            max,
+            min: max,
+            max_iterations: u64::MAX,
+            wait_ms: 5000,
+            request_id: 0,
+        }
+    }
+
     #[test]
     fn a_retry_reuses_the_request_until_an_answer_settles_it() {
         let mut retry = LeaseRetry::default();
         let mut ids = [7, 8, 9].into_iter();
-        let first = retry.request(WorkerId(1), 2, 5000, || ids.next().unwrap());
+        let first = retry.request(ask(1, 2), || ids.next().unwrap());
         assert_eq!(first.request_id, 7);
         // No answer came back: the same request, even if more capacity is free now.
-        let again = retry.request(WorkerId(1), 5, 5000, || ids.next().unwrap());
+        let again = retry.request(ask(1, 5), || ids.next().unwrap());
         assert_eq!((again.request_id, again.max), (7, 2));
         retry.settle();
-        let next = retry.request(WorkerId(1), 5, 5000, || ids.next().unwrap());
+        let next = retry.request(ask(1, 5), || ids.next().unwrap());
         assert_eq!((next.request_id, next.max), (8, 5));
     }
 
@@ -946,8 +1011,8 @@ mod tests {
     fn a_new_registration_gets_a_fresh_request() {
         let mut retry = LeaseRetry::default();
         let mut ids = [7, 8].into_iter();
-        retry.request(WorkerId(1), 2, 5000, || ids.next().unwrap());
-        let other = retry.request(WorkerId(2), 2, 5000, || ids.next().unwrap());
+        retry.request(ask(1, 2), || ids.next().unwrap());
+        let other = retry.request(ask(2, 2), || ids.next().unwrap());
         assert_eq!((other.worker, other.request_id), (WorkerId(2), 8));
     }
 

@@ -99,6 +99,8 @@ async fn lease(
     let request = Request::Lease {
         worker: req.worker,
         max: req.max.max(1),
+        min: req.min.min(req.max),
+        max_iterations: req.max_iterations,
         lease_ms: millis(timing.lease),
         request_id: req.request_id,
     };

@@ -81,6 +81,8 @@ fn lease(
         Request::Lease {
             worker,
             max,
+            min: max,
+            max_iterations: u64::MAX,
             lease_ms: LEASE_MS,
             request_id,
         },
@@ -509,6 +511,73 @@ fn retried_lease_request_gets_the_same_grant() {
 }
 
 #[test]
+fn a_lease_grants_a_bounded_number_of_payload_bytes_but_at_least_one_item() {
+    let mut kv = MemKv::new();
+    let w = register(&mut kv, 0);
+    let big = (MAX_LEASE_BYTES / 3 + 1) as usize;
+    for i in 0..4 {
+        run(
+            &mut kv,
+            i,
+            Request::Enqueue {
+                iterations: 1,
+                payload: ByteBuf::from(vec![b'x'; big]),
+                dedup: None,
+            },
+        );
+    }
+    // Two fit in the byte budget, a third would not.
+    assert_eq!(lease(&mut kv, 10, w, 100, 1).len(), 2);
+    assert_eq!(lease(&mut kv, 11, w, 1, 2).len(), 1);
+    // An item bigger than the budget on its own is still granted, alone.
+    run(
+        &mut kv,
+        12,
+        Request::Enqueue {
+            iterations: 1,
+            payload: ByteBuf::from(vec![b'y'; MAX_LEASE_BYTES as usize + 1]),
+            dedup: None,
+        },
+    );
+    assert_eq!(lease(&mut kv, 13, w, 100, 3).len(), 1);
+    assert_eq!(lease(&mut kv, 14, w, 100, 4).len(), 1);
+    assert_eq!(read_meta(&kv).unwrap().counts.queued, 0);
+    check_invariants(&kv);
+}
+
+#[test]
+fn beyond_its_minimum_a_lease_takes_items_only_within_its_iteration_budget() {
+    let mut kv = MemKv::new();
+    let w = register(&mut kv, 0);
+    let quick: Vec<WorkId> = (0..3).map(|i| enqueue(&mut kv, i, 1, None)).collect();
+    let slow = enqueue(&mut kv, 3, 1_000_000, None);
+    let later = enqueue(&mut kv, 4, 1, None);
+    let ask = |kv: &mut MemKv, now, min, max_iterations, request_id| match run(
+        kv,
+        now,
+        Request::Lease {
+            worker: w,
+            max: 10,
+            min,
+            max_iterations,
+            lease_ms: LEASE_MS,
+            request_id,
+        },
+    ) {
+        Response::Leased { items } => items.iter().map(|i| i.id).collect::<Vec<_>>(),
+        other => panic!("lease answered {other:?}"),
+    };
+    // The quick items fit the budget; the slow one stops the grant (FIFO: nothing skips it).
+    assert_eq!(ask(&mut kv, 10, 0, 100, 1), quick);
+    // With no minimum, a head item over the budget is not granted at all.
+    assert!(ask(&mut kv, 11, 0, 100, 2).is_empty());
+    // Within the minimum it is, whatever its size; the rest still counts against the budget.
+    assert_eq!(ask(&mut kv, 12, 1, 100, 3), vec![slow]);
+    assert_eq!(ask(&mut kv, 13, 0, 100, 4), vec![later]);
+    check_invariants(&kv);
+}
+
+#[test]
 fn unknown_workers_are_rejected() {
     let mut kv = MemKv::new();
     enqueue(&mut kv, 0, 1, None);
@@ -520,6 +589,8 @@ fn unknown_workers_are_rejected() {
             Request::Lease {
                 worker: ghost,
                 max: 1,
+                min: 1,
+                max_iterations: u64::MAX,
                 lease_ms: 10,
                 request_id: 1
             }
@@ -813,6 +884,8 @@ fn random_log(seed: u64, len: usize) -> Vec<Command> {
                 4 => Request::Lease {
                     worker,
                     max: 1 + (rng.next() % 3) as u32,
+                    min: (rng.next() % 3) as u32,
+                    max_iterations: [0, 5, u64::MAX][(rng.next() % 3) as usize],
                     lease_ms: 500,
                     request_id: rng.next(),
                 },
