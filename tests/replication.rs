@@ -234,6 +234,13 @@ async fn a_full_restart_keeps_every_committed_item() {
         cluster.start_node(id);
     }
     cluster.wait_for_leader(Duration::from_secs(30)).await;
+    // Only a node without any Raft state (a replacement, say) sits out the elections under
+    // way before it may vote: each node did at its first start, none on this restart.
+    for id in cluster.ids() {
+        let log = std::fs::read_to_string(cluster.dir.path().join(format!("node-{id}.log")))
+            .expect("node log");
+        assert_eq!(log.matches("sitting out").count(), 1, "node {id}");
+    }
     for (work_id, i) in ids.iter().chain(more.iter()) {
         let w = cluster
             .get_json(1, &format!("/work/{work_id}"))

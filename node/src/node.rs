@@ -76,6 +76,35 @@ impl std::ops::Deref for Node {
     }
 }
 
+/// A node with no Raft state at all may replace one that died after voting in the current
+/// term (same id, new disk). Voting again in that term could elect a second leader in it, so
+/// a fresh node waits out every election under way (twice the longest election timeout)
+/// before its Raft starts: by then each candidate of that term has won or moved on.
+async fn sit_out_an_election_if_fresh(
+    log: &hashq_storage::LogStore,
+    election_timeout: Duration,
+) -> Result<(), StartError> {
+    use openraft::storage::RaftLogStorage;
+    let mut log = log.clone();
+    let raft_err = |e: openraft::StorageError<NodeId>| StartError::Raft(e.to_string());
+    let voted = log.read_vote().await.map_err(raft_err)?.is_some();
+    let logged = log
+        .get_log_state()
+        .await
+        .map_err(raft_err)?
+        .last_log_id
+        .is_some();
+    if !voted && !logged {
+        let wait = election_timeout * 4;
+        tracing::info!(
+            ?wait,
+            "fresh data dir: sitting out any election under way before voting"
+        );
+        tokio::time::sleep(wait).await;
+    }
+    Ok(())
+}
+
 fn millis(d: Duration) -> u64 {
     d.as_millis().max(1) as u64
 }
@@ -94,6 +123,7 @@ impl Node {
         )?;
         let reader = sm.reader();
         let timing = &config.timing;
+        sit_out_an_election_if_fresh(&log, timing.election_timeout).await?;
         let raft_config = openraft::Config {
             cluster_name: config.cluster_name.clone(),
             heartbeat_interval: millis(timing.raft_heartbeat),

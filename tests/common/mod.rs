@@ -481,8 +481,10 @@ fn tail(path: &Path) {
 }
 
 fn signal(child: &Child, sig: &str) {
+    // The process may be gone already: that is fine, and not worth a line in the test output.
     let _ = Command::new("kill")
         .args([&format!("-{sig}"), &child.id().to_string()])
+        .stderr(Stdio::null())
         .status();
 }
 
@@ -524,6 +526,7 @@ impl Drop for Cluster {
         for pid in self.worker_processes() {
             let _ = Command::new("kill")
                 .args(["-KILL", &pid.to_string()])
+                .stderr(Stdio::null())
                 .status();
         }
     }
