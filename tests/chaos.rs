@@ -759,7 +759,6 @@ async fn check(cluster: &Cluster, nodes: &Nodes, shared: &Shared, p: &Profile, s
         "max_workers": p.max_workers,
     });
     println!("CHAOS SUMMARY {summary}");
-    eprintln!("CHAOS SUMMARY {summary}");
     assert!(really_lost.is_empty(), "lost: {really_lost:?}");
     assert!(duplicated.is_empty(), "duplicated: {duplicated:?}");
     assert!(wrong.is_empty(), "wrong values: {wrong:?}");
