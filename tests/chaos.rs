@@ -347,6 +347,14 @@ enum Fault {
 }
 
 impl Fault {
+    /// Whether a fault that hits one node hits the leader (else a random follower).
+    fn hits_leader(self) -> bool {
+        matches!(
+            self,
+            Fault::KillLeader | Fault::PauseLeader | Fault::IsolateLeader
+        )
+    }
+
     fn name(self) -> &'static str {
         match self {
             Fault::KillLeader => "kill_leader",
@@ -375,6 +383,16 @@ const FAULTS: [Fault; 10] = [
     Fault::SplitMinority,
     Fault::StaleRestart,
 ];
+
+/// The node a single-node fault hits.
+async fn victim(cluster: &Cluster, rng: &mut StdRng, fault: Fault) -> u64 {
+    let (leader, follower) = leader_and_follower(cluster, rng).await;
+    if fault.hits_leader() {
+        leader
+    } else {
+        follower
+    }
+}
 
 async fn leader_and_follower(cluster: &Cluster, rng: &mut StdRng) -> (u64, u64) {
     let leader = cluster.wait_for_leader(Duration::from_secs(60)).await;
@@ -410,12 +428,7 @@ async fn inject(cluster: &mut Cluster, shared: &Shared, fault: Fault, rng: &mut 
     let all = cluster.ids();
     match fault {
         Fault::KillLeader | Fault::KillFollower => {
-            let (leader, follower) = leader_and_follower(cluster, rng).await;
-            let victim = if matches!(fault, Fault::KillLeader) {
-                leader
-            } else {
-                follower
-            };
+            let victim = victim(cluster, rng, fault).await;
             cluster.kill_node(victim);
             tokio::time::sleep(hold(rng, 500, 3000)).await;
             cluster.start_node(victim);
@@ -429,12 +442,7 @@ async fn inject(cluster: &mut Cluster, shared: &Shared, fault: Fault, rng: &mut 
             }
         }
         Fault::PauseLeader | Fault::PauseFollower => {
-            let (leader, follower) = leader_and_follower(cluster, rng).await;
-            let victim = if matches!(fault, Fault::PauseLeader) {
-                leader
-            } else {
-                follower
-            };
+            let victim = victim(cluster, rng, fault).await;
             cluster.pause_node(victim);
             tokio::time::sleep(hold(rng, 1000, 3000)).await;
             cluster.resume_node(victim);
@@ -449,12 +457,7 @@ async fn inject(cluster: &mut Cluster, shared: &Shared, fault: Fault, rng: &mut 
             }
         }
         Fault::IsolateLeader | Fault::IsolateFollower => {
-            let (leader, follower) = leader_and_follower(cluster, rng).await;
-            let victim = if matches!(fault, Fault::IsolateLeader) {
-                leader
-            } else {
-                follower
-            };
+            let victim = victim(cluster, rng, fault).await;
             let proxy = cluster.proxy.as_ref().expect("proxied cluster");
             proxy.isolate(&[victim], &all);
             shared.isolated.store(victim, Ordering::SeqCst);
