@@ -384,6 +384,19 @@ const FAULTS: [Fault; 10] = [
     Fault::StaleRestart,
 ];
 
+/// Cuts `side` off from the rest of `all` for a while, then heals the network. A lone
+/// cut-off node is recorded: the clients check it acknowledges no write meanwhile.
+async fn cut_off(cluster: &Cluster, shared: &Shared, rng: &mut StdRng, side: &[u64], all: &[u64]) {
+    let proxy = cluster.proxy.as_ref().expect("proxied cluster");
+    proxy.isolate(side, all);
+    if let [alone] = side {
+        shared.isolated.store(*alone, Ordering::SeqCst);
+    }
+    tokio::time::sleep(hold(rng, 2000, 4000)).await;
+    shared.isolated.store(0, Ordering::SeqCst);
+    proxy.heal();
+}
+
 /// The node a single-node fault hits.
 async fn victim(cluster: &Cluster, rng: &mut StdRng, fault: Fault) -> u64 {
     let (leader, follower) = leader_and_follower(cluster, rng).await;
@@ -458,12 +471,7 @@ async fn inject(cluster: &mut Cluster, shared: &Shared, fault: Fault, rng: &mut 
         }
         Fault::IsolateLeader | Fault::IsolateFollower => {
             let victim = victim(cluster, rng, fault).await;
-            let proxy = cluster.proxy.as_ref().expect("proxied cluster");
-            proxy.isolate(&[victim], &all);
-            shared.isolated.store(victim, Ordering::SeqCst);
-            tokio::time::sleep(hold(rng, 2000, 4000)).await;
-            shared.isolated.store(0, Ordering::SeqCst);
-            proxy.heal();
+            cut_off(cluster, shared, rng, &[victim], &all).await;
         }
         Fault::SplitMinority => {
             // A minority side (the leader and, with 5 nodes, one more) against the rest.
@@ -473,14 +481,7 @@ async fn inject(cluster: &mut Cluster, shared: &Shared, fault: Fault, rng: &mut 
             } else {
                 vec![leader]
             };
-            let proxy = cluster.proxy.as_ref().expect("proxied cluster");
-            proxy.isolate(&minority, &all);
-            if minority.len() == 1 {
-                shared.isolated.store(leader, Ordering::SeqCst);
-            }
-            tokio::time::sleep(hold(rng, 2000, 4000)).await;
-            shared.isolated.store(0, Ordering::SeqCst);
-            proxy.heal();
+            cut_off(cluster, shared, rng, &minority, &all).await;
         }
         Fault::StaleRestart => {
             // A follower comes back with an older copy of its data (a restored backup).
