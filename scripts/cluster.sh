@@ -25,7 +25,7 @@ bin=${HASHQ_BIN:-$root/target/release/hashq}
 die() { echo "cluster.sh: $*" >&2; exit 1; }
 port_of() { echo $((base_port + $1 - 1)); }
 size() { cat "$dir/size" 2>/dev/null || echo 3; }
-token() { cat "$dir/token"; }
+token() { cat "$dir/$1-token"; }
 
 peers() {
   local n=$1 out="" i
@@ -47,8 +47,9 @@ start_node() {
   alive "$dir/node-$id.pid" && { echo "node $id is already running"; return; }
   mkdir -p "$dir/$id"
   # shellcheck disable=SC2086
+  HASHQ_CLUSTER_TOKEN=$(token peer) HASHQ_WORKER_TOKEN=$(token worker) HASHQ_ADMIN_TOKEN=$(token admin) \
   nohup "$bin" node --id "$id" --listen "127.0.0.1:$(port_of "$id")" --peers "$(peers "$n")" \
-    --data-dir "$dir/$id" --cluster-token "$(token)" --launcher local \
+    --data-dir "$dir/$id" --launcher local \
     --max-workers "${HASHQ_MAX_WORKERS:-4}" ${HASHQ_NODE_ARGS:-} \
     >>"$dir/node-$id.log" 2>&1 &
   echo $! >"$dir/node-$id.pid"
@@ -96,12 +97,16 @@ up)
     die "$dir holds a $(size)-node cluster; run 'scripts/cluster.sh reset' first"
   fi
   echo "$n" >"$dir/size"
-  [[ -f $dir/token ]] || (umask 077 && head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$dir/token")
+  # One credential per audience (peer, worker, admin), made once per cluster; the node reads
+  # them from its environment, so they never show on a command line.
+  for kind in peer worker admin; do
+    [[ -f $dir/$kind-token ]] || (umask 077 && head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$dir/$kind-token")
+  done
   for ((i = 1; i <= n; i++)); do start_node "$i"; done
   leader=$(wait_for_leader 60) || die "no leader after 60s; see scripts/cluster.sh logs 1"
   echo "hashq cluster of $n nodes is up; leader is node $leader"
   echo "endpoints: $(endpoints "$n" | tr ',' ' ')"
-  echo "cluster token: $dir/token"
+  echo "admin token (hashq cluster set-max-workers --admin-token ...): $dir/admin-token"
   ;;
 down)
   # Nodes stop their workers when they stop; workers of a node killed earlier are orphans.

@@ -16,9 +16,9 @@
 #     node), each with a fixed private IP so every node's user data carries the peers list.
 #     Their user data downloads `hashq` from --binary-url (S3 is not allowed by the exercise:
 #     serve the release binary from any HTTPS host you trust, and pass --binary-sha256) and
-#     installs `hashq node --launcher ec2` as a systemd service with a generated cluster token.
+#     installs `hashq node --launcher ec2` as a systemd service with generated credentials (peer, worker, admin).
 # Then it waits for a leader (skip with --no-wait, e.g. against an emulator whose instances
-# run nothing) and prints the endpoint URLs. The token is kept in STATE_DIR/NAME.token.
+# run nothing) and prints the endpoint URLs. The credentials are kept in STATE_DIR/NAME.{token,worker-token,admin-token}.
 #
 # Options:
 #   --name NAME              cluster name, the hashq:cluster tag (default: hashq)
@@ -38,7 +38,7 @@
 #   --max-workers N          the cluster-wide worker budget (default: 8)
 #   --worker-idle-timeout D  workers end after this long without work (default: 10m)
 #   --key-name NAME          an EC2 key pair for SSH; with --ssh-cidr CIDR, port 22 opens
-#   --state-dir DIR          where the token file lives (default: .hashq-ec2)
+#   --state-dir DIR          where the credential files live (default: .hashq-ec2)
 #   --no-wait                do not wait for a leader
 #   --destroy                terminate every instance tagged hashq:cluster=NAME (workers
 #                            included), delete its security groups, roles and profiles
@@ -115,7 +115,11 @@ awsq() {
   printf '%s' "$out"
 }
 
+# One credential per audience: peer (nodes only), worker (workers' user data), admin (the
+# operator's `hashq cluster` commands). Only the admin one is useful outside the cluster.
 token_file="$state_dir/$name.token"
+worker_token_file="$state_dir/$name.worker-token"
+admin_token_file="$state_dir/$name.admin-token"
 tag_filter=(Name=tag:hashq:cluster,Values="$name")
 
 # ---------------------------------------------------------------------------------- destroy
@@ -190,7 +194,7 @@ if [[ -n $destroy ]]; then
   terminate_all
   delete_groups
   delete_iam
-  rm -f "$token_file"
+  rm -f "$token_file" "$worker_token_file" "$admin_token_file"
   say "cluster $name is gone"
   exit 0
 fi
@@ -350,8 +354,13 @@ for ((k = 0; k < voters; k++)); do peers+="${peers:+,}${ids[$k]}=${ips[$k]}:$por
 
 umask 077
 mkdir -p "$state_dir"
-token=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
+new_token() { od -An -N32 -tx1 /dev/urandom | tr -d ' \n'; }
+token=$(new_token)
+worker_token=$(new_token)
+admin_token=$(new_token)
 printf '%s\n' "$token" >"$token_file"
+printf '%s\n' "$worker_token" >"$worker_token_file"
+printf '%s\n' "$admin_token" >"$admin_token_file"
 
 node_user_data() { # k -> user data of voter k (0-based)
   local id=${ids[$1]} role=${roles[$1]} subnet=${node_subnets[$1]}
@@ -371,6 +380,8 @@ HASHQ_PEERS=$peers
 HASHQ_DATA_DIR=/var/lib/hashq
 HASHQ_CLUSTER_NAME=$name
 HASHQ_CLUSTER_TOKEN=$token
+HASHQ_WORKER_TOKEN=$worker_token
+HASHQ_ADMIN_TOKEN=$admin_token
 HASHQ_LAUNCHER=ec2
 HASHQ_MAX_WORKERS=$max_workers
 HASHQ_WORKER_IDLE_TIMEOUT=$worker_idle_timeout
@@ -477,5 +488,5 @@ if [[ -n $wait_for_leader ]]; then
   done
 fi
 
-echo "hashq cluster $name in $region (token in $token_file):"
+echo "hashq cluster $name in $region (admin token in $admin_token_file):"
 printf '  %s\n' "${urls[@]}"

@@ -34,7 +34,15 @@ if ! command -v moto_server >/dev/null || ! command -v aws >/dev/null; then
   if command -v pyenv >/dev/null; then pyenv rehash; fi
   hash -r
 fi
-for tool in moto_server aws; do
+# tests/schemathesis.rs fuzzes the client API from its OpenAPI document.
+if ! command -v schemathesis >/dev/null; then
+  step "installing schemathesis from PyPI"
+  python3 -m pip install --quiet schemathesis ||
+    { echo "test.sh: cannot install schemathesis with pip (python3 -m pip)" >&2; exit 1; }
+  if command -v pyenv >/dev/null; then pyenv rehash; fi
+  hash -r
+fi
+for tool in moto_server aws schemathesis; do
   command -v "$tool" >/dev/null ||
     { echo "test.sh: $tool is not on PATH (pip installed it where PATH does not look)" >&2; exit 1; }
 done

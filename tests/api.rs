@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{payload, reference, wait_for, Cluster, Options, TOKEN};
+use common::{payload, reference, wait_for, Cluster, Options, ADMIN_TOKEN, WORKER_TOKEN};
 use reqwest::Method;
 use serde_json::Value;
 
@@ -162,7 +162,7 @@ async fn bad_input_gets_a_clear_json_error_and_the_node_keeps_serving() {
         ..case(Method::POST, "/raft/append", 401, "unauthorized")
     });
     cases.push(Case {
-        headers: vec![("authorization", format!("Bearer {TOKEN}"))],
+        headers: vec![("authorization", format!("Bearer {WORKER_TOKEN}"))],
         // A truncated varint: not a lease request.
         body: vec![0xff],
         ..case(Method::POST, "/worker/lease", 400, "invalid_body")
@@ -316,7 +316,7 @@ async fn the_worker_budget_changes_at_run_time_through_the_cli() {
             .output()
             .expect("run hashq cluster")
     };
-    let out = cli(&["set-max-workers", "3", "--cluster-token", TOKEN]);
+    let out = cli(&["set-max-workers", "3", "--admin-token", ADMIN_TOKEN]);
     assert!(
         out.status.success(),
         "{}",
@@ -333,14 +333,19 @@ async fn the_worker_budget_changes_at_run_time_through_the_cli() {
     // Without the token, or out of range: refused, budget unchanged.
     let out = cli(&["set-max-workers", "5"]);
     assert!(!out.status.success());
-    let out = cli(&["set-max-workers", "5", "--cluster-token", "wrong"]);
+    let out = cli(&[
+        "set-max-workers",
+        "5",
+        "--admin-token",
+        "wrong-but-long-enough",
+    ]);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("401"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = cli(&["set-max-workers", "20000", "--cluster-token", TOKEN]);
+    let out = cli(&["set-max-workers", "20000", "--admin-token", ADMIN_TOKEN]);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("out_of_range")

@@ -24,7 +24,9 @@ use std::time::Duration;
 use aws_sdk_ec2::config::Credentials;
 use aws_sdk_ec2::types::{Filter, InstanceStateName, ResourceType, Tag, TagSpecification};
 use base64::Engine as _;
-use common::{free_port, payload, reference, wait_for, Cluster, Options, TOKEN};
+use common::{
+    free_port, payload, reference, wait_for, Cluster, Options, ADMIN_TOKEN, TOKEN, WORKER_TOKEN,
+};
 use futures::StreamExt;
 use serde_json::Value;
 
@@ -531,7 +533,7 @@ async fn boot(
     let token = plan
         .env
         .iter()
-        .find(|(k, _)| k == "HASHQ_CLUSTER_TOKEN")
+        .find(|(k, _)| k == "HASHQ_WORKER_TOKEN")
         .map(|(_, v)| v.clone())
         .ok_or("no token in the user data")?;
     // The script tries each URL in turn; so does the hypervisor.
@@ -782,7 +784,7 @@ async fn set_max_workers(cluster: &Cluster, max: u32) {
     let answer = cluster
         .http
         .post(format!("{}/admin/max-workers", cluster.url(1)))
-        .bearer_auth(TOKEN)
+        .bearer_auth(ADMIN_TOKEN)
         .body(format!("{{\"max\":{max}}}"))
         .send()
         .await
@@ -881,7 +883,9 @@ async fn backlog_launches_tagged_worker_instances_within_the_budget_and_idle_one
             Some("terminate")
         );
         let script = user_data(&ec2, &instance.id).await;
-        assert!(script.contains(&format!("HASHQ_CLUSTER_TOKEN={TOKEN}")));
+        // Workers hold the worker credential, never the peer or admin one.
+        assert!(script.contains(&format!("HASHQ_WORKER_TOKEN={WORKER_TOKEN}")));
+        assert!(!script.contains(TOKEN) && !script.contains(ADMIN_TOKEN));
         assert!(script.contains(&format!("--worker-id {worker_id} --parent {parent_node}")));
         assert!(script.contains("--shutdown-on-orphan"));
         for secret in [ACCESS_KEY, SECRET_KEY, "AWS_ACCESS_KEY", "AWS_SECRET"] {
@@ -1337,6 +1341,10 @@ async fn the_deploy_script_creates_the_cluster_and_destroy_removes_all_of_it() {
             "{token}"
         );
         tokens.insert(token.to_string());
+        // One credential per audience: three different ones on every node.
+        let (worker, admin) = (env["HASHQ_WORKER_TOKEN"], env["HASHQ_ADMIN_TOKEN"]);
+        assert!(worker.len() >= 32 && admin.len() >= 32);
+        assert!(worker != token && admin != token && worker != admin);
         peers.insert(env["HASHQ_PEERS"].to_string());
         assert_eq!(env.contains_key("HASHQ_CLIENT_LISTEN"), role == "endpoint");
     }
@@ -1390,6 +1398,9 @@ async fn the_deploy_script_creates_the_cluster_and_destroy_removes_all_of_it() {
         0
     );
     assert!(!token_file.exists(), "the token file goes with the cluster");
+    for kind in ["worker-token", "admin-token"] {
+        assert!(!state.path().join(format!("{name}.{kind}")).exists());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -29,8 +29,6 @@ use crate::node::Node;
 use crate::proposer::now_ms;
 
 const TICK: Duration = Duration::from_millis(200);
-/// How often the leader re-checks which endpoints are alive.
-const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// Assumed per-worker hashing rate until one is measured (iterations/s).
 const DEFAULT_RATE: f64 = 2_000_000.0;
 
@@ -59,22 +57,12 @@ impl RateEstimate {
     }
 }
 
-/// Endpoints that answered their last health probe.
-struct Liveness {
-    live: Vec<NodeId>,
-    probed: Option<Instant>,
-}
-
 pub async fn run(node: Node, launcher: Arc<dyn Launcher>) {
     let started_ms = now_ms();
     let mut attempted: HashSet<WorkerId> = HashSet::new();
     let mut rate = RateEstimate {
         rate: DEFAULT_RATE,
         last: None,
-    };
-    let mut liveness = Liveness {
-        live: Vec::new(),
-        probed: None,
     };
     let mut last_reserve: Option<Instant> = None;
     let mut ticker = tokio::time::interval(TICK);
@@ -93,14 +81,11 @@ pub async fn run(node: Node, launcher: Arc<dyn Launcher>) {
         }
         let busy = workers.iter().filter(|w| w.leased > 0).count();
         rate.update(meta.counts.completed_iterations_total, busy);
-        if liveness.probed.is_none_or(|p| p.elapsed() >= PROBE_EVERY) {
-            liveness.live = live_endpoints(&node).await;
-            liveness.probed = Some(Instant::now());
-        }
+        let live = live_endpoints(&node);
         if last_reserve.is_some_and(|t| t.elapsed() < node.config.scaling.scale_up_interval) {
             continue;
         }
-        let Some(parent) = wanted(&node, &meta, &workers, rate.rate, &liveness.live) else {
+        let Some(parent) = wanted(&node, &meta, &workers, rate.rate, &live) else {
             continue;
         };
         last_reserve = Some(Instant::now());
@@ -177,24 +162,23 @@ fn wanted(
         .map(|(id, _)| id)
 }
 
-/// Endpoints (not witnesses) that answer `/health` right now, this node included.
-async fn live_endpoints(node: &Node) -> Vec<NodeId> {
+/// Endpoints (not witnesses) that can launch workers and answered their last `/health`
+/// probe, this node included.
+fn live_endpoints(node: &Node) -> Vec<NodeId> {
     let membership = node.raft.metrics().borrow().membership_config.clone();
-    let probes = membership.membership().nodes().map(|(id, n)| {
-        let (id, addr) = (*id, n.addr.clone());
-        let node = node.clone();
-        async move {
+    membership
+        .membership()
+        .nodes()
+        .map(|(id, _)| *id)
+        .filter(|&id| {
             if id == node.id() {
-                return (node.config.role == crate::config::Role::Endpoint).then_some(id);
+                node.config.role == crate::config::Role::Endpoint && node.launcher.name() != "none"
+            } else {
+                node.peer_health
+                    .get(id)
+                    .is_some_and(|h| h.role == "endpoint" && h.launcher != "none")
             }
-            let health = node.probe_health(&addr).await?;
-            (health.role == "endpoint").then_some(id)
-        }
-    });
-    futures::future::join_all(probes)
-        .await
-        .into_iter()
-        .flatten()
+        })
         .collect()
 }
 

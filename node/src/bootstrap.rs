@@ -28,7 +28,7 @@ async fn probe(node: &Node, addr: &str) -> Option<InitState> {
         .http
         .get(format!("http://{addr}{INIT_STATE}"))
         .timeout(Duration::from_millis(500));
-    if let Some(token) = &node.config.cluster_token {
+    if let Some(token) = &node.config.credentials.peer {
         request = request.bearer_auth(token);
     }
     let answer = request.send().await.ok()?;

@@ -91,6 +91,14 @@ pub(crate) fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e}"))
 }
 
+/// A size in bytes: a plain number, or with a unit (`64KiB`, `4GiB`, `1MB`).
+pub(crate) fn byte_size(s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("`{s}` is not a size: {e}"))
+}
+
 /// `hashq node` flags.
 #[derive(clap::Args, Clone, Debug)]
 pub struct NodeArgs {
@@ -114,12 +122,25 @@ pub struct NodeArgs {
     /// Where this node keeps its Raft log, state machine and snapshots.
     #[arg(long, env = "HASHQ_DATA_DIR")]
     pub data_dir: PathBuf,
-    /// Shared secret guarding Raft, worker, admin and binary routes.
+    /// The peer credential: guards Raft RPC and node-to-node routes. Only nodes hold it.
     #[arg(long, env = "HASHQ_CLUSTER_TOKEN", hide_env_values = true)]
     pub cluster_token: Option<String>,
-    /// Optional secret guarding enqueue and pull.
+    /// The worker credential: guards the worker routes and the binary download. Workers (and
+    /// EC2 worker instances' user data) hold this one, never the peer credential.
+    #[arg(long, env = "HASHQ_WORKER_TOKEN", hide_env_values = true)]
+    pub worker_token: Option<String>,
+    /// The admin credential: guards the admin routes (`hashq cluster set-max-workers`,
+    /// `hashq cluster workers`). Without it they are refused.
+    #[arg(long, env = "HASHQ_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Optional client credential: guards the client API and then also /status, /metrics
+    /// and the dashboard's data.
     #[arg(long, env = "HASHQ_CLIENT_TOKEN", hide_env_values = true)]
     pub client_token: Option<String>,
+    /// Run without the peer and worker credentials: every route they guard is open to anyone
+    /// who can reach the port. Only for a trusted, private network.
+    #[arg(long, env = "HASHQ_INSECURE")]
+    pub insecure: bool,
     /// The cluster's name (EC2 tag `hashq:cluster`); workers never mix clusters.
     #[arg(long, env = "HASHQ_CLUSTER_NAME", default_value = "hashq")]
     pub cluster_name: String,
@@ -169,15 +190,49 @@ pub struct NodeArgs {
     /// Largest `top` accepted by pullCompleted.
     #[arg(long, env = "HASHQ_MAX_TOP", default_value_t = 1000)]
     pub max_top: u32,
-    /// Items queued or running beyond which enqueue answers 429.
+    /// Items stored (queued, running, completed but not pulled, dead) beyond which enqueue
+    /// answers 429; enforced at apply, so concurrent enqueues never overshoot.
     #[arg(long, env = "HASHQ_MAX_BACKLOG", default_value_t = 1_000_000)]
     pub max_backlog: u64,
+    /// Bytes stored (payloads of queued, running and dead items, plus 128 per unpulled
+    /// result) beyond which enqueue answers 429; enforced at apply. Accepts KiB, MiB, GiB.
+    #[arg(long, env = "HASHQ_MAX_BACKLOG_BYTES", default_value = "4GiB", value_parser = byte_size)]
+    pub max_backlog_bytes: u64,
+    /// Dead items (and their payloads) are dropped this long after they died.
+    #[arg(long, env = "HASHQ_DEAD_RETENTION", default_value = "7d", value_parser = duration)]
+    pub dead_retention: Duration,
+    /// Completed results nobody pulled are dropped this long after they completed.
+    #[arg(long, env = "HASHQ_COMPLETED_RETENTION", default_value = "7d", value_parser = duration)]
+    pub completed_retention: Duration,
     /// Leases an item may lose before it is dead.
     #[arg(long, env = "HASHQ_MAX_ATTEMPTS", default_value_t = 5)]
     pub max_attempts: u32,
-    /// Concurrent requests served; more wait.
+    /// Client requests served at once; more wait up to --queue-timeout, then get 503.
     #[arg(long, env = "HASHQ_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
+    /// Worker requests served at once (their own slots: workers never wait behind clients).
+    #[arg(long, env = "HASHQ_MAX_WORKER_REQUESTS", default_value_t = 1024)]
+    pub max_worker_requests: usize,
+    /// Raft and node-to-node requests served at once (their own slots: Raft never waits
+    /// behind clients or workers).
+    #[arg(long, env = "HASHQ_MAX_PEER_REQUESTS", default_value_t = 256)]
+    pub max_peer_requests: usize,
+    /// Longest a request waits for a free slot of its kind before it gets 503.
+    #[arg(long, env = "HASHQ_QUEUE_TIMEOUT", default_value = "1s", value_parser = duration)]
+    pub queue_timeout: Duration,
+    /// Open connections per listener; more are closed at once.
+    #[arg(long, env = "HASHQ_MAX_OPEN_CONNECTIONS", default_value_t = 8192)]
+    pub max_open_connections: usize,
+    /// Longest a connection may take to send a request's headers, and stay idle between
+    /// requests.
+    #[arg(long, env = "HASHQ_HEADER_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub header_timeout: Duration,
+    /// Bytes per second a request body must average (after a 2s grace), else 408.
+    #[arg(long, env = "HASHQ_BODY_MIN_RATE", default_value = "64KiB", value_parser = byte_size)]
+    pub body_min_rate: u64,
+    /// Bytes of client and worker request bodies in flight at once; beyond, 503.
+    #[arg(long, env = "HASHQ_MAX_BODY_BYTES_IN_FLIGHT", default_value = "256MiB", value_parser = byte_size)]
+    pub max_body_bytes_in_flight: u64,
 
     /// Raft heartbeat interval.
     #[arg(long, env = "HASHQ_RAFT_HEARTBEAT", default_value = "100ms", value_parser = duration)]
@@ -294,8 +349,13 @@ pub struct Limits {
     pub max_iterations: u32,
     pub max_top: u32,
     pub max_backlog: u64,
+    pub max_backlog_bytes: u64,
     pub max_attempts: u32,
     pub max_connections: usize,
+    pub max_worker_requests: usize,
+    pub max_peer_requests: usize,
+    pub dead_retention: Duration,
+    pub completed_retention: Duration,
 }
 
 /// The autoscaler's knobs.
@@ -309,6 +369,93 @@ pub struct Scaling {
     pub worker_threads: usize,
 }
 
+/// Shortest credential accepted (they are random strings; scripts make 48 hex digits).
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// One credential per audience. `None` means the audience's routes are open (peer, worker,
+/// client: only with `--insecure` for the first two) or refused (admin).
+#[derive(Clone, Default)]
+pub struct Credentials {
+    /// Raft RPC and node-to-node routes.
+    pub peer: Option<String>,
+    /// Worker routes and the binary download.
+    pub worker: Option<String>,
+    /// Admin routes.
+    pub admin: Option<String>,
+    /// The client API, `/status`, `/metrics` (when set).
+    pub client: Option<String>,
+    /// Started with `--insecure`: missing peer, worker and admin credentials open their routes.
+    pub insecure: bool,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print a secret, even in a debug dump of the config.
+        let set = |t: &Option<String>| if t.is_some() { "set" } else { "unset" };
+        f.debug_struct("Credentials")
+            .field("peer", &set(&self.peer))
+            .field("worker", &set(&self.worker))
+            .field("admin", &set(&self.admin))
+            .field("client", &set(&self.client))
+            .field("insecure", &self.insecure)
+            .finish()
+    }
+}
+
+impl Credentials {
+    /// Checks the credentials together: the peer and worker ones are required unless
+    /// `insecure`, each is long enough and visible ASCII, and no two audiences share one (a
+    /// worker must never hold what opens Raft).
+    pub fn check(
+        peer: Option<String>,
+        worker: Option<String>,
+        admin: Option<String>,
+        client: Option<String>,
+        insecure: bool,
+    ) -> Result<Credentials, String> {
+        let clean = |t: Option<String>| t.filter(|t| !t.is_empty());
+        let c = Credentials {
+            peer: clean(peer),
+            worker: clean(worker),
+            admin: clean(admin),
+            client: clean(client),
+            insecure,
+        };
+        if !insecure {
+            if c.peer.is_none() {
+                return Err("--cluster-token (the peer credential) is required; pass --insecure to run without credentials on a trusted network".into());
+            }
+            if c.worker.is_none() {
+                return Err("--worker-token (the workers' credential) is required; pass --insecure to run without credentials on a trusted network".into());
+            }
+        }
+        let named = [
+            ("--cluster-token", &c.peer),
+            ("--worker-token", &c.worker),
+            ("--admin-token", &c.admin),
+            ("--client-token", &c.client),
+        ];
+        for (flag, token) in named {
+            let Some(token) = token else { continue };
+            if token.len() < MIN_TOKEN_LEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(format!(
+                    "{flag} must be at least {MIN_TOKEN_LEN} visible ASCII characters"
+                ));
+            }
+        }
+        for (i, (a, ta)) in named.iter().enumerate() {
+            for (b, tb) in &named[i + 1..] {
+                if ta.is_some() && ta == tb {
+                    return Err(format!(
+                        "{a} and {b} must differ: one credential per audience"
+                    ));
+                }
+            }
+        }
+        Ok(c)
+    }
+}
+
 /// A node's resolved configuration.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -318,8 +465,7 @@ pub struct NodeConfig {
     pub peers: Peers,
     pub outbound_addr: Option<std::net::IpAddr>,
     pub data_dir: PathBuf,
-    pub cluster_token: Option<String>,
-    pub client_token: Option<String>,
+    pub credentials: Credentials,
     pub cluster_name: String,
     pub role: Role,
     pub launcher: LauncherKind,
@@ -329,6 +475,7 @@ pub struct NodeConfig {
     /// The `ec2` launcher's settings (checked only with `--launcher ec2`).
     pub ec2: Ec2Args,
     pub limits: Limits,
+    pub http: crate::http::HttpLimits,
     pub timing: Timing,
     pub snapshot_every: u64,
     pub cache_bytes: u64,
@@ -371,10 +518,16 @@ impl NodeArgs {
             ..Timing::default()
         };
         timing.validate()?;
-        let cluster_token = self.cluster_token.filter(|t| !t.is_empty());
+        let credentials = Credentials::check(
+            self.cluster_token,
+            self.worker_token,
+            self.admin_token,
+            self.client_token,
+            self.insecure,
+        )?;
         if self.launcher == LauncherKind::Ec2 {
             self.ec2
-                .validate(&self.cluster_name, cluster_token.is_some())
+                .validate(&self.cluster_name, credentials.worker.is_some())
                 .map_err(|e| e.to_string())?;
         }
         Ok(NodeConfig {
@@ -384,8 +537,7 @@ impl NodeArgs {
             peers: self.peers,
             outbound_addr: self.outbound_addr,
             data_dir: self.data_dir,
-            cluster_token,
-            client_token: self.client_token.filter(|t| !t.is_empty()),
+            credentials,
             cluster_name: self.cluster_name,
             role: self.role,
             launcher: self.launcher,
@@ -405,8 +557,23 @@ impl NodeArgs {
                 max_iterations: self.max_iterations,
                 max_top: self.max_top,
                 max_backlog: self.max_backlog,
+                max_backlog_bytes: self.max_backlog_bytes,
                 max_attempts: self.max_attempts,
                 max_connections: self.max_connections.max(1),
+                max_worker_requests: self.max_worker_requests.max(1),
+                max_peer_requests: self.max_peer_requests.max(1),
+                dead_retention: self.dead_retention,
+                completed_retention: self.completed_retention,
+            },
+            http: crate::http::HttpLimits {
+                header_timeout: self.header_timeout,
+                body_min_rate: self.body_min_rate,
+                max_open_connections: self.max_open_connections.max(16),
+                max_body_bytes_in_flight: usize::try_from(self.max_body_bytes_in_flight)
+                    .unwrap_or(usize::MAX)
+                    .max(self.max_body_bytes),
+                queue_timeout: self.queue_timeout,
+                ..crate::http::HttpLimits::default()
             },
             timing,
             snapshot_every: self.snapshot_every,

@@ -15,16 +15,24 @@ pub enum ApiError {
     /// A parameter is missing or out of range.
     #[error("{message}")]
     InvalidInput { code: String, message: String },
-    #[error("missing or wrong token")]
+    #[error("missing or wrong credential for this route")]
     Unauthorized,
+    #[error("admin routes are disabled: start the nodes with --admin-token")]
+    AdminDisabled,
     #[error("{0}")]
     NotFound(String),
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("request body larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
-    #[error("the backlog is full ({queued} items); retry later")]
-    BacklogFull { queued: u64 },
+    /// The body did not arrive in time (too slow, or stalled).
+    #[error("{0}")]
+    BodyTimeout(String),
+    /// This node is at capacity for the request's audience; retry shortly.
+    #[error("{0}")]
+    Busy(String),
+    #[error("the backlog is full ({items} items, {bytes} bytes stored); retry later")]
+    BacklogFull { items: u64, bytes: u64 },
     /// No leader is known right now (election, no quorum).
     #[error("no leader right now: {reason}")]
     NoLeader { reason: String },
@@ -58,7 +66,10 @@ impl ApiError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            ApiError::NoLeader { .. } | ApiError::NotLeader { .. } | ApiError::Unavailable(_)
+            ApiError::NoLeader { .. }
+                | ApiError::NotLeader { .. }
+                | ApiError::Unavailable(_)
+                | ApiError::Busy(_)
         )
     }
 
@@ -66,6 +77,7 @@ impl ApiError {
         match self {
             ApiError::InvalidInput { code, .. } => (StatusCode::BAD_REQUEST, code.as_str(), None),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized", None),
+            ApiError::AdminDisabled => (StatusCode::FORBIDDEN, "admin_disabled", None),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found", None),
             ApiError::MethodNotAllowed => {
                 (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", None)
@@ -73,6 +85,12 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", None)
             }
+            ApiError::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "body_timeout", None),
+            ApiError::Busy(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                Some(Duration::from_secs(1)),
+            ),
             ApiError::BacklogFull { .. } => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "backlog_full",
@@ -102,6 +120,7 @@ impl From<Rejection> for ApiError {
             Rejection::UnknownWorker(w) => ApiError::UnknownWorker(w),
             Rejection::UnknownSlot(w) => ApiError::UnknownSlot(w),
             Rejection::Invalid(m) => ApiError::invalid("invalid_request", m),
+            Rejection::BacklogFull { items, bytes } => ApiError::BacklogFull { items, bytes },
         }
     }
 }

@@ -20,6 +20,8 @@ pub fn tick_params(node: &Node) -> TickParams {
         worker_lost_ms: t.worker_lost_after.as_millis() as u64,
         launch_timeout_ms: t.launch_timeout.as_millis() as u64,
         pulled_retention_ms: t.pulled_retention.as_millis() as u64,
+        completed_retention_ms: node.config.limits.completed_retention.as_millis() as u64,
+        dead_retention_ms: node.config.limits.dead_retention.as_millis() as u64,
         limit: TICK_LIMIT,
     }
 }

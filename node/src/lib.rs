@@ -18,9 +18,11 @@ pub mod bootstrap;
 pub mod config;
 pub mod error;
 pub mod housekeeping;
+pub mod http;
 pub mod launcher;
 pub mod node;
 pub mod proposer;
+pub mod raft_gate;
 pub mod routes;
 
 pub use config::{NodeArgs, NodeConfig};

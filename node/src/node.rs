@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hashq_raft::network::Network;
+use hashq_raft::wire::Health;
 use hashq_raft::{NodeId, Raft};
 use hashq_storage::{SmReader, StoreOptions};
 use openraft::SnapshotPolicy;
@@ -13,8 +14,9 @@ use tokio::net::TcpListener;
 
 use crate::config::{NodeConfig, Role};
 use crate::launcher::{self, Launcher};
-use crate::proposer::Proposer;
+use crate::proposer::{Proposer, ProposerOptions};
 use crate::{autoscaler, bootstrap, housekeeping, routes};
+use hashq_raft::command::StoreLimits;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -48,8 +50,72 @@ impl Stats {
     }
 }
 
+/// The last answer each peer gave to a `/health` probe, refreshed in the background once a
+/// second, so neither `/status` calls nor the autoscaler fan requests out to every peer.
+#[derive(Default)]
+pub struct PeerHealth {
+    seen: std::sync::Mutex<std::collections::HashMap<NodeId, Health>>,
+}
+
+impl PeerHealth {
+    /// The peer's last answer, `None` if its last probe failed (or none was made yet).
+    pub fn get(&self, id: NodeId) -> Option<Health> {
+        self.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
+    fn set(&self, id: NodeId, health: Option<Health>) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        match health {
+            Some(h) => seen.insert(id, h),
+            None => seen.remove(&id),
+        };
+    }
+}
+
+/// How often peers' health is probed once every peer has answered.
+const PEER_PROBE_EVERY: Duration = Duration::from_secs(1);
+/// ... and while some peer has not answered yet (a node that just started, or a peer down).
+const PEER_PROBE_EAGER: Duration = Duration::from_millis(200);
+
+async fn probe_peers(node: Node) {
+    loop {
+        let membership = node.raft.metrics().borrow().membership_config.clone();
+        let probes = membership
+            .membership()
+            .nodes()
+            .filter(|(id, _)| **id != node.id())
+            .map(|(id, n)| {
+                let (id, addr) = (*id, n.addr.clone());
+                let node = node.clone();
+                async move {
+                    let health = node.probe_health(&addr).await;
+                    let answered = health.is_some();
+                    node.peer_health.set(id, health);
+                    answered
+                }
+            });
+        let answers = futures::future::join_all(probes).await;
+        let all_up = !answers.is_empty() && answers.iter().all(|a| *a);
+        tokio::time::sleep(if all_up {
+            PEER_PROBE_EVERY
+        } else {
+            PEER_PROBE_EAGER
+        })
+        .await;
+    }
+}
+
 pub struct Inner {
     pub config: NodeConfig,
+    pub peer_health: PeerHealth,
+    /// Request slots per audience and the body budget, shared by every listener.
+    pub gates: crate::routes::Gates,
+    /// Checks Raft RPCs before openraft sees them.
+    pub raft_gate: crate::raft_gate::Gate,
     pub raft: Raft,
     pub launcher: Arc<dyn Launcher>,
     /// The last few launch failures, for `/status`.
@@ -152,7 +218,7 @@ impl Node {
             .local_address(config.outbound_addr)
             .build()
             .map_err(|e| StartError::Http(e.to_string()))?;
-        let token: Option<Arc<str>> = config.cluster_token.as_deref().map(Arc::from);
+        let token: Option<Arc<str>> = config.credentials.peer.as_deref().map(Arc::from);
         let network = Network::new(http.clone(), token.clone());
         let raft = Raft::new(config.id, Arc::new(raft_config), network, log, sm)
             .await
@@ -163,12 +229,21 @@ impl Node {
             reader.clone(),
             http.clone(),
             token,
-            timing.request_timeout,
-            config.proposals_in_flight,
+            ProposerOptions {
+                request_timeout: timing.request_timeout,
+                in_flight: config.proposals_in_flight,
+                limits: StoreLimits {
+                    max_items: config.limits.max_backlog,
+                    max_bytes: config.limits.max_backlog_bytes,
+                },
+            },
         );
         let node = Node {
             inner: Arc::new(Inner {
+                gates: crate::routes::Gates::new(&config),
                 config,
+                peer_health: PeerHealth::default(),
+                raft_gate: crate::raft_gate::Gate::default(),
                 raft,
                 launcher: launcher.clone(),
                 launch_errors: std::sync::Mutex::new(Vec::new()),
@@ -182,6 +257,7 @@ impl Node {
         };
         tokio::spawn(exit_on_fatal(node.raft.clone(), node.stopping.clone()));
         tokio::spawn(bootstrap::run(node.clone()));
+        tokio::spawn(probe_peers(node.clone()));
         tokio::spawn(housekeeping::run(node.clone()));
         tokio::spawn(autoscaler::run(node.clone(), launcher));
         Ok(node)
@@ -192,7 +268,7 @@ impl Node {
     }
 
     /// Asks a peer's `/health`, briefly; `None` if it does not answer.
-    pub async fn probe_health(&self, addr: &str) -> Option<hashq_raft::wire::Health> {
+    pub async fn probe_health(&self, addr: &str) -> Option<Health> {
         let answer = self
             .http
             .get(format!("http://{addr}/health"))
@@ -245,9 +321,8 @@ pub async fn serve_client(
     node: Node,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, routes::client_router(node))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let limits = node.config.http.clone();
+    crate::http::serve(listener, routes::client_router(node), &limits, shutdown).await
 }
 
 /// Serves `node` on `listener` until `shutdown` completes.
@@ -256,8 +331,25 @@ pub async fn serve(
     node: Node,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = routes::router(node);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    let limits = node.config.http.clone();
+    crate::http::serve(listener, routes::router(node), &limits, shutdown).await
+}
+
+/// Raises this process's open-file limit to its hard limit: every connection is a file, and
+/// running out of them would refuse peers along with clients.
+pub fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::warn!("could not raise the open-file limit");
+            }
+        }
+    }
 }

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use hashq_raft::command::{Command, Request, Response};
+use hashq_raft::command::{Command, Request, Response, StoreLimits};
 use hashq_raft::kv::KvRead;
 use hashq_raft::{codec, machine, wire, NodeId, Raft};
 use hashq_storage::SmReader;
@@ -68,8 +68,18 @@ struct Shared {
     reader: SmReader,
     http: reqwest::Client,
     token: Option<Arc<str>>,
-    request_timeout: Duration,
-    in_flight: usize,
+    options: ProposerOptions,
+}
+
+/// How the proposer batches and what it stamps on the commands it proposes as leader.
+#[derive(Clone, Copy, Debug)]
+pub struct ProposerOptions {
+    /// How long a request may take, retries through leader changes included.
+    pub request_timeout: Duration,
+    /// Batches proposed at once.
+    pub in_flight: usize,
+    /// The bounds on stored state every command carries.
+    pub limits: StoreLimits,
 }
 
 /// Submits requests to the replicated log. Cheap to clone.
@@ -87,8 +97,7 @@ impl Proposer {
         reader: SmReader,
         http: reqwest::Client,
         token: Option<Arc<str>>,
-        request_timeout: Duration,
-        in_flight: usize,
+        options: ProposerOptions,
     ) -> Proposer {
         let shared = Arc::new(Shared {
             id,
@@ -96,8 +105,7 @@ impl Proposer {
             reader,
             http,
             token,
-            request_timeout,
-            in_flight,
+            options,
         });
         let (local, local_rx) = mpsc::unbounded_channel();
         let (forward, forward_rx) = mpsc::unbounded_channel();
@@ -118,7 +126,7 @@ impl Proposer {
     /// Proposes `request`, through the leader wherever it is, retrying transient failures
     /// until the request timeout.
     pub async fn submit(&self, request: Request) -> Result<Reply, ApiError> {
-        let deadline = Instant::now() + self.shared.request_timeout;
+        let deadline = Instant::now() + self.shared.options.request_timeout;
         let mut delay = Duration::from_millis(10);
         loop {
             // An attempt can hang (a leader cut off from its majority cannot commit): bound it
@@ -212,7 +220,7 @@ fn request_bytes(r: &Request) -> usize {
 /// Gathers whatever requests are waiting into one batch, up to the limits, and sends it off;
 /// at most `in_flight` batches are under way, so under load batches grow by themselves.
 async fn batcher(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Pending>, sink: Sink) {
-    let in_flight = Arc::new(Semaphore::new(shared.in_flight.max(1)));
+    let in_flight = Arc::new(Semaphore::new(shared.options.in_flight.max(1)));
     let mut carry: Option<Pending> = None;
     loop {
         let first = match carry.take() {
@@ -281,6 +289,7 @@ async fn propose(
 ) -> Result<Vec<Result<Reply, ApiError>>, ApiError> {
     let command = Command {
         now: now_ms(),
+        limits: shared.options.limits,
         requests,
     };
     let written = shared
@@ -347,7 +356,7 @@ async fn forward(
         .http
         .post(format!("http://{addr}{PROPOSE_ROUTE}"))
         .header(reqwest::header::CONTENT_TYPE, wire::POSTCARD)
-        .timeout(shared.request_timeout)
+        .timeout(shared.options.request_timeout)
         .body(codec::encode(&requests));
     if let Some(token) = &shared.token {
         builder = builder.bearer_auth(token);

@@ -9,7 +9,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
-use crate::types::{Digest, Millis, NodeId, WorkId, WorkerId};
+use crate::types::{Digest, Millis, NodeId, WorkId, WorkerId, WorkerSecret};
 
 /// One Raft log entry's application data.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -17,8 +17,33 @@ pub struct Command {
     /// The leader's clock when it proposed this entry. Apply never reads a clock; it uses
     /// `max(now, the largest now seen so far)` so time never runs backwards across leaders.
     pub now: Millis,
+    /// The leader's bounds on what the queue may hold: checked at apply, so concurrent
+    /// enqueues cannot overshoot them and every replica decides the same.
+    pub limits: StoreLimits,
     pub requests: Vec<Request>,
 }
+
+/// Bounds on the state the queue keeps, stamped by the leader into every command.
+///
+/// Items are everything that holds a payload or an unpulled result (queued, running,
+/// completed, dead); bytes are their payloads plus [`RESULT_BYTES`] per unpulled result.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct StoreLimits {
+    pub max_items: u64,
+    pub max_bytes: u64,
+}
+
+impl StoreLimits {
+    /// No bounds (tests, and commands that add nothing).
+    pub const UNLIMITED: StoreLimits = StoreLimits {
+        max_items: u64::MAX,
+        max_bytes: u64::MAX,
+    };
+}
+
+/// What one unpulled result counts against [`StoreLimits::max_bytes`]: its digest and its
+/// share of the item record.
+pub const RESULT_BYTES: u64 = 128;
 
 impl fmt::Debug for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -66,6 +91,8 @@ pub enum Request {
         parent: NodeId,
         host: String,
         handle: String,
+        /// Drawn by the proposing node; every later request of the worker must carry it.
+        secret: WorkerSecret,
     },
     /// Lease up to `max` queued items, FIFO, until `now + lease_ms`. The first `min` are
     /// granted whatever their size; beyond them, only while the grant's iterations stay
@@ -73,6 +100,7 @@ pub enum Request {
     /// At most [`crate::machine::MAX_LEASE_BYTES`] of payload, but always one item.
     Lease {
         worker: WorkerId,
+        secret: WorkerSecret,
         max: u32,
         min: u32,
         max_iterations: u64,
@@ -85,23 +113,30 @@ pub enum Request {
     /// parent node died names its new parent here.
     Heartbeat {
         worker: WorkerId,
+        secret: WorkerSecret,
         items: Vec<(WorkId, u32)>,
         lease_ms: u64,
         parent: Option<NodeId>,
     },
-    /// Deliver results. The first completion of the current attempt wins; any other is
+    /// Deliver results. The first completion of the current attempt by the worker holding its
+    /// lease wins; any other (stale, duplicate, another worker's, a wrong secret) is
     /// acknowledged and ignored.
     Complete {
         worker: WorkerId,
+        secret: WorkerSecret,
         results: Vec<Completion>,
     },
     /// Give leases back to the queue (a worker shutting down).
     Release {
         worker: WorkerId,
+        secret: WorkerSecret,
         items: Vec<(WorkId, u32)>,
     },
     /// A worker leaves: its leases go back to the queue and its slot is freed.
-    Exit { worker: WorkerId },
+    Exit {
+        worker: WorkerId,
+        secret: WorkerSecret,
+    },
     /// Reserve a budget slot for a worker that `parent` is about to launch.
     Reserve { parent: NodeId },
     /// The launcher started the worker of a reserved slot.
@@ -151,17 +186,19 @@ impl fmt::Debug for Request {
                 .field("worker", worker)
                 .field("items", &items.len())
                 .finish(),
-            Request::Complete { worker, results } => f
+            Request::Complete {
+                worker, results, ..
+            } => f
                 .debug_struct("Complete")
                 .field("worker", worker)
                 .field("results", &results.len())
                 .finish(),
-            Request::Release { worker, items } => f
+            Request::Release { worker, items, .. } => f
                 .debug_struct("Release")
                 .field("worker", worker)
                 .field("items", &items.len())
                 .finish(),
-            Request::Exit { worker } => f.debug_struct("Exit").field("worker", worker).finish(),
+            Request::Exit { worker, .. } => f.debug_struct("Exit").field("worker", worker).finish(),
             Request::Forget { worker, .. } => {
                 f.debug_struct("Forget").field("worker", worker).finish()
             }
@@ -219,6 +256,10 @@ pub struct TickParams {
     pub launch_timeout_ms: u64,
     /// Pulled items are forgotten after this long.
     pub pulled_retention_ms: u64,
+    /// Completed results nobody pulled are dropped after this long.
+    pub completed_retention_ms: u64,
+    /// Dead items (and their payloads) are dropped after this long.
+    pub dead_retention_ms: u64,
     /// At most this many expiries and deletions per tick, to keep entries small.
     pub limit: u32,
 }
@@ -274,6 +315,8 @@ pub enum Rejection {
     UnknownSlot(WorkerId),
     /// The request's parameters are out of range.
     Invalid(String),
+    /// The queue holds as many items or bytes as [`StoreLimits`] allow.
+    BacklogFull { items: u64, bytes: u64 },
 }
 
 impl fmt::Display for Rejection {
@@ -282,6 +325,10 @@ impl fmt::Display for Rejection {
             Rejection::UnknownWorker(w) => write!(f, "unknown worker {w}"),
             Rejection::UnknownSlot(w) => write!(f, "slot {w} is not reserved"),
             Rejection::Invalid(m) => write!(f, "{m}"),
+            Rejection::BacklogFull { items, bytes } => write!(
+                f,
+                "the backlog is full ({items} items, {bytes} bytes stored); retry later"
+            ),
         }
     }
 }

@@ -26,7 +26,7 @@ pub const OWNER: u8 = b'o';
 pub const COMPLETED: u8 = b'c';
 /// Pulled items kept for the retention window: (pulled_at, id).
 pub const PULLED: u8 = b'r';
-/// Dead items, by id.
+/// Dead items: (died_at, id), oldest first, for their retention.
 pub const DEAD: u8 = b'd';
 /// Enqueue idempotency keys.
 pub const ENQUEUE_KEY: u8 = b'e';
@@ -70,8 +70,8 @@ pub fn completed(seq: u64) -> Vec<u8> {
 pub fn pulled(at: Millis, id: WorkId) -> Vec<u8> {
     tagged(PULLED, &[&at.to_be_bytes(), &id.0.to_be_bytes()])
 }
-pub fn dead(id: WorkId) -> Vec<u8> {
-    tagged(DEAD, &[&id.0.to_be_bytes()])
+pub fn dead(at: Millis, id: WorkId) -> Vec<u8> {
+    tagged(DEAD, &[&at.to_be_bytes(), &id.0.to_be_bytes()])
 }
 pub fn idempotency(table: u8, key: &str) -> Vec<u8> {
     tagged(table, &[key.as_bytes()])

@@ -21,12 +21,13 @@ use serde_bytes::ByteBuf;
 use crate::codec;
 use crate::command::{
     Command, CommandResponse, Completion, Dedup, LeasedItem, Rejection, Request, Response,
-    TickParams, TickReport,
+    StoreLimits, TickParams, TickReport, RESULT_BYTES,
 };
 use crate::keys;
 use crate::kv::{Kv, KvError, KvRead};
 use crate::types::{
-    Counts, Item, Lease, Millis, NodeId, Status, WorkId, WorkerId, WorkerRecord, WorkerState,
+    Counts, Item, Lease, Millis, NodeId, Status, WorkId, WorkerId, WorkerRecord, WorkerSecret,
+    WorkerState,
 };
 
 /// Most items one lease request may take.
@@ -76,7 +77,12 @@ struct TakeKey {
 pub fn apply<K: Kv>(kv: &mut K, cmd: &Command) -> Result<CommandResponse, KvError> {
     let meta = read_meta(kv)?;
     let now = meta.now.max(cmd.now);
-    let mut m = Machine { kv, now, meta };
+    let mut m = Machine {
+        kv,
+        now,
+        meta,
+        limits: cmd.limits,
+    };
     m.meta.now = now;
     let mut out = Vec::with_capacity(cmd.requests.len());
     for request in &cmd.requests {
@@ -91,6 +97,7 @@ struct Machine<'k, K: Kv> {
     kv: &'k mut K,
     now: Millis,
     meta: Meta,
+    limits: StoreLimits,
 }
 
 #[derive(Clone, Copy)]
@@ -115,9 +122,11 @@ impl<K: Kv> Machine<'_, K> {
                 parent,
                 host,
                 handle,
-            } => self.register(*slot, *parent, host, handle),
+                secret,
+            } => self.register(*slot, *parent, host, handle, *secret),
             Request::Lease {
                 worker,
+                secret,
                 max,
                 min,
                 max_iterations,
@@ -125,6 +134,7 @@ impl<K: Kv> Machine<'_, K> {
                 request_id,
             } => self.lease(
                 *worker,
+                *secret,
                 Grant {
                     max: *max,
                     min: *min,
@@ -135,13 +145,22 @@ impl<K: Kv> Machine<'_, K> {
             ),
             Request::Heartbeat {
                 worker,
+                secret,
                 items,
                 lease_ms,
                 parent,
-            } => self.heartbeat(*worker, items, *lease_ms, *parent),
-            Request::Complete { worker, results } => self.complete(*worker, results),
-            Request::Release { worker, items } => self.release(*worker, items),
-            Request::Exit { worker } => self.exit(*worker),
+            } => self.heartbeat(*worker, *secret, items, *lease_ms, *parent),
+            Request::Complete {
+                worker,
+                secret,
+                results,
+            } => self.complete(*worker, *secret, results),
+            Request::Release {
+                worker,
+                secret,
+                items,
+            } => self.release(*worker, *secret, items),
+            Request::Exit { worker, secret } => self.exit(*worker, *secret),
             Request::Forget {
                 worker,
                 max_attempts,
@@ -188,6 +207,12 @@ impl<K: Kv> Machine<'_, K> {
         let Ok(payload_len) = u32::try_from(payload.len()) else {
             return Ok(invalid("payload too large"));
         };
+        let (items, bytes) = stored(&self.meta.counts);
+        if items >= self.limits.max_items
+            || bytes.saturating_add(u64::from(payload_len)) > self.limits.max_bytes
+        {
+            return Ok(Response::Rejected(Rejection::BacklogFull { items, bytes }));
+        }
         let id = WorkId(self.meta.next_id);
         self.meta.next_id += 1;
         let item = Item {
@@ -202,6 +227,7 @@ impl<K: Kv> Machine<'_, K> {
             value: None,
             pulled_at: None,
             dead_reason: None,
+            dead_at: None,
         };
         put_t(self.kv, keys::item(id), &item);
         self.kv.put(keys::payload(id), payload.to_vec());
@@ -277,6 +303,7 @@ impl<K: Kv> Machine<'_, K> {
         parent: NodeId,
         host: &str,
         handle: &str,
+        secret: WorkerSecret,
     ) -> Result<Response, KvError> {
         let mut record = match slot {
             // A slot is claimed once: by the first process to register for it, or again by
@@ -301,9 +328,12 @@ impl<K: Kv> Machine<'_, K> {
                     handle: String::new(),
                     host: String::new(),
                     last_lease: None,
+                    secret,
                 }
             }
         };
+        // A process registering again (a retry) proves itself with the newest secret.
+        record.secret = secret;
         record.state = WorkerState::Running;
         record.last_seen = self.now;
         record.host = host.to_string();
@@ -318,11 +348,12 @@ impl<K: Kv> Machine<'_, K> {
     fn lease(
         &mut self,
         worker: WorkerId,
+        secret: WorkerSecret,
         grant: Grant,
         lease_ms: u64,
         request_id: u64,
     ) -> Result<Response, KvError> {
-        let Some(mut record) = self.worker(worker)? else {
+        let Some(mut record) = self.authentic_worker(worker, secret)? else {
             return Ok(Response::Rejected(Rejection::UnknownWorker(worker)));
         };
         if lease_ms == 0 || lease_ms > MAX_LEASE_MS {
@@ -411,11 +442,12 @@ impl<K: Kv> Machine<'_, K> {
     fn heartbeat(
         &mut self,
         worker: WorkerId,
+        secret: WorkerSecret,
         held_items: &[(WorkId, u32)],
         lease_ms: u64,
         parent: Option<NodeId>,
     ) -> Result<Response, KvError> {
-        let Some(mut record) = self.worker(worker)? else {
+        let Some(mut record) = self.authentic_worker(worker, secret)? else {
             return Ok(Response::Rejected(Rejection::UnknownWorker(worker)));
         };
         if lease_ms == 0 || lease_ms > MAX_LEASE_MS {
@@ -449,21 +481,29 @@ impl<K: Kv> Machine<'_, K> {
         Ok(Response::HeartbeatAck { valid, lost })
     }
 
-    fn complete(&mut self, worker: WorkerId, results: &[Completion]) -> Result<Response, KvError> {
-        if let Some(mut record) = self.worker(worker)? {
-            record.last_seen = self.now;
-            self.put_worker(&record);
-        }
+    fn complete(
+        &mut self,
+        worker: WorkerId,
+        secret: WorkerSecret,
+        results: &[Completion],
+    ) -> Result<Response, KvError> {
+        // Only the worker holding a lease completes it: without its secret, a request that
+        // names a worker is acknowledged and ignored, like a stale one.
+        let Some(mut record) = self.authentic_worker(worker, secret)? else {
+            return Ok(Response::CompleteAck {
+                accepted: 0,
+                ignored: results.len() as u32,
+            });
+        };
+        record.last_seen = self.now;
+        self.put_worker(&record);
         let (mut accepted, mut ignored) = (0, 0);
         for result in results {
             let Some(mut item) = self.maybe_item(result.id)? else {
                 ignored += 1;
                 continue;
             };
-            let Some(lease) = item
-                .lease
-                .filter(|l| item.status == Status::Running && l.attempt == result.attempt)
-            else {
+            let Some(lease) = held(&item, worker, result.attempt) else {
                 ignored += 1;
                 continue;
             };
@@ -490,7 +530,15 @@ impl<K: Kv> Machine<'_, K> {
         Ok(Response::CompleteAck { accepted, ignored })
     }
 
-    fn release(&mut self, worker: WorkerId, items: &[(WorkId, u32)]) -> Result<Response, KvError> {
+    fn release(
+        &mut self,
+        worker: WorkerId,
+        secret: WorkerSecret,
+        items: &[(WorkId, u32)],
+    ) -> Result<Response, KvError> {
+        if self.authentic_worker(worker, secret)?.is_none() {
+            return Ok(Response::Released { count: 0 });
+        }
         let mut count = 0;
         for &(id, attempt) in items {
             let Some(mut item) = self.maybe_item(id)? else {
@@ -504,8 +552,8 @@ impl<K: Kv> Machine<'_, K> {
         Ok(Response::Released { count })
     }
 
-    fn exit(&mut self, worker: WorkerId) -> Result<Response, KvError> {
-        if self.worker(worker)?.is_none() {
+    fn exit(&mut self, worker: WorkerId, secret: WorkerSecret) -> Result<Response, KvError> {
+        if self.authentic_worker(worker, secret)?.is_none() {
             return Ok(Response::Done);
         }
         self.reclaim(worker, Requeue::Released)?;
@@ -533,6 +581,7 @@ impl<K: Kv> Machine<'_, K> {
             handle: String::new(),
             host: String::new(),
             last_lease: None,
+            secret: WorkerSecret::default(),
         });
         Ok(Response::Reserved { worker: Some(id) })
     }
@@ -614,6 +663,8 @@ impl<K: Kv> Machine<'_, K> {
             self.meta.counts.pulled -= 1;
             report.forgotten += 1;
         }
+        report.forgotten += self.drop_expired_results(p, limit)?;
+        report.forgotten += self.drop_expired_dead(p, limit)?;
         let (start, _) = keys::table(keys::KEY_EXPIRY);
         let mut end = vec![keys::KEY_EXPIRY];
         end.extend_from_slice(&(self.now + 1).to_be_bytes());
@@ -633,6 +684,55 @@ impl<K: Kv> Machine<'_, K> {
             report.forgotten += 1;
         }
         Ok(Response::Ticked(report))
+    }
+
+    /// Drops completed results nobody pulled within their retention, oldest first.
+    fn drop_expired_results(&mut self, p: &TickParams, limit: usize) -> Result<u32, KvError> {
+        let cutoff = self.now.saturating_sub(p.completed_retention_ms);
+        let (start, end) = keys::table(keys::COMPLETED);
+        let oldest: Vec<(Vec<u8>, Vec<u8>)> = self
+            .kv
+            .scan(&start, &end, false)
+            .take(limit)
+            .collect::<Result<_, _>>()?;
+        let mut dropped = 0;
+        for (ckey, id_bytes) in oldest {
+            let id = WorkId(decode_u64(&ckey, &id_bytes)?);
+            let item = self.item(id)?;
+            // Completion order is time order: the first one young enough ends the scan.
+            if item.completed_at.is_none_or(|at| at > cutoff) {
+                break;
+            }
+            self.kv.delete(ckey);
+            self.kv.delete(keys::item(id));
+            self.meta.counts.completed -= 1;
+            self.meta.counts.dropped_total += 1;
+            dropped += 1;
+        }
+        Ok(dropped)
+    }
+
+    /// Drops dead items (and their payloads) past their retention, oldest first.
+    fn drop_expired_dead(&mut self, p: &TickParams, limit: usize) -> Result<u32, KvError> {
+        let (start, _) = keys::table(keys::DEAD);
+        let end = keys::dead(self.now.saturating_sub(p.dead_retention_ms) + 1, WorkId(0));
+        let old: Vec<(Vec<u8>, Vec<u8>)> = self
+            .kv
+            .scan(&start, &end, false)
+            .take(limit)
+            .collect::<Result<_, _>>()?;
+        for (dkey, _) in &old {
+            let id = WorkId(keys::u64_at(dkey, 9).ok_or_else(|| corrupt(dkey, "short dead key"))?);
+            let item = self.item(id)?;
+            self.kv.delete(dkey.clone());
+            self.kv.delete(keys::item(id));
+            self.kv.delete(keys::payload(id));
+            let c = &mut self.meta.counts;
+            c.dead -= 1;
+            c.payload_bytes -= u64::from(item.payload_len);
+            c.dropped_total += 1;
+        }
+        Ok(old.len() as u32)
     }
 
     /// Requeues every item leased to `worker`; returns how many died.
@@ -675,7 +775,8 @@ impl<K: Kv> Machine<'_, K> {
                 "lease expired or worker lost on all {} attempts",
                 item.attempts
             ));
-            self.kv.put(keys::dead(id), Vec::new());
+            item.dead_at = Some(self.now);
+            self.kv.put(keys::dead(self.now, id), Vec::new());
             self.meta.counts.dead += 1;
         } else {
             item.status = Status::Queued;
@@ -741,6 +842,18 @@ impl<K: Kv> Machine<'_, K> {
 
     fn worker(&self, id: WorkerId) -> Result<Option<WorkerRecord>, KvError> {
         get_t(self.kv, &keys::worker(id))
+    }
+
+    /// The worker record, if `secret` is the one it registered with. A slot reserved but not
+    /// yet claimed has no secret anyone knows (registration sets it), so it never matches.
+    fn authentic_worker(
+        &self,
+        id: WorkerId,
+        secret: WorkerSecret,
+    ) -> Result<Option<WorkerRecord>, KvError> {
+        Ok(self
+            .worker(id)?
+            .filter(|w| w.state == WorkerState::Running && w.secret == secret))
     }
 
     fn put_worker(&mut self, record: &WorkerRecord) {
@@ -851,9 +964,18 @@ pub fn dead_items(kv: &impl KvRead, limit: usize) -> Result<Vec<WorkId>, KvError
         .take(limit)
         .map(|r| {
             let (k, _) = r?;
-            Ok(WorkId(decode_u64(&k, &k[1..])?))
+            Ok(WorkId(
+                keys::u64_at(&k, 9).ok_or_else(|| corrupt(&k, "short dead key"))?,
+            ))
         })
         .collect()
+}
+
+/// What the queue stores, as [`StoreLimits`] counts it: (items, bytes).
+pub fn stored(c: &Counts) -> (u64, u64) {
+    let items = c.queued + c.running + c.completed + c.dead;
+    let bytes = c.payload_bytes + c.completed * RESULT_BYTES;
+    (items, bytes)
 }
 
 /// Whether a [`Request::Tick`] at `now` would do anything: the leader proposes one only then.
@@ -866,9 +988,22 @@ pub fn tick_due(kv: &impl KvRead, now: Millis, p: &TickParams) -> Result<bool, K
     };
     if first_before(keys::LEASE, now)?
         || first_before(keys::PULLED, now.saturating_sub(p.pulled_retention_ms))?
+        || first_before(keys::DEAD, now.saturating_sub(p.dead_retention_ms))?
         || first_before(keys::KEY_EXPIRY, now)?
     {
         return Ok(true);
+    }
+    let (start, end) = keys::table(keys::COMPLETED);
+    if let Some(pair) = kv.scan(&start, &end, false).next() {
+        let (k, v) = pair?;
+        let id = WorkId(decode_u64(&k, &v)?);
+        let cutoff = now.saturating_sub(p.completed_retention_ms);
+        if item(kv, id)?
+            .and_then(|i| i.completed_at)
+            .is_some_and(|at| at <= cutoff)
+        {
+            return Ok(true);
+        }
     }
     Ok(workers(kv)?.iter().any(|w| match w.state {
         WorkerState::Running => w.last_seen + p.worker_lost_ms <= now,

@@ -44,6 +44,21 @@ impl fmt::Display for WorkerId {
     }
 }
 
+/// The secret a worker proves itself with on every request after it registered: drawn at
+/// random by the node that proposed its registration, kept in the replicated worker table and
+/// told only to that worker. Worker ids are small counters anyone could guess; holding the
+/// worker credential is not enough to act for another worker (complete its items, release or
+/// heartbeat its leases) without this.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub struct WorkerSecret(pub u64);
+
+impl fmt::Debug for WorkerSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never in a log line.
+        f.write_str("WorkerSecret(..)")
+    }
+}
+
 /// Where an item is in its life.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub enum Status {
@@ -98,6 +113,8 @@ pub struct Item {
     pub pulled_at: Option<Millis>,
     /// Why it is dead, when it is.
     pub dead_reason: Option<String>,
+    /// When it died (its retention counts from then).
+    pub dead_at: Option<Millis>,
 }
 
 /// A worker in the replicated worker table.
@@ -121,6 +138,8 @@ pub struct WorkerRecord {
     pub host: String,
     /// The last lease request and what it granted, so a retried request gets the same items.
     pub last_lease: Option<(u64, Vec<(WorkId, u32)>)>,
+    /// What the worker must send with every request (see [`WorkerSecret`]).
+    pub secret: WorkerSecret,
 }
 
 /// The life of a worker slot.
@@ -158,4 +177,6 @@ pub struct Counts {
     pub pulled_total: u64,
     pub expired_total: u64,
     pub completed_iterations_total: u64,
+    /// Dead items and unpulled results dropped at the end of their retention.
+    pub dropped_total: u64,
 }

@@ -6,15 +6,15 @@
 use serde::{Deserialize, Serialize};
 
 use crate::command::Completion;
-use crate::types::{Millis, NodeId, WorkId, WorkerId};
+use crate::types::{Millis, NodeId, WorkId, WorkerId, WorkerSecret};
 
 /// Content type of postcard bodies.
 pub const POSTCARD: &str = "application/x-postcard";
 
-/// The header that carries the cluster token: `Authorization: Bearer <token>`.
+/// The header that carries a credential: `Authorization: Bearer <token>`.
 pub const AUTHORIZATION: &str = "authorization";
 
-/// Worker routes, all `POST`, all need the cluster token.
+/// Worker routes, all `POST`, all need the worker credential.
 pub mod routes {
     pub const REGISTER: &str = "/worker/register";
     pub const LEASE: &str = "/worker/lease";
@@ -41,6 +41,8 @@ pub struct RegisterRequest {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RegisterResponse {
     pub worker: WorkerId,
+    /// Send it with every later request: it proves this worker is the one that registered.
+    pub secret: WorkerSecret,
     /// The node that answered (the worker's parent if it had none).
     pub node: NodeId,
     /// The client-API base URL of every member, so a worker can fail over beyond the
@@ -57,6 +59,7 @@ pub struct RegisterResponse {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LeaseRequest {
     pub worker: WorkerId,
+    pub secret: WorkerSecret,
     pub max: u32,
     /// Granted whatever their iterations; items beyond these only within `max_iterations`.
     pub min: u32,
@@ -89,6 +92,7 @@ pub struct WorkGrant {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HeartbeatRequest {
     pub worker: WorkerId,
+    pub secret: WorkerSecret,
     pub items: Vec<(WorkId, u32)>,
     /// The worker's parent; it changes when the worker re-parents after its parent died.
     pub parent: Option<NodeId>,
@@ -105,6 +109,7 @@ pub struct HeartbeatResponse {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CompleteRequest {
     pub worker: WorkerId,
+    pub secret: WorkerSecret,
     pub results: Vec<Completion>,
 }
 
@@ -119,6 +124,7 @@ pub struct CompleteResponse {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ExitRequest {
     pub worker: WorkerId,
+    pub secret: WorkerSecret,
     pub release: Vec<(WorkId, u32)>,
 }
 
@@ -154,4 +160,8 @@ pub struct Health {
     pub term: u64,
     /// The cluster id fixed at bootstrap, so a worker never mixes clusters.
     pub cluster: String,
+    /// How the node starts workers (`local`, `ec2`, `none`): the autoscaler asks only nodes
+    /// that can launch.
+    #[serde(default)]
+    pub launcher: String,
 }

@@ -24,6 +24,7 @@ struct BenchCluster {
     binary: PathBuf,
     ports: Vec<u16>,
     token: String,
+    worker_token: String,
     nodes: Vec<Option<Child>>,
     workers: Vec<Child>,
 }
@@ -46,6 +47,7 @@ impl BenchCluster {
             binary: std::env::current_exe()?,
             ports,
             token: format!("{:032x}", rand::random::<u128>()),
+            worker_token: format!("{:032x}", rand::random::<u128>()),
             nodes: Vec::new(),
             workers: Vec::new(),
         };
@@ -87,6 +89,7 @@ impl BenchCluster {
             .arg("--data-dir")
             .arg(self.dir.join(format!("node-{id}")))
             .args(["--cluster-token", &self.token, "--launcher", "none"])
+            .args(["--worker-token", &self.worker_token])
             .args(["--max-backlog", "10000000"])
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -102,7 +105,7 @@ impl BenchCluster {
         let child = Command::new(&self.binary)
             .arg("worker")
             .args(["--endpoints", &self.endpoints(), "--idle-timeout", "1h"])
-            .env("HASHQ_CLUSTER_TOKEN", &self.token)
+            .env("HASHQ_WORKER_TOKEN", &self.worker_token)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -194,10 +194,10 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
 pub async fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
     let mut target = args.target;
     if let ClusterCommand::SetMaxWorkers { .. } = args.command {
-        // Admin routes take the cluster token where client routes take the client token.
-        target.client_token = args.cluster_token.clone();
+        // Admin routes take the admin credential where client routes take the client token.
+        target.client_token = args.admin_token.clone();
         if target.client_token.is_none() {
-            bail!("set-max-workers needs --cluster-token (or HASHQ_CLUSTER_TOKEN)");
+            bail!("set-max-workers needs --admin-token (or HASHQ_ADMIN_TOKEN)");
         }
     }
     let client = Client::new(target)?;

@@ -19,8 +19,9 @@ pub struct WorkerArgs {
     /// Endpoints to start from, comma-separated (the cluster tells the worker the rest).
     #[arg(long, env = "HASHQ_ENDPOINTS", value_delimiter = ',', required = true)]
     pub endpoints: Vec<String>,
-    #[arg(long, env = "HASHQ_CLUSTER_TOKEN", hide_env_values = true)]
-    pub cluster_token: Option<String>,
+    /// The worker credential (the nodes' --worker-token).
+    #[arg(long, env = "HASHQ_WORKER_TOKEN", hide_env_values = true)]
+    pub worker_token: Option<String>,
     /// The budget slot this worker fills (set by the launcher).
     #[arg(long, env = "HASHQ_WORKER_ID")]
     pub worker_id: Option<u64>,
@@ -135,14 +136,9 @@ pub struct StatusArgs {
 pub struct ClusterArgs {
     #[command(flatten)]
     pub target: Target,
-    /// The cluster token (admin commands need it).
-    #[arg(
-        long,
-        env = "HASHQ_CLUSTER_TOKEN",
-        hide_env_values = true,
-        global = true
-    )]
-    pub cluster_token: Option<String>,
+    /// The admin credential (the nodes' --admin-token): admin commands need it.
+    #[arg(long, env = "HASHQ_ADMIN_TOKEN", hide_env_values = true, global = true)]
+    pub admin_token: Option<String>,
     #[command(subcommand)]
     pub command: ClusterCommand,
 }

@@ -28,6 +28,12 @@ pub async fn shutdown_signal() {
 
 pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     let config = args.into_config().map_err(anyhow::Error::msg)?;
+    if config.credentials.insecure {
+        tracing::warn!(
+            "running with --insecure: routes without a credential are open to anyone who can reach this port"
+        );
+    }
+    hashq_node::node::raise_open_file_limit();
     let listen = config.listen;
     let listener = TcpListener::bind(listen)
         .await

@@ -29,7 +29,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     });
     let config = WorkerConfig {
         endpoints: args.endpoints,
-        cluster_token: args.cluster_token.filter(|t| !t.is_empty()),
+        worker_token: args.worker_token.filter(|t| !t.is_empty()),
         slot: args.worker_id.map(WorkerId),
         parent: args.parent,
         handle: args.handle.unwrap_or(defaults.handle.clone()),

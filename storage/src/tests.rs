@@ -36,6 +36,7 @@ fn enqueue_entry(index: u64, payload_len: usize) -> Entry {
         log_id: log_id(index),
         payload: EntryPayload::Normal(Command {
             now: 1_000 + index,
+            limits: hashq_raft::command::StoreLimits::UNLIMITED,
             requests: vec![Request::Enqueue {
                 iterations: index as u32,
                 payload: ByteBuf::from(vec![index as u8; payload_len]),

@@ -15,7 +15,12 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sha2::{Digest, Sha512};
 
+/// The peer credential (`--cluster-token`): only nodes hold it.
 pub const TOKEN: &str = "e2e-cluster-token";
+/// The workers' credential (`--worker-token`).
+pub const WORKER_TOKEN: &str = "e2e-worker-token-0";
+/// The admin credential (`--admin-token`).
+pub const ADMIN_TOKEN: &str = "e2e-admin-token-00";
 
 /// The product binary cargo built for these tests.
 pub fn binary() -> PathBuf {
@@ -210,7 +215,9 @@ impl Cluster {
             .args(["--peers", &self.peers()])
             .arg("--data-dir")
             .arg(self.data_dir(id))
-            .args(["--cluster-token", TOKEN]);
+            .args(["--cluster-token", TOKEN])
+            .args(["--worker-token", WORKER_TOKEN])
+            .args(["--admin-token", ADMIN_TOKEN]);
         if !own_launcher {
             cmd.args([
                 "--launcher",
@@ -269,6 +276,28 @@ impl Cluster {
         self.nodes.contains_key(&id)
     }
 
+    /// Whether node `id`'s process is still alive (it was started and has not exited).
+    pub fn node_alive(&mut self, id: u64) -> bool {
+        self.nodes
+            .get_mut(&id)
+            .is_some_and(|p| matches!(p.child.try_wait(), Ok(None)))
+    }
+
+    /// The pid of node `id`'s process.
+    pub fn node_pid(&self, id: u64) -> Option<u32> {
+        self.nodes.get(&id).map(|p| p.child.id())
+    }
+
+    /// Node `id`'s resident memory in KiB, from /proc.
+    pub fn node_rss_kib(&self, id: u64) -> Option<u64> {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.node_pid(id)?)).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
     /// Starts a worker pointed at every node; returns its index.
     pub fn start_worker(&mut self, extra: &[&str]) -> usize {
         let k = self.workers.len();
@@ -281,7 +310,7 @@ impl Cluster {
         let child = Command::new(binary())
             .arg("worker")
             .args(["--endpoints", &self.endpoints()])
-            .args(["--cluster-token", TOKEN])
+            .args(["--worker-token", WORKER_TOKEN])
             .args(["--idle-timeout", "1h"])
             .args(extra)
             .env("RUST_LOG", "info")

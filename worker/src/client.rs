@@ -294,10 +294,10 @@ impl EndpointClient {
     /// A client for the endpoints, token and timeouts of `config` (which should be valid).
     pub fn new(config: &WorkerConfig) -> Result<Self, ClientError> {
         let endpoints = Endpoints::new(&config.endpoints).map_err(ClientError::Setup)?;
-        let authorization = match &config.cluster_token {
+        let authorization = match &config.worker_token {
             Some(token) => {
                 let mut value = HeaderValue::from_str(&format!("Bearer {token}"))
-                    .map_err(|_| ClientError::Setup("the cluster token is not ASCII".into()))?;
+                    .map_err(|_| ClientError::Setup("the worker token is not ASCII".into()))?;
                 value.set_sensitive(true);
                 Some(value)
             }

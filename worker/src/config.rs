@@ -50,7 +50,7 @@ pub struct WorkerConfig {
     /// `host:port` means `http://host:port`; `https` is refused (no TLS in this build).
     pub endpoints: Vec<String>,
     /// Sent as `Authorization: Bearer <token>` on every worker route.
-    pub cluster_token: Option<String>,
+    pub worker_token: Option<String>,
     /// The budget slot the launcher reserved (`--worker-id`); `None` for a worker started by
     /// hand, which holds no slot.
     pub slot: Option<WorkerId>,
@@ -84,7 +84,7 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
             endpoints: Vec::new(),
-            cluster_token: None,
+            worker_token: None,
             slot: None,
             parent: None,
             handle: format!("pid:{}", std::process::id()),
@@ -110,12 +110,12 @@ impl WorkerConfig {
         for endpoint in &self.endpoints {
             normalize_endpoint(endpoint).map_err(|e| format!("endpoints: {e}"))?;
         }
-        if let Some(token) = &self.cluster_token {
+        if let Some(token) = &self.worker_token {
             if token.is_empty() {
-                return Err("cluster_token: must not be empty when set".into());
+                return Err("worker_token: must not be empty when set".into());
             }
             HeaderValue::from_str(&format!("Bearer {token}"))
-                .map_err(|_| "cluster_token: must be visible ASCII".to_string())?;
+                .map_err(|_| "worker_token: must be visible ASCII".to_string())?;
         }
         if self.handle.is_empty() {
             return Err("handle: must not be empty".into());
@@ -261,8 +261,8 @@ mod tests {
                 c.prefetch_window = Duration::from_secs(11)
             }),
             ("endpoints", |c| c.endpoints.push("ftp://example".into())),
-            ("cluster_token", |c| c.cluster_token = Some(String::new())),
-            ("cluster_token", |c| c.cluster_token = Some("a\nb".into())),
+            ("worker_token", |c| c.worker_token = Some(String::new())),
+            ("worker_token", |c| c.worker_token = Some("a\nb".into())),
             ("handle", |c| c.handle.clear()),
             ("threads", |c| c.threads = 0),
             ("prefetch", |c| c.prefetch = u32::MAX),
@@ -298,7 +298,7 @@ mod tests {
     fn bare_host_port_and_a_token_are_accepted() {
         let config = WorkerConfig {
             endpoints: vec!["127.0.0.1:7101".into(), "http://10.0.0.2:7101/".into()],
-            cluster_token: Some("s3cret-token".into()),
+            worker_token: Some("s3cret-token".into()),
             request_timeout: Duration::from_secs(6),
             ..WorkerConfig::default()
         };

@@ -40,7 +40,7 @@
 //! # Caveats
 //!
 //! - The workspace's reqwest has no TLS backend, so endpoints are plain `http://` and the
-//!   cluster token crosses the network in clear: keep workers and endpoints on a private
+//!   worker credential crosses the network in clear: keep workers and endpoints on a private
 //!   network.
 //! - Results computed for leases the cluster has already reclaimed (the worker was declared
 //!   lost) are dropped; the items are recomputed by whoever leases them next.

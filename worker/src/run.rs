@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use hashq_raft::command::Completion;
-use hashq_raft::types::{Digest, NodeId, WorkId, WorkerId};
+use hashq_raft::types::{Digest, NodeId, WorkId, WorkerId, WorkerSecret};
 use hashq_raft::wire::{
     CompleteRequest, ExitRequest, HeartbeatRequest, LeaseRequest, RegisterRequest,
     RegisterResponse, WorkGrant,
@@ -172,7 +172,7 @@ async fn run_until_done(
             "registered"
         );
         let started = Instant::now();
-        let session = Arc::new(Session::new(worker));
+        let session = Arc::new(Session::new(worker, registered.secret));
         session.set_parent(parent.unwrap_or(registered.node));
         let span = info_span!("worker", id = %worker);
         let end = serve(
@@ -277,6 +277,8 @@ enum SessionEnd {
 /// One registration's state, shared by its loops and its hashing tasks.
 struct Session {
     worker: WorkerId,
+    /// Proves to the cluster that requests naming `worker` come from this registration.
+    secret: WorkerSecret,
     /// The node responsible for this worker; changed by the parent check when it dies.
     parent: AtomicU64,
     held: Mutex<Held>,
@@ -291,9 +293,10 @@ struct Session {
 }
 
 impl Session {
-    fn new(worker: WorkerId) -> Self {
+    fn new(worker: WorkerId, secret: WorkerSecret) -> Self {
         Session {
             worker,
+            secret,
             parent: AtomicU64::new(0),
             held: Mutex::new(Held::new(Instant::now())),
             results_ready: Notify::new(),
@@ -448,6 +451,7 @@ async fn lease_loop(
         }
         let ask = LeaseRequest {
             worker: session.worker,
+            secret: session.secret,
             max: u32::try_from(free).unwrap_or(u32::MAX),
             min: u32::try_from(min).unwrap_or(u32::MAX),
             max_iterations: config.iteration_budget(session.iteration_picos()),
@@ -557,6 +561,7 @@ async fn heartbeat_loop(
         let items = session.held().leases();
         let request = HeartbeatRequest {
             worker: session.worker,
+            secret: session.secret,
             items,
             parent: session.parent(),
         };
@@ -593,6 +598,7 @@ async fn complete_loop(client: Arc<EndpointClient>, session: Arc<Session>) -> St
             }
             let request = CompleteRequest {
                 worker: session.worker,
+                secret: session.secret,
                 results,
             };
             match client.complete(&request, None).await {
@@ -622,6 +628,7 @@ async fn leave(client: &EndpointClient, session: &Session) {
     for chunk in results.chunks(MAX_COMPLETE_BATCH) {
         let request = CompleteRequest {
             worker: session.worker,
+            secret: session.secret,
             results: chunk.to_vec(),
         };
         let sent =
@@ -641,6 +648,7 @@ async fn leave(client: &EndpointClient, session: &Session) {
     let released = release.len();
     let request = ExitRequest {
         worker: session.worker,
+        secret: session.secret,
         release,
     };
     let exited =
@@ -771,7 +779,7 @@ impl LeaseRetry {
     fn request(&mut self, ask: LeaseRequest, fresh_id: impl FnOnce() -> u64) -> LeaseRequest {
         if let Some(pending) = &self.unsettled {
             // A new registration is a new worker: its first request is new too.
-            if pending.worker == ask.worker {
+            if pending.worker == ask.worker && pending.secret == ask.secret {
                 return pending.clone();
             }
         }
@@ -974,6 +982,7 @@ mod tests {
     fn registered(lease_ms: u64, heartbeat_ms: u64, worker_lost_ms: u64) -> RegisterResponse {
         RegisterResponse {
             worker: WorkerId(1),
+            secret: WorkerSecret(1),
             node: 1,
             endpoints: Vec::new(),
             lease_ms,
@@ -985,6 +994,7 @@ mod tests {
     fn ask(worker: u64, max: u32) -> LeaseRequest {
         LeaseRequest {
             worker: WorkerId(worker),
+            secret: WorkerSecret(worker),
             max,
             min: max,
             max_iterations: u64::MAX,

@@ -4,7 +4,7 @@
 //!   `hashq:worker-id`, `hashq:parent` (this node's instance id) and `hashq:parent-node`,
 //!   with the worker instance profile, IMDSv2 only, `InstanceInitiatedShutdownBehavior=
 //!   terminate`, and user data ([`worker_user_data`]) that fetches the `hashq` binary from
-//!   the endpoints (`GET /internal/binary`, cluster token) and runs `hashq worker` as a
+//!   the endpoints (`GET /internal/binary`, worker credential) and runs `hashq worker` as a
 //!   systemd service that powers the instance off when the worker ends. The instance id is
 //!   the worker's handle.
 //! - **terminate**: `TerminateInstances` (an instance already gone is fine).
@@ -22,8 +22,11 @@
 //! limit errors become [`LaunchError::Capacity`]. An error never panics the node: it frees
 //! the slot and shows in `/status` `workers.launch_errors`.
 //!
-//! Caveat: the cluster token travels in user data, which anyone on the worker instance can
-//! read (IMDS) and anyone with `ec2:DescribeInstanceAttribute` in the account can read too.
+//! Caveat: the worker credential travels in user data, which anyone on the worker instance
+//! can read (IMDS) and anyone with `ec2:DescribeInstanceAttribute` in the account can read
+//! too. It opens only the worker routes and the binary download: never Raft, the
+//! node-to-node routes or the admin routes, and a worker acts only for itself (each
+//! registration gets its own secret).
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -168,7 +171,7 @@ impl Ec2Args {
     pub fn validate(&self, cluster: &str, has_token: bool) -> Result<(), Ec2Error> {
         let bad = |m: &str| Err(Ec2Error::Config(m.to_string()));
         if !has_token {
-            return bad("--cluster-token is required: workers fetch the binary and join with it");
+            return bad("--worker-token is required: workers fetch the binary and join with it");
         }
         if !is_cluster_name(cluster) {
             return bad("--cluster-name must be 1-40 letters, digits, '-', '_' or '.'");
@@ -289,11 +292,14 @@ impl Ec2Launcher {
     /// Builds the EC2 client and learns this node's instance id (flag, else IMDS).
     pub async fn new(config: &NodeConfig) -> Result<Self, Ec2Error> {
         let args = config.ec2.clone();
-        args.validate(&config.cluster_name, config.cluster_token.is_some())?;
+        args.validate(&config.cluster_name, config.credentials.worker.is_some())?;
+        // Workers get the worker credential only: it opens the worker routes and the binary
+        // download, never Raft.
         let token = config
-            .cluster_token
+            .credentials
+            .worker
             .clone()
-            .ok_or_else(|| Ec2Error::Config("--cluster-token is required".into()))?;
+            .ok_or_else(|| Ec2Error::Config("--worker-token is required".into()))?;
         let sdk = sdk_config(args.region.as_deref(), args.endpoint_url.as_deref()).await;
         let region = sdk.region().ok_or(Ec2Error::NoRegion)?.to_string();
         if !is_plain_word(&region) {
@@ -650,7 +656,7 @@ pub struct WorkerBoot<'a> {
     pub parent_instance: &'a str,
     /// `--cluster-name`: the `hashq:cluster` tag.
     pub cluster: &'a str,
-    /// The cluster token (written to a root-only file on the instance).
+    /// The worker credential (written to a root-only file on the instance).
     pub token: &'a str,
     /// Client-API base URLs of the members.
     pub endpoints: &'a [String],
@@ -692,7 +698,7 @@ pub fn worker_user_data(boot: &WorkerBoot<'_>) -> Result<String, LaunchError> {
     }
     if boot.token.is_empty() || !boot.token.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(LaunchError::Failed(
-            "the cluster token must be visible ASCII".into(),
+            "the worker credential must be visible ASCII".into(),
         ));
     }
     let mut args = format!(
@@ -723,7 +729,7 @@ set -euo pipefail
 umask 077
 install -d -m 0700 /etc/hashq
 cat > /etc/hashq/worker.env <<'HASHQ_ENV'
-HASHQ_CLUSTER_TOKEN={token}
+HASHQ_WORKER_TOKEN={token}
 HASHQ_LOG_FORMAT=json
 HASHQ_ENV
 
@@ -736,7 +742,7 @@ echo "HASHQ_THREADS=$(nproc)" >> /etc/hashq/worker.env
 # The binary, from the parent endpoint first (GET /internal/binary needs the token; curl
 # reads the header from a root-only file so the token is never on a command line).
 binary_urls='{binary_urls}'
-sed -n 's/^HASHQ_CLUSTER_TOKEN=\(.*\)$/Authorization: Bearer \1/p' /etc/hashq/worker.env > /etc/hashq/auth.header
+sed -n 's/^HASHQ_WORKER_TOKEN=\(.*\)$/Authorization: Bearer \1/p' /etc/hashq/worker.env > /etc/hashq/auth.header
 fetched=
 for round in 1 2 3 4 5 6 7 8 9 10; do
   for url in $binary_urls; do
@@ -821,6 +827,7 @@ mod tests {
             handle: handle.to_string(),
             host: String::new(),
             last_lease: None,
+            secret: Default::default(),
         }
     }
 
@@ -961,7 +968,7 @@ mod tests {
         }
         // The token is in the root-only environment file, never on a command line.
         assert_eq!(script.matches("s3cret-token").count(), 1);
-        assert!(script.contains("HASHQ_CLUSTER_TOKEN=s3cret-token\n"));
+        assert!(script.contains("HASHQ_WORKER_TOKEN=s3cret-token\n"));
         assert!(!exec.contains("token"));
         assert!(script.contains("binary_urls='http://10.0.0.2:7101/internal/binary'"));
         assert!(script.contains("SuccessAction=poweroff"));

@@ -1,8 +1,8 @@
 //! The `local` launcher: worker processes on this machine.
 //!
 //! Each worker is `hashq worker --worker-id <slot> --parent <node> ...` in its own process
-//! group, with its log in `<data-dir>/workers/worker-<slot>.log` and the cluster token in its
-//! environment (never on a command line). A worker outlives a node that is SIGKILLed (it
+//! group, with its log in `<data-dir>/workers/worker-<slot>.log` and the worker credential in
+//! its environment (never on a command line; the peer credential is never passed on). A worker outlives a node that is SIGKILLed (it
 //! re-parents to a live node); a node that stops gracefully stops its workers, which give
 //! their leases back.
 
@@ -94,13 +94,15 @@ impl Launcher for LocalLauncher {
                 ])
                 .args(["--threads", &spec.threads.to_string()])
                 .env_remove("HASHQ_CLUSTER_TOKEN")
+                .env_remove("HASHQ_ADMIN_TOKEN")
+                .env_remove("HASHQ_WORKER_TOKEN")
                 .stdin(Stdio::null())
                 .stdout(log)
                 .stderr(err)
                 .process_group(0)
                 .kill_on_drop(false);
             if let Some(token) = &self.token {
-                cmd.env("HASHQ_CLUSTER_TOKEN", token);
+                cmd.env("HASHQ_WORKER_TOKEN", token);
             }
             let mut child = cmd.spawn().map_err(|e| {
                 LaunchError::Failed(format!("cannot start {}: {e}", self.binary.display()))

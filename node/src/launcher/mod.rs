@@ -101,7 +101,7 @@ pub async fn from_config(config: &NodeConfig) -> Result<Arc<dyn Launcher>, Strin
         LauncherKind::Local => Ok(Arc::new(local::LocalLauncher::new(
             config.worker_binary.clone(),
             config.data_dir.join("workers"),
-            config.cluster_token.clone(),
+            config.credentials.worker.clone(),
         ))),
         LauncherKind::Ec2 => Ok(Arc::new(
             ec2::Ec2Launcher::new(config)

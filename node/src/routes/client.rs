@@ -2,8 +2,9 @@
 
 use std::fmt::Write as _;
 
-use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
+use axum::body::Bytes;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -17,7 +18,7 @@ use openraft::ServerState;
 use serde::Serialize;
 use serde_json::json;
 
-use super::{check_client, count_param, query_pairs};
+use super::{count_param, query_pairs, serves_clients};
 use crate::error::ApiError;
 use crate::node::{Node, Stats};
 use crate::proposer::now_ms;
@@ -26,22 +27,24 @@ use crate::proposer::now_ms;
 const FORWARDED: &str = "x-hashq-forwarded";
 /// Longest idempotency key accepted from a client.
 const MAX_KEY_LEN: usize = 200;
-/// An oversized body is read and discarded up to this size before the 413, so clients see
-/// the answer; beyond it the connection is closed.
-const DRAIN_LIMIT: u64 = 64 << 20;
-
-pub fn router(_node: &Node) -> Router<Node> {
+/// The client API proper: enqueue, pull, item status, and the observability routes that
+/// show the queue (`/status`, `/metrics`). Behind the client token when one is set.
+pub fn api_router() -> Router<Node> {
     Router::new()
         .route("/enqueue", put(enqueue))
         .route("/pullCompleted", post(pull_completed))
         .route("/work/{id}", get(work))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
+}
+
+/// Routes open to anyone: liveness, the dashboard page (which fetches `/status` with the
+/// client token the user gives it) and the OpenAPI document.
+pub fn public_router() -> Router<Node> {
+    Router::new()
         .route("/health", get(health))
         .route("/", get(dashboard))
         .route("/openapi.json", get(openapi))
-        // enqueue reads its body itself, against the configured limit.
-        .layer(DefaultBodyLimit::disable())
 }
 
 /// The `Idempotency-Key` header, checked.
@@ -78,42 +81,6 @@ fn dedup(node: &Node, client_key: Option<String>, kind: &str) -> Dedup {
     }
 }
 
-/// Reads a body of at most `limit` bytes. A larger body is still read to its end (up to
-/// [`DRAIN_LIMIT`]) and discarded, so the client gets its 413 instead of a reset connection.
-async fn read_body(
-    headers: &HeaderMap,
-    body: Body,
-    limit: usize,
-) -> Result<bytes::Bytes, ApiError> {
-    use futures::StreamExt;
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > DRAIN_LIMIT) {
-        return Err(ApiError::PayloadTooLarge { limit });
-    }
-    let mut stream = body.into_data_stream();
-    let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(0).min(limit as u64) as usize);
-    let mut total: u64 = 0;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| {
-            ApiError::invalid("invalid_body", format!("could not read the body: {e}"))
-        })?;
-        total += chunk.len() as u64;
-        if total > DRAIN_LIMIT {
-            break;
-        }
-        if total <= limit as u64 {
-            buf.extend_from_slice(&chunk);
-        }
-    }
-    if total > limit as u64 {
-        return Err(ApiError::PayloadTooLarge { limit });
-    }
-    Ok(buf.freeze())
-}
-
 #[derive(Serialize)]
 struct Enqueued {
     work_id: String,
@@ -123,9 +90,9 @@ async fn enqueue(
     State(node): State<Node>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-    body: Body,
+    payload: Bytes,
 ) -> Result<Response, ApiError> {
-    check_client(&node, &headers)?;
+    serves_clients(&node)?;
     let limits = &node.config.limits;
     let iterations = count_param(
         &query_pairs(query.as_deref()),
@@ -133,12 +100,11 @@ async fn enqueue(
         limits.max_iterations,
     )?;
     let key = idempotency_key(&headers)?;
-    let payload = read_body(&headers, body, limits.max_body_bytes).await?;
-    let counts = machine::read_meta(&node.reader.view())?.counts;
-    if counts.queued + counts.running >= limits.max_backlog {
-        return Err(ApiError::BacklogFull {
-            queued: counts.queued,
-        });
+    // A fast answer when the backlog is clearly full; the state machine decides exactly, at
+    // apply, so concurrent enqueues never overshoot.
+    let (items, bytes) = machine::stored(&machine::read_meta(&node.reader.view())?.counts);
+    if items >= limits.max_backlog || bytes >= limits.max_backlog_bytes {
+        return Err(ApiError::BacklogFull { items, bytes });
     }
     let request = Request::Enqueue {
         iterations,
@@ -180,7 +146,7 @@ async fn pull_completed(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Json<Vec<Pulled>>, ApiError> {
-    check_client(&node, &headers)?;
+    serves_clients(&node)?;
     let top = count_param(
         &query_pairs(query.as_deref()),
         "top",
@@ -254,13 +220,11 @@ impl WorkView {
 
 async fn work(
     State(node): State<Node>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    check_client(&node, &headers)?;
-    let work_id: WorkId = id
-        .parse()
-        .map_err(|_| ApiError::invalid("invalid_work_id", format!("`{id}` is not a work id")))?;
+    serves_clients(&node)?;
+    let work_id = parse_work_id(id)?;
     // A linearizable read: on the leader after confirming leadership, else at the leader.
     let confirmed = tokio::time::timeout(
         node.config.timing.request_timeout,
@@ -281,6 +245,22 @@ async fn work(
         }),
         Err(_) => forward_read(&node, &format!("/work/{work_id}"), &headers).await,
     }
+}
+
+/// A work id from the path: a decimal number. A path that is not even UTF-8 (`/work/%FF`)
+/// gets the same JSON error as any other bad id.
+fn parse_work_id(id: Result<Path<String>, PathRejection>) -> Result<WorkId, ApiError> {
+    let bad = |shown: &str| {
+        ApiError::invalid(
+            "invalid_work_id",
+            format!("`{shown}` is not a work id (a whole number)"),
+        )
+    };
+    let Path(id) = id.map_err(|_| bad("the path"))?;
+    if id.is_empty() || id.len() > 20 || !id.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad(&id.chars().take(40).collect::<String>()));
+    }
+    id.parse().map_err(|_| bad(&id))
 }
 
 /// Relays a read to the leader and its answer back.
@@ -327,12 +307,30 @@ async fn dashboard() -> Response {
 }
 
 /// The OpenAPI document of the client and admin routes.
-async fn openapi() -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        include_str!("openapi.json"),
-    )
-        .into_response()
+/// The OpenAPI document, with this node's limits in it (`--max-iterations`, `--max-top`,
+/// `--max-body-bytes`), so a client or a fuzzer reading it knows exactly what is accepted.
+async fn openapi(State(node): State<Node>) -> Response {
+    let limits = &node.config.limits;
+    let mut doc: serde_json::Value =
+        serde_json::from_str(include_str!("openapi.json")).unwrap_or_default();
+    let mut set = |pointer: &str, value: serde_json::Value| {
+        if let Some(slot) = doc.pointer_mut(pointer) {
+            *slot = value;
+        }
+    };
+    set(
+        "/paths/~1enqueue/put/parameters/0/schema/maximum",
+        json!(limits.max_iterations),
+    );
+    set(
+        "/paths/~1enqueue/put/requestBody/content/application~1octet-stream/schema/maxLength",
+        json!(limits.max_body_bytes),
+    );
+    set(
+        "/paths/~1pullCompleted/post/parameters/0/schema/maximum",
+        json!(limits.max_top),
+    );
+    ([(header::CONTENT_TYPE, "application/json")], Json(doc)).into_response()
 }
 
 fn state_name(state: ServerState) -> &'static str {
@@ -353,6 +351,7 @@ async fn health(State(node): State<Node>) -> Json<Health> {
         leader: m.current_leader,
         term: m.current_term,
         cluster: node.config.cluster_name.clone(),
+        launcher: node.launcher.name().to_string(),
     })
 }
 
@@ -365,19 +364,11 @@ async fn status(State(node): State<Node>) -> Result<Json<serde_json::Value>, Api
     let workers = machine::workers(&view)?;
     let mut members = Vec::new();
     let membership = m.membership_config.membership().clone();
-    let probes = membership.nodes().map(|(id, n)| {
-        let node = node.clone();
-        let (id, addr) = (*id, n.addr.clone());
-        async move {
-            let health = if id == node.id() {
-                None
-            } else {
-                node.probe_health(&addr).await
-            };
-            (id, addr, health)
-        }
-    });
-    for (id, addr, health) in futures::future::join_all(probes).await {
+    for (&id, n) in membership.nodes() {
+        let addr = n.addr.clone();
+        let health = (id != node.id())
+            .then(|| node.peer_health.get(id))
+            .flatten();
         let voter = membership.voter_ids().any(|v| v == id);
         let matched = m
             .replication

@@ -1,9 +1,9 @@
-//! Node-to-node routes (cluster token): a follower's batch of requests for the leader, and
-//! the node's own binary for new worker instances (SPEC section 7: no S3, workers fetch
-//! `hashq` from their endpoint).
+//! Internal routes: a follower's batch of requests for the leader (the peer credential), and
+//! the node's own binary for new worker instances (the worker credential: no S3, workers
+//! fetch `hashq` from their endpoint).
 
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -11,17 +11,20 @@ use axum::Router;
 use hashq_raft::command::Request;
 use tokio_util::io::ReaderStream;
 
-use super::{Postcard, INTERNAL_BODY_LIMIT};
+use super::Postcard;
 use crate::error::ApiError;
 use crate::launcher::ec2::BINARY_ROUTE;
 use crate::node::Node;
 use crate::proposer::{Reply, PROPOSE_ROUTE};
 
-pub fn router() -> Router<Node> {
-    Router::new()
-        .route(PROPOSE_ROUTE, post(propose))
-        .route(BINARY_ROUTE, get(binary))
-        .layer(DefaultBodyLimit::max(INTERNAL_BODY_LIMIT))
+/// Node-to-node forwarding (peer credential).
+pub fn peer_router() -> Router<Node> {
+    Router::new().route(PROPOSE_ROUTE, post(propose))
+}
+
+/// The binary download (worker credential).
+pub fn worker_router() -> Router<Node> {
+    Router::new().route(BINARY_ROUTE, get(binary))
 }
 
 /// Streams this node's own executable (`GET /internal/binary`), so a worker instance runs

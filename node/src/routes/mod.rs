@@ -1,8 +1,9 @@
-//! HTTP routes, split by audience: [`client`] (the exercise's API and status), [`worker`]
-//! (leases and results), [`admin`] (the worker budget), [`raft`] (consensus RPC),
-//! [`internal`] (forwarding between nodes, the binary for worker instances).
-//! Everything that is not the client API needs the cluster token. [`client_router`] is the
-//! client API alone, for a listener that faces clients (`--client-listen`).
+//! HTTP routes, split by audience, each behind its own credential ([`Audience`]):
+//! [`client`] (the exercise's API and status; the client token when one is set), [`worker`]
+//! (leases and results) and the binary download in [`internal`] (the worker credential),
+//! [`admin`] (the worker budget; the admin credential), [`raft`] (consensus RPC) and the
+//! forwarding route in [`internal`] (the peer credential). [`client_router`] is the client
+//! API alone, for a listener that faces clients (`--client-listen`).
 
 pub mod admin;
 pub mod client;
@@ -12,9 +13,10 @@ pub mod worker;
 
 use std::any::Any;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -23,33 +25,127 @@ use hashq_raft::{codec, wire};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use subtle::ConstantTimeEq;
-use tower::limit::GlobalConcurrencyLimitLayer;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::config::Role;
 use crate::error::{error_response, ApiError};
+use crate::http::{self, BodyBudget, BodyRules, Capacity};
 use crate::node::{Node, Stats};
 
-/// Bodies of Raft and internal routes may be this large (a batch of log entries).
-pub const INTERNAL_BODY_LIMIT: usize = 256 << 20;
+/// Bodies of Raft and node-to-node routes may be this large (a few batches of log entries).
+pub const PEER_BODY_LIMIT: usize = 64 << 20;
+/// Bodies of worker routes (results, heartbeats) are small.
+pub const WORKER_BODY_LIMIT: usize = 4 << 20;
+/// Bodies of admin routes are small JSON documents.
+const ADMIN_BODY_LIMIT: usize = 64 << 10;
+
+/// Per-node admission control shared by every listener: request slots per audience and the
+/// budget of request-body bytes in flight ([`crate::http`]).
+pub struct Gates {
+    pub client: Arc<Capacity>,
+    pub worker: Arc<Capacity>,
+    pub admin: Arc<Capacity>,
+    pub peer: Arc<Capacity>,
+    /// `/health`, `/`, `/openapi.json`: public and cheap, kept apart so that neither a client
+    /// flood nor a worker flood hides a node's health from its peers.
+    pub public: Arc<Capacity>,
+    pub bodies: BodyBudget,
+}
+
+impl Gates {
+    pub fn new(config: &crate::config::NodeConfig) -> Gates {
+        let l = &config.limits;
+        let wait = config.http.queue_timeout;
+        Gates {
+            client: Capacity::new(l.max_connections, wait),
+            worker: Capacity::new(l.max_worker_requests, wait),
+            admin: Capacity::new(16, wait),
+            peer: Capacity::new(l.max_peer_requests, wait),
+            public: Capacity::new(256, wait),
+            bodies: BodyBudget::new(config.http.max_body_bytes_in_flight),
+        }
+    }
+}
 
 /// The whole HTTP surface of a node.
 pub fn router(node: Node) -> Router {
-    let guarded = Router::new()
-        .merge(admin::router())
-        .merge(worker::router())
-        .merge(raft::router())
-        .merge(internal::router())
-        .route_layer(middleware::from_fn_with_state(
-            node.clone(),
-            require_cluster_token,
-        ));
-    finish(client::router(&node).merge(guarded), node)
+    let gates = &node.gates;
+    let peer = gated(
+        raft::router().merge(internal::peer_router()),
+        &node,
+        Audience::Peer,
+        PEER_BODY_LIMIT,
+        None,
+    );
+    let worker = gated(
+        worker::router().merge(internal::worker_router()),
+        &node,
+        Audience::Worker,
+        WORKER_BODY_LIMIT,
+        Some(gates.bodies.clone()),
+    );
+    let admin = gated(
+        admin::router(),
+        &node,
+        Audience::Admin,
+        ADMIN_BODY_LIMIT,
+        Some(gates.bodies.clone()),
+    );
+    finish(
+        client_routes(&node).merge(peer).merge(worker).merge(admin),
+        node,
+    )
 }
 
 /// The client API alone: no Raft, worker, admin or internal route answers here.
 pub fn client_router(node: Node) -> Router {
-    finish(client::router(&node), node)
+    finish(client_routes(&node), node)
+}
+
+fn client_routes(node: &Node) -> Router<Node> {
+    let api = gated(
+        client::api_router(),
+        node,
+        Audience::Client,
+        node.config.limits.max_body_bytes,
+        Some(node.gates.bodies.clone()),
+    );
+    let public = client::public_router().route_layer(middleware::from_fn_with_state(
+        node.gates.public.clone(),
+        http::limit,
+    ));
+    api.merge(public)
+}
+
+/// `routes` behind the audience's credential (checked first, before any body byte is read),
+/// then its body rules, then its request slots.
+fn gated(
+    routes: Router<Node>,
+    node: &Node,
+    audience: Audience,
+    body_limit: usize,
+    budget: Option<BodyBudget>,
+) -> Router<Node> {
+    let capacity = match audience {
+        Audience::Peer => node.gates.peer.clone(),
+        Audience::Worker => node.gates.worker.clone(),
+        Audience::Admin => node.gates.admin.clone(),
+        Audience::Client => node.gates.client.clone(),
+    };
+    let rules = Arc::new(BodyRules {
+        limit: body_limit,
+        budget,
+        limits: node.config.http.clone(),
+    });
+    routes
+        .route_layer(middleware::from_fn_with_state(capacity, http::limit))
+        .route_layer(middleware::from_fn_with_state(rules, http::buffer_body))
+        .route_layer(middleware::from_fn_with_state(
+            (node.clone(), audience),
+            require,
+        ))
+        // Bodies are read and bounded by `buffer_body`; extractors take them as they are.
+        .layer(DefaultBodyLimit::disable())
 }
 
 /// The layers every listener shares.
@@ -59,9 +155,6 @@ fn finish(routes: Router<Node>, node: Node) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(node.clone(), count_requests))
         .layer(CatchPanicLayer::custom(panic_response))
-        .layer(GlobalConcurrencyLimitLayer::new(
-            node.config.limits.max_connections,
-        ))
         .with_state(node)
 }
 
@@ -112,24 +205,57 @@ pub fn token_matches(headers: &HeaderMap, expected: &str) -> bool {
     given.as_bytes().ct_eq(expected.as_bytes()).into()
 }
 
-async fn require_cluster_token(State(node): State<Node>, request: Request, next: Next) -> Response {
-    match &node.config.cluster_token {
-        Some(expected) if !token_matches(request.headers(), expected) => {
-            ApiError::Unauthorized.into_response()
+/// Who a route is for; each audience has its own credential (SPEC: one per audience).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Audience {
+    /// Other nodes: Raft RPC and forwarding (`--cluster-token`).
+    Peer,
+    /// Workers: the worker routes and the binary download (`--worker-token`).
+    Worker,
+    /// Operators: the admin routes (`--admin-token`).
+    Admin,
+    /// Clients: the client API, `/status` and `/metrics` (`--client-token`, optional).
+    Client,
+}
+
+/// Whether `headers` carry the credential `audience` needs on this node.
+pub fn authorized(node: &Node, audience: Audience, headers: &HeaderMap) -> Result<(), ApiError> {
+    let credentials = &node.config.credentials;
+    let expected = match audience {
+        Audience::Peer => &credentials.peer,
+        Audience::Worker => &credentials.worker,
+        Audience::Admin => &credentials.admin,
+        Audience::Client => &credentials.client,
+    };
+    match expected {
+        Some(expected) if token_matches(headers, expected) => Ok(()),
+        Some(_) => Err(ApiError::Unauthorized),
+        // Without an admin credential the admin routes are closed, unless the operator
+        // chose --insecure.
+        None if audience == Audience::Admin && !credentials.insecure => {
+            Err(ApiError::AdminDisabled)
         }
-        _ => next.run(request).await,
+        None => Ok(()),
     }
 }
 
-/// Checks the client token (when configured) and that this node serves clients at all.
-pub fn check_client(node: &Node, headers: &HeaderMap) -> Result<(), ApiError> {
+async fn require(
+    State((node, audience)): State<(Node, Audience)>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match authorized(&node, audience, request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Checks that this node serves the client API at all (a witness does not).
+pub fn serves_clients(node: &Node) -> Result<(), ApiError> {
     if node.config.role == Role::Witness {
         return Err(ApiError::Witness);
     }
-    match &node.config.client_token {
-        Some(expected) if !token_matches(headers, expected) => Err(ApiError::Unauthorized),
-        _ => Ok(()),
-    }
+    Ok(())
 }
 
 /// A postcard request body.

@@ -1,7 +1,7 @@
-//! Raft RPC (cluster token): append, vote, chunked snapshot install, and the init probe that
-//! self-initialization uses.
+//! Raft RPC (peer credential): append, vote, chunked snapshot install, and the init probe
+//! that self-initialization uses.
 
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use hashq_raft::network::routes;
@@ -13,7 +13,8 @@ use openraft::raft::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{Postcard, INTERNAL_BODY_LIMIT};
+use super::Postcard;
+use crate::error::ApiError;
 use crate::node::Node;
 
 /// Path of the init probe.
@@ -27,28 +28,36 @@ pub fn router() -> Router<Node> {
         .route(routes::VOTE, post(vote))
         .route(routes::SNAPSHOT, post(snapshot))
         .route(INIT_STATE, get(init_state))
-        .layer(DefaultBodyLimit::max(INTERNAL_BODY_LIMIT))
 }
+
+// Every RPC passes the gate first: a message no correct peer sends is refused with a 400
+// and never reaches openraft (see `raft_gate`).
 
 async fn append(
     State(node): State<Node>,
     Postcard(req): Postcard<AppendEntriesRequest<TypeConfig>>,
-) -> Postcard<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>> {
-    Postcard(node.raft.append_entries(req).await)
+) -> Result<Postcard<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>>, ApiError> {
+    let answer = node.raft_gate.append(&node.raft, node.id(), req).await?;
+    Ok(Postcard(answer))
 }
 
 async fn vote(
     State(node): State<Node>,
     Postcard(req): Postcard<VoteRequest<NodeId>>,
-) -> Postcard<Result<VoteResponse<NodeId>, RaftError<NodeId>>> {
-    Postcard(node.raft.vote(req).await)
+) -> Result<Postcard<Result<VoteResponse<NodeId>, RaftError<NodeId>>>, ApiError> {
+    let answer = node.raft_gate.vote(&node.raft, node.id(), req).await?;
+    Ok(Postcard(answer))
 }
+
+type SnapshotAnswer =
+    Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>;
 
 async fn snapshot(
     State(node): State<Node>,
     Postcard(req): Postcard<InstallSnapshotRequest<TypeConfig>>,
-) -> Postcard<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>> {
-    Postcard(node.raft.install_snapshot(req).await)
+) -> Result<Postcard<SnapshotAnswer>, ApiError> {
+    let answer = node.raft_gate.snapshot(&node.raft, node.id(), req).await?;
+    Ok(Postcard(answer))
 }
 
 /// Whether a node has Raft state already (a log, a vote): then it must never be initialized.

@@ -1,18 +1,21 @@
-//! The worker API (postcard bodies, cluster token): register, lease, heartbeat, complete, exit.
+//! The worker API (postcard bodies, worker credential): register, lease, heartbeat, complete,
+//! exit. Every request after registration carries the worker's secret, which the state
+//! machine checks: a holder of the worker credential acts only for itself.
 
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::routing::post;
 use axum::Router;
 use hashq_raft::command::{Request, Response as SmResponse};
+use hashq_raft::types::WorkerSecret;
 use hashq_raft::wire::{
     routes, CompleteRequest, CompleteResponse, ExitRequest, HeartbeatRequest, HeartbeatResponse,
     LeaseRequest, LeaseResponse, RegisterRequest, RegisterResponse, WorkGrant,
 };
 
-use super::{Postcard, INTERNAL_BODY_LIMIT};
+use super::Postcard;
 use crate::config::Role;
 use crate::error::ApiError;
 use crate::node::Node;
@@ -24,7 +27,6 @@ pub fn router() -> Router<Node> {
         .route(routes::HEARTBEAT, post(heartbeat))
         .route(routes::COMPLETE, post(complete))
         .route(routes::EXIT, post(exit))
-        .layer(DefaultBodyLimit::max(INTERNAL_BODY_LIMIT))
 }
 
 fn serves_workers(node: &Node) -> Result<(), ApiError> {
@@ -50,11 +52,13 @@ async fn register(
     Postcard(req): Postcard<RegisterRequest>,
 ) -> Result<Postcard<RegisterResponse>, ApiError> {
     serves_workers(&node)?;
+    let secret = WorkerSecret(rand::random());
     let request = Request::Register {
         slot: req.slot,
         parent: req.parent.unwrap_or(node.id()),
         host: req.host,
         handle: req.handle,
+        secret,
     };
     let worker = match node.proposer.submit(request).await?.response {
         SmResponse::Registered { worker } => worker,
@@ -70,6 +74,7 @@ async fn register(
     tracing::info!(%worker, "worker registered");
     Ok(Postcard(RegisterResponse {
         worker,
+        secret,
         node: node.id(),
         endpoints,
         lease_ms: millis(timing.lease),
@@ -98,6 +103,7 @@ async fn lease(
     wait_for_work(&node, wait).await;
     let request = Request::Lease {
         worker: req.worker,
+        secret: req.secret,
         max: req.max.max(1),
         min: req.min.min(req.max),
         max_iterations: req.max_iterations,
@@ -130,6 +136,7 @@ async fn heartbeat(
     serves_workers(&node)?;
     let request = Request::Heartbeat {
         worker: req.worker,
+        secret: req.secret,
         items: req.items,
         lease_ms: millis(node.config.timing.lease),
         parent: req.parent,
@@ -147,6 +154,7 @@ async fn complete(
     serves_workers(&node)?;
     let request = Request::Complete {
         worker: req.worker,
+        secret: req.secret,
         results: req.results,
     };
     match node.proposer.submit(request).await?.response {
@@ -165,7 +173,10 @@ async fn exit(
     // Exit gives back every lease the worker holds, whatever `release` lists.
     match node
         .proposer
-        .submit(Request::Exit { worker: req.worker })
+        .submit(Request::Exit {
+            worker: req.worker,
+            secret: req.secret,
+        })
         .await?
         .response
     {

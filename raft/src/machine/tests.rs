@@ -7,6 +7,8 @@ use crate::types::Digest;
 
 const LEASE_MS: u64 = 1_000;
 const KEY_TTL_MS: u64 = 120_000;
+/// Every test worker registers with this secret.
+const SECRET: WorkerSecret = WorkerSecret(0x5ec7e7);
 
 fn dedup(key: Option<&str>) -> Option<Dedup> {
     key.map(|k| Dedup {
@@ -21,6 +23,8 @@ fn params() -> TickParams {
         worker_lost_ms: 10_000,
         launch_timeout_ms: 5_000,
         pulled_retention_ms: 60_000,
+        completed_retention_ms: 3_600_000,
+        dead_retention_ms: 3_600_000,
         limit: 1_000,
     }
 }
@@ -30,6 +34,7 @@ fn run(kv: &mut MemKv, now: Millis, request: Request) -> Response {
         kv,
         &Command {
             now,
+            limits: StoreLimits::UNLIMITED,
             requests: vec![request],
         },
     )
@@ -61,6 +66,7 @@ fn register(kv: &mut MemKv, now: Millis) -> WorkerId {
             parent: 1,
             host: "test".into(),
             handle: String::new(),
+            secret: SECRET,
         },
     ) {
         Response::Registered { worker } => worker,
@@ -80,6 +86,7 @@ fn lease(
         now,
         Request::Lease {
             worker,
+            secret: SECRET,
             max,
             min: max,
             max_iterations: u64::MAX,
@@ -109,6 +116,7 @@ fn complete(
         now,
         Request::Complete {
             worker,
+            secret: SECRET,
             results: vec![Completion {
                 id,
                 attempt,
@@ -156,6 +164,7 @@ fn check_invariants(kv: &MemKv) {
         pulled_total: meta.counts.pulled_total,
         expired_total: meta.counts.expired_total,
         completed_iterations_total: meta.counts.completed_iterations_total,
+        dropped_total: meta.counts.dropped_total,
         ..Counts::default()
     };
     let (start, end) = keys::table(keys::ITEM);
@@ -172,7 +181,9 @@ fn check_invariants(kv: &MemKv) {
     let mut completed_index = 0;
     for (id, it) in &items {
         let in_queue = kv.contains_key(&keys::queue(*id));
-        let in_dead = kv.contains_key(&keys::dead(*id));
+        let in_dead = it
+            .dead_at
+            .is_some_and(|at| kv.contains_key(&keys::dead(at, *id)));
         let has_payload = kv.contains_key(&keys::payload(*id));
         match it.status {
             Status::Queued => {
@@ -214,6 +225,8 @@ fn check_invariants(kv: &MemKv) {
     }
     let (s, e) = keys::table(keys::COMPLETED);
     assert_eq!(kv.scan(&s, &e, false).count(), completed_index);
+    let (s, e) = keys::table(keys::DEAD);
+    assert_eq!(kv.scan(&s, &e, false).count() as u64, counts.dead);
     let (s, e) = keys::table(keys::LEASE);
     assert_eq!(kv.scan(&s, &e, false).count() as u64, counts.running);
     let (s, e) = keys::table(keys::OWNER);
@@ -300,6 +313,7 @@ fn heartbeat_extends_lease_and_reports_lost_items() {
         900,
         Request::Heartbeat {
             worker: w,
+            secret: SECRET,
             items: vec![(a, 1), (b, 7), (WorkId(999), 1)],
             lease_ms: LEASE_MS,
             parent: Some(3),
@@ -391,6 +405,7 @@ fn item_dies_after_max_attempts_and_stays_visible() {
             now,
             Request::Heartbeat {
                 worker: w,
+                secret: SECRET,
                 items: vec![],
                 lease_ms: LEASE_MS,
                 parent: None,
@@ -557,6 +572,7 @@ fn beyond_its_minimum_a_lease_takes_items_only_within_its_iteration_budget() {
         now,
         Request::Lease {
             worker: w,
+            secret: SECRET,
             max: 10,
             min,
             max_iterations,
@@ -588,6 +604,7 @@ fn unknown_workers_are_rejected() {
             1,
             Request::Lease {
                 worker: ghost,
+                secret: SECRET,
                 max: 1,
                 min: 1,
                 max_iterations: u64::MAX,
@@ -605,7 +622,8 @@ fn unknown_workers_are_rejected() {
                 slot: Some(ghost),
                 parent: 1,
                 host: String::new(),
-                handle: String::new()
+                handle: String::new(),
+                secret: SECRET,
             }
         ),
         Response::Rejected(Rejection::UnknownSlot(ghost))
@@ -653,7 +671,8 @@ fn budget_is_never_exceeded_and_slots_come_back() {
                 slot: Some(a),
                 parent: 1,
                 host: "h".into(),
-                handle: "pid:1".into()
+                handle: "pid:1".into(),
+                secret: SECRET,
             }
         ),
         Response::Registered { worker: a }
@@ -683,7 +702,8 @@ fn budget_is_never_exceeded_and_slots_come_back() {
                 slot: Some(a),
                 parent: 1,
                 host: String::new(),
-                handle: String::new()
+                handle: String::new(),
+                secret: SECRET,
             }
         ),
         Response::Rejected(Rejection::UnknownSlot(a))
@@ -705,9 +725,17 @@ fn budget_is_never_exceeded_and_slots_come_back() {
             parent: 2,
             host: String::new(),
             handle: String::new(),
+            secret: SECRET,
         },
     );
-    run(&mut kv, t + 4, Request::Exit { worker: d });
+    run(
+        &mut kv,
+        t + 4,
+        Request::Exit {
+            worker: d,
+            secret: SECRET,
+        },
+    );
     let managed = workers(&kv).unwrap().iter().filter(|w| w.managed).count();
     assert_eq!(managed, 0);
     check_invariants(&kv);
@@ -737,6 +765,7 @@ fn a_slot_is_claimed_by_one_process_only() {
                 parent: 1,
                 host: "h".into(),
                 handle: handle.into(),
+                secret: SECRET,
             },
         )
     };
@@ -805,7 +834,14 @@ fn exit_returns_leases_to_the_queue_without_killing_items() {
     let w = register(&mut kv, 0);
     let id = enqueue(&mut kv, 0, 1, None);
     lease(&mut kv, 1, w, 1, 1);
-    run(&mut kv, 2, Request::Exit { worker: w });
+    run(
+        &mut kv,
+        2,
+        Request::Exit {
+            worker: w,
+            secret: SECRET,
+        },
+    );
     assert_eq!(status(&kv, id), Status::Queued);
     assert!(workers(&kv).unwrap().is_empty());
     check_invariants(&kv);
@@ -880,9 +916,11 @@ fn random_log(seed: u64, len: usize) -> Vec<Command> {
                     parent: 1,
                     host: String::new(),
                     handle: String::new(),
+                    secret: SECRET,
                 },
                 4 => Request::Lease {
                     worker,
+                    secret: SECRET,
                     max: 1 + (rng.next() % 3) as u32,
                     min: (rng.next() % 3) as u32,
                     max_iterations: [0, 5, u64::MAX][(rng.next() % 3) as usize],
@@ -896,6 +934,7 @@ fn random_log(seed: u64, len: usize) -> Vec<Command> {
                         .unwrap_or((worker, WorkId(rng.next() % 20), 1));
                     Request::Complete {
                         worker: w,
+                        secret: SECRET,
                         results: vec![Completion {
                             id,
                             attempt,
@@ -915,10 +954,13 @@ fn random_log(seed: u64, len: usize) -> Vec<Command> {
                     worker_lost_ms: 3_000,
                     launch_timeout_ms: 1_000,
                     pulled_retention_ms: 2_000,
+                    completed_retention_ms: 60_000,
+                    dead_retention_ms: 60_000,
                     limit: 5,
                 }),
                 8 => Request::Heartbeat {
                     worker,
+                    secret: SECRET,
                     items: leased
                         .iter()
                         .filter(|l| l.0 == worker)
@@ -933,14 +975,21 @@ fn random_log(seed: u64, len: usize) -> Vec<Command> {
                         only_if_unset: false,
                     },
                     1 => Request::Reserve { parent: 2 },
-                    _ => Request::Exit { worker },
+                    _ => Request::Exit {
+                        worker,
+                        secret: SECRET,
+                    },
                 },
             };
             requests.push(r);
         }
         // Learn what was leased by replaying into a scratch state, so completions and
         // heartbeats name real (worker, item, attempt) triples often.
-        log.push(Command { now, requests });
+        log.push(Command {
+            now,
+            limits: StoreLimits::UNLIMITED,
+            requests,
+        });
         let mut scratch = MemKv::new();
         for c in &log {
             for (req, resp) in c.requests.iter().zip(apply(&mut scratch, c).unwrap()) {
@@ -1009,6 +1058,7 @@ fn batched_commands_equal_one_request_per_command() {
                     &mut single,
                     &Command {
                         now: cmd.now,
+                        limits: cmd.limits,
                         requests: vec![r.clone()],
                     },
                 )
@@ -1018,4 +1068,236 @@ fn batched_commands_equal_one_request_per_command() {
         assert_eq!(a, b);
     }
     assert_eq!(batched, single);
+}
+
+fn register_with(kv: &mut MemKv, now: Millis, secret: WorkerSecret) -> WorkerId {
+    match run(
+        kv,
+        now,
+        Request::Register {
+            slot: None,
+            parent: 1,
+            host: "test".into(),
+            handle: String::new(),
+            secret,
+        },
+    ) {
+        Response::Registered { worker } => worker,
+        other => panic!("register answered {other:?}"),
+    }
+}
+
+#[test]
+fn only_the_lease_holder_with_its_secret_completes_an_item() {
+    let mut kv = MemKv::new();
+    let id = enqueue(&mut kv, 1, 5, None);
+    let holder = register(&mut kv, 1);
+    let other = register_with(&mut kv, 1, WorkerSecret(42));
+    let granted = lease(&mut kv, 2, holder, 1, 1);
+    assert_eq!(granted.len(), 1);
+    let attempt = granted[0].attempt;
+
+    // Another worker guesses the id and the attempt: acknowledged, ignored.
+    let guess = |kv: &mut MemKv, worker, secret| {
+        run(
+            kv,
+            3,
+            Request::Complete {
+                worker,
+                secret,
+                results: vec![Completion {
+                    id,
+                    attempt,
+                    value: digest(0xee),
+                }],
+            },
+        )
+    };
+    assert_eq!(
+        guess(&mut kv, other, WorkerSecret(42)),
+        Response::CompleteAck {
+            accepted: 0,
+            ignored: 1
+        }
+    );
+    // Naming the holder without its secret: ignored too.
+    assert_eq!(
+        guess(&mut kv, holder, WorkerSecret(7)),
+        Response::CompleteAck {
+            accepted: 0,
+            ignored: 1
+        }
+    );
+    // Nor can a guesser heartbeat, release or end the holder's leases.
+    let wrong = WorkerSecret(7);
+    assert_eq!(
+        run(
+            &mut kv,
+            3,
+            Request::Heartbeat {
+                worker: holder,
+                secret: wrong,
+                items: vec![(id, attempt)],
+                lease_ms: LEASE_MS,
+                parent: None,
+            }
+        ),
+        Response::Rejected(Rejection::UnknownWorker(holder))
+    );
+    assert_eq!(
+        run(
+            &mut kv,
+            3,
+            Request::Release {
+                worker: holder,
+                secret: wrong,
+                items: vec![(id, attempt)],
+            }
+        ),
+        Response::Released { count: 0 }
+    );
+    run(
+        &mut kv,
+        3,
+        Request::Exit {
+            worker: holder,
+            secret: wrong,
+        },
+    );
+    assert_eq!(status(&kv, id), Status::Running);
+    check_invariants(&kv);
+
+    // The holder's result wins.
+    assert_eq!(complete(&mut kv, 4, holder, id, attempt, 0x11), (1, 0));
+    assert_eq!(item(&kv, id).unwrap().unwrap().value, Some(digest(0x11)));
+    check_invariants(&kv);
+}
+
+fn run_limited(
+    kv: &mut MemKv,
+    now: Millis,
+    limits: StoreLimits,
+    requests: Vec<Request>,
+) -> Vec<Response> {
+    apply(
+        kv,
+        &Command {
+            now,
+            limits,
+            requests,
+        },
+    )
+    .expect("apply")
+}
+
+fn enqueued(answers: &[Response]) -> usize {
+    answers
+        .iter()
+        .filter(|a| matches!(a, Response::Enqueued { .. }))
+        .count()
+}
+
+fn enqueue_request(len: usize) -> Request {
+    Request::Enqueue {
+        iterations: 1,
+        payload: ByteBuf::from(vec![7u8; len]),
+        dedup: None,
+    }
+}
+
+#[test]
+fn backlog_limits_on_items_and_bytes_hold_within_one_batch() {
+    let mut kv = MemKv::new();
+    let by_items = StoreLimits {
+        max_items: 3,
+        max_bytes: u64::MAX,
+    };
+    let answers = run_limited(
+        &mut kv,
+        1,
+        by_items,
+        (0..5).map(|_| enqueue_request(10)).collect(),
+    );
+    let accepted = enqueued(&answers);
+    assert_eq!(accepted, 3);
+    assert_eq!(
+        answers[4],
+        Response::Rejected(Rejection::BacklogFull {
+            items: 3,
+            bytes: 30
+        })
+    );
+    check_invariants(&kv);
+
+    // Bytes: 30 stored; a limit of 100 takes seven more 10-byte items, not eight.
+    let by_bytes = StoreLimits {
+        max_items: u64::MAX,
+        max_bytes: 100,
+    };
+    let answers = run_limited(
+        &mut kv,
+        2,
+        by_bytes,
+        (0..9).map(|_| enqueue_request(10)).collect(),
+    );
+    let accepted = enqueued(&answers);
+    assert_eq!(accepted, 7);
+
+    // Completed results count until they are pulled; pulled ones free their room.
+    let w = register(&mut kv, 3);
+    let granted = lease(&mut kv, 4, w, 10, 1);
+    for g in &granted {
+        complete(&mut kv, 5, w, g.id, g.attempt, 1);
+    }
+    let (items, bytes) = stored(&read_meta(&kv).unwrap().counts);
+    assert_eq!(items, 10);
+    assert_eq!(bytes, 10 * RESULT_BYTES);
+    let answers = run_limited(&mut kv, 6, by_items, vec![enqueue_request(1)]);
+    assert!(matches!(
+        answers[0],
+        Response::Rejected(Rejection::BacklogFull { .. })
+    ));
+    take(&mut kv, 7, 100, None);
+    let answers = run_limited(&mut kv, 8, by_items, vec![enqueue_request(1)]);
+    assert!(matches!(answers[0], Response::Enqueued { .. }));
+    check_invariants(&kv);
+}
+
+#[test]
+fn dead_items_and_unpulled_results_are_dropped_after_their_retention() {
+    let mut kv = MemKv::new();
+    let p = params();
+    let done = enqueue(&mut kv, 1, 1, None);
+    let doomed = enqueue(&mut kv, 1, 1, None);
+    let w = register(&mut kv, 1);
+    let granted = lease(&mut kv, 2, w, 1, 1);
+    assert_eq!(granted[0].id, done);
+    complete(&mut kv, 3, w, done, granted[0].attempt, 9);
+    // `doomed` loses its lease max_attempts times.
+    let mut now = 10;
+    for request_id in 2..2 + u64::from(p.max_attempts) {
+        lease(&mut kv, now, w, 1, request_id);
+        now += LEASE_MS + 1;
+        tick(&mut kv, now);
+    }
+    assert_eq!(status(&kv, doomed), Status::Dead);
+    check_invariants(&kv);
+
+    // Not yet: both are kept within their retention.
+    tick(&mut kv, now + 1);
+    assert!(item(&kv, done).unwrap().is_some() && item(&kv, doomed).unwrap().is_some());
+
+    let later = now + p.completed_retention_ms.max(p.dead_retention_ms) + 1;
+    assert!(tick_due(&kv, later, &p).unwrap());
+    let report = tick(&mut kv, later);
+    assert_eq!(report.forgotten, 2);
+    assert_eq!(item(&kv, done).unwrap(), None);
+    assert_eq!(item(&kv, doomed).unwrap(), None);
+    assert_eq!(payload(&kv, doomed).unwrap(), None);
+    let c = read_meta(&kv).unwrap().counts;
+    assert_eq!(
+        (c.completed, c.dead, c.payload_bytes, c.dropped_total),
+        (0, 0, 0, 2)
+    );
+    check_invariants(&kv);
 }
