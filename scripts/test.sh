@@ -25,6 +25,16 @@ if ! have_chromium; then
   have_chromium || die "chromium is still missing after installing it"
 fi
 
+# tests/powercut.rs mounts the nodes' data dirs on hashq-faultfs (FUSE): it needs /dev/fuse
+# and, to unmount as a fallback, fusermount3 (Debian's fuse3).
+[[ -e /dev/fuse ]] || die "no /dev/fuse: the power-cut tests need FUSE (load the fuse module)"
+if ! command -v fusermount3 >/dev/null; then
+  step "installing Debian's fuse3 (the power-cut tests mount a FUSE file system)"
+  command -v apt-get >/dev/null || die "no fusermount3 and no apt-get to install fuse3"
+  as_root apt-get update -qq || die "apt-get update failed"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 >/dev/null || die "could not install fuse3"
+fi
+
 # tests/ec2.rs runs the EC2 paths against moto_server (an EC2 API on loopback) and runs
 # scripts/deploy-ec2.sh, which needs the AWS CLI. Install them from PyPI when missing.
 if ! command -v moto_server >/dev/null || ! command -v aws >/dev/null; then
@@ -56,7 +66,12 @@ cargo clippy --workspace --all-targets "${locked[@]}" -- -D warnings
 step "unit tests and storage conformance"
 cargo test --workspace --lib "${locked[@]}"
 
+step "the power-cut file system's own tests (a real FUSE mount)"
+cargo test -p hashq-faultfs --test fuse "${locked[@]}"
+
 step "end-to-end tests (real hashq processes on loopback, one test at a time)"
+# The power-cut tests run hashq-faultfs, a binary of its own crate: build it beside hashq.
+cargo build -p hashq-faultfs "${locked[@]}"
 cargo test --test '*' "${locked[@]}" -- --test-threads=1 --skip chaos_
 
 # The chaos profile prints its seed, each fault and its CHAOS SUMMARY line, so a CI log

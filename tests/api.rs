@@ -14,6 +14,7 @@ fn options() -> Options {
         nodes: 3,
         launch_workers: false,
         proxied: false,
+        data_root: None,
         node_args: [
             "--max-iterations",
             "100000",

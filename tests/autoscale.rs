@@ -39,6 +39,7 @@ fn options(max_workers: u32, extra: &[&str]) -> Options {
         node_args,
         launch_workers: true,
         proxied: false,
+        data_root: None,
     }
 }
 

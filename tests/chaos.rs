@@ -553,6 +553,7 @@ async fn chaos_nothing_acknowledged_is_lost_duplicated_or_wrong() {
         node_args,
         launch_workers: true,
         proxied: true,
+        data_root: None,
     })
     .await;
     let shared = Arc::new(Shared {

@@ -31,6 +31,11 @@ async fn schemathesis_finds_no_server_error_and_no_schema_mismatch() {
     let url = format!("{}/openapi.json", cluster.url(node));
     let output = tokio::task::spawn_blocking(move || {
         Command::new("schemathesis")
+            .arg("--config-file")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/schemathesis.toml"
+            ))
             .args(["run", &url, "--checks", "all", "--max-examples", "200"])
             .args(["--generation-database", "none", "--no-color"])
             .args(["--request-timeout", "15", "--workers", "2"])

@@ -8,8 +8,9 @@
 //!   only while launching + running < `max_workers`, so the budget holds whatever the races
 //!   between nodes or leaders.
 //! - **launching** (each node): a node starts the workers of the slots reserved for it and
-//!   records their handles; a failed launch gives the slot back. A node only launches slots
-//!   reserved after it started, so a node that crashed mid-launch and came back never launches
+//!   records their handles; a failed launch gives the slot back. A slot names the process it
+//!   is for (the node's random incarnation, from its health answer), so a node that crashed
+//!   mid-launch and came back is another process and never launches
 //!   the same slot twice (a slot nobody launched is freed after `--launch-timeout`).
 //!
 //! Scaling down is the workers' own idle exit; a worker that stops heartbeating is declared
@@ -58,7 +59,6 @@ impl RateEstimate {
 }
 
 pub async fn run(node: Node, launcher: Arc<dyn Launcher>) {
-    let started_ms = now_ms();
     let mut attempted: HashSet<WorkerId> = HashSet::new();
     let mut rate = RateEstimate {
         rate: DEFAULT_RATE,
@@ -74,7 +74,7 @@ pub async fn run(node: Node, launcher: Arc<dyn Launcher>) {
             (Ok(m), Ok(w)) => (m, w),
             _ => continue,
         };
-        launch_reserved(&node, &launcher, &workers, started_ms, &mut attempted);
+        launch_reserved(&node, &launcher, &workers, &mut attempted);
         if node.raft.metrics().borrow().state != ServerState::Leader {
             rate.last = None;
             continue;
@@ -89,7 +89,17 @@ pub async fn run(node: Node, launcher: Arc<dyn Launcher>) {
             continue;
         };
         last_reserve = Some(Instant::now());
-        match node.proposer.submit(Request::Reserve { parent }).await {
+        let Some(incarnation) = incarnation_of(&node, parent) else {
+            continue;
+        };
+        match node
+            .proposer
+            .submit(Request::Reserve {
+                parent,
+                incarnation,
+            })
+            .await
+        {
             Ok(reply) => match reply.response {
                 Response::Reserved {
                     worker: Some(worker),
@@ -132,7 +142,7 @@ fn wanted(
         return None;
     }
     let scaling = &node.config.scaling;
-    let now = meta.now.max(now_ms());
+    let now = node.sm_now(meta);
     let oldest_wait = machine::oldest_queued(&node.reader.view(), 64)
         .ok()
         .flatten()
@@ -182,12 +192,21 @@ fn live_endpoints(node: &Node) -> Vec<NodeId> {
         .collect()
 }
 
-/// Starts the workers of slots reserved for this node since it started.
+/// The process of node `id` that a slot is reserved for: this one's, or the one its last
+/// health probe answered with.
+fn incarnation_of(node: &Node, id: NodeId) -> Option<u64> {
+    if id == node.id() {
+        Some(node.incarnation)
+    } else {
+        node.peer_health.get(id).map(|h| h.incarnation)
+    }
+}
+
+/// Starts the workers of slots reserved for this node's current process.
 fn launch_reserved(
     node: &Node,
     launcher: &Arc<dyn Launcher>,
     workers: &[WorkerRecord],
-    started_ms: u64,
     attempted: &mut HashSet<WorkerId>,
 ) {
     attempted.retain(|id| workers.iter().any(|w| w.id == *id));
@@ -196,7 +215,7 @@ fn launch_reserved(
             && w.state == WorkerState::Launching
             && w.parent == node.id()
             && w.handle.is_empty()
-            && w.since >= started_ms;
+            && w.incarnation == node.incarnation;
         if !mine || !attempted.insert(w.id) {
             continue;
         }

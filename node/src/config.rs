@@ -201,6 +201,14 @@ pub struct NodeArgs {
     /// Dead items (and their payloads) are dropped this long after they died.
     #[arg(long, env = "HASHQ_DEAD_RETENTION", default_value = "7d", value_parser = duration)]
     pub dead_retention: Duration,
+    /// Free space the data dir's file system must keep: below it the node raises the disk
+    /// alarm and the cluster refuses enqueues until space returns.
+    #[arg(long, env = "HASHQ_DISK_FREE_LIMIT", default_value = "1GiB", value_parser = byte_size)]
+    pub disk_free_limit: u64,
+    /// Tests only: shift this node's wall clock by the number of milliseconds in this file
+    /// (re-read every 100 ms).
+    #[arg(long, env = "HASHQ_CLOCK_OFFSET_FILE", hide = true)]
+    pub clock_offset_file: Option<PathBuf>,
     /// Completed results nobody pulled are dropped this long after they completed.
     #[arg(long, env = "HASHQ_COMPLETED_RETENTION", default_value = "7d", value_parser = duration)]
     pub completed_retention: Duration,
@@ -264,6 +272,10 @@ pub struct NodeArgs {
     /// Batches of requests proposed at once (a tuning knob: fewer means bigger batches).
     #[arg(long, env = "HASHQ_PROPOSALS_IN_FLIGHT", default_value_t = crate::proposer::DEFAULT_IN_FLIGHT)]
     pub proposals_in_flight: usize,
+    /// The Raft log's segment files are this large (a new one starts beyond it; whole
+    /// segments are deleted once a snapshot covers them).
+    #[arg(long, env = "HASHQ_LOG_SEGMENT_BYTES", default_value = "64MiB", value_parser = byte_size)]
+    pub log_segment_bytes: u64,
     /// sled page cache, in MiB: the bound on the store's memory.
     #[arg(long, env = "HASHQ_CACHE_MB", default_value_t = 128)]
     pub cache_mb: u64,
@@ -356,6 +368,7 @@ pub struct Limits {
     pub max_peer_requests: usize,
     pub dead_retention: Duration,
     pub completed_retention: Duration,
+    pub disk_free_limit: u64,
 }
 
 /// The autoscaler's knobs.
@@ -475,10 +488,13 @@ pub struct NodeConfig {
     /// The `ec2` launcher's settings (checked only with `--launcher ec2`).
     pub ec2: Ec2Args,
     pub limits: Limits,
+    /// Tests only: a file holding a shift of this node's wall clock.
+    pub clock_offset_file: Option<PathBuf>,
     pub http: crate::http::HttpLimits,
     pub timing: Timing,
     pub snapshot_every: u64,
     pub cache_bytes: u64,
+    pub log_segment_bytes: u64,
     pub proposals_in_flight: usize,
 }
 
@@ -564,7 +580,9 @@ impl NodeArgs {
                 max_peer_requests: self.max_peer_requests.max(1),
                 dead_retention: self.dead_retention,
                 completed_retention: self.completed_retention,
+                disk_free_limit: self.disk_free_limit,
             },
+            clock_offset_file: self.clock_offset_file,
             http: crate::http::HttpLimits {
                 header_timeout: self.header_timeout,
                 body_min_rate: self.body_min_rate,
@@ -579,6 +597,7 @@ impl NodeArgs {
             snapshot_every: self.snapshot_every,
             proposals_in_flight: self.proposals_in_flight.max(1),
             cache_bytes: self.cache_mb.max(8) * 1024 * 1024,
+            log_segment_bytes: self.log_segment_bytes.max(64 * 1024),
         })
     }
 }

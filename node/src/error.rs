@@ -33,6 +33,9 @@ pub enum ApiError {
     Busy(String),
     #[error("the backlog is full ({items} items, {bytes} bytes stored); retry later")]
     BacklogFull { items: u64, bytes: u64 },
+    /// Some node's disk is below its free-space limit: no enqueue until it recovers.
+    #[error("nodes {nodes:?} are short of disk space: enqueues are refused until space returns (pulls and completions go on)")]
+    DiskFull { nodes: Vec<NodeId> },
     /// No leader is known right now (election, no quorum).
     #[error("no leader right now: {reason}")]
     NoLeader { reason: String },
@@ -96,6 +99,11 @@ impl ApiError {
                 "backlog_full",
                 Some(Duration::from_secs(1)),
             ),
+            ApiError::DiskFull { .. } => (
+                StatusCode::INSUFFICIENT_STORAGE,
+                "disk_full",
+                Some(Duration::from_secs(5)),
+            ),
             ApiError::NoLeader { .. } | ApiError::NotLeader { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 codes::NO_LEADER,
@@ -121,6 +129,8 @@ impl From<Rejection> for ApiError {
             Rejection::UnknownSlot(w) => ApiError::UnknownSlot(w),
             Rejection::Invalid(m) => ApiError::invalid("invalid_request", m),
             Rejection::BacklogFull { items, bytes } => ApiError::BacklogFull { items, bytes },
+            Rejection::DiskFull { nodes } => ApiError::DiskFull { nodes },
+            Rejection::Internal(m) => ApiError::Internal(m),
         }
     }
 }

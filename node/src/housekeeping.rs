@@ -2,13 +2,14 @@
 //! whenever one is due (an expired lease, a silent worker, records past their retention).
 //! Followers run the same loop but do nothing until they lead.
 
+use std::time::Duration;
+
 use hashq_raft::command::{Request, Response, TickParams};
 use hashq_raft::machine;
 use openraft::ServerState;
 
 use crate::launcher::WorkerTable;
 use crate::node::Node;
-use crate::proposer::now_ms;
 
 /// The most expiries and deletions one tick does, so one log entry stays small.
 const TICK_LIMIT: u32 = 2000;
@@ -54,7 +55,7 @@ async fn reconcile(node: &Node) -> Result<(), crate::error::ApiError> {
     let table = WorkerTable {
         workers: machine::workers(&view)?,
         next_worker: meta.next_worker,
-        now: meta.now.max(now_ms()),
+        now: node.sm_now(&meta),
     };
     let gone = node
         .launcher
@@ -74,6 +75,10 @@ async fn reconcile(node: &Node) -> Result<(), crate::error::ApiError> {
 }
 
 async fn duties(node: &Node) -> Result<(), crate::error::ApiError> {
+    if node.proposer.idle_for() >= Duration::from_millis(machine::IDLE_ENTRY_MS) {
+        // Keep state-machine time moving in small steps on an idle cluster.
+        node.proposer.submit(Request::Noop).await?;
+    }
     let meta = machine::read_meta(&node.reader.view())?;
     if meta.max_workers.is_none() {
         node.proposer
@@ -84,7 +89,8 @@ async fn duties(node: &Node) -> Result<(), crate::error::ApiError> {
             .await?;
     }
     let params = tick_params(node);
-    if machine::tick_due(&node.reader.view(), now_ms(), &params)? {
+    let now = node.sm_now(&machine::read_meta(&node.reader.view())?);
+    if machine::tick_due(&node.reader.view(), now, &params)? {
         let reply = node.proposer.submit(Request::Tick(params)).await?;
         if let Response::Ticked(report) = reply.response {
             if report.expired > 0 || report.dead > 0 || !report.lost_workers.is_empty() {

@@ -16,10 +16,12 @@
 pub mod autoscaler;
 pub mod bootstrap;
 pub mod config;
+pub mod disk;
 pub mod error;
 pub mod housekeeping;
 pub mod http;
 pub mod launcher;
+pub mod metrics;
 pub mod node;
 pub mod proposer;
 pub mod raft_gate;

@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 
 use crate::config::{NodeConfig, Role};
 use crate::launcher::{self, Launcher};
+use crate::metrics::{NodeMetrics, StoreTimings};
 use crate::proposer::{Proposer, ProposerOptions};
 use crate::{autoscaler, bootstrap, housekeeping, routes};
 use hashq_raft::command::StoreLimits;
@@ -111,6 +112,8 @@ async fn probe_peers(node: Node) {
 
 pub struct Inner {
     pub config: NodeConfig,
+    /// Random per start of this process (see `Request::Reserve`).
+    pub incarnation: u64,
     pub peer_health: PeerHealth,
     /// Request slots per audience and the body budget, shared by every listener.
     pub gates: crate::routes::Gates,
@@ -124,6 +127,12 @@ pub struct Inner {
     pub proposer: Proposer,
     pub http: reqwest::Client,
     pub stats: Stats,
+    /// Latency histograms and counters for `/metrics`.
+    pub metrics: Arc<NodeMetrics>,
+    /// Set while damaged durable state is being repaired from the peers.
+    pub repair: Repair,
+    /// This node's free disk space and its alarm.
+    pub disk: DiskState,
     pub started: Instant,
     /// Set when the node stops on purpose, so Raft stopping is not taken for a crash.
     pub stopping: Arc<AtomicBool>,
@@ -139,6 +148,120 @@ impl std::ops::Deref for Node {
     type Target = Inner;
     fn deref(&self) -> &Inner {
         &self.inner
+    }
+}
+
+/// Damaged durable state being repaired from the peers (see `hashq_storage::Recovery`).
+pub struct Repair {
+    /// The log index this node must reach again before it may vote; `None` once repaired.
+    pub until: std::sync::Mutex<Option<u64>>,
+    /// What was damaged, in words.
+    pub damage: Option<String>,
+}
+
+impl Repair {
+    pub fn until(&self) -> Option<u64> {
+        *self.until.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// This node's disk, as the disk watcher last saw it.
+#[derive(Default)]
+pub struct DiskState {
+    pub free_bytes: AtomicU64,
+    /// Below `--disk-free-limit`.
+    pub low: AtomicBool,
+}
+
+fn report_recovery(recovery: &hashq_storage::Recovery) {
+    if let Some((path, at)) = &recovery.log.torn_tail {
+        tracing::warn!(path = %path.display(), at, "the log ended in a torn record (never acknowledged); cut it off");
+    }
+    if let Some(why) = &recovery.sm.sled_reset {
+        tracing::warn!(error = %why, "the state machine store was unreadable and was rebuilt");
+    }
+    if let Some(snapshot) = &recovery.sm.restored_from {
+        tracing::warn!(%snapshot, "the state machine was behind the log's purge point; restored from the latest snapshot");
+    }
+    if let (Some(until), damage) = (recovery.repair_until, &recovery.damage) {
+        tracing::error!(
+            until,
+            damage = damage.as_deref().unwrap_or("an earlier start found damage"),
+            "REPAIRING: this node neither votes nor stands for election until its peers bring its log back to index {until}"
+        );
+    }
+}
+
+/// While repairing, proposes a no-op now and then (so an idle cluster's log still grows
+/// past what this node had), and ends the repair once this node has applied up to where its
+/// log was and follows a leader: then it votes and stands for election again.
+async fn watch_repair(node: Node) {
+    let mut ticker = tokio::time::interval(Duration::from_millis(500));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while let Some(until) = node.repair.until() {
+        ticker.tick().await;
+        let (applied, follows) = {
+            let m = node.raft.metrics().borrow().clone();
+            (
+                m.last_applied.map_or(0, |l| l.index),
+                m.current_leader.is_some_and(|l| l != node.id()),
+            )
+        };
+        if !follows {
+            continue;
+        }
+        if applied < until {
+            let _ = node
+                .proposer
+                .submit(hashq_raft::command::Request::Noop)
+                .await;
+            continue;
+        }
+        if let Err(e) = hashq_storage::repaired(&node.config.data_dir) {
+            tracing::error!(error = %e, "cannot record the end of the repair");
+            continue;
+        }
+        *node.repair.until.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        node.raft
+            .runtime_config()
+            .elect(node.config.role != Role::Witness);
+        tracing::warn!(
+            applied,
+            until,
+            "REPAIRED: this node holds everything it had again; it votes and stands for election"
+        );
+    }
+}
+
+/// Counts the terms this node sees begin, and measures the leader's clock against this
+/// node's at every apply.
+async fn watch_terms_and_clocks(node: Node) {
+    let mut metrics = node.raft.metrics();
+    let mut applied = node.reader.subscribe();
+    let mut term = metrics.borrow().current_term;
+    loop {
+        tokio::select! {
+            changed = metrics.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let now = metrics.borrow().current_term;
+                if now > term {
+                    node.metrics.elections.fetch_add(now - term, Ordering::Relaxed);
+                    term = now;
+                }
+            }
+            changed = applied.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let leader_wall = applied.borrow().leader_wall;
+                if leader_wall > 0 {
+                    let skew = leader_wall as i64 - crate::proposer::now_ms() as i64;
+                    node.metrics.leader_clock_skew_ms.store(skew, Ordering::Relaxed);
+                }
+            }
+        }
     }
 }
 
@@ -181,15 +304,23 @@ impl Node {
         let launcher = launcher::from_config(&config)
             .await
             .map_err(StartError::Launcher)?;
-        let (log, sm) = hashq_storage::open(
+        let metrics = Arc::new(NodeMetrics::default());
+        hashq_storage::fsio::observe_store(Box::new(StoreTimings(metrics.clone())));
+        let hashq_storage::Opened { log, sm, recovery } = hashq_storage::open(
             &config.data_dir,
             &StoreOptions {
                 cache_bytes: config.cache_bytes,
+                log: hashq_storage::LogOptions {
+                    segment_bytes: config.log_segment_bytes,
+                    ..hashq_storage::LogOptions::default()
+                },
             },
         )?;
+        report_recovery(&recovery);
         let reader = sm.reader();
         let timing = &config.timing;
         sit_out_an_election_if_fresh(&log, timing.election_timeout).await?;
+        let repairing = recovery.repair_until.is_some();
         let raft_config = openraft::Config {
             cluster_name: config.cluster_name.clone(),
             heartbeat_interval: millis(timing.raft_heartbeat),
@@ -204,8 +335,9 @@ impl Node {
             max_in_snapshot_log_to_keep: (config.snapshot_every / 2).min(1000),
             purge_batch_size: 64,
             // A witness votes and keeps the log but never stands for election: a leader must
-            // serve clients and workers, which a witness does not.
-            enable_elect: config.role != Role::Witness,
+            // serve clients and workers, which a witness does not. A node repairing damaged
+            // state stands for nothing until it is whole again.
+            enable_elect: config.role != Role::Witness && !repairing,
             ..Default::default()
         }
         .validate()
@@ -230,6 +362,7 @@ impl Node {
             http.clone(),
             token,
             ProposerOptions {
+                metrics: Some(metrics.clone()),
                 request_timeout: timing.request_timeout,
                 in_flight: config.proposals_in_flight,
                 limits: StoreLimits {
@@ -242,6 +375,7 @@ impl Node {
             inner: Arc::new(Inner {
                 gates: crate::routes::Gates::new(&config),
                 config,
+                incarnation: rand::random::<u64>() | 1,
                 peer_health: PeerHealth::default(),
                 raft_gate: crate::raft_gate::Gate::default(),
                 raft,
@@ -251,11 +385,25 @@ impl Node {
                 proposer,
                 http,
                 stats: Stats::default(),
+                metrics,
+                repair: Repair {
+                    until: std::sync::Mutex::new(recovery.repair_until),
+                    damage: recovery.damage.clone(),
+                },
+                disk: DiskState::default(),
                 started: Instant::now(),
                 stopping: Arc::new(AtomicBool::new(false)),
             }),
         };
         tokio::spawn(exit_on_fatal(node.raft.clone(), node.stopping.clone()));
+        tokio::spawn(watch_terms_and_clocks(node.clone()));
+        tokio::spawn(crate::disk::watch(node.clone()));
+        if repairing {
+            tokio::spawn(watch_repair(node.clone()));
+        }
+        if let Some(path) = node.config.clock_offset_file.clone() {
+            tokio::spawn(crate::proposer::follow_clock_offset_file(path));
+        }
         tokio::spawn(bootstrap::run(node.clone()));
         tokio::spawn(probe_peers(node.clone()));
         tokio::spawn(housekeeping::run(node.clone()));
@@ -265,6 +413,15 @@ impl Node {
 
     pub fn id(&self) -> NodeId {
         self.config.id
+    }
+
+    /// This node's estimate of state-machine time now: the last applied time plus what has
+    /// passed since (state-machine time never reads a clock; this is only for deciding when
+    /// to propose and for showing ages).
+    pub fn sm_now(&self, meta: &hashq_raft::machine::Meta) -> u64 {
+        let applied = *self.reader.subscribe().borrow();
+        let since = applied.at.map_or(0, |at| at.elapsed().as_millis() as u64);
+        meta.now.saturating_add(since)
     }
 
     /// Asks a peer's `/health`, briefly; `None` if it does not answer.

@@ -7,6 +7,7 @@
 //! an idempotency key (the client's, or one the node makes up), so a request whose outcome is
 //! unknown (leader change, timeout) is retried until the deadline without ever applying twice.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -41,11 +42,39 @@ pub struct Reply {
     pub payloads: Vec<ByteBuf>,
 }
 
+/// A test-only shift of this process's wall clock, in milliseconds (see
+/// [`follow_clock_offset_file`]).
+static CLOCK_OFFSET_MS: AtomicI64 = AtomicI64::new(0);
+
 /// The current time in milliseconds since the Unix epoch: the `now` a leader stamps.
 pub fn now_ms() -> u64 {
-    SystemTime::now()
+    let wall = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+        .map_or(0, |d| d.as_millis() as i64);
+    wall.saturating_add(CLOCK_OFFSET_MS.load(Ordering::Relaxed))
+        .max(0) as u64
+}
+
+/// Milliseconds on this process's monotonic clock: the `mono` a leader stamps, from which
+/// state-machine time advances within its term.
+pub fn mono_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// For tests of clock skew: keeps this process's wall clock shifted by the number of
+/// milliseconds written in `path` (re-read every 100 ms; a missing file means no shift).
+pub async fn follow_clock_offset_file(path: std::path::PathBuf) {
+    loop {
+        let offset = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| s.trim().parse::<i64>().ok())
+            .unwrap_or(0);
+        if CLOCK_OFFSET_MS.swap(offset, Ordering::Relaxed) != offset {
+            tracing::warn!(offset_ms = offset, "test clock offset changed");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 struct Pending {
@@ -69,11 +98,15 @@ struct Shared {
     http: reqwest::Client,
     token: Option<Arc<str>>,
     options: ProposerOptions,
+    /// `mono_ms()` when this node last proposed an entry as leader.
+    last_proposed: std::sync::atomic::AtomicU64,
 }
 
 /// How the proposer batches and what it stamps on the commands it proposes as leader.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone)]
 pub struct ProposerOptions {
+    /// Where commit latencies go.
+    pub metrics: Option<Arc<crate::metrics::NodeMetrics>>,
     /// How long a request may take, retries through leader changes included.
     pub request_timeout: Duration,
     /// Batches proposed at once.
@@ -106,6 +139,7 @@ impl Proposer {
             http,
             token,
             options,
+            last_proposed: std::sync::atomic::AtomicU64::new(0),
         });
         let (local, local_rx) = mpsc::unbounded_channel();
         let (forward, forward_rx) = mpsc::unbounded_channel();
@@ -116,6 +150,12 @@ impl Proposer {
             local,
             forward,
         }
+    }
+
+    /// How long since this node last proposed an entry as leader.
+    pub fn idle_for(&self) -> Duration {
+        let last = self.shared.last_proposed.load(Ordering::Relaxed);
+        Duration::from_millis(mono_ms().saturating_sub(last))
     }
 
     /// The leader as this node sees it, with its address.
@@ -289,9 +329,12 @@ async fn propose(
 ) -> Result<Vec<Result<Reply, ApiError>>, ApiError> {
     let command = Command {
         now: now_ms(),
+        mono: mono_ms(),
         limits: shared.options.limits,
         requests,
     };
+    let started = Instant::now();
+    shared.last_proposed.store(command.mono, Ordering::Relaxed);
     let written = shared
         .raft
         .client_write(command)
@@ -303,6 +346,9 @@ async fn propose(
             RaftError::APIError(other) => ApiError::Internal(other.to_string()),
             RaftError::Fatal(f) => ApiError::Unavailable(format!("raft stopped: {f}")),
         })?;
+    if let Some(metrics) = &shared.options.metrics {
+        metrics.commit.observe(started.elapsed().as_secs_f64());
+    }
     let view = shared.reader.view();
     Ok(written
         .data

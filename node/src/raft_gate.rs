@@ -33,11 +33,8 @@
 use std::cmp::Ordering;
 
 use hashq_raft::{LogId, NodeId, TypeConfig};
-use openraft::error::{InstallSnapshotError, RaftError};
-use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
-};
+use openraft::error::RaftError;
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteRequest, VoteResponse};
 use openraft::{CommittedLeaderId, LeaderId, ServerState, Vote};
 
 use crate::error::ApiError;
@@ -179,23 +176,23 @@ pub fn snapshot_id_ok(id: &str, last: Option<&LogId>) -> bool {
     term.parse() == Ok(t) && index.parse() == Ok(i)
 }
 
-/// The stateless checks of a snapshot chunk.
+/// The stateless checks of a snapshot's header.
 pub fn check_snapshot(
-    req: &InstallSnapshotRequest<TypeConfig>,
+    vote: &Vote<NodeId>,
+    meta: &hashq_raft::SnapshotMeta,
     me: NodeId,
 ) -> Result<(), ApiError> {
-    let vote = &req.vote;
     check_vote_itself(vote, me)?;
     if !vote.committed {
         return Err(refuse("a leader's vote is committed"));
     }
-    let Some(last) = &req.meta.last_log_id else {
+    let Some(last) = &meta.last_log_id else {
         return Err(refuse(
             "a leader sends a snapshot only of something it purged",
         ));
     };
     check_log_id("snapshot last_log_id", last, vote)?;
-    if !snapshot_id_ok(&req.meta.snapshot_id, Some(last)) {
+    if !snapshot_id_ok(&meta.snapshot_id, Some(last)) {
         return Err(refuse("malformed snapshot id"));
     }
     Ok(())
@@ -310,27 +307,27 @@ impl Gate {
         Ok(raft.vote(req).await)
     }
 
-    /// Checks and delivers a snapshot chunk.
-    pub async fn snapshot(
+    /// Delivers a received and verified snapshot, once its last log id agrees with this
+    /// node's committed entry.
+    pub async fn install(
         &self,
         raft: &hashq_raft::Raft,
-        me: NodeId,
-        req: InstallSnapshotRequest<TypeConfig>,
-    ) -> Result<
-        Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
-        ApiError,
-    > {
-        check_snapshot(&req, me)?;
+        vote: Vote<NodeId>,
+        snapshot: openraft::Snapshot<TypeConfig>,
+    ) -> Result<hashq_raft::network::SnapshotAnswer, ApiError> {
         let _memory = self.memory.lock().await;
-        let local = step_down_first(raft, req.vote, read_local(raft).await?).await?;
-        if let (Some(k), Some(last)) = (&local.committed, &req.meta.last_log_id) {
+        let local = step_down_first(raft, vote, read_local(raft).await?).await?;
+        if let (Some(k), Some(last)) = (&local.committed, &snapshot.meta.last_log_id) {
             if !consistent(last, k) {
                 return Err(refuse(format!(
                     "the snapshot's last log id {last} contradicts this node's committed entry {k}"
                 )));
             }
         }
-        Ok(raft.install_snapshot(req).await)
+        Ok(raft
+            .install_full_snapshot(vote, snapshot)
+            .await
+            .map_err(|e| e.to_string()))
     }
 }
 
@@ -357,6 +354,7 @@ mod tests {
             log_id,
             payload: EntryPayload::Normal(Command {
                 now: 0,
+                mono: 0,
                 limits: StoreLimits::UNLIMITED,
                 requests: Vec::new(),
             }),

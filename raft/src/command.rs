@@ -12,11 +12,18 @@ use serde_bytes::ByteBuf;
 use crate::types::{Digest, Millis, NodeId, WorkId, WorkerId, WorkerSecret};
 
 /// One Raft log entry's application data.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Encoded with a version tag first (see [`CommandWire`]), in the log and on the wire alike,
+/// so a later release can add fields and still read every entry written before it.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Command {
-    /// The leader's clock when it proposed this entry. Apply never reads a clock; it uses
-    /// `max(now, the largest now seen so far)` so time never runs backwards across leaders.
+    /// The leader's wall clock when it proposed this entry: where state-machine time starts,
+    /// and what the nodes compare their own clocks with (the skew metric).
     pub now: Millis,
+    /// The leader's monotonic clock (milliseconds since it started): within a term,
+    /// state-machine time advances by its difference between entries
+    /// ([`crate::machine::advance`]).
+    pub mono: u64,
     /// The leader's bounds on what the queue may hold: checked at apply, so concurrent
     /// enqueues cannot overshoot them and every replica decides the same.
     pub limits: StoreLimits,
@@ -44,6 +51,59 @@ impl StoreLimits {
 /// What one unpulled result counts against [`StoreLimits::max_bytes`]: its digest and its
 /// share of the item record.
 pub const RESULT_BYTES: u64 = 128;
+
+/// The versions of [`Command`]'s encoding: postcard writes the variant index first. A new
+/// field means a new variant here; decoding keeps converting the old ones.
+#[derive(Serialize)]
+enum CommandWire<'a> {
+    V1(CommandV1Ref<'a>),
+}
+
+#[derive(Serialize)]
+struct CommandV1Ref<'a> {
+    now: Millis,
+    mono: u64,
+    limits: StoreLimits,
+    requests: &'a [Request],
+}
+
+#[derive(Deserialize)]
+enum CommandWireIn {
+    V1(CommandV1),
+}
+
+#[derive(Deserialize)]
+struct CommandV1 {
+    now: Millis,
+    mono: u64,
+    limits: StoreLimits,
+    requests: Vec<Request>,
+}
+
+impl Serialize for Command {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        CommandWire::V1(CommandV1Ref {
+            now: self.now,
+            mono: self.mono,
+            limits: self.limits,
+            requests: &self.requests,
+        })
+        .serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Command {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        match CommandWireIn::deserialize(deserializer)? {
+            CommandWireIn::V1(c) => Ok(Command {
+                now: c.now,
+                mono: c.mono,
+                limits: c.limits,
+                requests: c.requests,
+            }),
+        }
+    }
+}
 
 impl fmt::Debug for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -137,8 +197,10 @@ pub enum Request {
         worker: WorkerId,
         secret: WorkerSecret,
     },
-    /// Reserve a budget slot for a worker that `parent` is about to launch.
-    Reserve { parent: NodeId },
+    /// Reserve a budget slot for a worker that `parent` is about to launch. `incarnation`
+    /// names the parent's current process: a parent that restarts gets another and never
+    /// launches a slot reserved for its earlier self (which may have launched it already).
+    Reserve { parent: NodeId, incarnation: u64 },
     /// The launcher started the worker of a reserved slot.
     Launched { worker: WorkerId, handle: String },
     /// The launch failed; the slot is freed.
@@ -151,6 +213,12 @@ pub enum Request {
     /// Housekeeping at the stamped time: expire leases, declare silent workers lost, forget
     /// pulled items past their retention and idempotency keys past their ttl.
     Tick(TickParams),
+    /// A node's disk went below (or back above) its free-space limit. While any node is low,
+    /// enqueues are refused; pulls, completions and reads go on.
+    DiskAlarm { node: NodeId, low: bool },
+    /// Does nothing. A node repairing lost log entries proposes it now and then, so that an
+    /// idle cluster's log still grows past what that node had before.
+    Noop,
 }
 
 impl fmt::Debug for Request {
@@ -202,7 +270,7 @@ impl fmt::Debug for Request {
             Request::Forget { worker, .. } => {
                 f.debug_struct("Forget").field("worker", worker).finish()
             }
-            Request::Reserve { parent } => {
+            Request::Reserve { parent, .. } => {
                 f.debug_struct("Reserve").field("parent", parent).finish()
             }
             Request::Launched { worker, handle } => f
@@ -221,6 +289,12 @@ impl fmt::Debug for Request {
                 .field("only_if_unset", only_if_unset)
                 .finish(),
             Request::Tick(p) => f.debug_tuple("Tick").field(p).finish(),
+            Request::Noop => f.write_str("Noop"),
+            Request::DiskAlarm { node, low } => f
+                .debug_struct("DiskAlarm")
+                .field("node", node)
+                .field("low", low)
+                .finish(),
         }
     }
 }
@@ -317,6 +391,10 @@ pub enum Rejection {
     Invalid(String),
     /// The queue holds as many items or bytes as [`StoreLimits`] allow.
     BacklogFull { items: u64, bytes: u64 },
+    /// These nodes' disks are below their free-space limit: no enqueue until they recover.
+    DiskFull { nodes: Vec<NodeId> },
+    /// The request found the state machine's records broken; nothing of it was applied.
+    Internal(String),
 }
 
 impl fmt::Display for Rejection {
@@ -329,6 +407,11 @@ impl fmt::Display for Rejection {
                 f,
                 "the backlog is full ({items} items, {bytes} bytes stored); retry later"
             ),
+            Rejection::DiskFull { nodes } => write!(
+                f,
+                "nodes {nodes:?} are short of disk space: enqueues are refused until they recover"
+            ),
+            Rejection::Internal(m) => write!(f, "{m}"),
         }
     }
 }

@@ -23,6 +23,14 @@ pub mod wire;
 pub use command::{Command, CommandResponse, Request, Response};
 pub use types::{NodeId, WorkId, WorkerId};
 
+/// A snapshot as openraft passes it around: a complete, checksummed snapshot file on this
+/// node's disk. Snapshots travel between nodes as an HTTP stream of the file (the node's
+/// Raft network), verified before they are installed, never through openraft's chunks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotFile {
+    pub path: std::path::PathBuf,
+}
+
 openraft::declare_raft_types!(
     /// The openraft type configuration of hashq.
     pub TypeConfig:
@@ -31,7 +39,7 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = tokio::fs::File,
+        SnapshotData = SnapshotFile,
         AsyncRuntime = openraft::TokioRuntime,
 );
 

@@ -24,7 +24,7 @@ use crate::command::{
     StoreLimits, TickParams, TickReport, RESULT_BYTES,
 };
 use crate::keys;
-use crate::kv::{Kv, KvError, KvRead};
+use crate::kv::{Kv, KvError, KvRead, Overlay};
 use crate::types::{
     Counts, Item, Lease, Millis, NodeId, Status, WorkId, WorkerId, WorkerRecord, WorkerSecret,
     WorkerState,
@@ -50,11 +50,33 @@ pub const MAX_LEASE_MS: u64 = 24 * 3600 * 1000;
 /// Longest idempotency key accepted.
 pub const MAX_IDEMPOTENCY_KEY: usize = 256;
 
+/// The most one entry may move state-machine time (a monotonic clock that jumped, a leader
+/// stamping nonsense): beyond it, time simply advances this much. Leaders propose an entry
+/// at least every [`IDLE_ENTRY_MS`], so real steps stay far below it.
+pub const MAX_TIME_STEP_MS: Millis = 600_000;
+
+/// A leader with nothing else to propose proposes a [`Request::Noop`] this often, so state
+/// machine time keeps moving in small steps.
+pub const IDLE_ENTRY_MS: Millis = 30_000;
+
+/// Where state-machine time was last advanced from: the leader's term and its monotonic
+/// clock then.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Clock {
+    pub term: u64,
+    pub mono: u64,
+}
+
 /// The state machine's small, always-present record: counters, time and budget.
 #[derive(Clone, Default, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct Meta {
-    /// The largest `now` applied so far; time never runs backwards in the state machine.
+    /// State-machine time. It starts from the first leader's wall clock and then advances
+    /// only by the leaders' monotonic clocks, entry by entry ([`advance`]): a leader whose
+    /// wall clock jumps can neither expire leases early nor freeze time for its successors.
     pub now: Millis,
+    pub clock: Clock,
+    /// Nodes whose disk is below its free-space limit: while any is, enqueues are refused.
+    pub disk_alarms: Vec<NodeId>,
     pub next_id: u64,
     pub next_completion: u64,
     pub next_worker: u64,
@@ -73,22 +95,84 @@ struct TakeKey {
     items: Vec<(WorkId, crate::types::Digest)>,
 }
 
-/// Applies one command. On `Err` the caller must discard every write of this call.
-pub fn apply<K: Kv>(kv: &mut K, cmd: &Command) -> Result<CommandResponse, KvError> {
-    let meta = read_meta(kv)?;
-    let now = meta.now.max(cmd.now);
-    let mut m = Machine {
-        kv,
-        now,
-        meta,
-        limits: cmd.limits,
-    };
-    m.meta.now = now;
+/// State-machine time after an entry of leader term `term`: the first entry ever takes the
+/// leader's wall clock; then, within a term, time moves by the leader's monotonic clock
+/// (at most [`MAX_TIME_STEP_MS`] per entry, never back); across terms it does not move on
+/// the first entry (no two leaders' monotonic clocks compare), so the time of an election
+/// is not counted: leases last a little longer, never shorter.
+pub fn advance(meta: &Meta, cmd: &Command, term: u64) -> (Millis, Clock) {
+    if meta.clock.term == 0 {
+        // The first command (normal entries come from terms >= 1).
+        return (
+            meta.now.max(cmd.now),
+            Clock {
+                term,
+                mono: cmd.mono,
+            },
+        );
+    }
+    if term == meta.clock.term {
+        let step = cmd
+            .mono
+            .saturating_sub(meta.clock.mono)
+            .min(MAX_TIME_STEP_MS);
+        (
+            meta.now + step,
+            Clock {
+                term,
+                mono: meta.clock.mono.max(cmd.mono),
+            },
+        )
+    } else {
+        (
+            meta.now,
+            Clock {
+                term,
+                mono: cmd.mono,
+            },
+        )
+    }
+}
+
+/// Applies one command of leader term `term`. Each request applies in full or not at all: a
+/// request that finds the state broken (a missing or undecodable record: the same on every
+/// replica, since they hold the same state) is answered [`Rejection::Internal`] with nothing
+/// of it written, so one bad entry never stops the cluster in a loop of replays. Only an I/O
+/// error of the store is returned as `Err`; the caller then discards every write of the call.
+pub fn apply<K: Kv>(kv: &mut K, cmd: &Command, term: u64) -> Result<CommandResponse, KvError> {
+    let mut meta = read_meta(kv)?;
+    let (now, clock) = advance(&meta, cmd, term);
+    meta.now = now;
+    meta.clock = clock;
     let mut out = Vec::with_capacity(cmd.requests.len());
     for request in &cmd.requests {
-        out.push(m.apply_one(request)?);
+        let mut child = Overlay::new(&*kv);
+        let mut m = Machine {
+            kv: &mut child,
+            now,
+            meta: meta.clone(),
+            limits: cmd.limits,
+        };
+        match m.apply_one(request) {
+            Ok(response) => {
+                meta = m.meta;
+                for (key, value) in child.into_writes() {
+                    match value {
+                        Some(v) => kv.put(key, v),
+                        None => kv.delete(key),
+                    }
+                }
+                out.push(response);
+            }
+            Err(KvError::Corrupt { key, reason }) => {
+                tracing::error!(%key, %reason, ?request, "a request found the state broken; refused on every replica");
+                out.push(Response::Rejected(Rejection::Internal(format!(
+                    "the state machine could not apply this request ({reason} under {key}); nothing of it was written"
+                ))));
+            }
+            Err(e) => return Err(e),
+        }
     }
-    let Machine { kv, meta, .. } = m;
     put_t(kv, keys::META.to_vec(), &meta);
     Ok(out)
 }
@@ -172,7 +256,10 @@ impl<K: Kv> Machine<'_, K> {
                 }
                 Ok(Response::Done)
             }
-            Request::Reserve { parent } => self.reserve(*parent),
+            Request::Reserve {
+                parent,
+                incarnation,
+            } => self.reserve(*parent, *incarnation),
             Request::Launched { worker, handle } => self.launched(*worker, handle),
             Request::LaunchFailed { worker, .. } => self.launch_failed(*worker),
             Request::SetMaxWorkers { max, only_if_unset } => {
@@ -182,6 +269,16 @@ impl<K: Kv> Machine<'_, K> {
                 Ok(Response::Done)
             }
             Request::Tick(params) => self.tick(params),
+            Request::Noop => Ok(Response::Done),
+            Request::DiskAlarm { node, low } => {
+                let alarms = &mut self.meta.disk_alarms;
+                alarms.retain(|n| n != node);
+                if *low {
+                    alarms.push(*node);
+                    alarms.sort_unstable();
+                }
+                Ok(Response::Done)
+            }
         }
     }
 
@@ -207,6 +304,11 @@ impl<K: Kv> Machine<'_, K> {
         let Ok(payload_len) = u32::try_from(payload.len()) else {
             return Ok(invalid("payload too large"));
         };
+        if !self.meta.disk_alarms.is_empty() {
+            return Ok(Response::Rejected(Rejection::DiskFull {
+                nodes: self.meta.disk_alarms.clone(),
+            }));
+        }
         let (items, bytes) = stored(&self.meta.counts);
         if items >= self.limits.max_items
             || bytes.saturating_add(u64::from(payload_len)) > self.limits.max_bytes
@@ -329,6 +431,7 @@ impl<K: Kv> Machine<'_, K> {
                     host: String::new(),
                     last_lease: None,
                     secret,
+                    incarnation: 0,
                 }
             }
         };
@@ -561,7 +664,7 @@ impl<K: Kv> Machine<'_, K> {
         Ok(Response::Done)
     }
 
-    fn reserve(&mut self, parent: NodeId) -> Result<Response, KvError> {
+    fn reserve(&mut self, parent: NodeId, incarnation: u64) -> Result<Response, KvError> {
         let max = self.meta.max_workers.unwrap_or(0);
         let managed = workers(self.kv)?.iter().filter(|w| w.managed).count();
         if managed as u64 >= u64::from(max) {
@@ -582,6 +685,7 @@ impl<K: Kv> Machine<'_, K> {
             host: String::new(),
             last_lease: None,
             secret: WorkerSecret::default(),
+            incarnation,
         });
         Ok(Response::Reserved { worker: Some(id) })
     }

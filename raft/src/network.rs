@@ -1,25 +1,31 @@
 //! The Raft RPC client: openraft's network over HTTP with postcard bodies.
 //!
-//! Each RPC is `POST http://<node addr>/raft/{append,vote,snapshot}` with the cluster token.
-//! The answer is a postcard `Result<response, RaftError>`. Connection failures are reported as
-//! `Unreachable`, so openraft backs off instead of hammering a dead peer; snapshots travel in
-//! chunks read from the snapshot file (openraft's chunked transport), never as one buffer.
+//! Each RPC is `POST http://<node addr>/raft/{append,vote}` with the peer credential; the
+//! answer is a postcard `Result<response, RaftError>`. A snapshot is one streaming `POST
+//! /raft/snapshot`: a [`SnapshotHeader`] (the leader's vote and the snapshot's metadata),
+//! then the snapshot file as it is on disk, never held in memory; the receiver verifies the
+//! whole file before it installs it. Connection failures are reported as `Unreachable`, so
+//! openraft backs off instead of hammering a dead peer; nothing here is ever reported to
+//! openraft as a storage error (that would stop the leader).
 
 use std::sync::Arc;
 
+use std::future::Future;
+use std::time::Duration;
+
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+    Fatal, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed, StreamingError,
+    Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
 };
-use openraft::BasicNode;
+use openraft::{BasicNode, OptionalSend, Snapshot, Vote};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::{codec, wire, NodeId, TypeConfig};
+use crate::{codec, wire, NodeId, SnapshotMeta, TypeConfig};
 
 /// Raft RPC paths.
 pub mod routes {
@@ -27,6 +33,20 @@ pub mod routes {
     pub const VOTE: &str = "/raft/vote";
     pub const SNAPSHOT: &str = "/raft/snapshot";
 }
+
+/// What precedes a snapshot file on the wire: `u32` length (little-endian), then this in
+/// postcard.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct SnapshotHeader {
+    pub vote: Vote<NodeId>,
+    pub meta: SnapshotMeta,
+}
+
+/// The receiver's answer to a snapshot: installed (with its vote), or why not.
+pub type SnapshotAnswer = Result<SnapshotResponse<NodeId>, String>;
+
+/// Content type of a snapshot stream.
+pub const SNAPSHOT_STREAM: &str = "application/x-hashq-snapshot";
 
 /// Builds connections to peers; shared by all of openraft's replication tasks.
 #[derive(Clone)]
@@ -134,6 +154,74 @@ impl Connection {
     }
 }
 
+fn network_error(message: impl Into<String>) -> NetworkError {
+    NetworkError::new(&std::io::Error::other(message.into()))
+}
+
+impl Connection {
+    async fn send_snapshot(
+        &self,
+        vote: Vote<NodeId>,
+        snapshot: Snapshot<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
+        let path = &snapshot.snapshot.path;
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| network_error(format!("{}: {e}", path.display())))?;
+        let size = file
+            .metadata()
+            .await
+            .map_err(|e| network_error(format!("{}: {e}", path.display())))?
+            .len();
+        let header = codec::encode(&SnapshotHeader {
+            vote,
+            meta: snapshot.meta.clone(),
+        });
+        let mut prefix = (header.len() as u32).to_le_bytes().to_vec();
+        prefix.extend_from_slice(&header);
+        let prefix = futures::stream::once(async move { Ok(bytes::Bytes::from(prefix)) });
+        let body = futures::StreamExt::chain(
+            prefix,
+            tokio_util::io::ReaderStream::with_capacity(file, 1 << 20),
+        );
+        // Time for the whole file at a modest 10 MB/s, beyond openraft's per-RPC timeout.
+        let timeout = option.hard_ttl() + Duration::from_secs(size / (10 << 20) + 30);
+        let mut builder = self
+            .client
+            .post(format!("{}{}", self.base, routes::SNAPSHOT))
+            .header(reqwest::header::CONTENT_TYPE, SNAPSHOT_STREAM)
+            .timeout(timeout)
+            .body(reqwest::Body::wrap_stream(body));
+        if let Some(token) = &self.token {
+            builder = builder.bearer_auth(token);
+        }
+        let response = builder.send().await.map_err(|e| {
+            if e.is_connect() {
+                StreamingError::Unreachable(Unreachable::new(&e))
+            } else {
+                StreamingError::Network(network_error(e.to_string()))
+            }
+        })?;
+        let status = response.status();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| network_error(e.to_string()))?;
+        if !status.is_success() {
+            return Err(StreamingError::Network(network_error(format!(
+                "snapshot refused: {status}: {}",
+                String::from_utf8_lossy(&body[..body.len().min(300)])
+            ))));
+        }
+        let answer: SnapshotAnswer =
+            codec::decode("snapshot answer", &body).map_err(|e| network_error(e.to_string()))?;
+        answer.map_err(|e| {
+            StreamingError::Network(network_error(format!("snapshot not installed: {e}")))
+        })
+    }
+}
+
 impl RaftNetwork<TypeConfig> for Connection {
     async fn append_entries(
         &mut self,
@@ -143,15 +231,17 @@ impl RaftNetwork<TypeConfig> for Connection {
         self.rpc(routes::APPEND, &rpc, &option).await
     }
 
-    async fn install_snapshot(
+    async fn full_snapshot(
         &mut self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
+        vote: Vote<NodeId>,
+        snapshot: Snapshot<TypeConfig>,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         option: RPCOption,
-    ) -> Result<
-        InstallSnapshotResponse<NodeId>,
-        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
-    > {
-        self.rpc(routes::SNAPSHOT, &rpc, &option).await
+    ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            sent = self.send_snapshot(vote, snapshot, option) => sent,
+        }
     }
 
     async fn vote(

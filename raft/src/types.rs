@@ -140,6 +140,8 @@ pub struct WorkerRecord {
     pub last_lease: Option<(u64, Vec<(WorkId, u32)>)>,
     /// What the worker must send with every request (see [`WorkerSecret`]).
     pub secret: WorkerSecret,
+    /// For a reserved slot: the parent process the slot is for (see `Request::Reserve`).
+    pub incarnation: u64,
 }
 
 /// The life of a worker slot.

@@ -164,4 +164,7 @@ pub struct Health {
     /// that can launch.
     #[serde(default)]
     pub launcher: String,
+    /// Random per process start: a node that restarted has another one.
+    #[serde(default)]
+    pub incarnation: u64,
 }

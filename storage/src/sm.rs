@@ -1,20 +1,31 @@
 //! The state machine in sled: one tree holds the whole keyspace of `hashq_raft::keys`.
+//!
+//! sled is not trusted for durability (its flush is not an fsync, and it never syncs its
+//! configuration file): the state machine is rebuilt from what is durable (the latest
+//! snapshot plus the Raft log) whenever sled comes back behind the log's purge point, empty,
+//! or unreadable. Writes made after the last snapshot are simply applied again from the log;
+//! they are the same on every replica, so applying them twice is harmless only because sled
+//! then holds none of them or all of them (one atomic batch per apply call, with
+//! `last_applied` in it).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 
 use hashq_raft::codec;
 use hashq_raft::keys;
 use hashq_raft::kv::{KvError, KvRead, Overlay, ScanIter};
 use hashq_raft::machine;
 use hashq_raft::{
-    CommandResponse, Entry, LogId, NodeId, SnapshotMeta, StoredMembership, TypeConfig,
+    CommandResponse, Entry, LogId, NodeId, SnapshotFile, SnapshotMeta, StoredMembership, TypeConfig,
 };
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageError, StorageIOError};
 use tokio::sync::watch;
 
+use crate::format::{self, Layout};
+use crate::fsio::{self, Fatal};
 use crate::snapshot;
 
 /// The `sm_meta` tree's record naming the current state-machine tree.
@@ -49,24 +60,44 @@ impl KvRead for SledKv {
     }
 }
 
-/// What the node learns after each apply: enough to wake long-polling lease requests.
+/// What the node learns after each apply: enough to wake long-polling lease requests and to
+/// measure clocks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AppliedState {
     pub index: u64,
     pub queued: u64,
+    /// The wall clock the leader stamped on the last applied command (0 before any).
+    pub leader_wall: u64,
+    /// When this node applied it (on its own monotonic clock).
+    pub at: Option<Instant>,
+}
+
+/// Timings of snapshot work, for the node's metrics.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SnapshotStats {
+    pub built: u64,
+    pub installed: u64,
+    pub last_build_seconds: f64,
+    pub last_install_seconds: f64,
+    pub last_bytes: u64,
 }
 
 pub(crate) struct Shared {
     pub(crate) db: sled::Db,
+    pub(crate) layout: Layout,
     /// Names the current state-machine tree; swapped by a snapshot install.
     meta: sled::Tree,
     pub(crate) current: RwLock<sled::Tree>,
-    pub(crate) snapshot_dir: PathBuf,
     applied: watch::Sender<AppliedState>,
-    /// Files being received from a leader, by inode, so install can find the path.
-    pub(crate) receiving: Mutex<HashMap<u64, PathBuf>>,
     /// The latest complete snapshot file and its metadata.
     pub(crate) current_snapshot: Mutex<Option<(PathBuf, SnapshotMeta)>>,
+    pub(crate) stats: Mutex<SnapshotStats>,
+    /// Files handed out by `begin_receiving_snapshot`, so install can tell them apart.
+    receiving: Mutex<HashMap<PathBuf, ()>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Shared {
@@ -77,11 +108,16 @@ impl Shared {
             .clone()
     }
 
-    /// Makes `tree` the state machine: one durable pointer write, then the old tree goes.
-    pub(crate) async fn switch_to(&self, tree: sled::Tree) -> Result<(), sled::Error> {
-        self.db.flush_async().await?;
+    fn snapshot_dir(&self) -> PathBuf {
+        self.layout.snapshot_dir()
+    }
+
+    /// Makes `tree` the state machine: one pointer write, then the old tree goes. (A crash
+    /// before sled persists the pointer leaves the old tree, which recovery handles like any
+    /// state that is behind.)
+    pub(crate) fn switch_to(&self, tree: sled::Tree) -> Result<(), sled::Error> {
         self.meta.insert(CURRENT_TREE, &*tree.name())?;
-        self.db.flush_async().await?;
+        self.db.flush()?;
         let old = {
             let mut current = self
                 .current
@@ -90,18 +126,20 @@ impl Shared {
             std::mem::replace(&mut *current, tree)
         };
         self.db.drop_tree(old.name())?;
-        self.publish();
+        self.publish(0);
         Ok(())
     }
 
     /// Tells subscribers what was applied. A read failure here is reported by the next apply
     /// or route that reads the same record, so it is only logged.
-    fn publish(&self) {
+    fn publish(&self, leader_wall: u64) {
         let kv = SledKv(self.tree());
         let state = machine::read_meta(&kv).and_then(|meta| {
             Ok(AppliedState {
                 index: read_last_applied(&kv)?.map_or(0, |l| l.index),
                 queued: meta.counts.queued,
+                leader_wall,
+                at: Some(Instant::now()),
             })
         });
         match state {
@@ -109,6 +147,47 @@ impl Shared {
                 self.applied.send_replace(state);
             }
             Err(e) => tracing::warn!(error = %e, "cannot read the applied state"),
+        }
+    }
+
+    /// Streams a snapshot file into a new tree (checking its checksum and that it is the
+    /// snapshot `expected` names); the new tree is dropped on any error so the current state
+    /// stays untouched.
+    fn load_tree(
+        &self,
+        path: &Path,
+        expected: Option<&SnapshotMeta>,
+    ) -> std::io::Result<sled::Tree> {
+        let name = format!("sm-{}", snapshot::unique());
+        let tree = self.db.open_tree(&name).map_err(std::io::Error::other)?;
+        let mut batch = sled::Batch::default();
+        let mut batch_bytes = 0;
+        let loaded = snapshot::read(path, |key, value| {
+            batch_bytes += key.len() + value.len();
+            batch.insert(key, value);
+            if batch_bytes >= 4 << 20 {
+                tree.apply_batch(std::mem::take(&mut batch))
+                    .map_err(std::io::Error::other)?;
+                batch_bytes = 0;
+            }
+            Ok(())
+        })
+        .and_then(|meta| {
+            if expected.is_some_and(|e| *e != meta) {
+                return Err(snapshot::invalid(
+                    "the snapshot file is not the snapshot it was announced as",
+                ));
+            }
+            tree.apply_batch(std::mem::take(&mut batch))
+                .map_err(std::io::Error::other)
+        });
+        match loaded {
+            Ok(()) => Ok(tree),
+            Err(e) => {
+                drop(tree);
+                let _ = self.db.drop_tree(name.as_bytes());
+                Err(e)
+            }
         }
     }
 }
@@ -142,6 +221,18 @@ impl SmReader {
     pub fn disk_bytes(&self) -> u64 {
         self.shared.db.size_on_disk().unwrap_or(0)
     }
+
+    /// Snapshot timings and sizes.
+    pub fn snapshot_stats(&self) -> SnapshotStats {
+        *lock(&self.shared.stats)
+    }
+
+    /// A fresh path in the snapshot dir for a snapshot being received from a leader.
+    pub fn receive_path(&self) -> PathBuf {
+        self.shared
+            .snapshot_dir()
+            .join(format!("recv-{}.part", snapshot::unique()))
+    }
 }
 
 pub(crate) fn read_last_applied(kv: &SledKv) -> Result<Option<LogId>, KvError> {
@@ -166,43 +257,129 @@ pub(crate) fn read_membership(kv: &SledKv) -> Result<StoredMembership, KvError> 
     }
 }
 
+/// What opening the state machine found.
+#[derive(Clone, Debug, Default)]
+pub struct SmOpened {
+    /// sled could not be opened or read, and was set aside.
+    pub sled_reset: Option<String>,
+    /// The state was rebuilt from this snapshot (sled was behind the log's purge point).
+    pub restored_from: Option<String>,
+    /// The state needed is neither in sled nor in a snapshot: the node must be repaired from
+    /// its peers.
+    pub unrecoverable: Option<String>,
+}
+
+fn open_sled(dir: &Path, cache_bytes: u64) -> Result<sled::Db, sled::Error> {
+    sled::Config::new()
+        .path(dir)
+        .cache_capacity(cache_bytes)
+        // Payloads up to a few MiB stay inline: sled's separate blob files are never synced,
+        // so none are wanted.
+        .segment_size(8 << 20)
+        .open()
+}
+
+/// Reads the current tree and what it has applied; `Err` means sled cannot be trusted.
+fn current_tree(db: &sled::Db) -> Result<(sled::Tree, sled::Tree, Option<LogId>), String> {
+    let meta = db.open_tree("sm_meta").map_err(|e| e.to_string())?;
+    let name = match meta.get(CURRENT_TREE).map_err(|e| e.to_string())? {
+        Some(name) => name.to_vec(),
+        None => {
+            meta.insert(CURRENT_TREE, b"sm-0")
+                .map_err(|e| e.to_string())?;
+            b"sm-0".to_vec()
+        }
+    };
+    // Trees left behind by an install that crashed before its switch.
+    for stale in db.tree_names() {
+        if stale.starts_with(b"sm-") && stale.as_ref() != name.as_slice() {
+            db.drop_tree(stale).map_err(|e| e.to_string())?;
+        }
+    }
+    let tree = db.open_tree(&name).map_err(|e| e.to_string())?;
+    let kv = SledKv(tree.clone());
+    let applied = read_last_applied(&kv).map_err(|e| e.to_string())?;
+    machine::read_meta(&kv).map_err(|e| e.to_string())?;
+    read_membership(&kv).map_err(|e| e.to_string())?;
+    Ok((meta, tree, applied))
+}
+
 impl StateMachineStore {
-    pub(crate) fn open(db: sled::Db, snapshot_dir: PathBuf) -> Result<Self, crate::StoreError> {
-        let meta = db.open_tree("sm_meta")?;
-        let name = match meta.get(CURRENT_TREE)? {
-            Some(name) => name.to_vec(),
-            None => {
-                meta.insert(CURRENT_TREE, b"sm-0")?;
-                b"sm-0".to_vec()
+    /// Opens the state machine, making sure it is not behind `purged` (the log's purge
+    /// point): otherwise it is rebuilt from the latest snapshot, or reported unrecoverable.
+    pub(crate) fn open(
+        layout: &Layout,
+        cache_bytes: u64,
+        purged: Option<LogId>,
+    ) -> Result<(StateMachineStore, SmOpened), crate::StoreError> {
+        let mut opened = SmOpened::default();
+        snapshot::remove_partial_files(&layout.snapshot_dir())?;
+        let latest = snapshot::find_latest(&layout.snapshot_dir(), layout)?;
+        let dir = layout.sm_dir();
+        let attempt = open_sled(&dir, cache_bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|db| current_tree(&db).map(|t| (db, t)));
+        let (db, (meta, tree, applied)) = match attempt {
+            Ok(ok) => ok,
+            Err(why) => {
+                tracing::error!(error = %why, "the state machine store cannot be read; rebuilding it");
+                format::quarantine(layout, &dir, "sled could not be opened or read")?;
+                fsio::create_dir_durable(&dir)?;
+                opened.sled_reset = Some(why);
+                let db = open_sled(&dir, cache_bytes)?;
+                let t = current_tree(&db)
+                    .map_err(|e| crate::StoreError::Sled(sled::Error::Unsupported(e)))?;
+                (db, t)
             }
         };
-        // Trees left behind by an install that crashed before its switch.
-        for stale in db.tree_names() {
-            if stale.starts_with(b"sm-") && stale.as_ref() != name.as_slice() {
-                db.drop_tree(stale)?;
-            }
-        }
-        snapshot::remove_partial_files(&snapshot_dir).map_err(|source| crate::StoreError::Io {
-            path: snapshot_dir.clone(),
-            source,
-        })?;
-        let current = db.open_tree(&name)?;
-        let (applied, _) = watch::channel(AppliedState::default());
+        let (applied_tx, _) = watch::channel(AppliedState::default());
         let shared = Arc::new(Shared {
             db,
+            layout: layout.clone(),
             meta,
-            current: RwLock::new(current),
-            snapshot_dir,
-            applied,
+            current: RwLock::new(tree),
+            applied: applied_tx,
+            current_snapshot: Mutex::new(latest.clone()),
+            stats: Mutex::new(SnapshotStats::default()),
             receiving: Mutex::new(HashMap::new()),
-            current_snapshot: Mutex::new(None),
         });
-        shared.publish();
-        *shared
-            .current_snapshot
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = snapshot::find_latest(&shared.snapshot_dir);
-        Ok(StateMachineStore { shared })
+        if applied < purged {
+            match latest {
+                Some((path, meta)) if meta.last_log_id >= purged => {
+                    tracing::warn!(
+                        applied = ?applied,
+                        purged = ?purged,
+                        snapshot = %meta.snapshot_id,
+                        "the state machine is behind the log's purge point; restoring the latest snapshot"
+                    );
+                    let tree = shared
+                        .load_tree(&path, Some(&meta))
+                        .map_err(|e| fsio::fatal("load snapshot", &path)(e))?;
+                    shared.switch_to(tree)?;
+                    opened.restored_from = Some(meta.snapshot_id.clone());
+                }
+                other => {
+                    opened.unrecoverable = Some(format!(
+                        "applied {applied:?} is behind the purge point {purged:?} and the newest snapshot is {:?}",
+                        other.map(|(_, m)| m.last_log_id)
+                    ));
+                }
+            }
+        }
+        shared.publish(0);
+        Ok((StateMachineStore { shared }, opened))
+    }
+
+    /// The newest log id known applied here: the state machine's last applied entry or its
+    /// latest snapshot, whichever is further. Everything up to it was committed.
+    pub fn applied_floor(&self) -> Option<LogId> {
+        let applied = read_last_applied(&SledKv(self.shared.tree()))
+            .ok()
+            .flatten();
+        let snapshot = lock(&self.shared.current_snapshot)
+            .as_ref()
+            .and_then(|(_, m)| m.last_log_id);
+        applied.max(snapshot)
     }
 
     /// A reader for the node's routes and loops.
@@ -211,14 +388,51 @@ impl StateMachineStore {
             shared: self.shared.clone(),
         }
     }
+
+    /// Writes a snapshot of the current state now (apply waits: sled has no point-in-time
+    /// view). Returns its file and metadata.
+    fn dump(&self) -> Result<(PathBuf, SnapshotMeta), Fatal> {
+        let started = Instant::now();
+        let tree = self.shared.tree();
+        let kv = SledKv(tree.clone());
+        let dir = self.shared.snapshot_dir();
+        let read = |e: KvError| fsio::fatal("read state", &dir)(std::io::Error::other(e));
+        let last_log_id = read_last_applied(&kv).map_err(read)?;
+        let last_membership = read_membership(&kv).map_err(read)?;
+        let meta = SnapshotMeta {
+            last_log_id,
+            last_membership,
+            snapshot_id: snapshot::new_id(last_log_id.as_ref()),
+        };
+        let pairs = tree.iter().map(|r| {
+            r.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .map_err(std::io::Error::other)
+        });
+        let path = snapshot::write(&dir, &meta, pairs)?;
+        snapshot::remove_others(&dir, &path)?;
+        let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
+        {
+            let mut stats = lock(&self.shared.stats);
+            stats.built += 1;
+            stats.last_build_seconds = started.elapsed().as_secs_f64();
+            stats.last_bytes = bytes;
+        }
+        *lock(&self.shared.current_snapshot) = Some((path.clone(), meta.clone()));
+        tracing::info!(snapshot = %meta.snapshot_id, bytes, "snapshot built");
+        Ok((path, meta))
+    }
 }
 
 fn sm_error(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
     StorageIOError::write_state_machine(&e).into()
 }
 
+fn snapshot_error(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageIOError::write_snapshot(None, &e).into()
+}
+
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
-    type SnapshotBuilder = snapshot::Builder;
+    type SnapshotBuilder = Builder;
 
     async fn applied_state(
         &mut self,
@@ -235,18 +449,24 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let started = Instant::now();
         let tree = self.shared.tree();
         let base = SledKv(tree.clone());
         let mut overlay = Overlay::new(&base);
         let mut responses = Vec::new();
         let mut last = None;
+        let mut leader_wall = 0;
         for entry in entries {
             last = Some(entry.log_id);
             match entry.payload {
                 EntryPayload::Blank => responses.push(Vec::new()),
                 EntryPayload::Normal(ref command) => {
-                    let answers = machine::apply(&mut overlay, command)
-                        .map_err(|e| StorageError::from(StorageIOError::apply(entry.log_id, &e)))?;
+                    leader_wall = command.now;
+                    let answers =
+                        machine::apply(&mut overlay, command, entry.log_id.leader_id.term)
+                            .map_err(|e| {
+                                StorageError::from(StorageIOError::apply(entry.log_id, &e))
+                            })?;
                     responses.push(answers);
                 }
                 EntryPayload::Membership(ref membership) => {
@@ -275,39 +495,141 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             }
         }
         tree.apply_batch(batch).map_err(sm_error)?;
-        self.shared.publish();
+        self.shared.publish(leader_wall);
+        if let Some(o) = fsio::observer() {
+            o.applied(started.elapsed().as_secs_f64());
+        }
         Ok(responses)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         // Dump now, while apply waits for us: sled has no point-in-time view, and this is the
         // only moment the keyspace is guaranteed not to change under the dump.
-        snapshot::Builder::dump(self.shared.clone()).await
+        let this = self.clone();
+        let dumped = tokio::task::spawn_blocking(move || this.dump())
+            .await
+            .unwrap_or_else(|e| {
+                Err(fsio::fatal("snapshot", Path::new("snapshots"))(
+                    std::io::Error::other(e.to_string()),
+                ))
+            });
+        Builder {
+            dumped: Some(dumped),
+        }
     }
 
     async fn begin_receiving_snapshot(
         &mut self,
-    ) -> Result<Box<tokio::fs::File>, StorageError<NodeId>> {
-        snapshot::begin_receiving(&self.shared).await
+    ) -> Result<Box<SnapshotFile>, StorageError<NodeId>> {
+        let path = self.reader().receive_path();
+        lock(&self.shared.receiving).insert(path.clone(), ());
+        Ok(Box::new(SnapshotFile { path }))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta,
-        snapshot: Box<tokio::fs::File>,
+        snapshot: Box<SnapshotFile>,
     ) -> Result<(), StorageError<NodeId>> {
-        snapshot::install(&self.shared, meta, *snapshot).await
+        let started = Instant::now();
+        let this = self.clone();
+        let meta = meta.clone();
+        let source = snapshot.path.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), StorageError<NodeId>> {
+            if !snapshot::id_is_safe(&meta.snapshot_id) {
+                return Err(snapshot_error(snapshot::invalid("unsafe snapshot id")));
+            }
+            let tree = this
+                .shared
+                .load_tree(&source, Some(&meta))
+                .map_err(snapshot_error)?;
+            this.shared.switch_to(tree).map_err(snapshot_error)?;
+            let dir = this.shared.snapshot_dir();
+            let path = dir.join(format!("{}.snap", meta.snapshot_id));
+            let ours = source.parent() == Some(dir.as_path());
+            if ours {
+                fsio::rename_durable(&source, &path).map_err(snapshot_error)?;
+            } else {
+                // Not a file we received (openraft's own tests hand one store's snapshot to
+                // another): keep a copy as the current snapshot.
+                let tmp = path.with_extension("tmp");
+                std::fs::copy(&source, &tmp).map_err(snapshot_error)?;
+                let f = std::fs::File::open(&tmp).map_err(snapshot_error)?;
+                fsio::sync_data(&f, &tmp).map_err(snapshot_error)?;
+                fsio::rename_durable(&tmp, &path).map_err(snapshot_error)?;
+            }
+            lock(&this.shared.receiving).remove(&source);
+            snapshot::remove_others(&dir, &path).map_err(snapshot_error)?;
+            *lock(&this.shared.current_snapshot) = Some((path, meta.clone()));
+            tracing::info!(snapshot = %meta.snapshot_id, "snapshot installed");
+            Ok(())
+        })
+        .await
+        .unwrap_or_else(|e| Err(snapshot_error(std::io::Error::other(e.to_string()))))?;
+        let mut stats = lock(&self.shared.stats);
+        stats.installed += 1;
+        stats.last_install_seconds = started.elapsed().as_secs_f64();
+        Ok(())
     }
 
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
-        snapshot::current(&self.shared).await
+        let current = lock(&self.shared.current_snapshot).clone();
+        let Some((path, meta)) = current else {
+            return Ok(None);
+        };
+        let this = self.clone();
+        // Verified before it is handed out (to a follower, usually). A corrupt one is set
+        // aside and a new one built on the spot, so a follower never gets it and the leader
+        // never reports "no snapshot" (openraft would stop on that).
+        let snapshot = tokio::task::spawn_blocking(move || -> Result<_, Fatal> {
+            match snapshot::verify(&path) {
+                Ok(found) if found == meta => Ok((path, meta)),
+                Ok(_) | Err(_) => {
+                    tracing::error!(path = %path.display(), "the current snapshot fails its checksum; building a new one");
+                    if path.exists() {
+                        format::quarantine(&this.shared.layout, &path, "snapshot fails its checksum")?;
+                    }
+                    this.dump()
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(fsio::fatal("snapshot", Path::new("snapshots"))(
+                std::io::Error::other(e.to_string()),
+            ))
+        })
+        .map_err(snapshot_error)?;
+        let (path, meta) = snapshot;
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: Box::new(SnapshotFile { path }),
+        }))
     }
 }
 
-impl RaftSnapshotBuilder<TypeConfig> for snapshot::Builder {
+/// Builds a snapshot: the dump happens in `get_snapshot_builder`, `build_snapshot` hands it
+/// over.
+pub struct Builder {
+    dumped: Option<Result<(PathBuf, SnapshotMeta), Fatal>>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for Builder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        self.finish().await
+        let (path, meta) = self
+            .dumped
+            .take()
+            .unwrap_or_else(|| {
+                Err(fsio::fatal("snapshot", Path::new("snapshots"))(
+                    std::io::Error::other("snapshot already handed over"),
+                ))
+            })
+            .map_err(snapshot_error)?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(SnapshotFile { path }),
+        })
     }
 }

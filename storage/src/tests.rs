@@ -1,6 +1,7 @@
-//! The openraft conformance suite on the sled store, plus restart and snapshot round trips.
+//! The openraft conformance suite on the store, plus restarts, snapshots, and recovery from
+//! what a power cut or a bad disk leaves behind.
 
-use hashq_raft::command::{Command, Request, Response};
+use hashq_raft::command::{Command, Request, Response, StoreLimits};
 use hashq_raft::kv::KvRead;
 use hashq_raft::{machine, Entry, LogId, NodeId, TypeConfig, WorkId};
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
@@ -8,23 +9,22 @@ use openraft::testing::{StoreBuilder, Suite};
 use openraft::{CommittedLeaderId, EntryPayload, RaftLogReader, RaftSnapshotBuilder, StorageError};
 use serde_bytes::ByteBuf;
 use tempfile::TempDir;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::*;
 
-struct SledBuilder;
+struct Builder;
 
-impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for SledBuilder {
+impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for Builder {
     async fn build(&self) -> Result<(TempDir, LogStore, StateMachineStore), StorageError<NodeId>> {
         let dir = tempfile::tempdir().expect("temp dir");
-        let (log, sm) = open(dir.path(), &StoreOptions::default()).expect("open store");
-        Ok((dir, log, sm))
+        let opened = open(dir.path(), &StoreOptions::default()).expect("open store");
+        Ok((dir, opened.log, opened.sm))
     }
 }
 
 #[test]
 fn openraft_storage_conformance_suite() {
-    Suite::test_all(SledBuilder).expect("suite");
+    Suite::test_all(Builder).expect("suite");
 }
 
 fn log_id(index: u64) -> LogId {
@@ -36,7 +36,8 @@ fn enqueue_entry(index: u64, payload_len: usize) -> Entry {
         log_id: log_id(index),
         payload: EntryPayload::Normal(Command {
             now: 1_000 + index,
-            limits: hashq_raft::command::StoreLimits::UNLIMITED,
+            mono: index,
+            limits: StoreLimits::UNLIMITED,
             requests: vec![Request::Enqueue {
                 iterations: index as u32,
                 payload: ByteBuf::from(vec![index as u8; payload_len]),
@@ -53,22 +54,21 @@ fn enqueue_entry(index: u64, payload_len: usize) -> Entry {
 /// not print megabytes.
 fn dump(sm: &StateMachineStore) -> (usize, u32) {
     let view = sm.reader().view();
-    let mut crc = crc32fast::Hasher::new();
+    let mut crc = 0u32;
     let mut n = 0;
     for pair in view.scan(&[0u8], &[0xffu8; 4], false) {
         let (k, v) = pair.unwrap();
-        crc.update(&(k.len() as u32).to_le_bytes());
-        crc.update(&k);
-        crc.update(&(v.len() as u32).to_le_bytes());
-        crc.update(&v);
+        crc = fsio::crc_append(crc, &(k.len() as u32).to_le_bytes());
+        crc = fsio::crc_append(crc, &k);
+        crc = fsio::crc_append(crc, &(v.len() as u32).to_le_bytes());
+        crc = fsio::crc_append(crc, &v);
         n += 1;
     }
-    (n, crc.finalize())
+    (n, crc)
 }
 
-/// Opens a store whose previous instance is shutting down: its flusher task lets go of the
-/// database lock once it sees its channel closed.
-async fn reopen(dir: &std::path::Path) -> (LogStore, StateMachineStore) {
+/// Opens a store whose previous instance is still letting go of sled's lock.
+async fn reopen(dir: &std::path::Path) -> Opened {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         match open(dir, &StoreOptions::default()) {
@@ -87,13 +87,20 @@ async fn a_restarted_store_has_every_appended_entry_and_applied_item() {
     let dir = tempfile::tempdir().unwrap();
     let entries: Vec<Entry> = (1..=20).map(|i| enqueue_entry(i, 2048)).collect();
     {
-        let (mut log, mut sm) = open(dir.path(), &StoreOptions::default()).unwrap();
+        let Opened {
+            mut log, mut sm, ..
+        } = open(dir.path(), &StoreOptions::default()).unwrap();
         log.blocking_append(entries.clone()).await.unwrap();
         let answers = sm.apply(entries[..15].to_vec()).await.unwrap();
         assert!(matches!(answers[0][0], Response::Enqueued { .. }));
         log.save_vote(&openraft::Vote::new(3, 2)).await.unwrap();
     }
-    let (mut log, mut sm) = reopen(dir.path()).await;
+    let Opened {
+        mut log,
+        mut sm,
+        recovery,
+    } = reopen(dir.path()).await;
+    assert!(recovery.damage.is_none(), "{recovery:?}");
     let state = log.get_log_state().await.unwrap();
     assert_eq!(state.last_log_id, Some(log_id(20)));
     assert_eq!(
@@ -118,12 +125,21 @@ async fn a_restarted_store_has_every_appended_entry_and_applied_item() {
     assert_eq!(machine::read_meta(&view).unwrap().counts.queued, 15);
 }
 
+/// Builds a snapshot of `sm` and returns the file it wrote.
+async fn build(sm: &mut StateMachineStore) -> openraft::storage::Snapshot<TypeConfig> {
+    sm.get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_snapshot_installs_into_another_store_byte_for_byte() {
     let a_dir = tempfile::tempdir().unwrap();
     let b_dir = tempfile::tempdir().unwrap();
-    let (_, mut a) = open(a_dir.path(), &StoreOptions::default()).unwrap();
-    let (_, mut b) = open(b_dir.path(), &StoreOptions::default()).unwrap();
+    let mut a = open(a_dir.path(), &StoreOptions::default()).unwrap().sm;
+    let mut b = open(b_dir.path(), &StoreOptions::default()).unwrap().sm;
     a.apply(
         (1..=50)
             .map(|i| enqueue_entry(i, 10_000))
@@ -134,27 +150,14 @@ async fn a_snapshot_installs_into_another_store_byte_for_byte() {
     // b has some older, different state that the install must replace entirely.
     b.apply(vec![enqueue_entry(1, 5)]).await.unwrap();
 
-    let mut builder = a.get_snapshot_builder().await;
-    let snapshot = builder.build_snapshot().await.unwrap();
+    let snapshot = build(&mut a).await;
     assert_eq!(snapshot.meta.last_log_id, Some(log_id(50)));
+    let current = a.get_current_snapshot().await.unwrap().expect("current");
+    assert_eq!(current.meta, snapshot.meta);
 
-    // Ship it the way openraft does: stream the file into a file b hands out.
-    let mut source = a
-        .get_current_snapshot()
-        .await
-        .unwrap()
-        .expect("current snapshot");
-    assert_eq!(source.meta, snapshot.meta);
-    let mut target = b.begin_receiving_snapshot().await.unwrap();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = source.snapshot.read(&mut buf).await.unwrap();
-        if n == 0 {
-            break;
-        }
-        target.write_all(&buf[..n]).await.unwrap();
-    }
-    target.flush().await.unwrap();
+    // Ship it the way the node does: the file lands in b's snapshot dir, then installs.
+    let target = b.begin_receiving_snapshot().await.unwrap();
+    std::fs::copy(&snapshot.snapshot.path, &target.path).unwrap();
     b.install_snapshot(&snapshot.meta, target).await.unwrap();
 
     assert_eq!(dump(&a), dump(&b));
@@ -169,7 +172,7 @@ async fn a_snapshot_installs_into_another_store_byte_for_byte() {
 
     // The installed state survives a restart, and later applies build on it.
     drop(b);
-    let (_, mut b) = reopen(b_dir.path()).await;
+    let mut b = reopen(b_dir.path()).await.sm;
     assert_eq!(dump(&a), dump(&b));
     b.apply(vec![enqueue_entry(51, 1)]).await.unwrap();
     assert_eq!(
@@ -185,33 +188,151 @@ async fn a_snapshot_installs_into_another_store_byte_for_byte() {
 async fn a_corrupt_snapshot_is_refused_and_the_state_is_kept() {
     let a_dir = tempfile::tempdir().unwrap();
     let b_dir = tempfile::tempdir().unwrap();
-    let (_, mut a) = open(a_dir.path(), &StoreOptions::default()).unwrap();
-    let (_, mut b) = open(b_dir.path(), &StoreOptions::default()).unwrap();
+    let mut a = open(a_dir.path(), &StoreOptions::default()).unwrap().sm;
+    let mut b = open(b_dir.path(), &StoreOptions::default()).unwrap().sm;
     a.apply((1..=5).map(|i| enqueue_entry(i, 100)).collect::<Vec<_>>())
         .await
         .unwrap();
     b.apply(vec![enqueue_entry(1, 7)]).await.unwrap();
     let before = dump(&b);
-    let snapshot = a
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .unwrap();
-    let mut bytes = Vec::new();
-    a.get_current_snapshot()
-        .await
-        .unwrap()
-        .unwrap()
-        .snapshot
-        .read_to_end(&mut bytes)
-        .await
-        .unwrap();
+    let snapshot = build(&mut a).await;
+    let mut bytes = std::fs::read(&snapshot.snapshot.path).unwrap();
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x55;
-    let mut target = b.begin_receiving_snapshot().await.unwrap();
-    target.write_all(&bytes).await.unwrap();
-    target.flush().await.unwrap();
+    let target = b.begin_receiving_snapshot().await.unwrap();
+    std::fs::write(&target.path, &bytes).unwrap();
+    assert!(snapshot::verify(&target.path).is_err());
     assert!(b.install_snapshot(&snapshot.meta, target).await.is_err());
     assert_eq!(dump(&b), before);
+}
+
+#[tokio::test]
+async fn a_corrupt_current_snapshot_is_never_served_a_new_one_is_built() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = open(dir.path(), &StoreOptions::default()).unwrap().sm;
+    sm.apply((1..=5).map(|i| enqueue_entry(i, 100)).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let first = build(&mut sm).await;
+    let mut bytes = std::fs::read(&first.snapshot.path).unwrap();
+    let at = bytes.len() - 20;
+    bytes[at] ^= 0x01;
+    std::fs::write(&first.snapshot.path, &bytes).unwrap();
+    let served = sm
+        .get_current_snapshot()
+        .await
+        .unwrap()
+        .expect("a snapshot");
+    assert_ne!(served.meta.snapshot_id, first.meta.snapshot_id);
+    assert_eq!(served.meta.last_log_id, first.meta.last_log_id);
+    snapshot::verify(&served.snapshot.path).expect("the new one verifies");
+    assert!(
+        std::fs::read_dir(Layout::new(dir.path()).quarantine_dir())
+            .unwrap()
+            .count()
+            > 0,
+        "the corrupt one was set aside"
+    );
+}
+
+#[tokio::test]
+async fn a_state_machine_behind_the_purge_point_is_rebuilt_from_the_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let entries: Vec<Entry> = (1..=30).map(|i| enqueue_entry(i, 100)).collect();
+    let want;
+    {
+        let Opened {
+            mut log, mut sm, ..
+        } = open(dir.path(), &StoreOptions::default()).unwrap();
+        log.blocking_append(entries.clone()).await.unwrap();
+        sm.apply(entries[..20].to_vec()).await.unwrap();
+        build(&mut sm).await;
+        want = dump(&sm);
+        log.purge(log_id(18)).await.unwrap();
+    }
+    // sled comes back empty (its config file was never synced, say).
+    let layout = Layout::new(dir.path());
+    std::fs::remove_dir_all(layout.sm_dir()).unwrap();
+    std::fs::create_dir(layout.sm_dir()).unwrap();
+    let Opened {
+        mut log,
+        mut sm,
+        recovery,
+    } = reopen(dir.path()).await;
+    assert!(recovery.sm.restored_from.is_some(), "{recovery:?}");
+    assert!(recovery.damage.is_none());
+    assert_eq!(dump(&sm), want);
+    let (applied, _) = sm.applied_state().await.unwrap();
+    assert_eq!(applied, Some(log_id(20)));
+    // openraft then applies the rest from the log.
+    let rest = log.try_get_log_entries(21..=30).await.unwrap();
+    assert_eq!(rest.len(), 10);
+    sm.apply(rest).await.unwrap();
+    assert_eq!(
+        machine::read_meta(&sm.reader().view())
+            .unwrap()
+            .counts
+            .queued,
+        30
+    );
+}
+
+#[tokio::test]
+async fn damage_in_the_log_sets_it_aside_keeps_the_vote_and_asks_for_repair() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let Opened {
+            mut log, mut sm, ..
+        } = open(
+            dir.path(),
+            &StoreOptions {
+                log: LogOptions {
+                    segment_bytes: 4096,
+                    cache_bytes: 0,
+                },
+                ..StoreOptions::default()
+            },
+        )
+        .unwrap();
+        let entries: Vec<Entry> = (1..=40).map(|i| enqueue_entry(i, 300)).collect();
+        log.blocking_append(entries.clone()).await.unwrap();
+        sm.apply(entries).await.unwrap();
+        log.save_vote(&openraft::Vote::new(7, 3)).await.unwrap();
+        log.save_committed(Some(log_id(40))).await.unwrap();
+    }
+    let layout = Layout::new(dir.path());
+    let mut segments: Vec<_> = std::fs::read_dir(layout.log_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    segments.sort();
+    let mut bytes = std::fs::read(&segments[1]).unwrap();
+    bytes[60] ^= 0x10;
+    std::fs::write(&segments[1], &bytes).unwrap();
+
+    let Opened {
+        mut log,
+        mut sm,
+        recovery,
+    } = reopen(dir.path()).await;
+    assert!(recovery.damage.is_some(), "{recovery:?}");
+    assert_eq!(recovery.repair_until, Some(40));
+    assert_eq!(
+        log.read_vote().await.unwrap(),
+        Some(openraft::Vote::new(7, 3))
+    );
+    assert_eq!(log.get_log_state().await.unwrap().last_log_id, None);
+    assert_eq!(sm.applied_state().await.unwrap().0, None);
+    let quarantined = std::fs::read_dir(layout.quarantine_dir()).unwrap().count();
+    assert!(quarantined >= 2, "log and state machine set aside");
+    // A restart before the repair is done still knows it is not done; once the node says
+    // it is, it is over.
+    drop((log, sm));
+    let again = reopen(dir.path()).await;
+    assert!(again.recovery.damage.is_none());
+    assert_eq!(again.recovery.repair_until, Some(40));
+    repaired(dir.path()).unwrap();
+    drop(again);
+    let after = reopen(dir.path()).await;
+    assert_eq!(after.recovery.repair_until, None);
 }

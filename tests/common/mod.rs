@@ -78,6 +78,9 @@ pub struct Options {
     pub launch_workers: bool,
     /// Put a fault-injecting proxy between the nodes ([`proxy::Proxy`]).
     pub proxied: bool,
+    /// Where the nodes' data dirs go (`<root>/node-<id>`), e.g. a power-cut file system;
+    /// default: the cluster's temporary dir.
+    pub data_root: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -87,6 +90,7 @@ impl Default for Options {
             node_args: Vec::new(),
             launch_workers: false,
             proxied: false,
+            data_root: None,
         }
     }
 }
@@ -181,7 +185,11 @@ impl Cluster {
     }
 
     pub fn data_dir(&self, id: u64) -> PathBuf {
-        self.dir.path().join(format!("node-{id}"))
+        self.options
+            .data_root
+            .as_deref()
+            .unwrap_or(self.dir.path())
+            .join(format!("node-{id}"))
     }
 
     /// Starts (or restarts) node `id` with its data directory.

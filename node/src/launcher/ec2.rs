@@ -828,6 +828,7 @@ mod tests {
             host: String::new(),
             last_lease: None,
             secret: Default::default(),
+            incarnation: 0,
         }
     }
 

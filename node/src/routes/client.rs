@@ -21,7 +21,6 @@ use serde_json::json;
 use super::{count_param, query_pairs, serves_clients};
 use crate::error::ApiError;
 use crate::node::{Node, Stats};
-use crate::proposer::now_ms;
 
 /// Header set on a follower's forwarded read, so it is never forwarded twice.
 const FORWARDED: &str = "x-hashq-forwarded";
@@ -102,7 +101,13 @@ async fn enqueue(
     let key = idempotency_key(&headers)?;
     // A fast answer when the backlog is clearly full; the state machine decides exactly, at
     // apply, so concurrent enqueues never overshoot.
-    let (items, bytes) = machine::stored(&machine::read_meta(&node.reader.view())?.counts);
+    let meta = machine::read_meta(&node.reader.view())?;
+    if !meta.disk_alarms.is_empty() {
+        return Err(ApiError::DiskFull {
+            nodes: meta.disk_alarms,
+        });
+    }
+    let (items, bytes) = machine::stored(&meta.counts);
     if items >= limits.max_backlog || bytes >= limits.max_backlog_bytes {
         return Err(ApiError::BacklogFull { items, bytes });
     }
@@ -352,6 +357,7 @@ async fn health(State(node): State<Node>) -> Json<Health> {
         term: m.current_term,
         cluster: node.config.cluster_name.clone(),
         launcher: node.launcher.name().to_string(),
+        incarnation: node.incarnation,
     })
 }
 
@@ -359,7 +365,7 @@ async fn status(State(node): State<Node>) -> Result<Json<serde_json::Value>, Api
     let m = node.raft.metrics().borrow().clone();
     let view = node.reader.view();
     let meta = machine::read_meta(&view)?;
-    let now = now_ms();
+    let now = node.sm_now(&meta);
     let oldest = machine::oldest_queued(&view, 64)?;
     let workers = machine::workers(&view)?;
     let mut members = Vec::new();
@@ -405,7 +411,7 @@ async fn status(State(node): State<Node>) -> Result<Json<serde_json::Value>, Api
                 "completed": w.completed,
                 "handle": w.handle,
                 "host": w.host,
-                "last_seen_ms_ago": meta.now.max(now).saturating_sub(w.last_seen),
+                "last_seen_ms_ago": now.saturating_sub(w.last_seen),
             })
         })
         .collect();
@@ -421,6 +427,17 @@ async fn status(State(node): State<Node>) -> Result<Json<serde_json::Value>, Api
         "snapshot_index": m.snapshot.map(|l| l.index),
         "cluster": node.config.cluster_name,
         "uptime_s": node.started.elapsed().as_secs(),
+        // Set while damaged durable state is being repaired from the peers (no voting).
+        "repairing": node.repair.until().map(|until| json!({
+            "until": until,
+            "damage": node.repair.damage,
+        })),
+        "disk": {
+            "free_bytes": node.disk.free_bytes.load(std::sync::atomic::Ordering::Relaxed),
+            "low": node.disk.low.load(std::sync::atomic::Ordering::Relaxed),
+            "limit_bytes": node.config.limits.disk_free_limit,
+            "alarms": meta.disk_alarms,
+        },
         "counts": {
             "queued": c.queued,
             "running": c.running,
@@ -605,6 +622,110 @@ async fn metrics(State(node): State<Node>) -> Result<Response, ApiError> {
         "gauge",
         "Size of this node's store on disk.",
         &[("", node.reader.disk_bytes())],
+    );
+    metric(
+        "hashq_disk_free_bytes",
+        "gauge",
+        "Free space on the data dir's file system.",
+        &[("", node.disk.free_bytes.load(Relaxed))],
+    );
+    metric(
+        "hashq_disk_alarm",
+        "gauge",
+        "1 while this node's disk is below --disk-free-limit; the cluster's alarms by node.",
+        &[("", u64::from(node.disk.low.load(Relaxed)))],
+    );
+    metric(
+        "hashq_cluster_disk_alarms",
+        "gauge",
+        "Nodes whose disk alarm is up (enqueues are refused while any is).",
+        &[("", meta.disk_alarms.len() as u64)],
+    );
+    metric(
+        "hashq_repairing",
+        "gauge",
+        "1 while this node repairs damaged durable state from its peers (it does not vote).",
+        &[("", u64::from(node.repair.until().is_some()))],
+    );
+    metric(
+        "hashq_elections_total",
+        "counter",
+        "Raft terms this node has seen begin.",
+        &[("", node.metrics.elections.load(Relaxed))],
+    );
+    let snapshots = node.reader.snapshot_stats();
+    metric(
+        "hashq_snapshots_built_total",
+        "counter",
+        "Snapshots this node built.",
+        &[("", snapshots.built)],
+    );
+    metric(
+        "hashq_snapshots_installed_total",
+        "counter",
+        "Snapshots this node installed from a leader.",
+        &[("", snapshots.installed)],
+    );
+    metric(
+        "hashq_snapshot_bytes",
+        "gauge",
+        "Size of the last snapshot this node built.",
+        &[("", snapshots.last_bytes)],
+    );
+    let mut float = |name: &str, help: &str, value: f64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{node=\"{id}\"}} {value}"
+        );
+    };
+    float(
+        "hashq_snapshot_build_seconds",
+        "How long the last snapshot build took.",
+        snapshots.last_build_seconds,
+    );
+    float(
+        "hashq_snapshot_install_seconds",
+        "How long the last snapshot install took.",
+        snapshots.last_install_seconds,
+    );
+    float(
+        "hashq_leader_clock_skew_ms",
+        "The leader's wall clock minus this node's, at the last applied command.",
+        node.metrics.leader_clock_skew_ms.load(Relaxed) as f64,
+    );
+    if let Some(replication) = &m.replication {
+        let last = m.last_log_index.unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "# HELP hashq_follower_lag_entries Entries the leader has that a follower has not acknowledged.\n# TYPE hashq_follower_lag_entries gauge"
+        );
+        for (follower, matched) in replication {
+            let lag = last.saturating_sub(matched.map_or(0, |l| l.index));
+            let _ = writeln!(
+                out,
+                "hashq_follower_lag_entries{{node=\"{id}\",follower=\"{follower}\"}} {lag}"
+            );
+        }
+    }
+    let labels = format!("node=\"{id}\"");
+    let nm = &node.metrics;
+    nm.fsync.render(
+        &mut out,
+        "hashq_fsync_seconds",
+        "fdatasync/fsync of the store's files.",
+        &labels,
+    );
+    nm.commit.render(
+        &mut out,
+        "hashq_commit_seconds",
+        "From proposing a batch to its answer, on the leader.",
+        &labels,
+    );
+    nm.apply.render(
+        &mut out,
+        "hashq_apply_seconds",
+        "One apply call of the state machine.",
+        &labels,
     );
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
 }

@@ -77,6 +77,17 @@ pub fn router(node: Node) -> Router {
         PEER_BODY_LIMIT,
         None,
     );
+    // Snapshots stream to a file as they arrive: credential and slots, no body buffering.
+    let snapshots = raft::snapshot_router()
+        .route_layer(middleware::from_fn_with_state(
+            node.gates.peer.clone(),
+            http::limit,
+        ))
+        .route_layer(middleware::from_fn_with_state(
+            (node.clone(), Audience::Peer),
+            require,
+        ))
+        .layer(DefaultBodyLimit::disable());
     let worker = gated(
         worker::router().merge(internal::worker_router()),
         &node,
@@ -92,7 +103,11 @@ pub fn router(node: Node) -> Router {
         Some(gates.bodies.clone()),
     );
     finish(
-        client_routes(&node).merge(peer).merge(worker).merge(admin),
+        client_routes(&node)
+            .merge(peer)
+            .merge(snapshots)
+            .merge(worker)
+            .merge(admin),
         node,
     )
 }

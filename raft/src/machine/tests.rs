@@ -9,6 +9,8 @@ const LEASE_MS: u64 = 1_000;
 const KEY_TTL_MS: u64 = 120_000;
 /// Every test worker registers with this secret.
 const SECRET: WorkerSecret = WorkerSecret(0x5ec7e7);
+/// The leader term every test command comes from.
+const TERM: u64 = 1;
 
 fn dedup(key: Option<&str>) -> Option<Dedup> {
     key.map(|k| Dedup {
@@ -34,9 +36,11 @@ fn run(kv: &mut MemKv, now: Millis, request: Request) -> Response {
         kv,
         &Command {
             now,
+            mono: now,
             limits: StoreLimits::UNLIMITED,
             requests: vec![request],
         },
+        TERM,
     )
     .expect("apply");
     out.pop().expect("one response")
@@ -144,7 +148,11 @@ fn take(kv: &mut MemKv, now: Millis, top: u32, key: Option<&str>) -> Vec<(WorkId
 }
 
 fn tick(kv: &mut MemKv, now: Millis) -> TickReport {
-    match run(kv, now, Request::Tick(params())) {
+    tick_with(kv, now, params())
+}
+
+fn tick_with(kv: &mut MemKv, now: Millis, p: TickParams) -> TickReport {
+    match run(kv, now, Request::Tick(p)) {
         Response::Ticked(report) => report,
         other => panic!("tick answered {other:?}"),
     }
@@ -651,7 +659,14 @@ fn budget_is_never_exceeded_and_slots_come_back() {
             only_if_unset: true,
         },
     );
-    let reserve = |kv: &mut MemKv, now| match run(kv, now, Request::Reserve { parent: 1 }) {
+    let reserve = |kv: &mut MemKv, now| match run(
+        kv,
+        now,
+        Request::Reserve {
+            parent: 1,
+            incarnation: 7,
+        },
+    ) {
         Response::Reserved { worker } => worker,
         other => panic!("{other:?}"),
     };
@@ -752,8 +767,14 @@ fn a_slot_is_claimed_by_one_process_only() {
             only_if_unset: false,
         },
     );
-    let Response::Reserved { worker: Some(slot) } = run(&mut kv, 1, Request::Reserve { parent: 1 })
-    else {
+    let Response::Reserved { worker: Some(slot) } = run(
+        &mut kv,
+        1,
+        Request::Reserve {
+            parent: 1,
+            incarnation: 7,
+        },
+    ) else {
         panic!("no slot")
     };
     let register = |kv: &mut MemKv, handle: &str| {
@@ -974,7 +995,10 @@ fn random_log(seed: u64, len: usize) -> Vec<Command> {
                         max: (rng.next() % 3) as u32,
                         only_if_unset: false,
                     },
-                    1 => Request::Reserve { parent: 2 },
+                    1 => Request::Reserve {
+                        parent: 2,
+                        incarnation: 7,
+                    },
                     _ => Request::Exit {
                         worker,
                         secret: SECRET,
@@ -987,12 +1011,13 @@ fn random_log(seed: u64, len: usize) -> Vec<Command> {
         // heartbeats name real (worker, item, attempt) triples often.
         log.push(Command {
             now,
+            mono: now,
             limits: StoreLimits::UNLIMITED,
             requests,
         });
         let mut scratch = MemKv::new();
         for c in &log {
-            for (req, resp) in c.requests.iter().zip(apply(&mut scratch, c).unwrap()) {
+            for (req, resp) in c.requests.iter().zip(apply(&mut scratch, c, TERM).unwrap()) {
                 if let (Request::Lease { worker, .. }, Response::Leased { items }) = (req, resp) {
                     leased.extend(items.iter().map(|l| (*worker, l.id, l.attempt)));
                 }
@@ -1013,13 +1038,13 @@ fn the_same_log_gives_byte_identical_state_and_answers() {
         let mut answers_a = Vec::new();
         let mut answers_b = Vec::new();
         for cmd in &log {
-            answers_a.push(apply(&mut a, cmd).unwrap());
+            answers_a.push(apply(&mut a, cmd, TERM).unwrap());
         }
         // The second replica applies through an overlay, committed after each command, as
         // the sled store does.
         for cmd in &log {
             let mut overlay = Overlay::new(&b);
-            answers_b.push(apply(&mut overlay, cmd).unwrap());
+            answers_b.push(apply(&mut overlay, cmd, TERM).unwrap());
             for (k, v) in overlay.into_writes() {
                 match v {
                     Some(v) => b.insert(k, v),
@@ -1050,7 +1075,7 @@ fn batched_commands_equal_one_request_per_command() {
     let mut batched = MemKv::new();
     let mut single = MemKv::new();
     for cmd in &log {
-        let a = apply(&mut batched, cmd).unwrap();
+        let a = apply(&mut batched, cmd, TERM).unwrap();
         let mut b = Vec::new();
         for r in &cmd.requests {
             b.extend(
@@ -1058,9 +1083,11 @@ fn batched_commands_equal_one_request_per_command() {
                     &mut single,
                     &Command {
                         now: cmd.now,
+                        mono: cmd.mono,
                         limits: cmd.limits,
                         requests: vec![r.clone()],
                     },
+                    TERM,
                 )
                 .unwrap(),
             );
@@ -1183,9 +1210,11 @@ fn run_limited(
         kv,
         &Command {
             now,
+            mono: now,
             limits,
             requests,
         },
+        TERM,
     )
     .expect("apply")
 }
@@ -1266,7 +1295,11 @@ fn backlog_limits_on_items_and_bytes_hold_within_one_batch() {
 #[test]
 fn dead_items_and_unpulled_results_are_dropped_after_their_retention() {
     let mut kv = MemKv::new();
-    let p = params();
+    let p = TickParams {
+        completed_retention_ms: 300_000,
+        dead_retention_ms: 200_000,
+        ..params()
+    };
     let done = enqueue(&mut kv, 1, 1, None);
     let doomed = enqueue(&mut kv, 1, 1, None);
     let w = register(&mut kv, 1);
@@ -1278,18 +1311,18 @@ fn dead_items_and_unpulled_results_are_dropped_after_their_retention() {
     for request_id in 2..2 + u64::from(p.max_attempts) {
         lease(&mut kv, now, w, 1, request_id);
         now += LEASE_MS + 1;
-        tick(&mut kv, now);
+        tick_with(&mut kv, now, p);
     }
     assert_eq!(status(&kv, doomed), Status::Dead);
     check_invariants(&kv);
 
     // Not yet: both are kept within their retention.
-    tick(&mut kv, now + 1);
+    tick_with(&mut kv, now + 1, p);
     assert!(item(&kv, done).unwrap().is_some() && item(&kv, doomed).unwrap().is_some());
 
     let later = now + p.completed_retention_ms.max(p.dead_retention_ms) + 1;
     assert!(tick_due(&kv, later, &p).unwrap());
-    let report = tick(&mut kv, later);
+    let report = tick_with(&mut kv, later, p);
     assert_eq!(report.forgotten, 2);
     assert_eq!(item(&kv, done).unwrap(), None);
     assert_eq!(item(&kv, doomed).unwrap(), None);
@@ -1299,5 +1332,75 @@ fn dead_items_and_unpulled_results_are_dropped_after_their_retention() {
         (c.completed, c.dead, c.payload_bytes, c.dropped_total),
         (0, 0, 0, 2)
     );
+    check_invariants(&kv);
+}
+
+#[test]
+fn a_leader_clock_jump_neither_expires_leases_early_nor_freezes_time() {
+    let mut kv = MemKv::new();
+    // (wall, mono, term) per command: state-machine time follows `mono` within a term.
+    let at = |kv: &mut MemKv, wall: Millis, mono: u64, term: u64, request: Request| {
+        let mut out = apply(
+            kv,
+            &Command {
+                now: wall,
+                mono,
+                limits: StoreLimits::UNLIMITED,
+                requests: vec![request],
+            },
+            term,
+        )
+        .unwrap();
+        out.pop().unwrap()
+    };
+    let t0 = 1_700_000_000_000;
+    let enq = Request::Enqueue {
+        iterations: 1,
+        payload: ByteBuf::from(b"x".to_vec()),
+        dedup: None,
+    };
+    let Response::Enqueued { id, .. } = at(&mut kv, t0, 10, 1, enq) else {
+        panic!()
+    };
+    let w = match at(
+        &mut kv,
+        t0,
+        10,
+        1,
+        Request::Register {
+            slot: None,
+            parent: 1,
+            host: String::new(),
+            handle: String::new(),
+            secret: SECRET,
+        },
+    ) {
+        Response::Registered { worker } => worker,
+        other => panic!("{other:?}"),
+    };
+    let lease_request = Request::Lease {
+        worker: w,
+        secret: SECRET,
+        max: 1,
+        min: 1,
+        max_iterations: u64::MAX,
+        lease_ms: LEASE_MS,
+        request_id: 1,
+    };
+    at(&mut kv, t0, 20, 1, lease_request);
+    assert_eq!(status(&kv, id), Status::Running);
+    // The leader's wall clock jumps an hour ahead; 100 ms pass on its monotonic clock.
+    let hour = 3_600_000;
+    at(&mut kv, t0 + hour, 120, 1, Request::Tick(params()));
+    assert_eq!(status(&kv, id), Status::Running, "expired early");
+    assert_eq!(read_meta(&kv).unwrap().now, t0 + 110);
+    // A new leader (term 2), whose wall clock is right and whose monotonic clock has its
+    // own origin: time goes on from where it was and the lease runs out after its length.
+    at(&mut kv, t0 + 200, 5_000, 2, Request::Noop);
+    at(&mut kv, t0 + 500, 5_300, 2, Request::Tick(params()));
+    assert_eq!(status(&kv, id), Status::Running);
+    at(&mut kv, t0 + 1_200, 6_000, 2, Request::Tick(params()));
+    assert_eq!(status(&kv, id), Status::Queued, "time froze");
+    assert_eq!(read_meta(&kv).unwrap().now, t0 + 110 + 1_000);
     check_invariants(&kv);
 }

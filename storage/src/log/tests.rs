@@ -1,0 +1,182 @@
+//! The segment log on its own: reopen, roll, truncate, purge, torn tails and corruption.
+
+use hashq_raft::command::{Command, Request, StoreLimits};
+use openraft::storage::RaftLogStorageExt;
+use openraft::{CommittedLeaderId, EntryPayload};
+use serde_bytes::ByteBuf;
+
+use super::*;
+
+fn id(term: u64, index: u64) -> LogId {
+    LogId::new(CommittedLeaderId::new(term, 1), index)
+}
+
+fn entry(term: u64, index: u64, len: usize) -> Entry {
+    Entry {
+        log_id: id(term, index),
+        payload: EntryPayload::Normal(Command {
+            now: index,
+            mono: index,
+            limits: StoreLimits::UNLIMITED,
+            requests: vec![Request::Enqueue {
+                iterations: 1,
+                payload: ByteBuf::from(vec![index as u8; len]),
+                dedup: None,
+            }],
+        }),
+    }
+}
+
+fn small() -> LogOptions {
+    LogOptions {
+        segment_bytes: 4096,
+        cache_bytes: 0,
+    }
+}
+
+fn open_in(dir: &Path) -> (LogStore, LogOpened) {
+    LogStore::open(&dir.join("log"), &dir.join("vote"), small()).unwrap()
+}
+
+fn setup() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("log")).unwrap();
+    dir
+}
+
+async fn all(log: &mut LogStore) -> Vec<u64> {
+    let state = log.get_log_state().await.unwrap();
+    let start = state.last_purged_log_id.map_or(0, |p| p.index + 1);
+    let end = state.last_log_id.map_or(0, |l| l.index + 1);
+    log.try_get_log_entries(start..end)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.log_id.index)
+        .collect()
+}
+
+#[tokio::test]
+async fn entries_votes_and_purges_survive_a_reopen_across_segments() {
+    let dir = setup();
+    {
+        let (mut log, opened) = open_in(dir.path());
+        assert!(opened.damage.is_none() && opened.torn_tail.is_none());
+        log.blocking_append((1..=40).map(|i| entry(1, i, 300)))
+            .await
+            .unwrap();
+        log.save_vote(&Vote::new(2, 1)).await.unwrap();
+        log.purge(id(1, 25)).await.unwrap();
+    }
+    let segments = segment::list(&dir.path().join("log")).unwrap();
+    assert!(segments.len() > 1, "small segments roll: {segments:?}");
+    assert!(
+        segments[0].0 > 1,
+        "segments wholly below the purge point are gone"
+    );
+    let (mut log, opened) = open_in(dir.path());
+    assert!(opened.damage.is_none(), "{opened:?}");
+    assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(2, 1)));
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_purged_log_id, Some(id(1, 25)));
+    assert_eq!(state.last_log_id, Some(id(1, 40)));
+    assert_eq!(all(&mut log).await, (26..=40).collect::<Vec<_>>());
+    let back = log.try_get_log_entries(30..31).await.unwrap();
+    assert_eq!(back, vec![entry(1, 30, 300)]);
+}
+
+#[tokio::test]
+async fn truncation_removes_the_tail_in_and_across_segments() {
+    let dir = setup();
+    {
+        let (mut log, _) = open_in(dir.path());
+        log.blocking_append((1..=30).map(|i| entry(1, i, 300)))
+            .await
+            .unwrap();
+        log.truncate(id(1, 25)).await.unwrap();
+        // A new leader's entries from 25 on.
+        log.blocking_append((25..=27).map(|i| entry(2, i, 100)))
+            .await
+            .unwrap();
+        log.truncate(id(2, 12)).await.unwrap();
+        log.blocking_append((12..=14).map(|i| entry(3, i, 100)))
+            .await
+            .unwrap();
+    }
+    let (mut log, opened) = open_in(dir.path());
+    assert!(opened.damage.is_none(), "{opened:?}");
+    assert_eq!(all(&mut log).await, (1..=14).collect::<Vec<_>>());
+    let last = log.try_get_log_entries(11..15).await.unwrap();
+    let terms: Vec<u64> = last.iter().map(|e| e.log_id.leader_id.term).collect();
+    assert_eq!(terms, vec![1, 3, 3, 3]);
+}
+
+#[tokio::test]
+async fn after_a_snapshot_jump_the_log_goes_on_in_a_new_segment() {
+    let dir = setup();
+    {
+        let (mut log, _) = open_in(dir.path());
+        log.blocking_append((1..=5).map(|i| entry(1, i, 10)))
+            .await
+            .unwrap();
+        // A snapshot at 100 was installed: the log is purged past its end, then goes on.
+        log.purge(id(1, 100)).await.unwrap();
+        log.blocking_append((101..=103).map(|i| entry(1, i, 10)))
+            .await
+            .unwrap();
+    }
+    let (mut log, opened) = open_in(dir.path());
+    assert!(opened.damage.is_none(), "{opened:?}");
+    assert_eq!(all(&mut log).await, vec![101, 102, 103]);
+}
+
+#[tokio::test]
+async fn a_torn_last_record_is_cut_off_and_the_rest_kept() {
+    let dir = setup();
+    {
+        let (mut log, _) = open_in(dir.path());
+        log.blocking_append((1..=3).map(|i| entry(1, i, 1000)))
+            .await
+            .unwrap();
+    }
+    let (_, path) = segment::list(&dir.path().join("log"))
+        .unwrap()
+        .pop()
+        .unwrap();
+    let len = std::fs::metadata(&path).unwrap().len();
+    let file = OpenOptions::new().write(true).open(&path).unwrap();
+    file.set_len(len - 500).unwrap();
+    drop(file);
+    let (mut log, opened) = open_in(dir.path());
+    assert!(opened.damage.is_none(), "{opened:?}");
+    assert!(opened.torn_tail.is_some());
+    assert_eq!(all(&mut log).await, vec![1, 2]);
+    // It appends where the good records end.
+    log.blocking_append([entry(1, 3, 10)]).await.unwrap();
+    drop(log);
+    let (mut log, opened) = open_in(dir.path());
+    assert!(opened.torn_tail.is_none() && opened.damage.is_none());
+    assert_eq!(all(&mut log).await, vec![1, 2, 3]);
+}
+
+#[tokio::test]
+async fn a_flipped_bit_in_the_middle_is_reported_as_damage() {
+    let dir = setup();
+    {
+        let (mut log, _) = open_in(dir.path());
+        log.blocking_append((1..=30).map(|i| entry(1, i, 300)))
+            .await
+            .unwrap();
+    }
+    let segments = segment::list(&dir.path().join("log")).unwrap();
+    let (_, second) = &segments[1];
+    let mut bytes = std::fs::read(second).unwrap();
+    let at = segment::HEADER_LEN as usize + 40;
+    bytes[at] ^= 0x08;
+    std::fs::write(second, &bytes).unwrap();
+    let (_, opened) = open_in(dir.path());
+    let damage = opened.damage.expect("damage found");
+    assert_eq!(&damage.path, second);
+    // What comes before the damaged segment is still readable.
+    assert_eq!(damage.readable_up_to, Some(segments[1].0 - 1));
+}
