@@ -37,6 +37,8 @@ enum Command {
     Cluster(cli::ClusterArgs),
     /// Start a cluster on loopback, run a fixed workload, print the figures as JSON.
     Bench(cli::BenchArgs),
+    /// Convert a stopped node's data dir written by hashq 0.1 to the current format.
+    Migrate(cli::MigrateArgs),
 }
 
 /// Runs `main` on a runtime whose threads all carry `name`, so every log line says which
@@ -85,5 +87,9 @@ fn main() -> anyhow::Result<()> {
         Command::Status(args) => run_named("hashq".into(), cli::client::status(args)),
         Command::Cluster(args) => run_named("hashq".into(), cli::client::cluster(args)),
         Command::Bench(args) => run_named("bench".into(), cli::bench::run(args)),
+        Command::Migrate(args) => {
+            init_logging(LogFormat::Text);
+            cli::migrate(args)
+        }
     }
 }

@@ -2,9 +2,13 @@
 //! and rewinds nodes and kills workers; then a checker proves nothing acknowledged was lost,
 //! duplicated or wrong.
 //!
+//! The nodes' data dirs live on `hashq-faultfs`, so the schedule also cuts the power: of every
+//! node at once (`power_cut_all`: whatever was not synced is gone), or of one node
+//! (`power_cut_minority`).
+//!
 //! The bounded profile runs in `scripts/test.sh`; `scripts/chaos.sh` runs longer ones through
 //! the same test with `HASHQ_CHAOS_*` variables: DURATION (e.g. `30m`), NODES (3 or 5), SEED,
-//! MIN_FAULTS.
+//! MIN_FAULTS, POWER (`0`: data dirs on the plain disk, no power cuts).
 
 mod common;
 
@@ -14,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{payload, reference, wait_for, worker_processes, Cluster, Options};
+use hashq_faultfs::Mounted;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -25,6 +30,8 @@ struct Profile {
     seed: u64,
     clients: usize,
     max_workers: u32,
+    /// Data dirs on the power-cut file system, and power cuts in the schedule.
+    power: bool,
 }
 
 fn profile() -> Profile {
@@ -40,6 +47,7 @@ fn profile() -> Profile {
             .unwrap_or_else(rand::random),
         clients: var("CLIENTS").and_then(|v| v.parse().ok()).unwrap_or(3),
         max_workers: 3,
+        power: var("POWER").is_none_or(|v| v != "0"),
     }
 }
 
@@ -332,7 +340,7 @@ async fn minority_writer(cluster: &Nodes, shared: &Shared) {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Fault {
     KillLeader,
     KillFollower,
@@ -344,6 +352,8 @@ enum Fault {
     IsolateFollower,
     SplitMinority,
     StaleRestart,
+    PowerCutAll,
+    PowerCutMinority,
 }
 
 impl Fault {
@@ -367,11 +377,13 @@ impl Fault {
             Fault::IsolateFollower => "isolate_follower",
             Fault::SplitMinority => "split_minority",
             Fault::StaleRestart => "stale_restart",
+            Fault::PowerCutAll => "power_cut_all",
+            Fault::PowerCutMinority => "power_cut_minority",
         }
     }
 }
 
-const FAULTS: [Fault; 10] = [
+const FAULTS: [Fault; 12] = [
     Fault::KillLeader,
     Fault::KillFollower,
     Fault::KillWorkers,
@@ -382,6 +394,8 @@ const FAULTS: [Fault; 10] = [
     Fault::IsolateFollower,
     Fault::SplitMinority,
     Fault::StaleRestart,
+    Fault::PowerCutAll,
+    Fault::PowerCutMinority,
 ];
 
 /// Cuts `side` off from the rest of `all` for a while, then heals the network. A lone
@@ -437,9 +451,50 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     );
 }
 
-async fn inject(cluster: &mut Cluster, shared: &Shared, fault: Fault, rng: &mut StdRng) {
+async fn inject(
+    cluster: &mut Cluster,
+    fs: Option<&mut Mounted>,
+    shared: &Shared,
+    fault: Fault,
+    rng: &mut StdRng,
+) {
     let all = cluster.ids();
     match fault {
+        Fault::PowerCutAll | Fault::PowerCutMinority => {
+            let fs = fs.expect("power cuts need the power-cut file system");
+            let victims = if fault == Fault::PowerCutAll {
+                all.clone()
+            } else {
+                // The leader or a follower, at random.
+                let (leader, follower) = leader_and_follower(cluster, rng).await;
+                vec![if rng.random_bool(0.5) {
+                    leader
+                } else {
+                    follower
+                }]
+            };
+            // The power goes: what was not synced is gone, the processes with it.
+            if fault == Fault::PowerCutAll {
+                fs.control().cut("").expect("cut");
+            } else {
+                fs.control()
+                    .cut(&format!("node-{}", victims[0]))
+                    .expect("cut");
+            }
+            for id in &victims {
+                cluster.kill_node(*id);
+            }
+            let scope = if fault == Fault::PowerCutAll {
+                String::new()
+            } else {
+                format!("node-{}", victims[0])
+            };
+            fs.control().revive(&scope).expect("revive");
+            tokio::time::sleep(hold(rng, 200, 1500)).await;
+            for id in &victims {
+                cluster.start_node(*id);
+            }
+        }
         Fault::KillLeader | Fault::KillFollower => {
             let victim = victim(cluster, rng, fault).await;
             cluster.kill_node(victim);
@@ -548,12 +603,21 @@ async fn chaos_nothing_acknowledged_is_lost_duplicated_or_wrong() {
     ]
     .map(String::from)
     .to_vec();
+    let mut fs = p.power.then(|| {
+        let bin = common::binary().with_file_name("hashq-faultfs");
+        assert!(
+            bin.exists(),
+            "{} is missing: cargo build -p hashq-faultfs (or HASHQ_CHAOS_POWER=0)",
+            bin.display()
+        );
+        Mounted::spawn(&bin).expect("mount hashq-faultfs (FUSE)")
+    });
     let mut cluster = Cluster::start(Options {
         nodes: p.nodes,
         node_args,
         launch_workers: true,
         proxied: true,
-        data_root: None,
+        data_root: fs.as_ref().map(|f| f.mountpoint().to_path_buf()),
     })
     .await;
     let shared = Arc::new(Shared {
@@ -593,14 +657,19 @@ async fn chaos_nothing_acknowledged_is_lost_duplicated_or_wrong() {
     let faults = async {
         let mut injected = 0;
         while injected < p.min_faults || started.elapsed() < p.duration {
-            let fault = FAULTS[rng.random_range(0..FAULTS.len())];
+            let choices = if p.power {
+                &FAULTS[..]
+            } else {
+                &FAULTS[..FAULTS.len() - 2]
+            };
+            let fault = choices[rng.random_range(0..choices.len())];
             eprintln!(
                 "[{:>6.1}s] fault {}: {}",
                 started.elapsed().as_secs_f64(),
                 injected + 1,
                 fault.name()
             );
-            inject(&mut cluster, &shared, fault, &mut rng).await;
+            inject(&mut cluster, fs.as_mut(), &shared, fault, &mut rng).await;
             *shared
                 .history
                 .lock()

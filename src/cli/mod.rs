@@ -169,3 +169,33 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 200)]
     pub jobs: usize,
 }
+
+/// `hashq migrate` flags.
+#[derive(clap::Args)]
+pub struct MigrateArgs {
+    /// The node's data dir (the node must be stopped).
+    #[arg(long, env = "HASHQ_DATA_DIR")]
+    pub data_dir: std::path::PathBuf,
+    /// Drop log entries the node has not applied (safe when another node of the cluster has
+    /// applied them: it will lead, and this node installs its snapshot).
+    #[arg(long)]
+    pub discard_unapplied: bool,
+}
+
+/// Converts a data dir of hashq 0.1 in place and says what it did.
+pub fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    let done = hashq_storage::migrate::migrate(&args.data_dir, args.discard_unapplied)?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "data_dir": args.data_dir,
+            "snapshot_at": done.at.map(|l| l.index),
+            "items": done.items,
+            "running_requeued": done.requeued,
+            "workers_dropped": done.workers_dropped,
+            "discarded_entries": done.discarded_entries,
+            "old_files_kept_in": done.kept_in,
+        })
+    );
+    Ok(())
+}

@@ -98,7 +98,9 @@ pub fn detect(layout: &Layout) -> Result<Found, StoreError> {
             }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if layout.legacy_sled().exists() {
+            // `legacy-v1/` without FORMAT: a migration that has not finished.
+            if layout.legacy_sled().exists() || layout.root.join("legacy-v1").join("sled").exists()
+            {
                 Ok(Found::Legacy)
             } else if layout.log_dir().exists() || layout.sm_dir().exists() {
                 // Our directories without their FORMAT file: never written by this code in

@@ -62,6 +62,7 @@
 pub mod format;
 pub mod fsio;
 mod log;
+pub mod migrate;
 mod sm;
 pub mod snapshot;
 

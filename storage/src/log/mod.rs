@@ -415,6 +415,15 @@ impl LogStore {
         *lock(&self.inner.committed_floor) = floor;
     }
 
+    /// Starts an empty log at `at` (durably): what comes before is in a snapshot.
+    pub fn purge_to(&mut self, at: LogId) -> Result<(), Fatal> {
+        let mut writer = lock(&self.inner.writer);
+        writer.state.save_purged(at)?;
+        writer.state.note_committed(Some(at))?;
+        lock(&self.inner.index).purged = Some(at);
+        Ok(())
+    }
+
     /// The vote file's content.
     pub fn state(&self) -> state::RaftState {
         lock(&self.inner.writer).state.state().clone()
