@@ -15,6 +15,7 @@ fn options() -> Options {
         launch_workers: false,
         proxied: false,
         data_root: None,
+        ports: None,
         node_args: [
             "--max-iterations",
             "100000",

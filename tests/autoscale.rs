@@ -40,6 +40,7 @@ fn options(max_workers: u32, extra: &[&str]) -> Options {
         launch_workers: true,
         proxied: false,
         data_root: None,
+        ports: None,
     }
 }
 

@@ -618,6 +618,7 @@ async fn chaos_nothing_acknowledged_is_lost_duplicated_or_wrong() {
         launch_workers: true,
         proxied: true,
         data_root: fs.as_ref().map(|f| f.mountpoint().to_path_buf()),
+        ports: None,
     })
     .await;
     let shared = Arc::new(Shared {

@@ -81,6 +81,9 @@ pub struct Options {
     /// Where the nodes' data dirs go (`<root>/node-<id>`), e.g. a power-cut file system;
     /// default: the cluster's temporary dir.
     pub data_root: Option<PathBuf>,
+    /// The nodes' ports, when they must be these (data dirs whose membership names them);
+    /// default: free ports.
+    pub ports: Option<Vec<u16>>,
 }
 
 impl Default for Options {
@@ -91,6 +94,7 @@ impl Default for Options {
             launch_workers: false,
             proxied: false,
             data_root: None,
+            ports: None,
         }
     }
 }
@@ -126,7 +130,10 @@ impl Cluster {
         node_env: Vec<(String, String)>,
         node_extra: HashMap<u64, Vec<String>>,
     ) -> Cluster {
-        let ports: Vec<u16> = (0..options.nodes).map(|_| free_port()).collect();
+        let ports: Vec<u16> = match &options.ports {
+            Some(ports) => ports.clone(),
+            None => (0..options.nodes).map(|_| free_port()).collect(),
+        };
         let (advertised, proxy) = if options.proxied {
             let advertised: Vec<u16> = (0..options.nodes).map(|_| free_port()).collect();
             let routes: Vec<(u64, u16, u16)> = (0..options.nodes)
