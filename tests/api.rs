@@ -298,6 +298,41 @@ async fn idempotency_keys_hold_across_nodes_and_an_item_shows_its_whole_life() {
     let work = cluster.get_json(1, &format!("/work/{id}")).await.unwrap();
     assert_eq!(work["status"], "pulled", "{work}");
     assert_eq!(work["value"], reference(&data, 1000));
+
+    // What the node measured of all that, for Prometheus.
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await;
+    let metrics = cluster
+        .http
+        .get(format!("{}/metrics", cluster.url(leader)))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for series in [
+        "hashq_fsync_seconds_bucket",
+        "hashq_commit_seconds_count",
+        "hashq_apply_seconds_sum",
+        "hashq_follower_lag_entries",
+        "hashq_elections_total",
+        "hashq_disk_free_bytes",
+        "hashq_leader_clock_skew_ms",
+        "hashq_snapshot_build_seconds",
+        "hashq_repairing",
+    ] {
+        assert!(
+            metrics.contains(series),
+            "no {series} in /metrics:\n{metrics}"
+        );
+    }
+    let fsyncs: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("hashq_fsync_seconds_count"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(fsyncs > 0, "the leader synced nothing?");
 }
 
 #[tokio::test(flavor = "multi_thread")]

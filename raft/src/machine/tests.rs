@@ -1404,3 +1404,52 @@ fn a_leader_clock_jump_neither_expires_leases_early_nor_freezes_time() {
     assert_eq!(read_meta(&kv).unwrap().now, t0 + 110 + 1_000);
     check_invariants(&kv);
 }
+
+#[test]
+fn a_request_that_finds_the_state_broken_is_rejected_alone_and_nothing_of_it_is_written() {
+    let mut kv = MemKv::new();
+    let id = enqueue(&mut kv, 1, 5, None);
+    let w = register(&mut kv, 1);
+    let granted = lease(&mut kv, 2, w, 1, 1);
+    // The item record becomes unreadable (the same on every replica: they hold the same
+    // state).
+    kv.insert(keys::item(id), b"\xff\xff not an item".to_vec());
+    let before = kv.clone();
+    let answers = apply(
+        &mut kv,
+        &Command {
+            now: 3,
+            mono: 3,
+            limits: StoreLimits::UNLIMITED,
+            requests: vec![
+                Request::Complete {
+                    worker: w,
+                    secret: SECRET,
+                    results: vec![Completion {
+                        id,
+                        attempt: granted[0].attempt,
+                        value: digest(1),
+                    }],
+                },
+                Request::Enqueue {
+                    iterations: 1,
+                    payload: ByteBuf::from(b"next".to_vec()),
+                    dedup: None,
+                },
+            ],
+        },
+        TERM,
+    )
+    .expect("not an I/O error: the command applies");
+    assert!(
+        matches!(answers[0], Response::Rejected(Rejection::Internal(_))),
+        "{answers:?}"
+    );
+    assert!(
+        matches!(answers[1], Response::Enqueued { .. }),
+        "{answers:?}"
+    );
+    // The rejected request changed nothing; the next one did its part.
+    assert_eq!(kv.get(&keys::item(id)), before.get(&keys::item(id)));
+    assert_eq!(read_meta(&kv).unwrap().counts.enqueued_total, 2);
+}
