@@ -301,15 +301,7 @@ async fn idempotency_keys_hold_across_nodes_and_an_item_shows_its_whole_life() {
 
     // What the node measured of all that, for Prometheus.
     let leader = cluster.wait_for_leader(Duration::from_secs(10)).await;
-    let metrics = cluster
-        .http
-        .get(format!("{}/metrics", cluster.url(leader)))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = cluster.metrics(leader).await;
     for series in [
         "hashq_fsync_seconds_bucket",
         "hashq_commit_seconds_count",

@@ -155,15 +155,7 @@ async fn the_openapi_document_describes_every_client_route() {
         );
     }
     // The routes it documents answer as documented.
-    let metrics = cluster
-        .http
-        .get(format!("{}/metrics", cluster.url(1)))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = cluster.metrics(1).await;
     assert!(
         metrics.contains("hashq_items{node=\"1\",status=\"queued\"} 0"),
         "{metrics}"

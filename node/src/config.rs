@@ -272,12 +272,13 @@ pub struct NodeArgs {
     /// Batches of requests proposed at once (a tuning knob: fewer means bigger batches).
     #[arg(long, env = "HASHQ_PROPOSALS_IN_FLIGHT", default_value_t = crate::proposer::DEFAULT_IN_FLIGHT)]
     pub proposals_in_flight: usize,
-    /// The Raft log's segment files are this large (a new one starts beyond it; whole
-    /// segments are deleted once a snapshot covers them).
+    /// The Raft log's segment files are this large (a new one starts beyond it; a whole
+    /// segment is deleted once a snapshot covers it and no payload in it is still needed).
     #[arg(long, env = "HASHQ_LOG_SEGMENT_BYTES", default_value = "64MiB", value_parser = byte_size)]
     pub log_segment_bytes: u64,
-    /// sled page cache, in MiB: the bound on the store's memory.
-    #[arg(long, env = "HASHQ_CACHE_MB", default_value_t = 128)]
+    /// sled page cache, in MiB: the bound on the state machine's memory (which holds items'
+    /// metadata only; payloads stay in the log).
+    #[arg(long, env = "HASHQ_CACHE_MB", default_value_t = 64)]
     pub cache_mb: u64,
     #[arg(long, env = "HASHQ_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

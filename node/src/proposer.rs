@@ -11,13 +11,13 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use hashq_raft::command::{Command, Request, Response, StoreLimits};
 use hashq_raft::kv::KvRead;
 use hashq_raft::{codec, machine, wire, NodeId, Raft};
 use hashq_storage::SmReader;
 use openraft::error::{ClientWriteError, RaftError};
 use serde::{Deserialize, Serialize};
-use serde_bytes::ByteBuf;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::error::ApiError;
@@ -39,7 +39,7 @@ pub const DEFAULT_IN_FLIGHT: usize = 4;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Reply {
     pub response: Response,
-    pub payloads: Vec<ByteBuf>,
+    pub payloads: Vec<Bytes>,
 }
 
 /// A test-only shift of this process's wall clock, in milliseconds (see
@@ -349,35 +349,72 @@ async fn propose(
     if let Some(metrics) = &shared.options.metrics {
         metrics.commit.observe(started.elapsed().as_secs_f64());
     }
-    let view = shared.reader.view();
-    Ok(written
+    let needs_payloads = written
         .data
-        .into_iter()
-        .map(|response| attach_payloads(&view, response))
-        .collect())
+        .iter()
+        .any(|r| matches!(r, Response::Leased { items } if !items.is_empty()));
+    if !needs_payloads {
+        let none: Option<(&hashq_storage::SledKv, &hashq_storage::PayloadReader)> = None;
+        return Ok(written.data.into_iter().map(|r| attach(r, none)).collect());
+    }
+    // Payloads are read from this node's log (and packs), off the async threads.
+    let reader = shared.reader.clone();
+    tokio::task::spawn_blocking(move || {
+        let view = reader.view();
+        let payloads = reader.payloads();
+        written
+            .data
+            .into_iter()
+            .map(|response| attach(response, Some((&view, &payloads))))
+            .collect()
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("reading payloads: {e}")))
 }
 
-/// Turns a state-machine response into a reply, reading leased items' payloads from the
-/// state this leader just applied. An item whose payload is gone completed meanwhile (a
+/// Turns a state-machine response into a reply, reading leased items' payloads from where
+/// this leader keeps them. An item that is no longer running completed meanwhile (a
 /// duplicate worker won the race); it is left out, and its lease simply lapses.
-fn attach_payloads(view: &impl KvRead, response: Response) -> Result<Reply, ApiError> {
-    match response {
-        Response::Rejected(r) => Err(ApiError::from(r)),
-        Response::Leased { items } => {
+fn attach(
+    response: Response,
+    source: Option<(&impl KvRead, &hashq_storage::PayloadReader)>,
+) -> Result<Reply, ApiError> {
+    match (response, source) {
+        (Response::Rejected(r), _) => Err(ApiError::from(r)),
+        (Response::Leased { items }, Some((view, reader))) => {
             let mut kept = Vec::with_capacity(items.len());
-            let mut payloads = Vec::with_capacity(items.len());
+            let mut refs = Vec::with_capacity(items.len());
             for item in items {
-                if let Some(p) = machine::payload(view, item.id)? {
-                    kept.push(item);
-                    payloads.push(ByteBuf::from(p));
+                match machine::item(view, item.id)? {
+                    Some(it) if it.status == hashq_raft::types::Status::Running => {
+                        refs.push(it.payload);
+                        kept.push(item);
+                    }
+                    _ => {}
+                }
+            }
+            let read = reader
+                .read(&refs)
+                .map_err(|e| ApiError::Internal(format!("reading payloads: {e}")))?;
+            let mut items = Vec::with_capacity(kept.len());
+            let mut payloads = Vec::with_capacity(kept.len());
+            for (item, payload) in kept.into_iter().zip(read) {
+                match payload {
+                    Some(p) => {
+                        items.push(item);
+                        payloads.push(p);
+                    }
+                    None => {
+                        tracing::error!(id = %item.id, "a leased item's payload is missing on the leader")
+                    }
                 }
             }
             Ok(Reply {
-                response: Response::Leased { items: kept },
+                response: Response::Leased { items },
                 payloads,
             })
         }
-        response => Ok(Reply {
+        (response, _) => Ok(Reply {
             response,
             payloads: Vec::new(),
         }),

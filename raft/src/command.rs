@@ -6,8 +6,8 @@
 
 use std::fmt;
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use serde_bytes::ByteBuf;
 
 use crate::types::{Digest, Millis, NodeId, WorkId, WorkerId, WorkerSecret};
 
@@ -134,7 +134,9 @@ pub enum Request {
     /// Add an item to the queue.
     Enqueue {
         iterations: u32,
-        payload: ByteBuf,
+        /// Written once, in the log entry; the state machine keeps only a
+        /// [`crate::types::PayloadRef`] to it.
+        payload: Bytes,
         /// A retry with the same key returns the first call's work id and adds nothing.
         dedup: Option<Dedup>,
     },

@@ -4,7 +4,7 @@
 //! numeric order. Keeping all tables in one keyspace lets one atomic batch carry an apply call
 //! together with `last_applied`, and lets a snapshot be a plain dump of the keyspace.
 
-use crate::types::{Millis, WorkId, WorkerId};
+use crate::types::{Millis, PayloadRef, WorkId, WorkerId};
 
 /// `m`: the [`crate::machine::Meta`] record (counters, time, budget).
 pub const META: &[u8] = b"m";
@@ -14,7 +14,9 @@ pub const MEMBERSHIP: &[u8] = b"s:membership";
 
 /// Item metadata, by id.
 pub const ITEM: u8 = b'i';
-/// Payload bytes, by id, present until the item completes.
+/// Live payloads, by where they are: (log index, ordinal) -> (term, id), present while the
+/// item holds its payload (queued, running, dead). The first key is the oldest log entry
+/// whose payloads are still needed: the log keeps its segments from there on.
 pub const PAYLOAD: u8 = b'p';
 /// The FIFO queue: queued item ids.
 pub const QUEUE: u8 = b'q';
@@ -49,8 +51,11 @@ fn tagged(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
 pub fn item(id: WorkId) -> Vec<u8> {
     tagged(ITEM, &[&id.0.to_be_bytes()])
 }
-pub fn payload(id: WorkId) -> Vec<u8> {
-    tagged(PAYLOAD, &[&id.0.to_be_bytes()])
+pub fn payload(at: &PayloadRef) -> Vec<u8> {
+    tagged(
+        PAYLOAD,
+        &[&at.index.to_be_bytes(), &at.ordinal.to_be_bytes()],
+    )
 }
 pub fn queue(id: WorkId) -> Vec<u8> {
     tagged(QUEUE, &[&id.0.to_be_bytes()])

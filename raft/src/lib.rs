@@ -24,11 +24,41 @@ pub use command::{Command, CommandResponse, Request, Response};
 pub use types::{NodeId, WorkId, WorkerId};
 
 /// A snapshot as openraft passes it around: a complete, checksummed snapshot file on this
-/// node's disk. Snapshots travel between nodes as an HTTP stream of the file (the node's
+/// node's disk (the state machine's records), and what writes the payloads it references
+/// after it when it is sent. Snapshots travel between nodes as an HTTP stream (the node's
 /// Raft network), verified before they are installed, never through openraft's chunks.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct SnapshotFile {
     pub path: std::path::PathBuf,
+    pub payloads: Option<std::sync::Arc<dyn PayloadSection>>,
+}
+
+impl SnapshotFile {
+    /// A file with nothing to send after it.
+    pub fn new(path: std::path::PathBuf) -> SnapshotFile {
+        SnapshotFile {
+            path,
+            payloads: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for SnapshotFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotFile")
+            .field("path", &self.path)
+            .field("payloads", &self.payloads.is_some())
+            .finish()
+    }
+}
+
+/// Writes the payload section that follows a snapshot file on the wire (the payloads the
+/// snapshot references, read from the sender's log and packs; format in `hashq_storage`'s
+/// `pack` module). Called on a blocking thread; an error aborts the transfer.
+pub trait PayloadSection: Send + Sync {
+    fn write_to(&self, out: &mut dyn std::io::Write) -> std::io::Result<()>;
+    /// At least as many bytes as the section will have (for the transfer's timeout).
+    fn size_hint(&self) -> u64;
 }
 
 openraft::declare_raft_types!(

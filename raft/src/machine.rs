@@ -16,7 +16,6 @@
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_bytes::ByteBuf;
 
 use crate::codec;
 use crate::command::{
@@ -26,8 +25,8 @@ use crate::command::{
 use crate::keys;
 use crate::kv::{Kv, KvError, KvRead, Overlay};
 use crate::types::{
-    Counts, Item, Lease, Millis, NodeId, Status, WorkId, WorkerId, WorkerRecord, WorkerSecret,
-    WorkerState,
+    Counts, Item, Lease, Millis, NodeId, PayloadRef, Status, WorkId, WorkerId, WorkerRecord,
+    WorkerSecret, WorkerState,
 };
 
 /// Most items one lease request may take.
@@ -134,24 +133,36 @@ pub fn advance(meta: &Meta, cmd: &Command, term: u64) -> (Millis, Clock) {
     }
 }
 
-/// Applies one command of leader term `term`. Each request applies in full or not at all: a
+/// Which log entry a command is: payload references name it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct At {
+    pub term: u64,
+    pub index: u64,
+}
+
+/// Applies the command of log entry `at`. Each request applies in full or not at all: a
 /// request that finds the state broken (a missing or undecodable record: the same on every
 /// replica, since they hold the same state) is answered [`Rejection::Internal`] with nothing
 /// of it written, so one bad entry never stops the cluster in a loop of replays. Only an I/O
 /// error of the store is returned as `Err`; the caller then discards every write of the call.
-pub fn apply<K: Kv>(kv: &mut K, cmd: &Command, term: u64) -> Result<CommandResponse, KvError> {
+pub fn apply<K: Kv>(kv: &mut K, cmd: &Command, at: At) -> Result<CommandResponse, KvError> {
     let mut meta = read_meta(kv)?;
-    let (now, clock) = advance(&meta, cmd, term);
+    let (now, clock) = advance(&meta, cmd, at.term);
     meta.now = now;
     meta.clock = clock;
     let mut out = Vec::with_capacity(cmd.requests.len());
-    for request in &cmd.requests {
+    for (ordinal, request) in cmd.requests.iter().enumerate() {
         let mut child = Overlay::new(&*kv);
         let mut m = Machine {
             kv: &mut child,
             now,
             meta: meta.clone(),
             limits: cmd.limits,
+            here: PayloadRef {
+                term: at.term,
+                index: at.index,
+                ordinal: ordinal as u32,
+            },
         };
         match m.apply_one(request) {
             Ok(response) => {
@@ -182,6 +193,8 @@ struct Machine<'k, K: Kv> {
     now: Millis,
     meta: Meta,
     limits: StoreLimits,
+    /// Where the request being applied is in the log: an enqueue's payload stays there.
+    here: PayloadRef,
 }
 
 #[derive(Clone, Copy)]
@@ -199,7 +212,7 @@ impl<K: Kv> Machine<'_, K> {
                 iterations,
                 payload,
                 dedup,
-            } => self.enqueue(*iterations, payload, dedup.as_ref()),
+            } => self.enqueue(*iterations, payload.len(), dedup.as_ref()),
             Request::Take { top, dedup } => self.take(*top, dedup.as_ref()),
             Request::Register {
                 slot,
@@ -285,7 +298,7 @@ impl<K: Kv> Machine<'_, K> {
     fn enqueue(
         &mut self,
         iterations: u32,
-        payload: &ByteBuf,
+        payload_len: usize,
         dedup: Option<&Dedup>,
     ) -> Result<Response, KvError> {
         match self.remembered::<EnqueueKey>(keys::ENQUEUE_KEY, dedup)? {
@@ -301,7 +314,7 @@ impl<K: Kv> Machine<'_, K> {
         if iterations == 0 {
             return Ok(invalid("iterations must be at least 1"));
         }
-        let Ok(payload_len) = u32::try_from(payload.len()) else {
+        let Ok(payload_len) = u32::try_from(payload_len) else {
             return Ok(invalid("payload too large"));
         };
         if !self.meta.disk_alarms.is_empty() {
@@ -324,6 +337,7 @@ impl<K: Kv> Machine<'_, K> {
             enqueued_at: self.now,
             queued_at: self.now,
             payload_len,
+            payload: self.here,
             lease: None,
             completed_at: None,
             value: None,
@@ -332,7 +346,8 @@ impl<K: Kv> Machine<'_, K> {
             dead_at: None,
         };
         put_t(self.kv, keys::item(id), &item);
-        self.kv.put(keys::payload(id), payload.to_vec());
+        self.kv
+            .put(keys::payload(&self.here), payload_record(&self.here, id));
         self.kv.put(keys::queue(id), Vec::new());
         let c = &mut self.meta.counts;
         c.queued += 1;
@@ -612,7 +627,7 @@ impl<K: Kv> Machine<'_, K> {
             };
             let id = result.id;
             self.drop_lease(id, &lease, true)?;
-            self.kv.delete(keys::payload(id));
+            self.kv.delete(keys::payload(&item.payload));
             item.status = Status::Completed;
             item.lease = None;
             item.value = Some(result.value);
@@ -830,7 +845,7 @@ impl<K: Kv> Machine<'_, K> {
             let item = self.item(id)?;
             self.kv.delete(dkey.clone());
             self.kv.delete(keys::item(id));
-            self.kv.delete(keys::payload(id));
+            self.kv.delete(keys::payload(&item.payload));
             let c = &mut self.meta.counts;
             c.dead -= 1;
             c.payload_bytes -= u64::from(item.payload_len);
@@ -1031,9 +1046,51 @@ pub fn item(kv: &impl KvRead, id: WorkId) -> Result<Option<Item>, KvError> {
     get_t(kv, &keys::item(id))
 }
 
-/// One item's payload (present until it completes).
-pub fn payload(kv: &impl KvRead, id: WorkId) -> Result<Option<Vec<u8>>, KvError> {
-    kv.get(&keys::payload(id))
+/// The value of an item's `p` record: the entry's term and the item's id.
+fn payload_record(at: &PayloadRef, id: WorkId) -> Vec<u8> {
+    let mut v = Vec::with_capacity(16);
+    v.extend_from_slice(&at.term.to_be_bytes());
+    v.extend_from_slice(&id.0.to_be_bytes());
+    v
+}
+
+/// Reads a `p` record back: the payload's place and the item's id.
+pub fn decode_payload_record(key: &[u8], value: &[u8]) -> Result<(PayloadRef, WorkId), KvError> {
+    let index = keys::u64_at(key, 1);
+    let ordinal = key
+        .get(9..13)
+        .filter(|_| key.len() == 13)
+        .map(|b| u32::from_be_bytes(b.try_into().expect("slice of 4")));
+    let term = keys::u64_at(value, 0);
+    let id = keys::u64_at(value, 8).filter(|_| value.len() == 16);
+    match (index, ordinal, term, id) {
+        (Some(index), Some(ordinal), Some(term), Some(id)) => Ok((
+            PayloadRef {
+                term,
+                index,
+                ordinal,
+            },
+            WorkId(id),
+        )),
+        _ => Err(corrupt(key, "malformed payload record")),
+    }
+}
+
+/// The payloads the state machine still needs, oldest first.
+pub fn live_payloads(kv: &impl KvRead) -> impl Iterator<Item = Result<PayloadRef, KvError>> + '_ {
+    let (start, end) = keys::table(keys::PAYLOAD);
+    kv.scan(&start, &end, false).map(|r| {
+        let (k, v) = r?;
+        decode_payload_record(&k, &v).map(|(at, _)| at)
+    })
+}
+
+/// The oldest log index whose payloads the state machine still needs (`None`: none).
+pub fn payload_floor(kv: &impl KvRead) -> Result<Option<u64>, KvError> {
+    live_payloads(kv)
+        .next()
+        .transpose()
+        .map(|r| r.map(|at| at.index))
 }
 
 /// The worker table, by id.

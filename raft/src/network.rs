@@ -185,7 +185,10 @@ impl Connection {
             prefix,
             tokio_util::io::ReaderStream::with_capacity(file, 1 << 20),
         );
-        // Time for the whole file at a modest 10 MB/s, beyond openraft's per-RPC timeout.
+        let payloads = snapshot.snapshot.payloads.clone();
+        // Time for the whole transfer at a modest 10 MB/s, beyond openraft's per-RPC timeout.
+        let size = size + payloads.as_ref().map_or(0, |p| p.size_hint());
+        let body = futures::StreamExt::chain(body, payload_stream(payloads));
         let timeout = option.hard_ttl() + Duration::from_secs(size / (10 << 20) + 30);
         let mut builder = self
             .client
@@ -219,6 +222,46 @@ impl Connection {
         answer.map_err(|e| {
             StreamingError::Network(network_error(format!("snapshot not installed: {e}")))
         })
+    }
+}
+
+/// The payload section of a snapshot as a stream: written on a blocking thread into a bounded
+/// channel, 1 MiB at a time (empty when there is none).
+fn payload_stream(
+    section: Option<std::sync::Arc<dyn crate::PayloadSection>>,
+) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
+    if let Some(section) = section {
+        tokio::task::spawn_blocking(move || {
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, ChannelWriter(tx.clone()));
+            let result = section
+                .write_to(&mut out)
+                .and_then(|()| std::io::Write::flush(&mut out));
+            if let Err(e) = result {
+                if !tx.is_closed() {
+                    tracing::error!(error = %e, "cannot send a snapshot's payloads");
+                    let _ = tx.blocking_send(Err(e));
+                }
+            }
+        });
+    }
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
+}
+
+/// Sends what is written to it down a channel, as one chunk per write.
+struct ChannelWriter(tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>);
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .blocking_send(Ok(bytes::Bytes::copy_from_slice(buf)))
+            .map_err(|_| std::io::Error::other("the snapshot transfer ended"))?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

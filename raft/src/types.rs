@@ -96,7 +96,20 @@ pub struct Lease {
     pub deadline: Millis,
 }
 
-/// Everything the state machine knows about one item except its payload.
+/// Where an item's payload is: the Raft log entry that carried its enqueue (that entry's term
+/// and index) and the request's position in the entry. A payload is written once per node,
+/// in the log (or, on a node that installed a snapshot, in the pack that came with it); the
+/// state machine holds only this reference. The term tells a committed entry from an
+/// uncommitted one that once had the same index in a node's log.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
+pub struct PayloadRef {
+    pub term: u64,
+    pub index: u64,
+    pub ordinal: u32,
+}
+
+/// Everything the state machine knows about one item; its payload is elsewhere
+/// ([`PayloadRef`]).
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct Item {
     pub iterations: u32,
@@ -107,6 +120,8 @@ pub struct Item {
     /// When it last entered the queue (enqueue or requeue).
     pub queued_at: Millis,
     pub payload_len: u32,
+    /// Held while the item is queued, running or dead; a completed item's payload is gone.
+    pub payload: PayloadRef,
     pub lease: Option<Lease>,
     pub completed_at: Option<Millis>,
     pub value: Option<Digest>,

@@ -84,8 +84,7 @@ pub struct WorkGrant {
     pub attempt: u32,
     pub iterations: u32,
     pub deadline: Millis,
-    #[serde(with = "serde_bytes")]
-    pub payload: Vec<u8>,
+    pub payload: bytes::Bytes,
 }
 
 /// `POST /worker/heartbeat`: extend the leases still held.

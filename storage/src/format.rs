@@ -7,7 +7,8 @@
 //!   raft/repair     present while damaged state is being repaired from peers (no voting)
 //!   raft/log/       the Raft log: segment files named by their first index
 //!   sm/             sled: the state machine
-//!   snapshots/      snapshot files
+//!   snapshots/      snapshot files (the state machine's records; payloads stay in the log)
+//!   packs/          payloads that came with a snapshot installed from the leader
 //!   quarantine/     damaged files moved aside (never read again; kept for a post-mortem)
 //! ```
 //!
@@ -21,7 +22,11 @@ use crate::fsio::{self, Fatal};
 use crate::StoreError;
 
 /// The format this build writes and reads.
-pub const CURRENT: u32 = 2;
+pub const CURRENT: u32 = 3;
+
+/// Format 2 kept payloads in the state machine; it was never released (development builds
+/// between 0.1 and the payloads-by-reference change wrote it).
+const DEVELOPMENT_ONLY: u32 = 2;
 
 const MAGIC: &str = "hashq-data";
 
@@ -59,6 +64,9 @@ impl Layout {
     pub fn snapshot_dir(&self) -> PathBuf {
         self.root.join("snapshots")
     }
+    pub fn pack_dir(&self) -> PathBuf {
+        self.root.join("packs")
+    }
     pub fn quarantine_dir(&self) -> PathBuf {
         self.root.join("quarantine")
     }
@@ -90,6 +98,13 @@ pub fn detect(layout: &Layout) -> Result<Found, StoreError> {
             })?;
             if version == CURRENT {
                 Ok(Found::Current)
+            } else if version == DEVELOPMENT_ONLY {
+                Err(StoreError::Format {
+                    path,
+                    found: format!(
+                        "format {version}, written by a development build and never released: move the data dir away and let the node catch up from its peers"
+                    ),
+                })
             } else {
                 Err(StoreError::Format {
                     path,
@@ -133,6 +148,7 @@ pub fn create(layout: &Layout) -> Result<(), Fatal> {
         layout.log_dir(),
         layout.sm_dir(),
         layout.snapshot_dir(),
+        layout.pack_dir(),
         layout.quarantine_dir(),
     ] {
         fsio::create_dir_durable(&dir)?;
@@ -147,6 +163,7 @@ pub fn ensure_dirs(layout: &Layout) -> Result<(), Fatal> {
         layout.log_dir(),
         layout.sm_dir(),
         layout.snapshot_dir(),
+        layout.pack_dir(),
         layout.quarantine_dir(),
     ] {
         fsio::create_dir_durable(&dir)?;

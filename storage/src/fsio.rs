@@ -188,3 +188,19 @@ pub fn crc(bytes: &[u8]) -> u32 {
 pub fn crc_append(crc: u32, bytes: &[u8]) -> u32 {
     crc32c::crc32c_append(crc, bytes)
 }
+
+/// Reads a file from a position on, without moving any shared cursor (several readers can
+/// share one handle).
+pub(crate) struct ReadAt<'f> {
+    pub file: &'f File,
+    pub pos: u64,
+}
+
+impl std::io::Read for ReadAt<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}

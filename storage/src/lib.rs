@@ -63,14 +63,19 @@ pub mod format;
 pub mod fsio;
 mod log;
 pub mod migrate;
+pub mod pack;
+mod payloads;
 mod sm;
 pub mod snapshot;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub use format::Layout;
 pub use log::state::RaftState;
 pub use log::{LogDamage, LogOpened, LogOptions, LogStore};
+pub use payloads::PayloadReader;
+use payloads::Payloads;
 pub use sm::{AppliedState, SledKv, SmOpened, SmReader, SnapshotStats, StateMachineStore};
 
 /// A storage failure outside openraft's calls (opening the store).
@@ -159,12 +164,22 @@ pub fn open(dir: &Path, options: &StoreOptions) -> Result<Opened, StoreError> {
     if recovery.log.vote_lost {
         damage.push("both slots of the vote file are corrupt".to_string());
     }
-    let (sm, sm_opened) = if recovery.log.damage.is_some() {
-        // The log is set aside below; the state machine goes with it (it may hold what the
-        // damaged entries did).
+    let payloads = match Payloads::open(&layout, log.clone()) {
+        Ok(p) => Some(Arc::new(p)),
+        Err(Ok(fatal)) => return Err(fatal.into()),
+        Err(Err(why)) => {
+            damage.push(why);
+            None
+        }
+    };
+    let (sm, sm_opened) = if recovery.log.damage.is_some() || payloads.is_none() {
+        // The log (or payloads it depends on) is set aside below; the state machine goes
+        // with it (it may hold what the damaged entries did).
         (None, SmOpened::default())
     } else {
-        let (sm, opened) = StateMachineStore::open(&layout, options.cache_bytes, log.purged())?;
+        let payloads = payloads.clone().expect("opened");
+        let (sm, opened) =
+            StateMachineStore::open(&layout, options.cache_bytes, log.purged(), payloads)?;
         if let Some(why) = &opened.unrecoverable {
             damage.push(format!("state machine: {why}"));
         }
@@ -193,7 +208,13 @@ pub fn open(dir: &Path, options: &StoreOptions) -> Result<Opened, StoreError> {
     drop(sm);
     let reason = damage.join("; ");
     tracing::error!(%reason, repair_until = ?reached, "damaged durable state set aside; this node will not vote until its peers have repaired it");
-    for path in [layout.log_dir(), layout.sm_dir(), layout.snapshot_dir()] {
+    drop(payloads);
+    for path in [
+        layout.log_dir(),
+        layout.sm_dir(),
+        layout.snapshot_dir(),
+        layout.pack_dir(),
+    ] {
         if path.exists() {
             format::quarantine(&layout, &path, &reason)?;
         }
@@ -207,7 +228,14 @@ pub fn open(dir: &Path, options: &StoreOptions) -> Result<Opened, StoreError> {
     if let (true, Some(vote)) = (keep_vote, vote) {
         log.keep_vote(vote)?;
     }
-    let (sm, _) = StateMachineStore::open(&layout, options.cache_bytes, None)?;
+    let payloads = match Payloads::open(&layout, log.clone()) {
+        Ok(p) => Arc::new(p),
+        Err(Ok(fatal)) => return Err(fatal.into()),
+        Err(Err(why)) => {
+            return Err(fsio::fatal("open", &layout.pack_dir())(std::io::Error::other(why)).into())
+        }
+    };
+    let (sm, _) = StateMachineStore::open(&layout, options.cache_bytes, None, payloads)?;
     let until = reached.unwrap_or(0);
     // Durable before anything else happens: a restart in the middle of the repair must
     // still not vote.

@@ -23,7 +23,7 @@
 use std::path::{Path, PathBuf};
 
 use hashq_raft::machine::{Clock, Meta};
-use hashq_raft::types::{Counts, Digest, Item, Lease, Millis, Status, WorkId};
+use hashq_raft::types::{Counts, Digest, Item, Lease, Millis, PayloadRef, Status, WorkId};
 use hashq_raft::{codec, keys, LogId, NodeId, SnapshotMeta, StoredMembership};
 use openraft::Vote;
 use serde::Deserialize;
@@ -212,6 +212,22 @@ pub fn migrate(dir: &Path, discard_unapplied: bool) -> Result<Migrated, StoreErr
         },
     };
 
+    // Payloads were in the state machine; they go to a pack (as if they had come with a
+    // snapshot), referenced as entry 0 of term 0 (no log entry has that term) with the item's
+    // id as the ordinal. The pack is written beside the data dir's files first.
+    let pack_tmp = dir.join("migrated-payloads.part");
+    let payload_at = |id: WorkId| -> Option<PayloadRef> {
+        u32::try_from(id.0).ok().map(|ordinal| PayloadRef {
+            term: 0,
+            index: 0,
+            ordinal,
+        })
+    };
+    let pack_file = std::fs::File::create(&pack_tmp).map_err(fsio::fatal("create", &pack_tmp))?;
+    let mut section = crate::pack::SectionWriter::new(std::io::BufWriter::new(pack_file))
+        .map_err(fsio::fatal("write", &pack_tmp))?;
+    let mut payload_floor = None;
+
     // Convert every pair; what cannot be decided pair by pair (queue keys of requeued items,
     // the meta record) comes at the end.
     let (mut items, mut requeued, mut workers_dropped) = (0u64, 0u64, 0u64);
@@ -237,6 +253,10 @@ pub fn migrate(dir: &Path, discard_unapplied: bool) -> Result<Migrated, StoreErr
                     }
                 };
                 items += 1;
+                let Some(payload) = payload_at(id) else {
+                    failure = Some(bad(&source, "a work id beyond 2^32"));
+                    return None;
+                };
                 let mut new = Item {
                     iterations: item.iterations,
                     attempts: item.attempts,
@@ -244,6 +264,7 @@ pub fn migrate(dir: &Path, discard_unapplied: bool) -> Result<Migrated, StoreErr
                     enqueued_at: item.enqueued_at,
                     queued_at: item.queued_at,
                     payload_len: item.payload_len,
+                    payload,
                     lease: item.lease,
                     completed_at: item.completed_at,
                     value: item.value,
@@ -274,6 +295,19 @@ pub fn migrate(dir: &Path, discard_unapplied: bool) -> Result<Migrated, StoreErr
                 };
                 Some(Ok((keys::dead(now, id), v)))
             }
+            Some(keys::PAYLOAD) => {
+                let Some(at) = keys::u64_at(&k, 1).map(WorkId).and_then(payload_at) else {
+                    failure = Some(bad(&source, "a payload key that names no work id"));
+                    return None;
+                };
+                if let Err(e) = section.push(&at, &v) {
+                    return Some(Err(e));
+                }
+                payload_floor = Some(0);
+                let mut record = at.term.to_be_bytes().to_vec();
+                record.extend_from_slice(&u64::from(at.ordinal).to_be_bytes());
+                Some(Ok((keys::payload(&at), record)))
+            }
             // Leases and their owners go with the workers.
             Some(keys::LEASE) | Some(keys::OWNER) => None,
             Some(keys::WORKER) => {
@@ -285,12 +319,23 @@ pub fn migrate(dir: &Path, discard_unapplied: bool) -> Result<Migrated, StoreErr
         }
     });
     // Collected before anything is written: a broken record refuses the whole migration.
-    let converted: Vec<(Vec<u8>, Vec<u8>)> = pairs
-        .collect::<Result<_, std::io::Error>>()
-        .map_err(|e| bad(&source, e.to_string()))?;
-    if let Some(e) = failure {
-        return Err(e);
-    }
+    let converted = pairs.collect::<Result<Vec<(Vec<u8>, Vec<u8>)>, std::io::Error>>();
+    let written = section.finish().and_then(|w| {
+        w.into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|f| f.sync_data())
+    });
+    let converted = match (converted, written, failure) {
+        (Ok(c), Ok(()), None) => c,
+        (converted, written, failure) => {
+            let _ = std::fs::remove_file(&pack_tmp);
+            if let Some(e) = failure {
+                return Err(e);
+            }
+            let e = converted.err().or(written.err()).expect("one failed");
+            return Err(bad(&source, e.to_string()));
+        }
+    };
 
     // Move the old files aside, then write the new layout, FORMAT last: a migration that
     // stops before it is resumed by running it again.
@@ -304,7 +349,12 @@ pub fn migrate(dir: &Path, discard_unapplied: bool) -> Result<Migrated, StoreErr
     if layout.snapshot_dir().exists() && !old_snapshots.exists() {
         fsio::rename_durable(&layout.snapshot_dir(), &old_snapshots)?;
     }
-    for d in [layout.log_dir(), layout.sm_dir(), layout.snapshot_dir()] {
+    for d in [
+        layout.log_dir(),
+        layout.sm_dir(),
+        layout.snapshot_dir(),
+        layout.pack_dir(),
+    ] {
         if d.exists() {
             std::fs::remove_dir_all(&d).map_err(fsio::fatal("remove", &d))?;
         }
@@ -321,7 +371,14 @@ pub fn migrate(dir: &Path, discard_unapplied: bool) -> Result<Migrated, StoreErr
         .chain(extra)
         .chain(std::iter::once(meta_pair))
         .map(Ok);
-    snapshot::write(&layout.snapshot_dir(), &snap_meta, all)?;
+    crate::pack::finish_pack(&pack_tmp, 0)?;
+    fsio::rename_durable(
+        &pack_tmp,
+        &layout
+            .pack_dir()
+            .join(format!("{}.pack", snap_meta.snapshot_id)),
+    )?;
+    snapshot::write(&layout.snapshot_dir(), &snap_meta, payload_floor, all)?;
     let (mut log, _) = crate::LogStore::open(
         &layout.log_dir(),
         &layout.vote_file(),
@@ -433,8 +490,9 @@ mod tests {
         )
         .unwrap();
         for id in [0u64, 1, 4] {
-            sm.insert(keys::payload(WorkId(id)), b"abc".as_slice())
-                .unwrap();
+            // hashq 0.1's payload table: `p` + work id.
+            let key = [&[keys::PAYLOAD][..], &id.to_be_bytes()].concat();
+            sm.insert(key, b"abc".as_slice()).unwrap();
         }
         sm.insert(
             keys::worker(WorkerId(1)),
@@ -504,10 +562,13 @@ mod tests {
         assert_eq!((meta.counts.queued, meta.counts.running), (2, 0));
         assert_eq!(meta.counts.queued_iterations, 20);
         assert_eq!(meta.next_id, 5);
+        let at = machine::item(&view, WorkId(1)).unwrap().unwrap().payload;
+        let payloads = opened.sm.reader().payloads();
         assert_eq!(
-            machine::payload(&view, WorkId(1)).unwrap(),
-            Some(b"abc".to_vec())
+            payloads.read(&[at]).unwrap(),
+            vec![Some(bytes::Bytes::from_static(b"abc"))]
         );
+        assert_eq!(machine::payload_floor(&view).unwrap(), Some(0));
         assert!(migrate(dir.path(), false).is_err(), "already converted");
     }
 

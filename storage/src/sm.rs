@@ -26,6 +26,7 @@ use tokio::sync::watch;
 
 use crate::format::{self, Layout};
 use crate::fsio::{self, Fatal};
+use crate::payloads::{PayloadReader, Payloads};
 use crate::snapshot;
 
 /// The `sm_meta` tree's record naming the current state-machine tree.
@@ -94,6 +95,7 @@ pub(crate) struct Shared {
     pub(crate) stats: Mutex<SnapshotStats>,
     /// Files handed out by `begin_receiving_snapshot`, so install can tell them apart.
     receiving: Mutex<HashMap<PathBuf, ()>>,
+    pub(crate) payloads: Arc<Payloads>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -134,6 +136,10 @@ impl Shared {
     /// or route that reads the same record, so it is only logged.
     fn publish(&self, leader_wall: u64) {
         let kv = SledKv(self.tree());
+        match machine::payload_floor(&kv) {
+            Ok(floor) => self.payloads.set_sm_floor(floor),
+            Err(e) => tracing::warn!(error = %e, "cannot read the payload floor"),
+        }
         let state = machine::read_meta(&kv).and_then(|meta| {
             Ok(AppliedState {
                 index: read_last_applied(&kv)?.map_or(0, |l| l.index),
@@ -172,8 +178,8 @@ impl Shared {
             }
             Ok(())
         })
-        .and_then(|meta| {
-            if expected.is_some_and(|e| *e != meta) {
+        .and_then(|info| {
+            if expected.is_some_and(|e| *e != info.meta) {
                 return Err(snapshot::invalid(
                     "the snapshot file is not the snapshot it was announced as",
                 ));
@@ -220,6 +226,11 @@ impl SmReader {
     /// Bytes on disk used by the sled database (approximate).
     pub fn disk_bytes(&self) -> u64 {
         self.shared.db.size_on_disk().unwrap_or(0)
+    }
+
+    /// Reads items' payloads.
+    pub fn payloads(&self) -> PayloadReader {
+        PayloadReader(self.shared.payloads.clone())
     }
 
     /// Snapshot timings and sizes.
@@ -311,10 +322,13 @@ impl StateMachineStore {
         layout: &Layout,
         cache_bytes: u64,
         purged: Option<LogId>,
+        payloads: Arc<Payloads>,
     ) -> Result<(StateMachineStore, SmOpened), crate::StoreError> {
         let mut opened = SmOpened::default();
         snapshot::remove_partial_files(&layout.snapshot_dir())?;
         let latest = snapshot::find_latest(&layout.snapshot_dir(), layout)?;
+        payloads.set_snapshot_floor(latest.as_ref().and_then(|(_, i)| i.payload_floor));
+        let latest = latest.map(|(path, info)| (path, info.meta));
         let dir = layout.sm_dir();
         let attempt = open_sled(&dir, cache_bytes)
             .map_err(|e| e.to_string())
@@ -342,6 +356,7 @@ impl StateMachineStore {
             current_snapshot: Mutex::new(latest.clone()),
             stats: Mutex::new(SnapshotStats::default()),
             receiving: Mutex::new(HashMap::new()),
+            payloads,
         });
         if applied < purged {
             match latest {
@@ -390,8 +405,9 @@ impl StateMachineStore {
     }
 
     /// Writes a snapshot of the current state now (apply waits: sled has no point-in-time
-    /// view). Returns its file and metadata.
-    fn dump(&self) -> Result<(PathBuf, SnapshotMeta), Fatal> {
+    /// view; the state machine holds no payloads, so this is a copy of metadata only).
+    /// Returns its file and metadata, with what sends its payloads.
+    fn dump(&self) -> Result<SnapshotFileAndMeta, Fatal> {
         let started = Instant::now();
         let tree = self.shared.tree();
         let kv = SledKv(tree.clone());
@@ -404,11 +420,18 @@ impl StateMachineStore {
             last_membership,
             snapshot_id: snapshot::new_id(last_log_id.as_ref()),
         };
+        let floor = machine::payload_floor(&kv).map_err(read)?;
         let pairs = tree.iter().map(|r| {
             r.map(|(k, v)| (k.to_vec(), v.to_vec()))
                 .map_err(std::io::Error::other)
         });
-        let path = snapshot::write(&dir, &meta, pairs)?;
+        let path = snapshot::write(&dir, &meta, floor, pairs)?;
+        let file = self.with_section(path.clone(), &meta, floor)?;
+        {
+            let mut current = lock(&self.shared.current_snapshot);
+            *current = Some((path.clone(), meta.clone()));
+            self.shared.payloads.set_snapshot_floor(floor);
+        }
         snapshot::remove_others(&dir, &path)?;
         let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
         {
@@ -417,11 +440,32 @@ impl StateMachineStore {
             stats.last_build_seconds = started.elapsed().as_secs_f64();
             stats.last_bytes = bytes;
         }
-        *lock(&self.shared.current_snapshot) = Some((path.clone(), meta.clone()));
         tracing::info!(snapshot = %meta.snapshot_id, bytes, "snapshot built");
-        Ok((path, meta))
+        Ok((file, meta))
+    }
+
+    /// The snapshot at `path` with what writes its payload section.
+    fn with_section(
+        &self,
+        path: PathBuf,
+        meta: &SnapshotMeta,
+        floor: Option<u64>,
+    ) -> Result<SnapshotFile, Fatal> {
+        let last = meta.last_log_id.map_or(0, |l| l.index);
+        let section = self
+            .shared
+            .payloads
+            .section(&path, floor, last)
+            .map_err(fsio::fatal("open snapshot", &path))?;
+        Ok(SnapshotFile {
+            path,
+            payloads: Some(section),
+        })
     }
 }
+
+/// A snapshot ready to be handed to openraft.
+type SnapshotFileAndMeta = (SnapshotFile, SnapshotMeta);
 
 fn sm_error(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
     StorageIOError::write_state_machine(&e).into()
@@ -462,11 +506,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 EntryPayload::Blank => responses.push(Vec::new()),
                 EntryPayload::Normal(ref command) => {
                     leader_wall = command.now;
-                    let answers =
-                        machine::apply(&mut overlay, command, entry.log_id.leader_id.term)
-                            .map_err(|e| {
-                                StorageError::from(StorageIOError::apply(entry.log_id, &e))
-                            })?;
+                    let at = machine::At {
+                        term: entry.log_id.leader_id.term,
+                        index: entry.log_id.index,
+                    };
+                    let answers = machine::apply(&mut overlay, command, at)
+                        .map_err(|e| StorageError::from(StorageIOError::apply(entry.log_id, &e)))?;
                     responses.push(answers);
                 }
                 EntryPayload::Membership(ref membership) => {
@@ -523,7 +568,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     ) -> Result<Box<SnapshotFile>, StorageError<NodeId>> {
         let path = self.reader().receive_path();
         lock(&self.shared.receiving).insert(path.clone(), ());
-        Ok(Box::new(SnapshotFile { path }))
+        Ok(Box::new(SnapshotFile::new(path)))
     }
 
     async fn install_snapshot(
@@ -535,37 +580,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let this = self.clone();
         let meta = meta.clone();
         let source = snapshot.path.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), StorageError<NodeId>> {
-            if !snapshot::id_is_safe(&meta.snapshot_id) {
-                return Err(snapshot_error(snapshot::invalid("unsafe snapshot id")));
-            }
-            let tree = this
-                .shared
-                .load_tree(&source, Some(&meta))
-                .map_err(snapshot_error)?;
-            this.shared.switch_to(tree).map_err(snapshot_error)?;
-            let dir = this.shared.snapshot_dir();
-            let path = dir.join(format!("{}.snap", meta.snapshot_id));
-            let ours = source.parent() == Some(dir.as_path());
-            if ours {
-                fsio::rename_durable(&source, &path).map_err(snapshot_error)?;
-            } else {
-                // Not a file we received (openraft's own tests hand one store's snapshot to
-                // another): keep a copy as the current snapshot.
-                let tmp = path.with_extension("tmp");
-                std::fs::copy(&source, &tmp).map_err(snapshot_error)?;
-                let f = std::fs::File::open(&tmp).map_err(snapshot_error)?;
-                fsio::sync_data(&f, &tmp).map_err(snapshot_error)?;
-                fsio::rename_durable(&tmp, &path).map_err(snapshot_error)?;
-            }
-            lock(&this.shared.receiving).remove(&source);
-            snapshot::remove_others(&dir, &path).map_err(snapshot_error)?;
-            *lock(&this.shared.current_snapshot) = Some((path, meta.clone()));
-            tracing::info!(snapshot = %meta.snapshot_id, "snapshot installed");
-            Ok(())
-        })
-        .await
-        .unwrap_or_else(|e| Err(snapshot_error(std::io::Error::other(e.to_string()))))?;
+        tokio::task::spawn_blocking(move || this.install(&meta, &source).map_err(snapshot_error))
+            .await
+            .unwrap_or_else(|e| Err(snapshot_error(std::io::Error::other(e.to_string()))))?;
         let mut stats = lock(&self.shared.stats);
         stats.installed += 1;
         stats.last_install_seconds = started.elapsed().as_secs_f64();
@@ -584,8 +601,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         // aside and a new one built on the spot, so a follower never gets it and the leader
         // never reports "no snapshot" (openraft would stop on that).
         let snapshot = tokio::task::spawn_blocking(move || -> Result<_, Fatal> {
-            match snapshot::verify(&path) {
-                Ok(found) if found == meta => Ok((path, meta)),
+            match snapshot::verify_info(&path) {
+                Ok(found) if found.meta == meta => {
+                    let file = this.with_section(path, &meta, found.payload_floor)?;
+                    Ok((file, meta))
+                }
                 Ok(_) | Err(_) => {
                     tracing::error!(path = %path.display(), "the current snapshot fails its checksum; building a new one");
                     if path.exists() {
@@ -602,23 +622,82 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             ))
         })
         .map_err(snapshot_error)?;
-        let (path, meta) = snapshot;
+        let (file, meta) = snapshot;
         Ok(Some(Snapshot {
             meta,
-            snapshot: Box::new(SnapshotFile { path }),
+            snapshot: Box::new(file),
         }))
+    }
+}
+
+impl StateMachineStore {
+    /// Installs the snapshot file at `source` (verified by the receiver, checked again
+    /// here): its payloads become a pack, its records a new state-machine tree, and its
+    /// records alone the current snapshot. Each step is durable before the next; a crash
+    /// anywhere leaves either the old state or the new one.
+    fn install(&self, meta: &SnapshotMeta, source: &Path) -> std::io::Result<()> {
+        if !snapshot::id_is_safe(&meta.snapshot_id) {
+            return Err(snapshot::invalid("unsafe snapshot id"));
+        }
+        // The records part (small); the payload section is checked as it becomes a pack.
+        let info = snapshot::read(source, |_, _| Ok(()))?;
+        if info.meta != *meta {
+            return Err(snapshot::invalid(
+                "the snapshot file is not the snapshot it was announced as",
+            ));
+        }
+        let dir = self.shared.snapshot_dir();
+        let path = dir.join(format!("{}.snap", meta.snapshot_id));
+        let tmp = path.with_extension("tmp");
+        // The records part alone becomes the current snapshot (a copy of metadata only).
+        {
+            let mut from = std::fs::File::open(source)?;
+            let mut to = std::fs::File::create(&tmp)?;
+            std::io::copy(&mut std::io::Read::take(&mut from, info.len), &mut to)?;
+            fsio::sync_data(&to, &tmp).map_err(std::io::Error::other)?;
+        }
+        let ours = source.parent() == Some(dir.as_path());
+        if snapshot::has_section(source, &info)? {
+            if !ours {
+                return Err(snapshot::invalid(
+                    "a snapshot with payloads not received here",
+                ));
+            }
+            self.shared
+                .payloads
+                .add_pack(source, info.len, &meta.snapshot_id, &info.refs)?;
+        } else if info.refs.count > 0 {
+            // Handed over without its payloads (a snapshot of this very store): they must
+            // be here already.
+            tracing::warn!(snapshot = %meta.snapshot_id, "installing a snapshot without its payload section");
+        }
+        let tree = self.shared.load_tree(&tmp, Some(meta))?;
+        self.shared.switch_to(tree).map_err(std::io::Error::other)?;
+        fsio::rename_durable(&tmp, &path).map_err(std::io::Error::other)?;
+        if ours && source.exists() {
+            fsio::remove_durable(source).map_err(std::io::Error::other)?;
+        }
+        lock(&self.shared.receiving).remove(source);
+        {
+            let mut current = lock(&self.shared.current_snapshot);
+            *current = Some((path.clone(), meta.clone()));
+            self.shared.payloads.set_snapshot_floor(info.payload_floor);
+        }
+        snapshot::remove_others(&dir, &path).map_err(std::io::Error::other)?;
+        tracing::info!(snapshot = %meta.snapshot_id, payloads = info.refs.count, "snapshot installed");
+        Ok(())
     }
 }
 
 /// Builds a snapshot: the dump happens in `get_snapshot_builder`, `build_snapshot` hands it
 /// over.
 pub struct Builder {
-    dumped: Option<Result<(PathBuf, SnapshotMeta), Fatal>>,
+    dumped: Option<Result<SnapshotFileAndMeta, Fatal>>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for Builder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        let (path, meta) = self
+        let (file, meta) = self
             .dumped
             .take()
             .unwrap_or_else(|| {
@@ -629,7 +708,7 @@ impl RaftSnapshotBuilder<TypeConfig> for Builder {
             .map_err(snapshot_error)?;
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(SnapshotFile { path }),
+            snapshot: Box::new(file),
         })
     }
 }

@@ -2,12 +2,16 @@
 //!
 //! Format (all integers little-endian):
 //! ```text
-//! "HQSNAP2\n"
+//! "HQSNAP3\n"
 //! u32 meta_len, meta (postcard SnapshotMeta)
+//! u64 payload floor                               the oldest log index whose payloads the
+//!                                                 snapshot references (u64::MAX: none)
 //! { u32 key_len, key, u32 value_len, value }*     every pair of the state-machine keyspace
 //! u32 0xffff_ffff                                 end marker
 //! u32 crc32c of every byte before it
 //! ```
+//! The state machine's records only: payloads stay in the log. A snapshot sent to a follower
+//! is followed on the wire by the payloads it references ([`crate::pack`]).
 //! A snapshot is written to `<id>.tmp`, fdatasynced, renamed to `<id>.snap`, and the
 //! directory fsynced; one received from a leader is written to `recv-<n>.part`, synced,
 //! verified, and renamed once installed. Only the latest `.snap` is kept. Every snapshot is
@@ -24,7 +28,7 @@ use hashq_raft::{codec, SnapshotMeta};
 
 use crate::fsio::{self, Fatal};
 
-const MAGIC: &[u8; 8] = b"HQSNAP2\n";
+const MAGIC: &[u8; 8] = b"HQSNAP3\n";
 const END: u32 = u32::MAX;
 
 static UNIQUE: AtomicU64 = AtomicU64::new(0);
@@ -102,24 +106,46 @@ fn read_bytes(r: &mut impl Read, len: u32) -> io::Result<Vec<u8>> {
     Ok(v)
 }
 
-pub(crate) fn read_header(r: &mut impl Read) -> io::Result<SnapshotMeta> {
+/// Reads a snapshot's header: its metadata, its payload floor and the header's length.
+pub(crate) fn read_header(r: &mut impl Read) -> io::Result<(SnapshotMeta, Option<u64>, u64)> {
     let mut magic = [0u8; 8];
     r.read_exact(&mut magic)?;
     if &magic != MAGIC {
-        return Err(invalid("not a hashq snapshot (format 2)"));
+        return Err(invalid("not a hashq snapshot (format 3)"));
     }
     let len = read_u32(r)?;
     if len > 64 << 20 {
         return Err(invalid(format!("snapshot metadata of {len} bytes")));
     }
     let meta = read_bytes(r, len)?;
-    codec::decode("snapshot metadata", &meta).map_err(|e| invalid(e.to_string()))
+    let meta = codec::decode("snapshot metadata", &meta).map_err(|e| invalid(e.to_string()))?;
+    let mut floor = [0u8; 8];
+    r.read_exact(&mut floor)?;
+    let floor = u64::from_le_bytes(floor);
+    Ok((
+        meta,
+        (floor != u64::MAX).then_some(floor),
+        8 + 4 + u64::from(len) + 8,
+    ))
+}
+
+/// What reading a snapshot found.
+#[derive(Clone, Debug)]
+pub struct SnapshotInfo {
+    pub meta: SnapshotMeta,
+    /// The oldest log index whose payloads it references.
+    pub payload_floor: Option<u64>,
+    /// Where its checksum ends (a payload section may follow).
+    pub len: u64,
+    /// The payloads its `p` records name, in order.
+    pub refs: crate::pack::RefDigest,
 }
 
 /// Writes a snapshot of `meta` and every pair of `pairs` to `dir/<id>.snap`, durably.
 pub(crate) fn write(
     dir: &Path,
     meta: &SnapshotMeta,
+    payload_floor: Option<u64>,
     pairs: impl Iterator<Item = io::Result<(Vec<u8>, Vec<u8>)>>,
 ) -> Result<PathBuf, Fatal> {
     let tmp = dir.join(format!("{}.tmp", meta.snapshot_id));
@@ -134,6 +160,7 @@ pub(crate) fn write(
         let meta_bytes = codec::encode(meta);
         w.write_all(&(meta_bytes.len() as u32).to_le_bytes())?;
         w.write_all(&meta_bytes)?;
+        w.write_all(&payload_floor.unwrap_or(u64::MAX).to_le_bytes())?;
         for pair in pairs {
             let (k, v) = pair?;
             w.write_all(&(k.len() as u32).to_le_bytes())?;
@@ -157,19 +184,29 @@ pub(crate) fn write(
     Ok(path)
 }
 
-/// Reads a whole snapshot file, checking its structure and its checksum, handing every pair
-/// to `each`. Returns its metadata.
+/// Reads a snapshot file up to its checksum, checking its structure and its checksum,
+/// handing every pair to `each`. What follows the checksum (a payload section) is not read.
 pub(crate) fn read(
     path: &Path,
+    each: impl FnMut(Vec<u8>, Vec<u8>) -> io::Result<()>,
+) -> io::Result<SnapshotInfo> {
+    read_from(File::open(path)?, each)
+}
+
+/// [`read`] from an open file (or any reader positioned at the snapshot's start).
+pub(crate) fn read_from(
+    source: impl Read,
     mut each: impl FnMut(Vec<u8>, Vec<u8>) -> io::Result<()>,
-) -> io::Result<SnapshotMeta> {
+) -> io::Result<SnapshotInfo> {
     let mut r = CrcReader {
-        inner: BufReader::with_capacity(1 << 20, File::open(path)?),
+        inner: BufReader::with_capacity(1 << 20, source),
         crc: 0,
     };
-    let meta = read_header(&mut r)?;
+    let (meta, payload_floor, mut len) = read_header(&mut r)?;
+    let mut refs = crate::pack::RefDigest::default();
     loop {
         let klen = read_u32(&mut r)?;
+        len += 4;
         if klen == END {
             break;
         }
@@ -182,6 +219,12 @@ pub(crate) fn read(
             return Err(invalid(format!("a value of {vlen} bytes")));
         }
         let value = read_bytes(&mut r, vlen)?;
+        len += u64::from(klen) + 4 + u64::from(vlen);
+        if key.first() == Some(&hashq_raft::keys::PAYLOAD) {
+            let (at, _) = hashq_raft::machine::decode_payload_record(&key, &value)
+                .map_err(|e| invalid(e.to_string()))?;
+            refs.add(&at);
+        }
         each(key, value)?;
     }
     let computed = r.crc;
@@ -191,23 +234,47 @@ pub(crate) fn read(
             "snapshot checksum mismatch: stored {stored:08x}, computed {computed:08x}"
         )));
     }
-    let mut rest = [0u8; 1];
-    if r.inner.read(&mut rest)? != 0 {
-        return Err(invalid("bytes after the snapshot's checksum"));
-    }
-    Ok(meta)
+    Ok(SnapshotInfo {
+        meta,
+        payload_floor,
+        len: len + 4,
+        refs,
+    })
 }
 
-/// Checks a snapshot file end to end; returns its metadata.
+/// Checks a snapshot file end to end, with the payload section that follows it when it came
+/// from a leader (which must hold exactly the payloads the snapshot references); returns its
+/// metadata. Nothing else may follow.
 pub fn verify(path: &Path) -> io::Result<SnapshotMeta> {
-    read(path, |_, _| Ok(()))
+    verify_info(path).map(|i| i.meta)
+}
+
+/// [`verify`], with what was found.
+pub(crate) fn verify_info(path: &Path) -> io::Result<SnapshotInfo> {
+    let info = read(path, |_, _| Ok(()))?;
+    let file_len = fs::metadata(path)?.len();
+    if file_len > info.len {
+        let section = crate::pack::verify_section(path, info.len)?;
+        if section != info.refs {
+            return Err(invalid(format!(
+                "the payload section holds {} payloads, not the {} the snapshot references",
+                section.count, info.refs.count
+            )));
+        }
+    }
+    Ok(info)
+}
+
+/// Whether a verified snapshot file carries a payload section.
+pub(crate) fn has_section(path: &Path, info: &SnapshotInfo) -> io::Result<bool> {
+    Ok(fs::metadata(path)?.len() > info.len)
 }
 
 /// The newest snapshot in `dir` that verifies; corrupt ones are moved to `quarantine`.
 pub(crate) fn find_latest(
     dir: &Path,
     layout: &crate::format::Layout,
-) -> Result<Option<(PathBuf, SnapshotMeta)>, Fatal> {
+) -> Result<Option<(PathBuf, SnapshotInfo)>, Fatal> {
     let mut candidates = Vec::new();
     let entries = fs::read_dir(dir).map_err(fsio::fatal("list", dir))?;
     for entry in entries.flatten() {
@@ -216,15 +283,15 @@ pub(crate) fn find_latest(
             candidates.push(path);
         }
     }
-    let mut best: Option<(PathBuf, SnapshotMeta)> = None;
+    let mut best: Option<(PathBuf, SnapshotInfo)> = None;
     for path in candidates {
-        match verify(&path) {
-            Ok(meta) => {
+        match verify_info(&path) {
+            Ok(info) => {
                 if best
                     .as_ref()
-                    .is_none_or(|(_, b)| meta.last_log_id > b.last_log_id)
+                    .is_none_or(|(_, b)| info.meta.last_log_id > b.meta.last_log_id)
                 {
-                    best = Some((path, meta));
+                    best = Some((path, info));
                 }
             }
             Err(e) => {

@@ -1,13 +1,13 @@
 //! The openraft conformance suite on the store, plus restarts, snapshots, and recovery from
 //! what a power cut or a bad disk leaves behind.
 
+use bytes::Bytes;
 use hashq_raft::command::{Command, Request, Response, StoreLimits};
 use hashq_raft::kv::KvRead;
 use hashq_raft::{machine, Entry, LogId, NodeId, TypeConfig, WorkId};
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
 use openraft::testing::{StoreBuilder, Suite};
 use openraft::{CommittedLeaderId, EntryPayload, RaftLogReader, RaftSnapshotBuilder, StorageError};
-use serde_bytes::ByteBuf;
 use tempfile::TempDir;
 
 use super::*;
@@ -40,7 +40,7 @@ fn enqueue_entry(index: u64, payload_len: usize) -> Entry {
             limits: StoreLimits::UNLIMITED,
             requests: vec![Request::Enqueue {
                 iterations: index as u32,
-                payload: ByteBuf::from(vec![index as u8; payload_len]),
+                payload: Bytes::from(vec![index as u8; payload_len]),
                 dedup: Some(hashq_raft::command::Dedup {
                     key: format!("key-{index}"),
                     ttl_ms: 60_000,
@@ -117,12 +117,50 @@ async fn a_restarted_store_has_every_appended_entry_and_applied_item() {
             .unwrap()
             .expect("applied item survives");
         assert_eq!(u64::from(item.iterations), i + 1);
-        assert_eq!(
-            machine::payload(&view, WorkId(i)).unwrap().unwrap().len(),
-            2048
-        );
+        let payload = sm.reader().payloads().read(&[item.payload]).unwrap();
+        assert_eq!(payload, vec![Some(Bytes::from(vec![i as u8 + 1; 2048]))]);
     }
     assert_eq!(machine::read_meta(&view).unwrap().counts.queued, 15);
+}
+
+/// A store whose log holds entries `range` (one enqueue of `len` bytes each), all applied.
+async fn filled(
+    dir: &std::path::Path,
+    range: std::ops::RangeInclusive<u64>,
+    len: usize,
+) -> (LogStore, StateMachineStore) {
+    let Opened {
+        mut log, mut sm, ..
+    } = open(dir, &StoreOptions::default()).unwrap();
+    let entries: Vec<Entry> = range.map(|i| enqueue_entry(i, len)).collect();
+    log.blocking_append(entries.clone()).await.unwrap();
+    sm.apply(entries).await.unwrap();
+    (log, sm)
+}
+
+/// Writes `snapshot` to `to` as the network sends it: the file, then its payload section.
+fn ship(snapshot: &openraft::storage::Snapshot<TypeConfig>, to: &std::path::Path) {
+    let mut out = std::fs::read(&snapshot.snapshot.path).unwrap();
+    snapshot
+        .snapshot
+        .payloads
+        .as_ref()
+        .expect("a payload section")
+        .write_to(&mut out)
+        .unwrap();
+    std::fs::write(to, out).unwrap();
+}
+
+/// Every one of the `n` queued items' payload reads back (`len` bytes of its index).
+fn assert_payloads(sm: &StateMachineStore, n: u64, len: usize) {
+    let view = sm.reader().view();
+    let refs: Vec<_> = (0..n)
+        .map(|i| machine::item(&view, WorkId(i)).unwrap().unwrap().payload)
+        .collect();
+    let got = sm.reader().payloads().read(&refs).unwrap();
+    for (i, p) in got.into_iter().enumerate() {
+        assert_eq!(p, Some(Bytes::from(vec![i as u8 + 1; len])), "item {i}");
+    }
 }
 
 /// Builds a snapshot of `sm` and returns the file it wrote.
@@ -138,15 +176,8 @@ async fn build(sm: &mut StateMachineStore) -> openraft::storage::Snapshot<TypeCo
 async fn a_snapshot_installs_into_another_store_byte_for_byte() {
     let a_dir = tempfile::tempdir().unwrap();
     let b_dir = tempfile::tempdir().unwrap();
-    let mut a = open(a_dir.path(), &StoreOptions::default()).unwrap().sm;
+    let (_a_log, mut a) = filled(a_dir.path(), 1..=50, 10_000).await;
     let mut b = open(b_dir.path(), &StoreOptions::default()).unwrap().sm;
-    a.apply(
-        (1..=50)
-            .map(|i| enqueue_entry(i, 10_000))
-            .collect::<Vec<_>>(),
-    )
-    .await
-    .unwrap();
     // b has some older, different state that the install must replace entirely.
     b.apply(vec![enqueue_entry(1, 5)]).await.unwrap();
 
@@ -154,13 +185,19 @@ async fn a_snapshot_installs_into_another_store_byte_for_byte() {
     assert_eq!(snapshot.meta.last_log_id, Some(log_id(50)));
     let current = a.get_current_snapshot().await.unwrap().expect("current");
     assert_eq!(current.meta, snapshot.meta);
+    // The snapshot file holds no payload: 50 x 10 KB stayed in the log.
+    let file_len = std::fs::metadata(&snapshot.snapshot.path).unwrap().len();
+    assert!(file_len < 50_000, "snapshot of {file_len} bytes");
 
-    // Ship it the way the node does: the file lands in b's snapshot dir, then installs.
+    // Ship it the way the node does: the file and its payload section land in b's snapshot
+    // dir, then it installs.
     let target = b.begin_receiving_snapshot().await.unwrap();
-    std::fs::copy(&snapshot.snapshot.path, &target.path).unwrap();
+    ship(&current, &target.path);
+    snapshot::verify(&target.path).expect("what was shipped verifies");
     b.install_snapshot(&snapshot.meta, target).await.unwrap();
 
     assert_eq!(dump(&a), dump(&b));
+    assert_payloads(&b, 50, 10_000);
     let (applied, _) = b.applied_state().await.unwrap();
     assert_eq!(applied, Some(log_id(50)));
     let installed = b
@@ -174,6 +211,31 @@ async fn a_snapshot_installs_into_another_store_byte_for_byte() {
     drop(b);
     let mut b = reopen(b_dir.path()).await.sm;
     assert_eq!(dump(&a), dump(&b));
+    assert_payloads(&b, 50, 10_000);
+
+    // b's own snapshot carries the payloads from its pack on to a third store.
+    let c_dir = tempfile::tempdir().unwrap();
+    let mut c = open(c_dir.path(), &StoreOptions::default()).unwrap().sm;
+    let from_b = build(&mut b).await;
+    let target = c.begin_receiving_snapshot().await.unwrap();
+    ship(&from_b, &target.path);
+    c.install_snapshot(&from_b.meta, target).await.unwrap();
+    assert_payloads(&c, 50, 10_000);
+    assert_eq!(c.reader().payloads().packs().0, 1);
+
+    // Once nothing references them, the pack goes.
+    c.shared.payloads.set_sm_floor(None);
+    c.shared.payloads.set_snapshot_floor(None);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::read_dir(Layout::new(c_dir.path()).pack_dir())
+        .unwrap()
+        .count()
+        > 0
+    {
+        assert!(std::time::Instant::now() < deadline, "the pack stayed");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+
     b.apply(vec![enqueue_entry(51, 1)]).await.unwrap();
     assert_eq!(
         machine::read_meta(&b.reader().view())
@@ -204,6 +266,58 @@ async fn a_corrupt_snapshot_is_refused_and_the_state_is_kept() {
     assert!(snapshot::verify(&target.path).is_err());
     assert!(b.install_snapshot(&snapshot.meta, target).await.is_err());
     assert_eq!(dump(&b), before);
+}
+
+#[tokio::test]
+async fn a_snapshot_whose_payloads_are_damaged_or_missing_is_refused() {
+    let a_dir = tempfile::tempdir().unwrap();
+    let b_dir = tempfile::tempdir().unwrap();
+    let (_log, mut a) = filled(a_dir.path(), 1..=5, 1000).await;
+    let mut b = open(b_dir.path(), &StoreOptions::default()).unwrap().sm;
+    b.apply(vec![enqueue_entry(1, 7)]).await.unwrap();
+    let before = dump(&b);
+    let snapshot = build(&mut a).await;
+    let file_len = std::fs::metadata(&snapshot.snapshot.path).unwrap().len() as usize;
+    let target = b.begin_receiving_snapshot().await.unwrap();
+    ship(&snapshot, &target.path);
+    let good = std::fs::read(&target.path).unwrap();
+    // A flipped payload byte; a section cut short; a section of another snapshot's
+    // payloads (one missing).
+    let mut flipped = good.clone();
+    flipped[file_len + 100] ^= 0x20;
+    let mut short_section = SectionWriterForTest::new();
+    for i in 1..=4u64 {
+        short_section.push(i, 1000);
+    }
+    let missing = [&good[..file_len], &short_section.finish()].concat();
+    for bad in [flipped, good[..good.len() - 10].to_vec(), missing] {
+        std::fs::write(&target.path, &bad).unwrap();
+        assert!(snapshot::verify(&target.path).is_err());
+        let target = b.begin_receiving_snapshot().await.unwrap();
+        std::fs::write(&target.path, &bad).unwrap();
+        assert!(b.install_snapshot(&snapshot.meta, target).await.is_err());
+        assert_eq!(dump(&b), before);
+    }
+}
+
+/// Writes a payload section of entries as [`enqueue_entry`] makes them.
+struct SectionWriterForTest(pack::SectionWriter<Vec<u8>>);
+
+impl SectionWriterForTest {
+    fn new() -> Self {
+        SectionWriterForTest(pack::SectionWriter::new(Vec::new()).unwrap())
+    }
+    fn push(&mut self, index: u64, len: usize) {
+        let at = hashq_raft::types::PayloadRef {
+            term: 1,
+            index,
+            ordinal: 0,
+        };
+        self.0.push(&at, &vec![index as u8; len]).unwrap();
+    }
+    fn finish(self) -> Vec<u8> {
+        self.0.finish().unwrap()
+    }
 }
 
 #[tokio::test]

@@ -363,6 +363,18 @@ impl Cluster {
         r.json().await.ok()
     }
 
+    /// A node's Prometheus metrics (panics when the node does not answer).
+    pub async fn metrics(&self, id: u64) -> String {
+        self.http
+            .get(format!("{}/metrics", self.url(id)))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("the metrics text")
+    }
+
     /// The leader as some running node reports it, once the running nodes agree.
     pub async fn leader(&self) -> Option<u64> {
         let mut seen = None;

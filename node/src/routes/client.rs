@@ -113,7 +113,7 @@ async fn enqueue(
     }
     let request = Request::Enqueue {
         iterations,
-        payload: serde_bytes::ByteBuf::from(payload.to_vec()),
+        payload,
         dedup: Some(dedup(&node, key, "enqueue")),
     };
     match node.proposer.submit(request).await?.response {
@@ -425,6 +425,7 @@ async fn status(State(node): State<Node>) -> Result<Json<serde_json::Value>, Api
         "commit_index": m.last_applied.map(|l| l.index),
         "last_log_index": m.last_log_index,
         "snapshot_index": m.snapshot.map(|l| l.index),
+        "purged_index": m.purged.map(|l| l.index),
         "cluster": node.config.cluster_name,
         "uptime_s": node.started.elapsed().as_secs(),
         // Set while damaged durable state is being repaired from the peers (no voting).

@@ -139,7 +139,7 @@ async fn snapshot(
     }
     let snapshot = Snapshot::<TypeConfig> {
         meta: header.meta,
-        snapshot: Box::new(SnapshotFile { path: path.clone() }),
+        snapshot: Box::new(SnapshotFile::new(path.clone())),
     };
     let answer = node
         .raft_gate

@@ -121,7 +121,7 @@ async fn lease(
                     attempt: item.attempt,
                     iterations: item.iterations,
                     deadline: item.deadline,
-                    payload: payload.into_vec(),
+                    payload,
                 })
                 .collect(),
         })),

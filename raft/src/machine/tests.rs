@@ -4,6 +4,8 @@ use super::*;
 use crate::command::Dedup;
 use crate::kv::{MemKv, Overlay};
 use crate::types::Digest;
+use bytes::Bytes;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 const LEASE_MS: u64 = 1_000;
 const KEY_TTL_MS: u64 = 120_000;
@@ -11,6 +13,25 @@ const KEY_TTL_MS: u64 = 120_000;
 const SECRET: WorkerSecret = WorkerSecret(0x5ec7e7);
 /// The leader term every test command comes from.
 const TERM: u64 = 1;
+
+/// Log indexes for commands applied one by one: unique within the test process, which is all
+/// payload references need.
+static NEXT_INDEX: AtomicU64 = AtomicU64::new(1);
+
+fn next_at() -> At {
+    At {
+        term: TERM,
+        index: NEXT_INDEX.fetch_add(1, Ordering::Relaxed),
+    }
+}
+
+/// The command at position `i` of a test log.
+fn at(i: usize) -> At {
+    At {
+        term: TERM,
+        index: i as u64 + 1,
+    }
+}
 
 fn dedup(key: Option<&str>) -> Option<Dedup> {
     key.map(|k| Dedup {
@@ -40,7 +61,7 @@ fn run(kv: &mut MemKv, now: Millis, request: Request) -> Response {
             limits: StoreLimits::UNLIMITED,
             requests: vec![request],
         },
-        TERM,
+        next_at(),
     )
     .expect("apply");
     out.pop().expect("one response")
@@ -52,7 +73,7 @@ fn enqueue(kv: &mut MemKv, now: Millis, iterations: u32, key: Option<&str>) -> W
         now,
         Request::Enqueue {
             iterations,
-            payload: ByteBuf::from(format!("payload-{now}-{iterations}").into_bytes()),
+            payload: Bytes::from(format!("payload-{now}-{iterations}").into_bytes()),
             dedup: dedup(key),
         },
     ) {
@@ -192,7 +213,7 @@ fn check_invariants(kv: &MemKv) {
         let in_dead = it
             .dead_at
             .is_some_and(|at| kv.contains_key(&keys::dead(at, *id)));
-        let has_payload = kv.contains_key(&keys::payload(*id));
+        let has_payload = kv.contains_key(&keys::payload(&it.payload));
         match it.status {
             Status::Queued => {
                 counts.queued += 1;
@@ -441,7 +462,7 @@ fn idempotent_enqueue_returns_the_same_id_until_the_key_expires() {
         2,
         Request::Enqueue {
             iterations: 9,
-            payload: ByteBuf::from(b"other".to_vec()),
+            payload: Bytes::from(b"other".to_vec()),
             dedup: dedup(Some("k1")),
         },
     );
@@ -544,7 +565,7 @@ fn a_lease_grants_a_bounded_number_of_payload_bytes_but_at_least_one_item() {
             i,
             Request::Enqueue {
                 iterations: 1,
-                payload: ByteBuf::from(vec![b'x'; big]),
+                payload: Bytes::from(vec![b'x'; big]),
                 dedup: None,
             },
         );
@@ -558,7 +579,7 @@ fn a_lease_grants_a_bounded_number_of_payload_bytes_but_at_least_one_item() {
         12,
         Request::Enqueue {
             iterations: 1,
-            payload: ByteBuf::from(vec![b'y'; MAX_LEASE_BYTES as usize + 1]),
+            payload: Bytes::from(vec![b'y'; MAX_LEASE_BYTES as usize + 1]),
             dedup: None,
         },
     );
@@ -887,7 +908,7 @@ fn invalid_requests_change_nothing() {
         1,
         Request::Enqueue {
             iterations: 0,
-            payload: ByteBuf::new(),
+            payload: Bytes::new(),
             dedup: None,
         },
     );
@@ -926,7 +947,7 @@ fn random_log(seed: u64, len: usize) -> Vec<Command> {
             let r = match rng.next() % 10 {
                 0..=2 => Request::Enqueue {
                     iterations: 1 + (rng.next() % 100) as u32,
-                    payload: ByteBuf::from(vec![(i % 251) as u8; (rng.next() % 64) as usize]),
+                    payload: Bytes::from(vec![(i % 251) as u8; (rng.next() % 64) as usize]),
                     dedup: rng.next().is_multiple_of(3).then(|| Dedup {
                         key: format!("k{}", rng.next() % 50),
                         ttl_ms: 4_000,
@@ -1016,8 +1037,12 @@ fn random_log(seed: u64, len: usize) -> Vec<Command> {
             requests,
         });
         let mut scratch = MemKv::new();
-        for c in &log {
-            for (req, resp) in c.requests.iter().zip(apply(&mut scratch, c, TERM).unwrap()) {
+        for (i, c) in log.iter().enumerate() {
+            for (req, resp) in c
+                .requests
+                .iter()
+                .zip(apply(&mut scratch, c, at(i)).unwrap())
+            {
                 if let (Request::Lease { worker, .. }, Response::Leased { items }) = (req, resp) {
                     leased.extend(items.iter().map(|l| (*worker, l.id, l.attempt)));
                 }
@@ -1037,14 +1062,14 @@ fn the_same_log_gives_byte_identical_state_and_answers() {
         let mut b = MemKv::new();
         let mut answers_a = Vec::new();
         let mut answers_b = Vec::new();
-        for cmd in &log {
-            answers_a.push(apply(&mut a, cmd, TERM).unwrap());
+        for (i, cmd) in log.iter().enumerate() {
+            answers_a.push(apply(&mut a, cmd, at(i)).unwrap());
         }
         // The second replica applies through an overlay, committed after each command, as
         // the sled store does.
-        for cmd in &log {
+        for (i, cmd) in log.iter().enumerate() {
             let mut overlay = Overlay::new(&b);
-            answers_b.push(apply(&mut overlay, cmd, TERM).unwrap());
+            answers_b.push(apply(&mut overlay, cmd, at(i)).unwrap());
             for (k, v) in overlay.into_writes() {
                 match v {
                     Some(v) => b.insert(k, v),
@@ -1074,8 +1099,8 @@ fn batched_commands_equal_one_request_per_command() {
     let log = random_log(7, 80);
     let mut batched = MemKv::new();
     let mut single = MemKv::new();
-    for cmd in &log {
-        let a = apply(&mut batched, cmd, TERM).unwrap();
+    for (i, cmd) in log.iter().enumerate() {
+        let a = apply(&mut batched, cmd, at(i)).unwrap();
         let mut b = Vec::new();
         for r in &cmd.requests {
             b.extend(
@@ -1087,14 +1112,47 @@ fn batched_commands_equal_one_request_per_command() {
                         limits: cmd.limits,
                         requests: vec![r.clone()],
                     },
-                    TERM,
+                    next_at(),
                 )
                 .unwrap(),
             );
         }
         assert_eq!(a, b);
     }
-    assert_eq!(batched, single);
+    // Payloads are referenced where they are in the log, which differs; nothing else does.
+    assert_eq!(
+        without_payload_refs(&batched),
+        without_payload_refs(&single)
+    );
+}
+
+/// The state with every payload reference replaced by the item's id.
+fn without_payload_refs(kv: &MemKv) -> MemKv {
+    let mut out = MemKv::new();
+    for (k, v) in kv {
+        match k[0] {
+            keys::ITEM => {
+                let mut item: Item = codec::decode("item", v).unwrap();
+                item.payload = PayloadRef {
+                    term: 0,
+                    index: 0,
+                    ordinal: 0,
+                };
+                out.insert(k.clone(), codec::encode(&item));
+            }
+            keys::PAYLOAD => {
+                let (_, id) = decode_payload_record(k, v).unwrap();
+                out.insert(
+                    [&[keys::PAYLOAD][..], &id.0.to_be_bytes()].concat(),
+                    Vec::new(),
+                );
+            }
+            _ => {
+                out.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    out
 }
 
 fn register_with(kv: &mut MemKv, now: Millis, secret: WorkerSecret) -> WorkerId {
@@ -1214,7 +1272,7 @@ fn run_limited(
             limits,
             requests,
         },
-        TERM,
+        next_at(),
     )
     .expect("apply")
 }
@@ -1229,7 +1287,7 @@ fn enqueued(answers: &[Response]) -> usize {
 fn enqueue_request(len: usize) -> Request {
     Request::Enqueue {
         iterations: 1,
-        payload: ByteBuf::from(vec![7u8; len]),
+        payload: Bytes::from(vec![7u8; len]),
         dedup: None,
     }
 }
@@ -1326,7 +1384,11 @@ fn dead_items_and_unpulled_results_are_dropped_after_their_retention() {
     assert_eq!(report.forgotten, 2);
     assert_eq!(item(&kv, done).unwrap(), None);
     assert_eq!(item(&kv, doomed).unwrap(), None);
-    assert_eq!(payload(&kv, doomed).unwrap(), None);
+    assert_eq!(
+        payload_floor(&kv).unwrap(),
+        None,
+        "no payload is needed any more"
+    );
     let c = read_meta(&kv).unwrap().counts;
     assert_eq!(
         (c.completed, c.dead, c.payload_bytes, c.dropped_total),
@@ -1348,7 +1410,10 @@ fn a_leader_clock_jump_neither_expires_leases_early_nor_freezes_time() {
                 limits: StoreLimits::UNLIMITED,
                 requests: vec![request],
             },
-            term,
+            At {
+                term,
+                index: NEXT_INDEX.fetch_add(1, Ordering::Relaxed),
+            },
         )
         .unwrap();
         out.pop().unwrap()
@@ -1356,7 +1421,7 @@ fn a_leader_clock_jump_neither_expires_leases_early_nor_freezes_time() {
     let t0 = 1_700_000_000_000;
     let enq = Request::Enqueue {
         iterations: 1,
-        payload: ByteBuf::from(b"x".to_vec()),
+        payload: Bytes::from(b"x".to_vec()),
         dedup: None,
     };
     let Response::Enqueued { id, .. } = at(&mut kv, t0, 10, 1, enq) else {
@@ -1433,12 +1498,12 @@ fn a_request_that_finds_the_state_broken_is_rejected_alone_and_nothing_of_it_is_
                 },
                 Request::Enqueue {
                     iterations: 1,
-                    payload: ByteBuf::from(b"next".to_vec()),
+                    payload: Bytes::from(b"next".to_vec()),
                     dedup: None,
                 },
             ],
         },
-        TERM,
+        next_at(),
     )
     .expect("not an I/O error: the command applies");
     assert!(
@@ -1452,4 +1517,65 @@ fn a_request_that_finds_the_state_broken_is_rejected_alone_and_nothing_of_it_is_
     // The rejected request changed nothing; the next one did its part.
     assert_eq!(kv.get(&keys::item(id)), before.get(&keys::item(id)));
     assert_eq!(read_meta(&kv).unwrap().counts.enqueued_total, 2);
+}
+
+#[test]
+fn payloads_are_referenced_where_the_log_holds_them_and_the_floor_follows_the_oldest() {
+    let mut kv = MemKv::new();
+    let enqueue_req = |n: u8| Request::Enqueue {
+        iterations: 1,
+        payload: Bytes::from(vec![n; 10]),
+        dedup: None,
+    };
+    let cmd = Command {
+        now: 1,
+        mono: 1,
+        limits: StoreLimits::UNLIMITED,
+        // The ordinal is the request's position in the entry, whatever the request.
+        requests: vec![enqueue_req(1), Request::Noop, enqueue_req(2)],
+    };
+    let at = At { term: 3, index: 40 };
+    let answers = apply(&mut kv, &cmd, at).unwrap();
+    let ids: Vec<WorkId> = answers
+        .iter()
+        .filter_map(|r| match r {
+            Response::Enqueued { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect();
+    let refs: Vec<PayloadRef> = ids
+        .iter()
+        .map(|id| item(&kv, *id).unwrap().unwrap().payload)
+        .collect();
+    assert_eq!(
+        refs,
+        vec![
+            PayloadRef {
+                term: 3,
+                index: 40,
+                ordinal: 0
+            },
+            PayloadRef {
+                term: 3,
+                index: 40,
+                ordinal: 2
+            },
+        ]
+    );
+    assert_eq!(
+        live_payloads(&kv).collect::<Result<Vec<_>, _>>().unwrap(),
+        refs
+    );
+    assert_eq!(payload_floor(&kv).unwrap(), Some(40));
+    let later = enqueue(&mut kv, 2, 1, None);
+    let later_at = item(&kv, later).unwrap().unwrap().payload;
+    assert!(later_at.index > 40);
+    // Completing both items of entry 40 moves the floor to the later entry.
+    let w = register(&mut kv, 3);
+    let granted = lease(&mut kv, 4, w, 2, 1);
+    for g in &granted {
+        complete(&mut kv, 5, w, g.id, g.attempt, 1);
+    }
+    assert_eq!(payload_floor(&kv).unwrap(), Some(later_at.index));
+    check_invariants(&kv);
 }

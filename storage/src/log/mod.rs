@@ -14,6 +14,11 @@
 //!   trust this log (see [`crate::Recovery`]).
 //! - **Recent entries are served from memory** to replication and apply, within a byte
 //!   budget; older ones are read back from their segment.
+//! - **Payloads stay where they were written.** The state machine keeps only references to
+//!   the entries that carried them ([`hashq_raft::types::PayloadRef`]), so a segment is
+//!   deleted only once it is both purged (in a snapshot) and older than every payload still
+//!   needed ([`LogStore::set_payload_floor`]); purged entries are no longer part of the Raft
+//!   log, but their payloads are still read from them ([`LogStore::read_payloads`]).
 
 mod segment;
 pub mod state;
@@ -28,6 +33,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use bytes::Bytes;
+use hashq_raft::command::Request;
+use hashq_raft::types::PayloadRef;
 use hashq_raft::{Entry, LogId, NodeId, TypeConfig};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote};
@@ -85,16 +93,25 @@ struct Loc {
     at: RecordAt,
 }
 
-struct SegmentFile {
-    path: PathBuf,
-    file: File,
+pub(crate) struct SegmentFile {
+    pub(crate) path: PathBuf,
+    pub(crate) file: File,
+}
+
+/// A segment and the last index written to it.
+struct Segment {
+    file: Arc<SegmentFile>,
+    last: Option<u64>,
 }
 
 /// What readers look up: the entries' places and the recent ones in memory.
 struct Index {
-    segments: BTreeMap<u64, Arc<SegmentFile>>,
+    segments: BTreeMap<u64, Segment>,
     /// Consecutive entries, the first at `entries[0].log_id.index`.
     entries: VecDeque<Loc>,
+    /// Entries purged from the Raft log whose segments are kept for their payloads, by
+    /// index (not always consecutive: a snapshot install can leave a gap).
+    retained: VecDeque<Loc>,
     purged: Option<LogId>,
     cache: VecDeque<Entry>,
     cache_bytes: usize,
@@ -109,6 +126,47 @@ impl Index {
         let first = self.entries.front()?.log_id.index;
         let pos = index.checked_sub(first)? as usize;
         (pos < self.entries.len()).then_some(pos)
+    }
+
+    /// Where entry `index` is, in the log or among the retained entries.
+    fn locate(&self, index: u64) -> Option<Loc> {
+        if let Some(pos) = self.position(index) {
+            return Some(self.entries[pos]);
+        }
+        self.retained
+            .binary_search_by_key(&index, |l| l.log_id.index)
+            .ok()
+            .map(|pos| self.retained[pos])
+    }
+
+    fn note_written(&mut self, loc: &Loc) {
+        if let Some(seg) = self.segments.get_mut(&loc.segment) {
+            seg.last = Some(
+                seg.last
+                    .map_or(loc.log_id.index, |l| l.max(loc.log_id.index)),
+            );
+        }
+    }
+
+    /// Moves the entries up to `upto` from the log to the retained ones.
+    fn retire(&mut self, upto: u64) {
+        while self.entries.front().is_some_and(|l| l.log_id.index <= upto) {
+            if let Some(loc) = self.entries.pop_front() {
+                self.push_retained(loc);
+            }
+        }
+    }
+
+    fn push_retained(&mut self, loc: Loc) {
+        // Kept sorted: anything at or after this index is stale (an install's gap).
+        while self
+            .retained
+            .back()
+            .is_some_and(|l| l.log_id.index >= loc.log_id.index)
+        {
+            self.retained.pop_back();
+        }
+        self.retained.push_back(loc);
     }
 
     fn cached(&self, index: u64) -> Option<&Entry> {
@@ -198,6 +256,8 @@ impl Active {
 struct Inner {
     dir: PathBuf,
     options: LogOptions,
+    /// The oldest log index whose payloads are still needed (0 until the state machine says).
+    payload_floor: std::sync::atomic::AtomicU64,
     /// What is known committed from the state machine's side (its last applied entry, its
     /// latest snapshot): `read_committed` never answers less.
     committed_floor: Mutex<Option<LogId>>,
@@ -224,6 +284,18 @@ pub(crate) fn encode_entry(entry: &Entry) -> Vec<u8> {
 pub(crate) fn decode_entry(body: &[u8]) -> Result<Entry, String> {
     match body.split_first() {
         Some((&ENTRY_V1, rest)) => postcard::from_bytes(rest).map_err(|e| e.to_string()),
+        Some((v, _)) => Err(format!("entry encoding {v} is unknown to this build")),
+        None => Err("empty entry record".into()),
+    }
+}
+
+/// The id of the entry in a record body, without decoding the rest (postcard writes the
+/// entry's `log_id` first).
+fn decode_log_id(body: &[u8]) -> Result<LogId, String> {
+    match body.split_first() {
+        Some((&ENTRY_V1, rest)) => postcard::take_from_bytes::<LogId>(rest)
+            .map(|(id, _)| id)
+            .map_err(|e| e.to_string()),
         Some((v, _)) => Err(format!("entry encoding {v} is unknown to this build")),
         None => Err("empty entry record".into()),
     }
@@ -265,6 +337,7 @@ impl LogStore {
         let mut index = Index {
             segments: BTreeMap::new(),
             entries: VecDeque::new(),
+            retained: VecDeque::new(),
             purged,
             cache: VecDeque::new(),
             cache_bytes: 0,
@@ -277,13 +350,16 @@ impl LogStore {
             if opened.damage.is_some() {
                 break;
             }
-            let scanned = segment::scan(&path).map_err(fatal("read", &path))?;
+            let scanned = segment::scan_with(&path, |_, body| decode_log_id(body))
+                .map_err(fatal("read", &path))?;
             let mut expected = index.entries.back().map(|l| l.log_id.index + 1);
             let resume = purged.map_or(0, |p| p.index + 1);
             if expected.is_some_and(|e| e != first && e <= resume && first <= resume) {
                 // Everything before is purged, and the log went on from a snapshot: what
-                // came before this segment is no longer part of the log.
-                index.entries.clear();
+                // came before this segment is no longer part of the log (its payloads may
+                // still be needed).
+                let before = index.entries.back().map_or(0, |l| l.log_id.index);
+                index.retire(before);
                 expected = None;
             }
             let mut damage = match scanned.damage.clone() {
@@ -304,7 +380,7 @@ impl LogStore {
             }
             let mut next = first;
             let mut locs = Vec::with_capacity(scanned.records.len());
-            for (at, kind, body) in &scanned.records {
+            for (at, kind, log_id) in &scanned.records {
                 if damage.is_some() {
                     break;
                 }
@@ -312,17 +388,17 @@ impl LogStore {
                     damage = Some(format!("record of unknown kind {kind} at {}", at.offset));
                     break;
                 }
-                match decode_entry(body) {
-                    Ok(entry) if entry.log_id.index == next => {
+                match log_id {
+                    Ok(log_id) if log_id.index == next => {
                         locs.push(Loc {
-                            log_id: entry.log_id,
+                            log_id: *log_id,
                             segment: first,
                             at: *at,
                         });
                         next += 1;
                     }
-                    Ok(entry) => {
-                        damage = Some(format!("entry {} where index {next} belongs", entry.log_id));
+                    Ok(log_id) => {
+                        damage = Some(format!("entry {log_id} where index {next} belongs"));
                     }
                     Err(e) => damage = Some(format!("undecodable entry at {}: {e}", at.offset)),
                 }
@@ -356,14 +432,18 @@ impl LogStore {
                 fsio::remove_durable(&path)?;
                 continue;
             }
+            let last = locs.last().map(|l| l.log_id.index);
             index.entries.extend(locs);
             let read = File::open(&path).map_err(fatal("open", &path))?;
             index.segments.insert(
                 first,
-                Arc::new(SegmentFile {
-                    path: path.clone(),
-                    file: read,
-                }),
+                Segment {
+                    file: Arc::new(SegmentFile {
+                        path: path.clone(),
+                        file: read,
+                    }),
+                    last,
+                },
             );
             if last_segment {
                 let next = index.entries.back().map_or(first, |l| l.log_id.index + 1);
@@ -371,17 +451,14 @@ impl LogStore {
             }
         }
         // Entries at or below the purge point are not part of the log any more.
-        while index
-            .entries
-            .front()
-            .is_some_and(|l| purged.is_some_and(|p| l.log_id.index <= p.index))
-        {
-            index.entries.pop_front();
+        if let Some(p) = purged {
+            index.retire(p.index);
         }
         let store = LogStore {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
                 options,
+                payload_floor: std::sync::atomic::AtomicU64::new(0),
                 committed_floor: Mutex::new(None),
                 writer: Mutex::new(Writer {
                     state,
@@ -471,7 +548,7 @@ impl LogStore {
                     break;
                 };
                 let loc = index.entries[pos];
-                let Some(file) = index.segments.get(&loc.segment).cloned() else {
+                let Some(file) = index.segments.get(&loc.segment).map(|s| s.file.clone()) else {
                     return Err(io_err(format!(
                         "segment {} of entry {i} is gone",
                         loc.segment
@@ -482,32 +559,211 @@ impl LogStore {
             }
         }
         for (slot, loc, file) in misses {
-            let mut buf = vec![0u8; loc.at.body_len as usize + 1];
-            file.file.read_exact_at(&mut buf, loc.at.body - 1)?;
-            let kind = buf[0];
-            let body = &buf[1..];
-            let entry = decode_entry(body).map_err(|e| {
-                io_err(format!(
-                    "{}: entry {}: {e}",
-                    file.path.display(),
-                    loc.log_id
-                ))
-            })?;
-            if kind != segment::KIND_ENTRY || entry.log_id != loc.log_id {
-                return Err(io_err(format!(
-                    "{}: expected entry {} at {}",
-                    file.path.display(),
-                    loc.log_id,
-                    loc.at.offset
-                )));
-            }
-            out[slot] = Some(entry);
+            out[slot] = Some(read_entry(&file, &loc)?);
         }
         Ok(out.into_iter().map_while(|e| e).collect())
+    }
+
+    /// Tells the log the oldest index whose payloads are still needed; segments wholly
+    /// before it (and purged) are deleted, on a blocking thread.
+    pub fn set_payload_floor(&self, floor: u64) {
+        use std::sync::atomic::Ordering;
+        let old = self.inner.payload_floor.swap(floor, Ordering::Relaxed);
+        if floor <= old || !self.has_garbage() {
+            return;
+        }
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut writer = lock(&inner.writer);
+            if writer.poisoned.is_none() {
+                if let Err(e) = inner.collect_garbage(&writer) {
+                    tracing::error!(error = %e, "the Raft log cannot delete old segments; no further writes");
+                    writer.poisoned = Some(e.to_string());
+                }
+            }
+        });
+    }
+
+    /// Whether a segment could be deleted now.
+    fn has_garbage(&self) -> bool {
+        let index = lock(&self.inner.index);
+        let bound = self.inner.keep_from(&index);
+        let mut segments = index.segments.values();
+        // Never the last segment (the active one).
+        let (Some(first), Some(_)) = (segments.next(), segments.next()) else {
+            return false;
+        };
+        first.last.is_none_or(|l| l < bound)
+    }
+
+    /// The payloads at `refs`, read from the entries that carried them: `None` where this
+    /// log does not hold that entry (it is gone, or another term's entry has its index).
+    /// Each entry is read once however many of its payloads are asked for.
+    pub fn read_payloads(&self, refs: &[PayloadRef]) -> io::Result<Vec<Option<Bytes>>> {
+        let mut out = vec![None; refs.len()];
+        let mut wanted: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+        for (i, r) in refs.iter().enumerate() {
+            wanted.entry(r.index).or_default().push(i);
+        }
+        for (index, slots) in wanted {
+            let term = refs[slots[0]].term;
+            let found = {
+                let idx = lock(&self.inner.index);
+                match idx.locate(index) {
+                    Some(loc) if loc.log_id.leader_id.term == term => {
+                        match idx.cached(index).filter(|e| e.log_id == loc.log_id) {
+                            Some(e) => Some(Ok(e.clone())),
+                            None => idx
+                                .segments
+                                .get(&loc.segment)
+                                .map(|s| Err((s.file.clone(), loc))),
+                        }
+                    }
+                    _ => None,
+                }
+            };
+            let entry = match found {
+                None => continue,
+                Some(Ok(entry)) => entry,
+                Some(Err((file, loc))) => read_entry(&file, &loc)?,
+            };
+            let openraft::EntryPayload::Normal(command) = &entry.payload else {
+                continue;
+            };
+            for slot in slots {
+                let r = &refs[slot];
+                if r.term != term {
+                    continue;
+                }
+                if let Some(Request::Enqueue { payload, .. }) =
+                    command.requests.get(r.ordinal as usize)
+                {
+                    out[slot] = Some(payload.clone());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Open handles on the segments that hold entries from `from` to `to` (a snapshot's
+    /// payloads): they stay readable however the log moves on meanwhile.
+    pub(crate) fn pin(&self, from: u64, to: u64) -> PinnedLog {
+        let index = lock(&self.inner.index);
+        let locs: Vec<Loc> = index
+            .retained
+            .iter()
+            .chain(index.entries.iter())
+            .filter(|l| (from..=to).contains(&l.log_id.index))
+            .copied()
+            .collect();
+        let files = locs
+            .iter()
+            .filter_map(|l| {
+                index
+                    .segments
+                    .get(&l.segment)
+                    .map(|s| (l.segment, s.file.clone()))
+            })
+            .collect();
+        PinnedLog { locs, files }
+    }
+}
+
+/// Reads and checks the entry at `loc`.
+fn read_entry(file: &SegmentFile, loc: &Loc) -> io::Result<Entry> {
+    let mut buf = vec![0u8; loc.at.body_len as usize + 1];
+    file.file.read_exact_at(&mut buf, loc.at.body - 1)?;
+    let kind = buf[0];
+    let body = &buf[1..];
+    let entry = decode_entry(body).map_err(|e| {
+        io_err(format!(
+            "{}: entry {}: {e}",
+            file.path.display(),
+            loc.log_id
+        ))
+    })?;
+    if kind != segment::KIND_ENTRY || entry.log_id != loc.log_id {
+        return Err(io_err(format!(
+            "{}: expected entry {} at {}",
+            file.path.display(),
+            loc.log_id,
+            loc.at.offset
+        )));
+    }
+    Ok(entry)
+}
+
+/// Entries of a snapshot's range, with their segments held open (see [`LogStore::pin`]).
+pub(crate) struct PinnedLog {
+    locs: Vec<Loc>,
+    files: BTreeMap<u64, Arc<SegmentFile>>,
+}
+
+impl PinnedLog {
+    /// Bytes of the segments held.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.files
+            .values()
+            .map(|f| f.file.metadata().map_or(0, |m| m.len()))
+            .sum()
+    }
+
+    /// The entry at `index` if it is `term`'s.
+    pub(crate) fn entry(&self, index: u64, term: u64) -> io::Result<Option<Entry>> {
+        let Ok(pos) = self.locs.binary_search_by_key(&index, |l| l.log_id.index) else {
+            return Ok(None);
+        };
+        let loc = self.locs[pos];
+        if loc.log_id.leader_id.term != term {
+            return Ok(None);
+        }
+        match self.files.get(&loc.segment) {
+            Some(file) => read_entry(file, &loc).map(Some),
+            None => Ok(None),
+        }
     }
 }
 
 impl Inner {
+    /// The first index whose segment must be kept: neither purged nor older than a payload
+    /// still needed.
+    fn keep_from(&self, index: &Index) -> u64 {
+        let purged = index.purged.map_or(0, |p| p.index + 1);
+        purged.min(
+            self.payload_floor
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
+    /// Deletes the segments wholly before [`Inner::keep_from`] (never the active one).
+    fn collect_garbage(&self, w: &Writer) -> Result<(), Fatal> {
+        let active = w.active.as_ref().map(|a| a.first);
+        let doomed: Vec<Arc<SegmentFile>> = {
+            let mut index = lock(&self.index);
+            let bound = self.keep_from(&index);
+            let mut doomed = Vec::new();
+            let firsts: Vec<u64> = index.segments.keys().copied().collect();
+            for first in firsts {
+                if Some(first) == active {
+                    break;
+                }
+                let seg = &index.segments[&first];
+                if seg.last.is_some_and(|l| l >= bound) {
+                    break;
+                }
+                if let Some(seg) = index.segments.remove(&first) {
+                    doomed.push(seg.file);
+                }
+                index.retained.retain(|l| l.segment != first);
+            }
+            doomed
+        };
+        for seg in doomed {
+            fsio::remove_durable(&seg.path)?;
+        }
+        Ok(())
+    }
+
     /// Appends encoded records (one write, one fdatasync), rolling to a new segment first if
     /// the active one is full. A full disk is waited out: the partial write is cut back and
     /// retried.
@@ -599,10 +855,13 @@ impl Inner {
         let read = File::open(&path).map_err(fatal("open", &path))?;
         lock(&self.index).segments.insert(
             first,
-            Arc::new(SegmentFile {
-                path: path.clone(),
-                file: read,
-            }),
+            Segment {
+                file: Arc::new(SegmentFile {
+                    path: path.clone(),
+                    file: read,
+                }),
+                last: None,
+            },
         );
         w.active = Some(Active {
             first,
@@ -631,8 +890,15 @@ impl Inner {
                 .collect();
             let doomed = later
                 .iter()
-                .filter_map(|f| index.segments.remove(f))
+                .filter_map(|f| index.segments.remove(f).map(|s| s.file))
                 .collect();
+            if let Some(c) = cut {
+                if let Some(seg) = index.segments.get_mut(&c.segment) {
+                    seg.last = from
+                        .checked_sub(1)
+                        .filter(|_| c.at.offset > segment::HEADER_LEN);
+                }
+            }
             (cut, doomed)
         };
         let Some(cut) = cut else {
@@ -652,7 +918,7 @@ impl Inner {
                 .segments
                 .range(..cut.segment)
                 .next_back()
-                .map(|(f, s)| (*f, s.path.clone()));
+                .map(|(f, s)| (*f, s.file.path.clone()));
             if let Some((first, path)) = before {
                 // Its last entry need not be `from - 1` (a snapshot may sit between them):
                 // anything else than its own next index starts a new segment.
@@ -684,33 +950,14 @@ impl Inner {
         Ok(())
     }
 
-    /// Records the purge point durably, then deletes the segments it fully covers (never the
-    /// active one).
+    /// Records the purge point durably, then deletes the segments it fully covers that hold
+    /// no payload still needed (never the active one).
     fn purge(&self, w: &mut Writer, upto: LogId) -> Result<(), Fatal> {
         w.state.save_purged(upto)?;
-        let active = w.active.as_ref().map(|a| a.first);
-        let doomed: Vec<Arc<SegmentFile>> = {
+        {
             let mut index = lock(&self.index);
             index.purged = Some(upto);
-            let firsts: Vec<u64> = index.segments.keys().copied().collect();
-            let mut doomed = Vec::new();
-            for (i, first) in firsts.iter().enumerate() {
-                // A segment's entries end where the next one begins.
-                let Some(next) = firsts.get(i + 1) else { break };
-                if *next > upto.index + 1 || Some(*first) == active {
-                    break;
-                }
-                if let Some(seg) = index.segments.remove(first) {
-                    doomed.push(seg);
-                }
-            }
-            while index
-                .entries
-                .front()
-                .is_some_and(|l| l.log_id.index <= upto.index)
-            {
-                index.entries.pop_front();
-            }
+            index.retire(upto.index);
             while index
                 .cache
                 .front()
@@ -720,12 +967,8 @@ impl Inner {
                     index.cache_bytes -= entry_bytes(&e);
                 }
             }
-            doomed
-        };
-        for seg in doomed {
-            fsio::remove_durable(&seg.path)?;
         }
-        Ok(())
+        self.collect_garbage(w)
     }
 }
 
@@ -822,6 +1065,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .write(move |inner, w| {
                 let locs = inner.append(w, &entries)?;
                 let mut index = lock(&inner.index);
+                for loc in &locs {
+                    index.note_written(loc);
+                }
                 index.entries.extend(locs);
                 let limit = inner.options.cache_bytes;
                 for entry in entries {

@@ -88,18 +88,28 @@ pub enum Damage {
     Corrupt { at: u64, reason: String },
 }
 
-/// A segment read from disk.
+/// A segment read from disk: each record's place, kind and what the caller made of its body.
 #[derive(Debug)]
-pub struct Scanned {
-    pub records: Vec<(RecordAt, u8, Vec<u8>)>,
+pub struct Scanned<T> {
+    pub records: Vec<(RecordAt, u8, T)>,
     /// Offset just after the last good record.
     pub end: u64,
     pub damage: Option<Damage>,
 }
 
-/// Reads and verifies every record of a segment. Bodies are returned so the caller can
-/// check what they hold (a log entry's index).
-pub fn scan(path: &Path) -> std::io::Result<Scanned> {
+/// Reads every record of a segment (the bodies for this test).
+#[cfg(test)]
+pub fn scan(path: &Path) -> std::io::Result<Scanned<Vec<u8>>> {
+    scan_with(path, |_, body| body.to_vec())
+}
+
+/// Reads and verifies every record of a segment, one at a time: `summarize` makes of each
+/// verified body what the caller needs to keep (a log entry's id), so a segment is never
+/// held in memory whole.
+pub fn scan_with<T>(
+    path: &Path,
+    mut summarize: impl FnMut(u8, &[u8]) -> T,
+) -> std::io::Result<Scanned<T>> {
     let file = File::open(path)?;
     let len = file.metadata()?.len();
     let mut r = BufReader::with_capacity(1 << 20, &file);
@@ -137,6 +147,7 @@ pub fn scan(path: &Path) -> std::io::Result<Scanned> {
     let mut records = Vec::new();
     let mut at = HEADER_LEN;
     let mut damage = None;
+    let mut body = Vec::new();
     while at < len {
         let mut fixed = [0u8; RECORD_OVERHEAD as usize];
         if at + RECORD_OVERHEAD > len {
@@ -157,7 +168,7 @@ pub fn scan(path: &Path) -> std::io::Result<Scanned> {
             break;
         }
         let body_len = rec_len - 1;
-        let mut body = vec![0u8; body_len as usize];
+        body.resize(body_len as usize, 0);
         r.read_exact(&mut body)?;
         if fsio::crc_append(fsio::crc(&[kind]), &body) != crc {
             damage = Some(tail_or_corrupt(&file, at, len, at + 8 + rec_len)?);
@@ -169,7 +180,7 @@ pub fn scan(path: &Path) -> std::io::Result<Scanned> {
             body_len: body_len as u32,
         };
         at = record.end();
-        records.push((record, kind, body));
+        records.push((record, kind, summarize(kind, &body)));
     }
     let end = records.last().map_or(HEADER_LEN, |(r, _, _)| r.end());
     Ok(Scanned {

@@ -3,7 +3,6 @@
 use hashq_raft::command::{Command, Request, StoreLimits};
 use openraft::storage::RaftLogStorageExt;
 use openraft::{CommittedLeaderId, EntryPayload};
-use serde_bytes::ByteBuf;
 
 use super::*;
 
@@ -20,7 +19,7 @@ fn entry(term: u64, index: u64, len: usize) -> Entry {
             limits: StoreLimits::UNLIMITED,
             requests: vec![Request::Enqueue {
                 iterations: 1,
-                payload: ByteBuf::from(vec![index as u8; len]),
+                payload: bytes::Bytes::from(vec![index as u8; len]),
                 dedup: None,
             }],
         }),
@@ -66,6 +65,8 @@ async fn entries_votes_and_purges_survive_a_reopen_across_segments() {
             .await
             .unwrap();
         log.save_vote(&Vote::new(2, 1)).await.unwrap();
+        // No payload is needed: purged segments can go.
+        log.set_payload_floor(u64::MAX);
         log.purge(id(1, 25)).await.unwrap();
     }
     let segments = segment::list(&dir.path().join("log")).unwrap();
@@ -179,4 +180,62 @@ async fn a_flipped_bit_in_the_middle_is_reported_as_damage() {
     assert_eq!(&damage.path, second);
     // What comes before the damaged segment is still readable.
     assert_eq!(damage.readable_up_to, Some(segments[1].0 - 1));
+}
+
+/// The payload of entry `index` as `entry` writes it.
+fn payload_of(index: u64) -> PayloadRef {
+    PayloadRef {
+        term: 1,
+        index,
+        ordinal: 0,
+    }
+}
+
+#[tokio::test]
+async fn purged_segments_stay_while_their_payloads_are_needed() {
+    let dir = setup();
+    let (mut log, _) = open_in(dir.path());
+    log.blocking_append((1..=40).map(|i| entry(1, i, 300)))
+        .await
+        .unwrap();
+    // The state machine still needs the payload of entry 20.
+    log.set_payload_floor(20);
+    log.purge(id(1, 25)).await.unwrap();
+    assert_eq!(all(&mut log).await, (26..=40).collect::<Vec<_>>());
+    let first = segment::list(&dir.path().join("log")).unwrap()[0].0;
+    assert!(
+        first > 1 && first <= 20,
+        "segments before 20 went, 20's stayed: {first}"
+    );
+    let wanted = [payload_of(20), payload_of(30), payload_of(5)];
+    let read = |log: &LogStore| log.read_payloads(&wanted).unwrap();
+    let got = read(&log);
+    assert_eq!(got[0].as_deref(), Some(&vec![20u8; 300][..]));
+    assert_eq!(got[1].as_deref(), Some(&vec![30u8; 300][..]));
+    assert_eq!(got[2], None, "entry 5's segment is gone");
+    // Another term's entry at the same index is not this payload.
+    let other = PayloadRef {
+        term: 2,
+        ..payload_of(20)
+    };
+    assert_eq!(log.read_payloads(&[other]).unwrap(), vec![None]);
+
+    // A restart finds the retained segments again.
+    drop(log);
+    let (log, opened) = open_in(dir.path());
+    assert!(opened.damage.is_none(), "{opened:?}");
+    assert_eq!(read(&log)[0].as_deref(), Some(&vec![20u8; 300][..]));
+
+    // Once the payload is no longer needed, its segment goes.
+    log.set_payload_floor(26);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while segment::list(&dir.path().join("log")).unwrap()[0].0 <= 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "segment never deleted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(read(&log)[0], None);
+    assert!(read(&log)[1].is_some());
 }
