@@ -69,6 +69,10 @@ pub struct NodeMetrics {
     pub apply: Histogram,
     /// Terms this node has seen begin (each is an election somewhere).
     pub elections: AtomicU64,
+    /// Raft append RPCs received that carried entries (heartbeats are not counted).
+    pub append_rpcs: AtomicU64,
+    /// Log entries those RPCs carried: divided by `append_rpcs`, the replication batch.
+    pub append_entries: AtomicU64,
     /// The leader's wall clock minus this node's, at the last applied command (ms).
     pub leader_clock_skew_ms: std::sync::atomic::AtomicI64,
 }

@@ -192,6 +192,139 @@ impl Drop for BenchCluster {
     }
 }
 
+/// What a node has done so far, read from its /metrics and from /proc.
+#[derive(Clone, Default)]
+struct NodeSample {
+    last_log_index: f64,
+    fsyncs: f64,
+    append_rpcs: f64,
+    append_entries: f64,
+    /// Bytes this process caused to be written to the block layer (`/proc/PID/io`).
+    write_bytes: f64,
+    /// User plus system CPU, in clock ticks (`/proc/PID/stat`).
+    cpu_ticks: f64,
+    rss_mib: f64,
+}
+
+/// Clock ticks per second of `/proc/PID/stat` (USER_HZ: 100 on Linux).
+const TICKS_PER_SECOND: f64 = 100.0;
+
+fn proc_cpu_ticks(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command (which may hold spaces) start after its ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after ')'.
+    Some(fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?)
+}
+
+fn proc_write_bytes(pid: u32) -> Option<f64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn proc_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
+}
+
+/// One value of a Prometheus text exposition, by series name (labels ignored).
+fn series(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn sample(cluster: &BenchCluster, http: &reqwest::Client) -> Vec<Option<NodeSample>> {
+    let mut out = Vec::new();
+    for (i, child) in cluster.nodes.iter().enumerate() {
+        let Some(pid) = child.as_ref().map(Child::id) else {
+            out.push(None);
+            continue;
+        };
+        let text = match http
+            .get(format!("{}/metrics", cluster.url(i as u64 + 1)))
+            .send()
+            .await
+        {
+            Ok(a) => a.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        out.push(Some(NodeSample {
+            last_log_index: series(&text, "hashq_raft_last_log_index"),
+            fsyncs: series(&text, "hashq_fsync_seconds_count"),
+            append_rpcs: series(&text, "hashq_raft_append_rpcs_received_total"),
+            append_entries: series(&text, "hashq_raft_append_entries_received_total"),
+            write_bytes: proc_write_bytes(pid).unwrap_or(0.0),
+            cpu_ticks: proc_cpu_ticks(pid).unwrap_or(0.0),
+            rss_mib: proc_rss_mib(pid).unwrap_or(0.0),
+        }));
+    }
+    out
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// What a run cost: log entries, batching, fsyncs, disk bytes, CPU and memory per node.
+fn resources(
+    before: &[Option<NodeSample>],
+    after: &[Option<NodeSample>],
+    seconds: f64,
+    acknowledged: u64,
+    payload_bytes: u64,
+) -> Value {
+    let pairs: Vec<(&NodeSample, &NodeSample)> = before
+        .iter()
+        .zip(after)
+        .filter_map(|(b, a)| Some((b.as_ref()?, a.as_ref()?)))
+        .collect();
+    let entries = pairs
+        .iter()
+        .map(|(b, a)| a.last_log_index - b.last_log_index)
+        .fold(0.0, f64::max);
+    let (rpcs, carried) = pairs.iter().fold((0.0, 0.0), |(r, e), (b, a)| {
+        (
+            r + a.append_rpcs - b.append_rpcs,
+            e + a.append_entries - b.append_entries,
+        )
+    });
+    let payload = (acknowledged * payload_bytes) as f64;
+    let per_node = |f: &dyn Fn(&NodeSample, &NodeSample) -> f64| -> Vec<f64> {
+        pairs.iter().map(|(b, a)| round2(f(b, a))).collect()
+    };
+    let own_cpu = proc_cpu_ticks(std::process::id()).unwrap_or(0.0);
+    json!({
+        "log_entries_per_second": (entries / seconds).round(),
+        "requests_per_entry": round2(acknowledged as f64 / entries.max(1.0)),
+        "entries_per_append_rpc": round2(carried / rpcs.max(1.0)),
+        "fsyncs_per_second_by_node": per_node(&|b, a| (a.fsyncs - b.fsyncs) / seconds),
+        "disk_bytes_per_payload_byte_by_node":
+            per_node(&|b, a| (a.write_bytes - b.write_bytes) / payload.max(1.0)),
+        "cpu_percent_by_node":
+            per_node(&|b, a| (a.cpu_ticks - b.cpu_ticks) / TICKS_PER_SECOND / seconds * 100.0),
+        "rss_mib_by_node": per_node(&|_, a| a.rss_mib),
+        "bench_client_cpu_seconds_so_far": round2(own_cpu / TICKS_PER_SECOND),
+    })
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -214,7 +347,9 @@ async fn enqueue_load(
             .collect(),
     );
     let payload = bytes::Bytes::from(vec![0x5au8; size]);
-    let stop_at = Instant::now() + duration;
+    let before = sample(cluster, http).await;
+    let started = Instant::now();
+    let stop_at = started + duration;
     let errors = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for c in 0..clients {
@@ -240,12 +375,12 @@ async fn enqueue_load(
             latencies
         }));
     }
-    let started = Instant::now();
     let mut all = Vec::new();
     for t in tasks {
         all.extend(t.await.unwrap_or_default());
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let after = sample(cluster, http).await;
     all.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     json!({
         "clients": clients,
@@ -257,7 +392,8 @@ async fn enqueue_load(
             "p50": percentile(&all, 0.50),
             "p90": percentile(&all, 0.90),
             "p99": percentile(&all, 0.99),
-        }
+        },
+        "resources": resources(&before, &after, elapsed, all.len() as u64, size as u64),
     })
 }
 
@@ -423,7 +559,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     let rss_empty = cluster.rss_mib();
     let mut enqueue = Vec::new();
-    for (clients, size) in [(1, 1024), (16, 1024), (64, 1024), (64, 16 * 1024)] {
+    for &(clients, size) in &args.runs.0 {
         eprintln!(
             "hashq bench: enqueue, {clients} clients, {size} B payloads, {}s",
             args.seconds
@@ -444,6 +580,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "node_rss_mib_with_backlog": cluster.rss_mib(),
     });
 
+    if args.enqueue_only {
+        let report = json!({ "nodes": args.nodes, "enqueue": enqueue, "memory": memory });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
     eprintln!("hashq bench: workers draining {queued} one-iteration items");
     for _ in 0..2 {
         cluster.start_worker()?;

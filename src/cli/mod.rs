@@ -168,6 +168,34 @@ pub struct BenchArgs {
     /// Jobs in the warm-worker latency phase.
     #[arg(long, default_value_t = 200)]
     pub jobs: usize,
+    /// The enqueue runs, as CLIENTS:BYTES pairs separated by commas.
+    #[arg(long, default_value = "1:1024,16:1024,64:1024,64:16384", value_parser = enqueue_runs)]
+    pub runs: EnqueueRuns,
+    /// Only the enqueue runs (no draining, pulling, worker or failover phases).
+    #[arg(long)]
+    pub enqueue_only: bool,
+}
+
+/// `--runs`: (clients, payload bytes) pairs.
+#[derive(Clone, Debug)]
+pub struct EnqueueRuns(pub Vec<(usize, usize)>);
+
+fn enqueue_runs(s: &str) -> Result<EnqueueRuns, String> {
+    s.split(',')
+        .map(|pair| {
+            let (c, b) = pair
+                .trim()
+                .split_once(':')
+                .ok_or_else(|| format!("{pair:?} is not CLIENTS:BYTES"))?;
+            let c: usize = c.parse().map_err(|_| format!("bad client count {c:?}"))?;
+            let b: usize = b.parse().map_err(|_| format!("bad payload size {b:?}"))?;
+            if c == 0 || b == 0 {
+                return Err("clients and bytes must be at least 1".into());
+            }
+            Ok((c, b))
+        })
+        .collect::<Result<_, _>>()
+        .map(EnqueueRuns)
 }
 
 /// `hashq migrate` flags.

@@ -24,6 +24,18 @@
 //! files, blobs and configuration) on every append. The segment log also checks every record
 //! (CRC-32C) and can tell a torn tail from corruption, which sled cannot tell us.
 //!
+//! # Payloads written once
+//!
+//! An enqueue's payload is stored in its log entry and nowhere else on the enqueue path; the
+//! state machine keeps a reference (`PayloadRef`: term, index, place in the batch). The log
+//! keeps a segment past the purge point while the state machine's *payload floor* (the lowest
+//! index a queued or running item refers to) is inside it. A snapshot file holds the state
+//! machine's metadata; when it is sent, a *payload section* follows it on the wire, streamed
+//! from the log and from packs ([`pack`]), each payload with a CRC-32C and the whole checked
+//! against a digest of the references in the metadata. A follower keeps that section as a
+//! pack. Payloads are read with `pread` when a worker leases them ([`PayloadReader`]), never
+//! cached, so memory does not follow the backlog.
+//!
 //! # Corruption
 //!
 //! Every log record, both slots of the vote file and every snapshot carry a CRC-32C,

@@ -284,8 +284,9 @@ fn open_sled(dir: &Path, cache_bytes: u64) -> Result<sled::Db, sled::Error> {
     sled::Config::new()
         .path(dir)
         .cache_capacity(cache_bytes)
-        // Payloads up to a few MiB stay inline: sled's separate blob files are never synced,
-        // so none are wanted.
+        // Values up to a quarter of a segment stay inline: sled's separate blob files are
+        // never synced, so none are wanted (payloads are not in sled; results, lists of pulled
+        // items and worker records are).
         .segment_size(8 << 20)
         .open()
 }

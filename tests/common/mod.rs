@@ -22,9 +22,12 @@ pub const WORKER_TOKEN: &str = "e2e-worker-token-0";
 /// The admin credential (`--admin-token`).
 pub const ADMIN_TOKEN: &str = "e2e-admin-token-00";
 
-/// The product binary cargo built for these tests.
+/// The `hashq` binary under test: this build's, or `HASHQ_TEST_BIN` (to show a test fails on
+/// an older build).
 pub fn binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_hashq"))
+    std::env::var_os("HASHQ_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_hashq")))
 }
 
 /// A port nobody listens on right now.

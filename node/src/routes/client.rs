@@ -654,6 +654,18 @@ async fn metrics(State(node): State<Node>) -> Result<Response, ApiError> {
         "Raft terms this node has seen begin.",
         &[("", node.metrics.elections.load(Relaxed))],
     );
+    metric(
+        "hashq_raft_append_rpcs_received_total",
+        "counter",
+        "Raft append RPCs this node received with entries (heartbeats not counted).",
+        &[("", node.metrics.append_rpcs.load(Relaxed))],
+    );
+    metric(
+        "hashq_raft_append_entries_received_total",
+        "counter",
+        "Log entries those append RPCs carried.",
+        &[("", node.metrics.append_entries.load(Relaxed))],
+    );
     let snapshots = node.reader.snapshot_stats();
     metric(
         "hashq_snapshots_built_total",

@@ -1,6 +1,7 @@
 //! Raft RPC (peer credential): append, vote, the snapshot stream, and the init probe that
 //! self-initialization uses.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -45,6 +46,12 @@ async fn append(
     State(node): State<Node>,
     Postcard(req): Postcard<AppendEntriesRequest<TypeConfig>>,
 ) -> Result<Postcard<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>>, ApiError> {
+    if !req.entries.is_empty() {
+        let m = &node.metrics;
+        m.append_rpcs.fetch_add(1, Ordering::Relaxed);
+        m.append_entries
+            .fetch_add(req.entries.len() as u64, Ordering::Relaxed);
+    }
     let answer = node.raft_gate.append(&node.raft, node.id(), req).await?;
     Ok(Postcard(answer))
 }
