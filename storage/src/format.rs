@@ -24,9 +24,9 @@ use crate::StoreError;
 /// The format this build writes and reads.
 pub const CURRENT: u32 = 3;
 
-/// Format 2 kept payloads in the state machine; it was never released (development builds
-/// between 0.1 and the payloads-by-reference change wrote it).
-const DEVELOPMENT_ONLY: u32 = 2;
+/// Format 2 kept payloads in the state machine (the builds with the segment log, before
+/// payloads were written once); `hashq migrate` converts it.
+const FORMAT_2: u32 = 2;
 
 const MAGIC: &str = "hashq-data";
 
@@ -85,6 +85,8 @@ pub enum Found {
     Current,
     /// hashq 0.1's sled-only layout.
     Legacy,
+    /// Format 2: this layout, with payloads in the state machine.
+    Format2,
 }
 
 /// Reads the data dir's format.
@@ -98,13 +100,8 @@ pub fn detect(layout: &Layout) -> Result<Found, StoreError> {
             })?;
             if version == CURRENT {
                 Ok(Found::Current)
-            } else if version == DEVELOPMENT_ONLY {
-                Err(StoreError::Format {
-                    path,
-                    found: format!(
-                        "format {version}, written by a development build and never released: move the data dir away and let the node catch up from its peers"
-                    ),
-                })
+            } else if version == FORMAT_2 {
+                Ok(Found::Format2)
             } else {
                 Err(StoreError::Format {
                     path,

@@ -111,6 +111,9 @@ pub enum StoreError {
     /// A data dir written by hashq 0.1.
     #[error("{dir} was written by hashq 0.1 (Raft log and state machine in sled): convert it with `hashq migrate --data-dir {dir}` while the node is stopped, or move it away and let the node catch up from its peers (see the README)")]
     Legacy { dir: PathBuf },
+    /// A data dir of format 2 (payloads in the state machine).
+    #[error("{dir} is in data format 2 (payloads in the state machine): convert it with `hashq migrate --data-dir {dir}` while the node is stopped (see the README)")]
+    Format2 { dir: PathBuf },
 }
 
 /// How to open a node's store.
@@ -159,6 +162,11 @@ pub fn open(dir: &Path, options: &StoreOptions) -> Result<Opened, StoreError> {
         format::Found::Current => format::ensure_dirs(&layout)?,
         format::Found::Legacy => {
             return Err(StoreError::Legacy {
+                dir: dir.to_path_buf(),
+            })
+        }
+        format::Found::Format2 => {
+            return Err(StoreError::Format2 {
                 dir: dir.to_path_buf(),
             })
         }

@@ -19,6 +19,12 @@
 //!
 //! The old `sled/` and `snapshots/` are kept in `legacy-v1/` (delete them once the cluster
 //! runs); a migration that stopped half-way is resumed by running it again.
+//!
+//! Format 2 (the segment log with payloads still in the state machine) is converted the same
+//! way, with less to change: its state machine, at its last applied entry (which must be the
+//! log's last entry, the same idle-cluster procedure), becomes a snapshot whose payloads move
+//! to a pack; leases, workers and everything else are kept as they are (the worker protocol
+//! did not change). The old `sm/`, `raft/` and `snapshots/` are kept in `legacy-v2/`.
 
 use std::path::{Path, PathBuf};
 
@@ -79,6 +85,49 @@ mod v1 {
     }
 }
 
+/// The item record of format 2: the current one without its payload reference. (Frozen
+/// record layouts: postcard has no optional trailing fields, so each format that changed a
+/// record keeps its own definition here.)
+mod v2 {
+    use super::*;
+
+    #[derive(Deserialize, serde::Serialize)]
+    pub struct Item {
+        pub iterations: u32,
+        pub attempts: u32,
+        pub status: Status,
+        pub enqueued_at: Millis,
+        pub queued_at: Millis,
+        pub payload_len: u32,
+        pub lease: Option<Lease>,
+        pub completed_at: Option<Millis>,
+        pub value: Option<Digest>,
+        pub pulled_at: Option<Millis>,
+        pub dead_reason: Option<String>,
+        pub dead_at: Option<Millis>,
+    }
+
+    impl Item {
+        pub fn with_payload(self, payload: PayloadRef) -> super::Item {
+            super::Item {
+                iterations: self.iterations,
+                attempts: self.attempts,
+                status: self.status,
+                enqueued_at: self.enqueued_at,
+                queued_at: self.queued_at,
+                payload_len: self.payload_len,
+                payload,
+                lease: self.lease,
+                completed_at: self.completed_at,
+                value: self.value,
+                pulled_at: self.pulled_at,
+                dead_reason: self.dead_reason,
+                dead_at: self.dead_at,
+            }
+        }
+    }
+}
+
 /// What a migration did.
 #[derive(Clone, Debug)]
 pub struct Migrated {
@@ -115,19 +164,146 @@ fn get<T: serde::de::DeserializeOwned>(
     }
 }
 
-/// Converts the format-1 data dir `dir` in place (see the module doc).
+/// Converts the data dir `dir` (format 1 or 2) in place (see the module doc).
 pub fn migrate(dir: &Path, discard_unapplied: bool) -> Result<Migrated, StoreError> {
     let layout = Layout::new(dir);
+    match format::detect(&layout)? {
+        format::Found::Legacy => migrate_v1(dir, &layout, discard_unapplied),
+        format::Found::Format2 => migrate_v2(dir, &layout, discard_unapplied),
+        format::Found::Current => Err(bad(dir, "this data dir is already in the current format")),
+        format::Found::Empty => Err(bad(dir, "nothing of hashq's is in this dir")),
+    }
+}
+
+/// Payloads taken out of a state machine into a pack (as if they had come with a snapshot),
+/// each referenced as entry 0 of term 0 (no log entry has that term) with the item's id as
+/// the ordinal. Written beside the data dir's files first, then moved into `packs/`.
+struct PackWriter {
+    tmp: PathBuf,
+    section: crate::pack::SectionWriter<std::io::BufWriter<std::fs::File>>,
+    /// The payload floor of the converted state: 0 once any payload is in the pack.
+    floor: Option<u64>,
+}
+
+impl PackWriter {
+    fn create(dir: &Path) -> Result<PackWriter, StoreError> {
+        let tmp = dir.join("migrated-payloads.part");
+        let file = std::fs::File::create(&tmp).map_err(fsio::fatal("create", &tmp))?;
+        let section = crate::pack::SectionWriter::new(std::io::BufWriter::new(file))
+            .map_err(fsio::fatal("write", &tmp))?;
+        Ok(PackWriter {
+            tmp,
+            section,
+            floor: None,
+        })
+    }
+
+    /// Where item `id`'s payload is after the migration.
+    fn at(id: WorkId) -> Option<PayloadRef> {
+        u32::try_from(id.0).ok().map(|ordinal| PayloadRef {
+            term: 0,
+            index: 0,
+            ordinal,
+        })
+    }
+
+    /// Adds item `id`'s payload; returns the state machine's record of it.
+    fn push(&mut self, id: WorkId, payload: &[u8]) -> std::io::Result<(Vec<u8>, Vec<u8>)> {
+        let at = Self::at(id)
+            .ok_or_else(|| std::io::Error::other("a payload of a work id beyond 2^32"))?;
+        self.section.push(&at, payload)?;
+        self.floor = Some(0);
+        let mut record = at.term.to_be_bytes().to_vec();
+        record.extend_from_slice(&id.0.to_be_bytes());
+        Ok((keys::payload(&at), record))
+    }
+
+    /// Writes the section's end and syncs it; on failure the file is removed.
+    fn finish(self) -> std::io::Result<(PathBuf, Option<u64>)> {
+        let tmp = self.tmp;
+        let written = self.section.finish().and_then(|w| {
+            w.into_inner()
+                .map_err(|e| e.into_error())
+                .and_then(|f| f.sync_data())
+        });
+        match written {
+            Ok(()) => Ok((tmp, self.floor)),
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The converted state, written as the current format: the pack and a snapshot at `at`, an
+/// empty log after it keeping `vote`, and FORMAT last (a migration that stops before it is
+/// run again). The old files must be out of the way already.
+fn write_current(
+    layout: &Layout,
+    at: Option<LogId>,
+    membership: StoredMembership,
+    vote: Option<Vote<NodeId>>,
+    pack: (PathBuf, Option<u64>),
+    pairs: Vec<(Vec<u8>, Vec<u8>)>,
+) -> Result<(), StoreError> {
+    for d in [
+        layout.log_dir(),
+        layout.sm_dir(),
+        layout.snapshot_dir(),
+        layout.pack_dir(),
+    ] {
+        if d.exists() {
+            std::fs::remove_dir_all(&d).map_err(fsio::fatal("remove", &d))?;
+        }
+    }
+    format::ensure_dirs(layout)?;
+    let snap_meta = SnapshotMeta {
+        last_log_id: at,
+        last_membership: membership,
+        snapshot_id: snapshot::new_id(at.as_ref()),
+    };
+    let (pack_tmp, payload_floor) = pack;
+    crate::pack::finish_pack(&pack_tmp, 0)?;
+    fsio::rename_durable(
+        &pack_tmp,
+        &layout
+            .pack_dir()
+            .join(format!("{}.pack", snap_meta.snapshot_id)),
+    )?;
+    snapshot::write(
+        &layout.snapshot_dir(),
+        &snap_meta,
+        payload_floor,
+        pairs.into_iter().map(Ok),
+    )?;
+    let (mut log, _) = crate::LogStore::open(
+        &layout.log_dir(),
+        &layout.vote_file(),
+        crate::LogOptions::default(),
+    )?;
+    if let Some(vote) = vote {
+        log.keep_vote(vote)?;
+    }
+    if let Some(at) = at {
+        log.purge_to(at)?;
+    }
+    drop(log);
+    fsio::write_atomic(
+        &layout.format_file(),
+        format!("hashq-data {}\n", format::CURRENT).as_bytes(),
+    )?;
+    Ok(())
+}
+
+/// Format 1 (hashq 0.1): one sled database with the log and the state machine.
+fn migrate_v1(
+    dir: &Path,
+    layout: &Layout,
+    discard_unapplied: bool,
+) -> Result<Migrated, StoreError> {
     let kept_in = dir.join("legacy-v1");
     let legacy_sled = kept_in.join("sled");
-    match format::detect(&layout) {
-        Ok(format::Found::Legacy) => {}
-        Ok(format::Found::Current) => {
-            return Err(bad(dir, "this data dir is already in the current format"))
-        }
-        Ok(format::Found::Empty) => return Err(bad(dir, "nothing of hashq's is in this dir")),
-        Err(e) => return Err(e),
-    }
     // Read the old database where it is, so a refusal leaves everything as it was.
     let source = if layout.legacy_sled().exists() {
         layout.legacy_sled()
@@ -212,21 +388,7 @@ pub fn migrate(dir: &Path, discard_unapplied: bool) -> Result<Migrated, StoreErr
         },
     };
 
-    // Payloads were in the state machine; they go to a pack (as if they had come with a
-    // snapshot), referenced as entry 0 of term 0 (no log entry has that term) with the item's
-    // id as the ordinal. The pack is written beside the data dir's files first.
-    let pack_tmp = dir.join("migrated-payloads.part");
-    let payload_at = |id: WorkId| -> Option<PayloadRef> {
-        u32::try_from(id.0).ok().map(|ordinal| PayloadRef {
-            term: 0,
-            index: 0,
-            ordinal,
-        })
-    };
-    let pack_file = std::fs::File::create(&pack_tmp).map_err(fsio::fatal("create", &pack_tmp))?;
-    let mut section = crate::pack::SectionWriter::new(std::io::BufWriter::new(pack_file))
-        .map_err(fsio::fatal("write", &pack_tmp))?;
-    let mut payload_floor = None;
+    let mut pack = PackWriter::create(dir)?;
 
     // Convert every pair; what cannot be decided pair by pair (queue keys of requeued items,
     // the meta record) comes at the end.
@@ -253,7 +415,7 @@ pub fn migrate(dir: &Path, discard_unapplied: bool) -> Result<Migrated, StoreErr
                     }
                 };
                 items += 1;
-                let Some(payload) = payload_at(id) else {
+                let Some(payload) = PackWriter::at(id) else {
                     failure = Some(bad(&source, "a work id beyond 2^32"));
                     return None;
                 };
@@ -296,17 +458,11 @@ pub fn migrate(dir: &Path, discard_unapplied: bool) -> Result<Migrated, StoreErr
                 Some(Ok((keys::dead(now, id), v)))
             }
             Some(keys::PAYLOAD) => {
-                let Some(at) = keys::u64_at(&k, 1).map(WorkId).and_then(payload_at) else {
+                let Some(id) = keys::u64_at(&k, 1).map(WorkId) else {
                     failure = Some(bad(&source, "a payload key that names no work id"));
                     return None;
                 };
-                if let Err(e) = section.push(&at, &v) {
-                    return Some(Err(e));
-                }
-                payload_floor = Some(0);
-                let mut record = at.term.to_be_bytes().to_vec();
-                record.extend_from_slice(&u64::from(at.ordinal).to_be_bytes());
-                Some(Ok((keys::payload(&at), record)))
+                Some(pack.push(id, &v))
             }
             // Leases and their owners go with the workers.
             Some(keys::LEASE) | Some(keys::OWNER) => None,
@@ -320,15 +476,13 @@ pub fn migrate(dir: &Path, discard_unapplied: bool) -> Result<Migrated, StoreErr
     });
     // Collected before anything is written: a broken record refuses the whole migration.
     let converted = pairs.collect::<Result<Vec<(Vec<u8>, Vec<u8>)>, std::io::Error>>();
-    let written = section.finish().and_then(|w| {
-        w.into_inner()
-            .map_err(|e| e.into_error())
-            .and_then(|f| f.sync_data())
-    });
-    let converted = match (converted, written, failure) {
-        (Ok(c), Ok(()), None) => c,
+    let written = pack.finish();
+    let (converted, pack) = match (converted, written, failure) {
+        (Ok(c), Ok(pack), None) => (c, pack),
         (converted, written, failure) => {
-            let _ = std::fs::remove_file(&pack_tmp);
+            if let Ok((tmp, _)) = &written {
+                let _ = std::fs::remove_file(tmp);
+            }
             if let Some(e) = failure {
                 return Err(e);
             }
@@ -349,57 +503,151 @@ pub fn migrate(dir: &Path, discard_unapplied: bool) -> Result<Migrated, StoreErr
     if layout.snapshot_dir().exists() && !old_snapshots.exists() {
         fsio::rename_durable(&layout.snapshot_dir(), &old_snapshots)?;
     }
-    for d in [
-        layout.log_dir(),
-        layout.sm_dir(),
-        layout.snapshot_dir(),
-        layout.pack_dir(),
-    ] {
-        if d.exists() {
-            std::fs::remove_dir_all(&d).map_err(fsio::fatal("remove", &d))?;
-        }
-    }
-    format::ensure_dirs(&layout)?;
-    let snap_meta = SnapshotMeta {
-        last_log_id: last_applied,
-        last_membership: membership,
-        snapshot_id: snapshot::new_id(last_applied.as_ref()),
-    };
-    let meta_pair = (keys::META.to_vec(), codec::encode(&meta));
-    let all = converted
+    let pairs = converted
         .into_iter()
         .chain(extra)
-        .chain(std::iter::once(meta_pair))
-        .map(Ok);
-    crate::pack::finish_pack(&pack_tmp, 0)?;
-    fsio::rename_durable(
-        &pack_tmp,
-        &layout
-            .pack_dir()
-            .join(format!("{}.pack", snap_meta.snapshot_id)),
-    )?;
-    snapshot::write(&layout.snapshot_dir(), &snap_meta, payload_floor, all)?;
-    let (mut log, _) = crate::LogStore::open(
-        &layout.log_dir(),
-        &layout.vote_file(),
-        crate::LogOptions::default(),
-    )?;
-    if let Some(vote) = vote {
-        log.keep_vote(vote)?;
-    }
-    if let Some(at) = last_applied {
-        log.purge_to(at)?;
-    }
-    drop(log);
-    fsio::write_atomic(
-        &layout.format_file(),
-        format!("hashq-data {}\n", format::CURRENT).as_bytes(),
-    )?;
+        .chain(std::iter::once((keys::META.to_vec(), codec::encode(&meta))))
+        .collect();
+    write_current(layout, last_applied, membership, vote, pack, pairs)?;
     Ok(Migrated {
         at: last_applied,
         items,
         requeued,
         workers_dropped,
+        discarded_entries: discarded,
+        kept_in,
+    })
+}
+
+/// Format 2 (the segment log, payloads in the state machine by work id): the state machine in
+/// sled at its last applied entry, which must be the log's last entry.
+fn migrate_v2(
+    dir: &Path,
+    layout: &Layout,
+    discard_unapplied: bool,
+) -> Result<Migrated, StoreError> {
+    let kept_in = dir.join("legacy-v2");
+    // Read where the files are: in place, or already moved aside by a migration that stopped.
+    let old = if kept_in.join("sm").exists() {
+        Layout::new(&kept_in)
+    } else {
+        layout.clone()
+    };
+    if old.repair_file().exists() {
+        return Err(bad(
+            dir,
+            "this node was being repaired from its peers: start it with the build that wrote it \
+             until /status no longer shows `repairing`, or move the data dir away and let it \
+             catch up from its peers",
+        ));
+    }
+    let (log, opened) = crate::LogStore::open(
+        &old.log_dir(),
+        &old.vote_file(),
+        crate::LogOptions::default(),
+    )?;
+    if let Some(d) = opened.damage {
+        return Err(bad(
+            &d.path,
+            format!("the Raft log is damaged: {}", d.reason),
+        ));
+    }
+    let vote = log.vote();
+    let last_log = log.last_log_id();
+    drop(log);
+    let db = sled::Config::new()
+        .path(old.sm_dir())
+        .cache_capacity(32 << 20)
+        .open()?;
+    let sm_meta = db.open_tree("sm_meta")?;
+    let name = sm_meta
+        .get(b"current")?
+        .map(|n| n.to_vec())
+        .unwrap_or_else(|| b"sm-0".to_vec());
+    let sm = db.open_tree(&name)?;
+    let source = old.sm_dir();
+    let last_applied: Option<LogId> = get(&sm, keys::LAST_APPLIED, &source)?;
+    let membership: StoredMembership = get(&sm, keys::MEMBERSHIP, &source)?.unwrap_or_default();
+    let discarded = last_log
+        .map_or(0, |l| l.index)
+        .saturating_sub(last_applied.map_or(0, |l| l.index));
+    if discarded > 0 && !discard_unapplied {
+        return Err(bad(
+            dir,
+            format!(
+                "the state machine is at {last_applied:?} and the log goes on to {last_log:?}: \
+                 start this node with the build that wrote it until it has applied everything \
+                 (let the cluster go idle, then stop it with SIGTERM), or pass \
+                 --discard-unapplied if another node of the cluster has applied them"
+            ),
+        ));
+    }
+    let mut pack = PackWriter::create(dir)?;
+    let mut items = 0u64;
+    let pairs = sm
+        .iter()
+        .map(|pair| {
+            let (k, v) = pair.map_err(std::io::Error::other)?;
+            let (k, v) = (k.to_vec(), v.to_vec());
+            match k.first().copied() {
+                Some(keys::ITEM) => {
+                    let id = keys::u64_at(&k, 1)
+                        .map(WorkId)
+                        .ok_or_else(|| std::io::Error::other("a short item key"))?;
+                    let item: v2::Item = codec::decode("format-2 item", &v)
+                        .map_err(|e| std::io::Error::other(e.to_string()))?;
+                    let payload = PackWriter::at(id)
+                        .ok_or_else(|| std::io::Error::other("a work id beyond 2^32"))?;
+                    items += 1;
+                    Ok((k, codec::encode(&item.with_payload(payload))))
+                }
+                Some(keys::PAYLOAD) => {
+                    let id = keys::u64_at(&k, 1)
+                        .filter(|_| k.len() == 9)
+                        .map(WorkId)
+                        .ok_or_else(|| {
+                            std::io::Error::other("a payload key that names no work id")
+                        })?;
+                    pack.push(id, &v)
+                }
+                // Everything else (queue, leases, workers, results, keys, meta) is the same
+                // in both formats.
+                _ => Ok((k, v)),
+            }
+        })
+        .collect::<std::io::Result<Vec<_>>>();
+    let written = pack.finish();
+    let (pairs, pack) = match (pairs, written) {
+        (Ok(p), Ok(pack)) => (p, pack),
+        (pairs, written) => {
+            if let Ok((tmp, _)) = &written {
+                let _ = std::fs::remove_file(tmp);
+            }
+            let e = pairs.err().or(written.err()).expect("one failed");
+            return Err(bad(&source, e.to_string()));
+        }
+    };
+    drop((sm_meta, sm));
+    drop(db);
+    // Move the old files aside (once), then write the new layout.
+    if old.root != kept_in {
+        fsio::create_dir_durable(&kept_in)?;
+        for (from, to) in [
+            (layout.sm_dir(), kept_in.join("sm")),
+            (layout.raft(), kept_in.join("raft")),
+            (layout.snapshot_dir(), kept_in.join("snapshots")),
+        ] {
+            if from.exists() {
+                fsio::rename_durable(&from, &to)?;
+            }
+        }
+    }
+    write_current(layout, last_applied, membership, vote, pack, pairs)?;
+    Ok(Migrated {
+        at: last_applied,
+        items,
+        requeued: 0,
+        workers_dropped: 0,
         discarded_entries: discarded,
         kept_in,
     })
@@ -578,6 +826,133 @@ mod tests {
         let err = migrate(dir.path(), false).unwrap_err().to_string();
         assert!(err.contains("--discard-unapplied"), "{err}");
         assert!(dir.path().join("sled").exists(), "nothing moved");
+        let done = migrate(dir.path(), true).unwrap();
+        assert_eq!(done.discarded_entries, 1);
+    }
+
+    /// A data dir as the format-2 builds left it: the segment log (purged to 40), the vote
+    /// file, and the state machine in sled with payloads by work id.
+    fn format_2_dir(applied_index: u64) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        std::fs::create_dir_all(layout.log_dir()).unwrap();
+        std::fs::write(layout.format_file(), "hashq-data 2\n").unwrap();
+        let (mut log, _) = crate::LogStore::open(
+            &layout.log_dir(),
+            &layout.vote_file(),
+            crate::LogOptions::default(),
+        )
+        .unwrap();
+        log.keep_vote(Vote::new(4, 2)).unwrap();
+        log.purge_to(LogId::new(CommittedLeaderId::new(4, 2), 40))
+            .unwrap();
+        drop(log);
+        let db = sled::open(layout.sm_dir()).unwrap();
+        let sm = db.open_tree("sm-0").unwrap();
+        let applied = LogId::new(CommittedLeaderId::new(4, 2), applied_index);
+        sm.insert(keys::LAST_APPLIED, codec::encode(&applied))
+            .unwrap();
+        let membership = StoredMembership::new(
+            Some(LogId::new(CommittedLeaderId::new(0, 0), 0)),
+            Membership::new(vec![[1u64, 2, 3].into_iter().collect()], None),
+        );
+        sm.insert(keys::MEMBERSHIP, codec::encode(&membership))
+            .unwrap();
+        let lease = Lease {
+            worker: WorkerId(1),
+            attempt: 1,
+            deadline: 99,
+        };
+        let item = |status, lease, value: Option<Digest>| v2::Item {
+            iterations: 10,
+            attempts: 1,
+            status,
+            enqueued_at: 5,
+            queued_at: 5,
+            payload_len: 3,
+            lease,
+            completed_at: value.map(|_| 7),
+            value,
+            pulled_at: None,
+            dead_reason: None,
+            dead_at: None,
+        };
+        let items = [
+            item(Status::Queued, None, None),
+            item(Status::Running, Some(lease), None),
+            item(Status::Completed, None, Some(Digest::new([7; 64]))),
+        ];
+        for (id, i) in items.iter().enumerate() {
+            sm.insert(keys::item(WorkId(id as u64)), codec::encode(i))
+                .unwrap();
+        }
+        sm.insert(keys::queue(WorkId(0)), b"".as_slice()).unwrap();
+        sm.insert(keys::lease(99, WorkId(1)), b"".as_slice())
+            .unwrap();
+        for (id, payload) in [(0u64, b"abc"), (1, b"def")] {
+            let key = [&[keys::PAYLOAD][..], &id.to_be_bytes()].concat();
+            sm.insert(key, payload.as_slice()).unwrap();
+        }
+        let mut meta = machine::Meta {
+            now: 1_000,
+            next_id: 3,
+            ..machine::Meta::default()
+        };
+        meta.counts.queued = 1;
+        meta.counts.running = 1;
+        meta.counts.completed = 1;
+        sm.insert(keys::META, codec::encode(&meta)).unwrap();
+        db.flush().unwrap();
+        dir
+    }
+
+    #[tokio::test]
+    async fn a_format_2_dir_is_refused_then_converted_with_its_leases_and_payloads() {
+        let dir = format_2_dir(40);
+        assert!(matches!(
+            crate::open(dir.path(), &crate::StoreOptions::default()),
+            Err(StoreError::Format2 { .. })
+        ));
+        let done = migrate(dir.path(), false).unwrap();
+        assert_eq!(done.items, 3);
+        assert_eq!((done.requeued, done.workers_dropped), (0, 0));
+        assert!(dir.path().join("legacy-v2/sm").exists());
+        assert!(dir.path().join("legacy-v2/raft/vote").exists());
+
+        let opened = crate::open(dir.path(), &crate::StoreOptions::default()).unwrap();
+        assert!(opened.recovery.sm.restored_from.is_some());
+        assert!(opened.recovery.damage.is_none());
+        assert_eq!(opened.log.vote(), Some(Vote::new(4, 2)));
+        let view = opened.sm.reader().view();
+        let item = |id: u64| machine::item(&view, WorkId(id)).unwrap().unwrap();
+        assert_eq!(item(0).status, Status::Queued);
+        assert_eq!(
+            item(1).status,
+            Status::Running,
+            "a lease survives the migration"
+        );
+        assert_eq!(item(1).lease.map(|l| l.worker), Some(WorkerId(1)));
+        assert!(view.get(&keys::lease(99, WorkId(1))).unwrap().is_some());
+        assert_eq!(item(2).status, Status::Completed);
+        let payloads = opened.sm.reader().payloads();
+        assert_eq!(
+            payloads.read(&[item(0).payload, item(1).payload]).unwrap(),
+            vec![
+                Some(bytes::Bytes::from_static(b"abc")),
+                Some(bytes::Bytes::from_static(b"def"))
+            ]
+        );
+        assert_eq!(machine::payload_floor(&view).unwrap(), Some(0));
+        assert_eq!(machine::read_meta(&view).unwrap().next_id, 3);
+        assert!(migrate(dir.path(), false).is_err(), "already converted");
+    }
+
+    #[test]
+    fn a_format_2_state_machine_behind_its_log_is_not_converted_without_being_told() {
+        let dir = format_2_dir(39);
+        let err = migrate(dir.path(), false).unwrap_err().to_string();
+        assert!(err.contains("--discard-unapplied"), "{err}");
+        assert!(dir.path().join("sm").exists(), "nothing moved");
         let done = migrate(dir.path(), true).unwrap();
         assert_eq!(done.discarded_entries, 1);
     }
