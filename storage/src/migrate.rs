@@ -555,10 +555,8 @@ fn migrate_v2(
     let vote = log.vote();
     let last_log = log.last_log_id();
     drop(log);
-    let db = sled::Config::new()
-        .path(old.sm_dir())
-        .cache_capacity(32 << 20)
-        .open()?;
+    // With the configuration format 2 used (sled refuses another segment size).
+    let db = crate::sm::open_sled(&old.sm_dir(), 32 << 20)?;
     let sm_meta = db.open_tree("sm_meta")?;
     let name = sm_meta
         .get(b"current")?
@@ -847,7 +845,7 @@ mod tests {
         log.purge_to(LogId::new(CommittedLeaderId::new(4, 2), 40))
             .unwrap();
         drop(log);
-        let db = sled::open(layout.sm_dir()).unwrap();
+        let db = crate::sm::open_sled(&layout.sm_dir(), 1 << 20).unwrap();
         let sm = db.open_tree("sm-0").unwrap();
         let applied = LogId::new(CommittedLeaderId::new(4, 2), applied_index);
         sm.insert(keys::LAST_APPLIED, codec::encode(&applied))

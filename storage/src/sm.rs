@@ -280,7 +280,7 @@ pub struct SmOpened {
     pub unrecoverable: Option<String>,
 }
 
-fn open_sled(dir: &Path, cache_bytes: u64) -> Result<sled::Db, sled::Error> {
+pub(crate) fn open_sled(dir: &Path, cache_bytes: u64) -> Result<sled::Db, sled::Error> {
     sled::Config::new()
         .path(dir)
         .cache_capacity(cache_bytes)
