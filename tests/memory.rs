@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{payload, reference, wait_for, Cluster, Options};
+use common::{payload, reference, rss_kib, wait_for, Cluster, Options};
 
 const ITEMS: u64 = 2000;
 const ITEM_BYTES: usize = 256 * 1024;
@@ -77,14 +77,6 @@ impl Drop for Sampler {
             t.abort();
         }
     }
-}
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 fn track(cluster: &Cluster, pids: &Mutex<HashMap<u64, u32>>) {

@@ -120,19 +120,7 @@ impl BenchCluster {
     fn rss_mib(&self) -> Vec<Option<f64>> {
         self.nodes
             .iter()
-            .map(|child| {
-                let pid = child.as_ref()?.id();
-                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-                let kib: f64 = status
-                    .lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:"))?
-                    .trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse()
-                    .ok()?;
-                Some((kib / 1024.0).round())
-            })
+            .map(|child| Some(proc_rss_mib(child.as_ref()?.id())?.round()))
             .collect()
     }
 

@@ -137,20 +137,16 @@ fn parse(text: &str) -> Option<u32> {
 /// Creates the layout of a new data dir, `FORMAT` first and durably.
 pub fn create(layout: &Layout) -> Result<(), Fatal> {
     fsio::create_dir_durable(&layout.root)?;
+    mark_current(layout)?;
+    ensure_dirs(layout)
+}
+
+/// Writes FORMAT saying the current format (durably: the file, then its directory).
+pub fn mark_current(layout: &Layout) -> Result<(), Fatal> {
     fsio::write_atomic(
         &layout.format_file(),
         format!("{MAGIC} {CURRENT}\n").as_bytes(),
-    )?;
-    for dir in [
-        layout.log_dir(),
-        layout.sm_dir(),
-        layout.snapshot_dir(),
-        layout.pack_dir(),
-        layout.quarantine_dir(),
-    ] {
-        fsio::create_dir_durable(&dir)?;
-    }
-    Ok(())
+    )
 }
 
 /// Makes sure every directory of the layout exists (a dir of the current format may predate

@@ -289,10 +289,7 @@ fn write_current(
         log.purge_to(at)?;
     }
     drop(log);
-    fsio::write_atomic(
-        &layout.format_file(),
-        format!("hashq-data {}\n", format::CURRENT).as_bytes(),
-    )?;
+    format::mark_current(layout)?;
     Ok(())
 }
 

@@ -30,6 +30,15 @@ pub fn binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_hashq")))
 }
 
+/// A process's resident memory in KiB, from /proc.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -308,12 +317,7 @@ impl Cluster {
 
     /// Node `id`'s resident memory in KiB, from /proc.
     pub fn node_rss_kib(&self, id: u64) -> Option<u64> {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.node_pid(id)?)).ok()?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        rss_kib(self.node_pid(id)?)
     }
 
     /// Starts a worker pointed at every node; returns its index.
