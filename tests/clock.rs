@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{payload, reference, wait_for, Cluster, Options, WORKER_TOKEN};
+use common::{payload, reference, wait_for, worker_call, Cluster, Options};
 use hashq_raft::wire::{LeaseRequest, LeaseResponse, RegisterRequest, RegisterResponse};
 use serde_json::Value;
 
@@ -16,24 +16,6 @@ async fn work(cluster: &Cluster, node: u64, id: &str) -> Value {
         cluster.get_json(node, &format!("/work/{id}")).await
     })
     .await
-}
-
-async fn worker_call<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(
-    cluster: &Cluster,
-    node: u64,
-    path: &str,
-    request: &Req,
-) -> Resp {
-    let answer = cluster
-        .http
-        .post(format!("{}{path}", cluster.url(node)))
-        .bearer_auth(WORKER_TOKEN)
-        .body(hashq_raft::codec::encode(request))
-        .send()
-        .await
-        .expect("worker route answers");
-    assert!(answer.status().is_success(), "{path}: {}", answer.status());
-    hashq_raft::codec::decode("answer", &answer.bytes().await.unwrap()).expect("postcard")
 }
 
 #[tokio::test(flavor = "multi_thread")]

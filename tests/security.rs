@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{wait_for, Cluster, Options, ADMIN_TOKEN, TOKEN, WORKER_TOKEN};
+use common::{wait_for, worker_call, Cluster, Options, ADMIN_TOKEN, TOKEN, WORKER_TOKEN};
 use reqwest::Method;
 use serde_json::Value;
 
@@ -403,27 +403,6 @@ async fn crafted_and_random_raft_messages_never_crash_a_node() {
         .await;
         assert_eq!(item["iterations"], 3);
     }
-}
-
-/// A worker route called with the worker credential, postcard both ways.
-async fn worker_call<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(
-    cluster: &Cluster,
-    node: u64,
-    path: &str,
-    request: &Req,
-) -> Resp {
-    let answer = cluster
-        .http
-        .post(format!("{}{path}", cluster.url(node)))
-        .bearer_auth(WORKER_TOKEN)
-        .header("content-type", "application/x-postcard")
-        .body(hashq_raft::codec::encode(request))
-        .send()
-        .await
-        .expect("worker route answers");
-    assert!(answer.status().is_success(), "{path}: {}", answer.status());
-    let bytes = answer.bytes().await.unwrap();
-    hashq_raft::codec::decode("answer", &bytes).expect("postcard answer")
 }
 
 #[tokio::test(flavor = "multi_thread")]

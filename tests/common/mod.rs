@@ -607,3 +607,24 @@ pub fn payload(seed: u64, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// A worker route called with the worker credential, postcard both ways.
+pub async fn worker_call<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(
+    cluster: &Cluster,
+    node: u64,
+    path: &str,
+    request: &Req,
+) -> Resp {
+    let answer = cluster
+        .http
+        .post(format!("{}{path}", cluster.url(node)))
+        .bearer_auth(WORKER_TOKEN)
+        .header("content-type", "application/x-postcard")
+        .body(hashq_raft::codec::encode(request))
+        .send()
+        .await
+        .expect("worker route answers");
+    assert!(answer.status().is_success(), "{path}: {}", answer.status());
+    let bytes = answer.bytes().await.unwrap();
+    hashq_raft::codec::decode("answer", &bytes).expect("postcard answer")
+}
