@@ -364,6 +364,7 @@ impl Node {
             ProposerOptions {
                 metrics: Some(metrics.clone()),
                 request_timeout: timing.request_timeout,
+                batch_key_ttl: timing.internal_key_ttl,
                 in_flight: config.proposals_in_flight,
                 limits: StoreLimits {
                     max_items: config.limits.max_backlog,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use hashq_raft::command::{Command, Request, Response, StoreLimits};
+use hashq_raft::command::{BatchSlot, Command, Request, Response, StoreLimits};
 use hashq_raft::kv::KvRead;
 use hashq_raft::{codec, machine, wire, NodeId, Raft};
 use hashq_storage::SmReader;
@@ -79,7 +79,9 @@ pub async fn follow_clock_offset_file(path: std::path::PathBuf) {
 
 struct Pending {
     request: Request,
-    reply: oneshot::Sender<Result<Reply, ApiError>>,
+    /// The answer, with the slot the request was given in its batch if the batcher stamped
+    /// one: a retry must carry it.
+    reply: oneshot::Sender<(Result<Reply, ApiError>, Option<BatchSlot>)>,
 }
 
 /// Where a batch goes.
@@ -109,6 +111,9 @@ pub struct ProposerOptions {
     pub metrics: Option<Arc<crate::metrics::NodeMetrics>>,
     /// How long a request may take, retries through leader changes included.
     pub request_timeout: Duration,
+    /// How long the state machine remembers a batch's key (see [`BatchSlot`]): longer than
+    /// any retry of a request in it may take.
+    pub batch_key_ttl: Duration,
     /// Batches proposed at once.
     pub in_flight: usize,
     /// The bounds on stored state every command carries.
@@ -165,7 +170,7 @@ impl Proposer {
 
     /// Proposes `request`, through the leader wherever it is, retrying transient failures
     /// until the request timeout.
-    pub async fn submit(&self, request: Request) -> Result<Reply, ApiError> {
+    pub async fn submit(&self, mut request: Request) -> Result<Reply, ApiError> {
         let deadline = Instant::now() + self.shared.options.request_timeout;
         let mut delay = Duration::from_millis(10);
         loop {
@@ -173,7 +178,12 @@ impl Proposer {
             // by the deadline. Retrying after that is safe, the request carries its key.
             let remaining = deadline.saturating_duration_since(Instant::now());
             let result = match tokio::time::timeout(remaining, self.submit_once(request.clone())).await {
-                Ok(result) => result,
+                Ok((result, stamp)) => {
+                    if let Some(slot) = stamp {
+                        request = stamped(request, slot);
+                    }
+                    result
+                }
                 Err(_) => {
                     return Err(ApiError::Unavailable(
                         "no majority confirmed the request in time; retry (with the same idempotency key)".into(),
@@ -198,22 +208,20 @@ impl Proposer {
         }
     }
 
-    async fn submit_once(&self, request: Request) -> Result<Reply, ApiError> {
+    async fn submit_once(&self, request: Request) -> (Result<Reply, ApiError>, Option<BatchSlot>) {
         let queue = match self.leader() {
             Some((leader, _)) if leader == self.shared.id => &self.local,
             Some(_) => &self.forward,
             None => {
-                return Err(ApiError::NoLeader {
-                    reason: "an election is under way or a majority is unreachable".into(),
-                })
+                let reason = "an election is under way or a majority is unreachable".into();
+                return (Err(ApiError::NoLeader { reason }), None);
             }
         };
         let (tx, rx) = oneshot::channel();
-        queue
-            .send(Pending { request, reply: tx })
-            .map_err(|_| ApiError::Unavailable("node is shutting down".into()))?;
-        rx.await
-            .unwrap_or_else(|_| Err(ApiError::Unavailable("node is shutting down".into())))
+        if queue.send(Pending { request, reply: tx }).is_err() {
+            return (Err(shutting_down()), None);
+        }
+        rx.await.unwrap_or_else(|_| (Err(shutting_down()), None))
     }
 
     /// Proposes on this node only, which must be the leader (the leader's side of
@@ -231,10 +239,8 @@ impl Proposer {
         let mut out = Vec::with_capacity(waiting.len());
         for rx in waiting {
             out.push(match rx {
-                Some(rx) => rx
-                    .await
-                    .unwrap_or_else(|_| Err(ApiError::Unavailable("node is shutting down".into()))),
-                None => Err(ApiError::Unavailable("node is shutting down".into())),
+                Some(rx) => rx.await.map_or_else(|_| Err(shutting_down()), |(r, _)| r),
+                None => Err(shutting_down()),
             });
         }
         out
@@ -250,11 +256,43 @@ pub fn leader(raft: &Raft) -> Option<(NodeId, String)> {
     Some((id, addr))
 }
 
-fn request_bytes(r: &Request) -> usize {
-    match r {
-        Request::Enqueue { payload, .. } => payload.len() + 64,
-        _ => 64,
+fn shutting_down() -> ApiError {
+    ApiError::Unavailable("node is shutting down".into())
+}
+
+/// An enqueue without a key becomes slot `slot` of the batch keyed `key`; anything else is
+/// left as it is. Returns the slot it was given.
+fn stamp(request: &mut Request, key: &str, slot: u32, ttl: Duration) -> Option<BatchSlot> {
+    let Request::Enqueue { dedup: None, .. } = request else {
+        return None;
+    };
+    let batch = BatchSlot {
+        key: key.to_owned(),
+        slot,
+        ttl_ms: ttl.as_millis() as u64,
+    };
+    *request = stamped(std::mem::replace(request, Request::Noop), batch.clone());
+    Some(batch)
+}
+
+/// `request` as slot `batch` of its batch, if it is an enqueue without a key.
+fn stamped(request: Request, batch: BatchSlot) -> Request {
+    match request {
+        Request::Enqueue {
+            iterations,
+            payload,
+            dedup: None,
+        } => Request::EnqueueInBatch {
+            iterations,
+            payload,
+            batch,
+        },
+        other => other,
     }
+}
+
+fn request_bytes(r: &Request) -> usize {
+    r.payload().map_or(64, |p| p.len() + 64)
 }
 
 /// Gathers whatever requests are waiting into one batch, up to the limits, and sends it off;
@@ -289,10 +327,20 @@ async fn batcher(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Pending>, 
                 Err(_) => break,
             }
         }
+        // Keyless enqueues get one key for the whole batch and a slot each in it, so that a
+        // retry never applies twice at the cost of one record per batch.
+        let key = format!("n{}:{:032x}", shared.id, rand::random::<u128>());
+        let ttl = shared.options.batch_key_ttl;
+        let (requests, replies): (Vec<Request>, Vec<_>) = batch
+            .into_iter()
+            .enumerate()
+            .map(|(slot, mut p)| {
+                let stamp = stamp(&mut p.request, &key, slot as u32, ttl);
+                (p.request, (p.reply, stamp))
+            })
+            .unzip();
         let shared = shared.clone();
         tokio::spawn(async move {
-            let (requests, replies): (Vec<Request>, Vec<_>) =
-                batch.into_iter().map(|p| (p.request, p.reply)).unzip();
             let n = requests.len();
             let results = match sink {
                 Sink::Local => propose(&shared, requests).await,
@@ -300,20 +348,20 @@ async fn batcher(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Pending>, 
             };
             match results {
                 Ok(results) if results.len() == n => {
-                    for (reply, result) in replies.into_iter().zip(results) {
-                        let _ = reply.send(result);
+                    for ((reply, stamp), result) in replies.into_iter().zip(results) {
+                        let _ = reply.send((result, stamp));
                     }
                 }
                 Ok(results) => {
                     let e =
                         ApiError::Internal(format!("{} answers to {n} requests", results.len()));
-                    for reply in replies {
-                        let _ = reply.send(Err(e.clone()));
+                    for (reply, stamp) in replies {
+                        let _ = reply.send((Err(e.clone()), stamp));
                     }
                 }
                 Err(e) => {
-                    for reply in replies {
-                        let _ = reply.send(Err(e.clone()));
+                    for (reply, stamp) in replies {
+                        let _ = reply.send((Err(e.clone()), stamp));
                     }
                 }
             }

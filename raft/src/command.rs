@@ -221,6 +221,30 @@ pub enum Request {
     /// Does nothing. A node repairing lost log entries proposes it now and then, so that an
     /// idle cluster's log still grows past what that node had before.
     Noop,
+    /// Add an item to the queue, as one of a batch that a node proposed without client keys.
+    /// A retry names the batch and its place in it ([`BatchSlot`]), so one record per batch,
+    /// not one key per request, keeps it from applying twice.
+    ///
+    /// New variants go last: postcard encodes a variant by its index, and the log holds
+    /// entries written by every earlier release.
+    EnqueueInBatch {
+        iterations: u32,
+        payload: Bytes,
+        batch: BatchSlot,
+    },
+}
+
+impl Request {
+    /// The payload of an enqueue: written once, in the log entry, and read back from there by
+    /// the request's ordinal.
+    pub fn payload(&self) -> Option<&Bytes> {
+        match self {
+            Request::Enqueue { payload, .. } | Request::EnqueueInBatch { payload, .. } => {
+                Some(payload)
+            }
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Debug for Request {
@@ -235,6 +259,16 @@ impl fmt::Debug for Request {
                 .field("iterations", iterations)
                 .field("payload_len", &payload.len())
                 .field("dedup", dedup)
+                .finish(),
+            Request::EnqueueInBatch {
+                iterations,
+                payload,
+                batch,
+            } => f
+                .debug_struct("EnqueueInBatch")
+                .field("iterations", iterations)
+                .field("payload_len", &payload.len())
+                .field("batch", batch)
                 .finish(),
             Request::Take { top, dedup } => f
                 .debug_struct("Take")
@@ -309,6 +343,18 @@ impl fmt::Debug for Request {
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct Dedup {
     pub key: String,
+    pub ttl_ms: u64,
+}
+
+/// Where a request sits in the batch its node first proposed it in: the batch's key (drawn
+/// by the node, kept `ttl_ms` like a [`Dedup`] key) and the request's slot in it. The state
+/// machine keeps one record per batch key with the work id of every slot applied, whatever
+/// entry each slot was applied in: a batch that failed with an unknown outcome is retried
+/// request by request, in other batches, and still applies each request once.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct BatchSlot {
+    pub key: String,
+    pub slot: u32,
     pub ttl_ms: u64,
 }
 

@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec;
 use crate::command::{
-    Command, CommandResponse, Completion, Dedup, LeasedItem, Rejection, Request, Response,
-    StoreLimits, TickParams, TickReport, RESULT_BYTES,
+    BatchSlot, Command, CommandResponse, Completion, Dedup, LeasedItem, Rejection, Request,
+    Response, StoreLimits, TickParams, TickReport, RESULT_BYTES,
 };
 use crate::keys;
 use crate::kv::{Kv, KvError, KvRead, Overlay};
@@ -87,6 +87,12 @@ pub struct Meta {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct EnqueueKey {
     id: WorkId,
+}
+
+/// What a [`BatchSlot`] key remembers: the work id of each slot of the batch applied so far.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct BatchRecord {
+    slots: Vec<(u32, WorkId)>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -213,6 +219,11 @@ impl<K: Kv> Machine<'_, K> {
                 payload,
                 dedup,
             } => self.enqueue(*iterations, payload.len(), dedup.as_ref()),
+            Request::EnqueueInBatch {
+                iterations,
+                payload,
+                batch,
+            } => self.enqueue_in_batch(*iterations, payload.len(), batch),
             Request::Take { top, dedup } => self.take(*top, dedup.as_ref()),
             Request::Register {
                 slot,
@@ -311,6 +322,53 @@ impl<K: Kv> Machine<'_, K> {
             }
             Remembered::New => {}
         }
+        let response = self.add_item(iterations, payload_len)?;
+        if let (Some(dedup), Response::Enqueued { id, .. }) = (dedup, &response) {
+            self.remember_key(keys::ENQUEUE_KEY, dedup, &EnqueueKey { id: *id });
+        }
+        Ok(response)
+    }
+
+    /// An enqueue without a client key, by its place in the batch its node first proposed it
+    /// in: the batch's record says whether that slot was applied already (in this entry or
+    /// an earlier one) and with which id.
+    fn enqueue_in_batch(
+        &mut self,
+        iterations: u32,
+        payload_len: usize,
+        batch: &BatchSlot,
+    ) -> Result<Response, KvError> {
+        if batch.key.len() > MAX_IDEMPOTENCY_KEY {
+            return Ok(invalid("idempotency key too long"));
+        }
+        let key = keys::idempotency(keys::ENQUEUE_KEY, &batch.key);
+        let known: Option<BatchRecord> = get_t(self.kv, &key)?;
+        if let Some(&(_, id)) = known
+            .as_ref()
+            .and_then(|r| r.slots.iter().find(|(slot, _)| *slot == batch.slot))
+        {
+            return Ok(Response::Enqueued {
+                id,
+                duplicate: true,
+            });
+        }
+        let response = self.add_item(iterations, payload_len)?;
+        if let Response::Enqueued { id, .. } = response {
+            let is_new = known.is_none();
+            let mut record = known.unwrap_or_default();
+            record.slots.push((batch.slot, id));
+            // Within one entry the overlay folds the record's rewrites into one write.
+            put_t(self.kv, key, &record);
+            if is_new {
+                self.expire_key(keys::ENQUEUE_KEY, &batch.key, batch.ttl_ms);
+            }
+        }
+        Ok(response)
+    }
+
+    /// A new queued item whose payload is the request being applied, within the store's
+    /// bounds.
+    fn add_item(&mut self, iterations: u32, payload_len: usize) -> Result<Response, KvError> {
         if iterations == 0 {
             return Ok(invalid("iterations must be at least 1"));
         }
@@ -354,9 +412,6 @@ impl<K: Kv> Machine<'_, K> {
         c.queued_iterations += u64::from(iterations);
         c.payload_bytes += u64::from(payload_len);
         c.enqueued_total += 1;
-        if let Some(dedup) = dedup {
-            self.remember_key(keys::ENQUEUE_KEY, dedup, &EnqueueKey { id });
-        }
         Ok(Response::Enqueued {
             id,
             duplicate: false,
@@ -945,9 +1000,14 @@ impl<K: Kv> Machine<'_, K> {
 
     fn remember_key<T: Serialize>(&mut self, table: u8, dedup: &Dedup, value: &T) {
         put_t(self.kv, keys::idempotency(table, &dedup.key), value);
-        let expires_at = self.now.saturating_add(dedup.ttl_ms);
+        self.expire_key(table, &dedup.key, dedup.ttl_ms);
+    }
+
+    /// Indexes an idempotency key for the tick that forgets it `ttl_ms` from now.
+    fn expire_key(&mut self, table: u8, key: &str, ttl_ms: u64) {
+        let expires_at = self.now.saturating_add(ttl_ms);
         self.kv
-            .put(keys::key_expiry(expires_at, table, &dedup.key), Vec::new());
+            .put(keys::key_expiry(expires_at, table, key), Vec::new());
     }
 
     fn item(&self, id: WorkId) -> Result<Item, KvError> {

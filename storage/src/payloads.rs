@@ -217,7 +217,10 @@ impl Section {
         }
         if let Some(entry) = last.as_ref().filter(|e| e.log_id.leader_id.term == at.term) {
             if let openraft::EntryPayload::Normal(c) = &entry.payload {
-                if let Some(Request::Enqueue { payload, .. }) = c.requests.get(at.ordinal as usize)
+                if let Some(payload) = c
+                    .requests
+                    .get(at.ordinal as usize)
+                    .and_then(Request::payload)
                 {
                     return Ok(payload.clone());
                 }

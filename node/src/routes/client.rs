@@ -114,7 +114,8 @@ async fn enqueue(
     let request = Request::Enqueue {
         iterations,
         payload,
-        dedup: Some(dedup(&node, key, "enqueue")),
+        // Without a client key the proposer gives the request a slot in its batch's key.
+        dedup: key.map(|k| dedup(&node, Some(k), "enqueue")),
     };
     match node.proposer.submit(request).await?.response {
         SmResponse::Enqueued { id, duplicate } => {

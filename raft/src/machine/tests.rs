@@ -485,6 +485,108 @@ fn idempotent_enqueue_returns_the_same_id_until_the_key_expires() {
     check_invariants(&kv);
 }
 
+fn in_batch(key: &str, slot: u32, iterations: u32) -> Request {
+    Request::EnqueueInBatch {
+        iterations,
+        payload: Bytes::from(format!("{key}-{slot}").into_bytes()),
+        batch: BatchSlot {
+            key: key.to_string(),
+            slot,
+            ttl_ms: KEY_TTL_MS,
+        },
+    }
+}
+
+fn run_all(kv: &mut MemKv, now: Millis, requests: Vec<Request>) -> Vec<Response> {
+    let command = Command {
+        now,
+        mono: now,
+        limits: StoreLimits::UNLIMITED,
+        requests,
+    };
+    apply(kv, &command, next_at()).expect("apply")
+}
+
+fn table_len(kv: &MemKv, tag: u8) -> usize {
+    let (start, end) = keys::table(tag);
+    kv.scan(&start, &end, false).count()
+}
+
+#[test]
+fn a_batch_slot_applies_once_whichever_entry_carries_it_and_one_record_serves_the_batch() {
+    let mut kv = MemKv::new();
+    let first = run_all(
+        &mut kv,
+        1,
+        vec![
+            in_batch("b", 0, 1),
+            in_batch("b", 1, 2),
+            in_batch("b", 3, 3),
+        ],
+    );
+    let ids: Vec<WorkId> = first
+        .iter()
+        .map(|r| match r {
+            Response::Enqueued {
+                id,
+                duplicate: false,
+            } => *id,
+            other => panic!("enqueue answered {other:?}"),
+        })
+        .collect();
+    // The whole batch is one record and one expiry entry, not two keys per request.
+    assert_eq!(table_len(&kv, keys::ENQUEUE_KEY), 1);
+    assert_eq!(table_len(&kv, keys::KEY_EXPIRY), 1);
+    // Slot 1 retried in a later entry, next to requests of another batch: the first id.
+    let retried = run_all(&mut kv, 2, vec![in_batch("c", 0, 1), in_batch("b", 1, 9)]);
+    assert_eq!(
+        retried[1],
+        Response::Enqueued {
+            id: ids[1],
+            duplicate: true
+        }
+    );
+    // Slot 2 of "b" was never applied: its retry, even after the batch's record exists,
+    // adds its item; the original entry arriving late then finds it.
+    let late = run(&mut kv, 3, in_batch("b", 2, 4));
+    let Response::Enqueued {
+        id: slot2,
+        duplicate: false,
+    } = late
+    else {
+        panic!("retry of an unapplied slot answered {late:?}");
+    };
+    assert_eq!(
+        run(&mut kv, 4, in_batch("b", 2, 4)),
+        Response::Enqueued {
+            id: slot2,
+            duplicate: true
+        }
+    );
+    // The same slot twice in one entry is still one item.
+    let twice = run_all(&mut kv, 5, vec![in_batch("d", 0, 1), in_batch("d", 0, 1)]);
+    let Response::Enqueued { id: d0, .. } = twice[0] else {
+        panic!("enqueue answered {:?}", twice[0]);
+    };
+    assert_eq!(
+        twice[1],
+        Response::Enqueued {
+            id: d0,
+            duplicate: true
+        }
+    );
+    let meta = read_meta(&kv).unwrap();
+    assert_eq!(meta.counts.enqueued_total, 6, "b0 b1 b3 c0 b2 d0");
+    assert_eq!(table_len(&kv, keys::ENQUEUE_KEY), 3);
+    check_invariants(&kv);
+    // The records are forgotten with their ttl, like client keys.
+    let report = tick(&mut kv, 6 + KEY_TTL_MS);
+    assert_eq!(report.forgotten, 3);
+    assert_eq!(table_len(&kv, keys::ENQUEUE_KEY), 0);
+    assert_eq!(table_len(&kv, keys::KEY_EXPIRY), 0);
+    check_invariants(&kv);
+}
+
 #[test]
 fn idempotent_take_replays_the_same_items() {
     let mut kv = MemKv::new();
@@ -945,6 +1047,15 @@ fn random_log(seed: u64, len: usize) -> Vec<Command> {
         for _ in 0..1 + rng.next() % 4 {
             let worker = WorkerId(rng.next() % 3);
             let r = match rng.next() % 10 {
+                0 if rng.next().is_multiple_of(2) => Request::EnqueueInBatch {
+                    iterations: 1 + (rng.next() % 100) as u32,
+                    payload: Bytes::from(vec![(i % 251) as u8; (rng.next() % 64) as usize]),
+                    batch: BatchSlot {
+                        key: format!("b{}", rng.next() % 20),
+                        slot: (rng.next() % 4) as u32,
+                        ttl_ms: 4_000,
+                    },
+                },
                 0..=2 => Request::Enqueue {
                     iterations: 1 + (rng.next() % 100) as u32,
                     payload: Bytes::from(vec![(i % 251) as u8; (rng.next() % 64) as usize]),

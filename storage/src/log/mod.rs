@@ -202,15 +202,11 @@ impl Index {
 }
 
 fn entry_bytes(entry: &Entry) -> usize {
-    use hashq_raft::command::Request;
     64 + match &entry.payload {
         openraft::EntryPayload::Normal(c) => c
             .requests
             .iter()
-            .map(|r| match r {
-                Request::Enqueue { payload, .. } => payload.len() + 64,
-                _ => 64,
-            })
+            .map(|r| r.payload().map_or(64, |p| p.len() + 64))
             .sum(),
         _ => 256,
     }
@@ -635,8 +631,10 @@ impl LogStore {
                 if r.term != term {
                     continue;
                 }
-                if let Some(Request::Enqueue { payload, .. }) =
-                    command.requests.get(r.ordinal as usize)
+                if let Some(payload) = command
+                    .requests
+                    .get(r.ordinal as usize)
+                    .and_then(Request::payload)
                 {
                     out[slot] = Some(payload.clone());
                 }
