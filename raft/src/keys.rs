@@ -39,56 +39,246 @@ pub const KEY_EXPIRY: u8 = b'x';
 /// The worker table, by worker id.
 pub const WORKER: u8 = b'w';
 
-fn tagged(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(1 + parts.iter().map(|p| p.len()).sum::<usize>());
-    k.push(tag);
-    for p in parts {
-        k.extend_from_slice(p);
+/// One key of the keyspace, typed: [`Key::encode`] writes it and [`Key::decode`] reads it
+/// back, so no other code slices key bytes. (The storage-owned `s:` records and the meta
+/// record are fixed byte strings, above.)
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Key {
+    Item(WorkId),
+    /// A live payload, by where the log holds it.
+    Payload {
+        index: u64,
+        ordinal: u32,
+    },
+    Queue(WorkId),
+    Lease {
+        deadline: Millis,
+        id: WorkId,
+    },
+    Owner {
+        worker: WorkerId,
+        id: WorkId,
+    },
+    /// An unpulled result by completion sequence; its value is the item's id.
+    Completed(u64),
+    Pulled {
+        at: Millis,
+        id: WorkId,
+    },
+    Dead {
+        at: Millis,
+        id: WorkId,
+    },
+    /// An idempotency key of table [`ENQUEUE_KEY`] or [`TAKE_KEY`].
+    Idempotency {
+        table: u8,
+        key: String,
+    },
+    /// When an idempotency key is forgotten.
+    KeyExpiry {
+        expires_at: Millis,
+        table: u8,
+        key: String,
+    },
+    Worker(WorkerId),
+}
+
+impl Key {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut k = Vec::with_capacity(32);
+        k.push(self.tag());
+        let mut n = |v: u64| k.extend_from_slice(&v.to_be_bytes());
+        match self {
+            Key::Item(id) => n(id.0),
+            Key::Payload { index, .. } => n(*index),
+            Key::Queue(id) => n(id.0),
+            Key::Lease { deadline, id } => {
+                n(*deadline);
+                n(id.0);
+            }
+            Key::Owner { worker, id } => {
+                n(worker.0);
+                n(id.0);
+            }
+            Key::Completed(seq) => n(*seq),
+            Key::Pulled { at, id } | Key::Dead { at, id } => {
+                n(*at);
+                n(id.0);
+            }
+            Key::Idempotency { .. } => {}
+            Key::KeyExpiry { expires_at, .. } => n(*expires_at),
+            Key::Worker(id) => n(id.0),
+        }
+        match self {
+            Key::Payload { ordinal, .. } => k.extend_from_slice(&ordinal.to_be_bytes()),
+            Key::Idempotency { key, .. } => k.extend_from_slice(key.as_bytes()),
+            Key::KeyExpiry { table, key, .. } => {
+                k.push(*table);
+                k.extend_from_slice(key.as_bytes());
+            }
+            _ => {}
+        }
+        k
     }
-    k
+
+    /// The table tag a key starts with.
+    pub fn tag(&self) -> u8 {
+        match self {
+            Key::Item(_) => ITEM,
+            Key::Payload { .. } => PAYLOAD,
+            Key::Queue(_) => QUEUE,
+            Key::Lease { .. } => LEASE,
+            Key::Owner { .. } => OWNER,
+            Key::Completed(_) => COMPLETED,
+            Key::Pulled { .. } => PULLED,
+            Key::Dead { .. } => DEAD,
+            Key::Idempotency { table, .. } => *table,
+            Key::KeyExpiry { .. } => KEY_EXPIRY,
+            Key::Worker(_) => WORKER,
+        }
+    }
+
+    /// Reads a key of any table; `None` for bytes that are not one (a corrupt store, or one
+    /// of the fixed records).
+    pub fn decode(bytes: &[u8]) -> Option<Key> {
+        let (&tag, rest) = bytes.split_first()?;
+        let mut r = Reader(rest);
+        let key = match tag {
+            ITEM => Key::Item(WorkId(r.u64()?)),
+            PAYLOAD => Key::Payload {
+                index: r.u64()?,
+                ordinal: r.u32()?,
+            },
+            QUEUE => Key::Queue(WorkId(r.u64()?)),
+            LEASE => Key::Lease {
+                deadline: r.u64()?,
+                id: WorkId(r.u64()?),
+            },
+            OWNER => Key::Owner {
+                worker: WorkerId(r.u64()?),
+                id: WorkId(r.u64()?),
+            },
+            COMPLETED => Key::Completed(r.u64()?),
+            PULLED => Key::Pulled {
+                at: r.u64()?,
+                id: WorkId(r.u64()?),
+            },
+            DEAD => Key::Dead {
+                at: r.u64()?,
+                id: WorkId(r.u64()?),
+            },
+            ENQUEUE_KEY | TAKE_KEY => Key::Idempotency {
+                table: tag,
+                key: r.rest_str()?,
+            },
+            KEY_EXPIRY => Key::KeyExpiry {
+                expires_at: r.u64()?,
+                table: r.u8().filter(|t| matches!(*t, ENQUEUE_KEY | TAKE_KEY))?,
+                key: r.rest_str()?,
+            },
+            WORKER => Key::Worker(WorkerId(r.u64()?)),
+            _ => return None,
+        };
+        r.0.is_empty().then_some(key)
+    }
+
+    /// The work id a key names, for the tables keyed by item.
+    pub fn work_id(&self) -> Option<WorkId> {
+        match self {
+            Key::Item(id) | Key::Queue(id) => Some(*id),
+            Key::Lease { id, .. }
+            | Key::Owner { id, .. }
+            | Key::Pulled { id, .. }
+            | Key::Dead { id, .. } => Some(*id),
+            _ => None,
+        }
+    }
+}
+
+/// Reads fixed-width big-endian fields off the front of a key.
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let (head, rest) = self.0.split_first_chunk::<N>()?;
+        self.0 = rest;
+        Some(*head)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take::<1>().map(|[b]| b)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take().map(u32::from_be_bytes)
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.take().map(u64::from_be_bytes)
+    }
+    fn rest_str(&mut self) -> Option<String> {
+        let s = std::str::from_utf8(self.0).ok()?.to_owned();
+        self.0 = &[];
+        Some(s)
+    }
 }
 
 pub fn item(id: WorkId) -> Vec<u8> {
-    tagged(ITEM, &[&id.0.to_be_bytes()])
+    Key::Item(id).encode()
 }
 pub fn payload(at: &PayloadRef) -> Vec<u8> {
-    tagged(
-        PAYLOAD,
-        &[&at.index.to_be_bytes(), &at.ordinal.to_be_bytes()],
-    )
+    Key::Payload {
+        index: at.index,
+        ordinal: at.ordinal,
+    }
+    .encode()
 }
 pub fn queue(id: WorkId) -> Vec<u8> {
-    tagged(QUEUE, &[&id.0.to_be_bytes()])
+    Key::Queue(id).encode()
 }
 pub fn lease(deadline: Millis, id: WorkId) -> Vec<u8> {
-    tagged(LEASE, &[&deadline.to_be_bytes(), &id.0.to_be_bytes()])
+    Key::Lease { deadline, id }.encode()
 }
 pub fn owner(worker: WorkerId, id: WorkId) -> Vec<u8> {
-    tagged(OWNER, &[&worker.0.to_be_bytes(), &id.0.to_be_bytes()])
+    Key::Owner { worker, id }.encode()
 }
+/// The prefix of every [`Key::Owner`] of one worker.
 pub fn owner_prefix(worker: WorkerId) -> Vec<u8> {
-    tagged(OWNER, &[&worker.0.to_be_bytes()])
+    let mut k = vec![OWNER];
+    k.extend_from_slice(&worker.0.to_be_bytes());
+    k
 }
 pub fn completed(seq: u64) -> Vec<u8> {
-    tagged(COMPLETED, &[&seq.to_be_bytes()])
+    Key::Completed(seq).encode()
 }
 pub fn pulled(at: Millis, id: WorkId) -> Vec<u8> {
-    tagged(PULLED, &[&at.to_be_bytes(), &id.0.to_be_bytes()])
+    Key::Pulled { at, id }.encode()
 }
 pub fn dead(at: Millis, id: WorkId) -> Vec<u8> {
-    tagged(DEAD, &[&at.to_be_bytes(), &id.0.to_be_bytes()])
+    Key::Dead { at, id }.encode()
 }
 pub fn idempotency(table: u8, key: &str) -> Vec<u8> {
-    tagged(table, &[key.as_bytes()])
+    Key::Idempotency {
+        table,
+        key: key.to_owned(),
+    }
+    .encode()
 }
 pub fn key_expiry(expires_at: Millis, table: u8, key: &str) -> Vec<u8> {
-    tagged(
-        KEY_EXPIRY,
-        &[&expires_at.to_be_bytes(), &[table], key.as_bytes()],
-    )
+    Key::KeyExpiry {
+        expires_at,
+        table,
+        key: key.to_owned(),
+    }
+    .encode()
 }
 pub fn worker(id: WorkerId) -> Vec<u8> {
-    tagged(WORKER, &[&id.0.to_be_bytes()])
+    Key::Worker(id).encode()
+}
+
+/// The range of a time-ordered table (leases, pulled, dead, key expiry) whose keys' leading
+/// time is at most `bound`.
+pub fn up_to(tag: u8, bound: Millis) -> (Vec<u8>, Vec<u8>) {
+    let mut end = vec![tag];
+    end.extend_from_slice(&bound.saturating_add(1).to_be_bytes());
+    (vec![tag], end)
 }
 
 /// The half-open range of all keys of one table.
@@ -114,4 +304,113 @@ pub fn prefix_range(prefix: &[u8]) -> (Vec<u8>, Vec<u8>) {
 pub fn u64_at(key: &[u8], at: usize) -> Option<u64> {
     key.get(at..at + 8)
         .map(|b| u64::from_be_bytes(b.try_into().expect("slice of 8")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples() -> Vec<Key> {
+        vec![
+            Key::Item(WorkId(7)),
+            Key::Payload {
+                index: 9,
+                ordinal: 3,
+            },
+            Key::Queue(WorkId(u64::MAX)),
+            Key::Lease {
+                deadline: 1_000,
+                id: WorkId(2),
+            },
+            Key::Owner {
+                worker: WorkerId(4),
+                id: WorkId(5),
+            },
+            Key::Completed(11),
+            Key::Pulled {
+                at: 3,
+                id: WorkId(1),
+            },
+            Key::Dead {
+                at: 0,
+                id: WorkId(0),
+            },
+            Key::Idempotency {
+                table: ENQUEUE_KEY,
+                key: "c:enqueue:k-1".into(),
+            },
+            Key::Idempotency {
+                table: TAKE_KEY,
+                key: String::new(),
+            },
+            Key::KeyExpiry {
+                expires_at: 120_000,
+                table: TAKE_KEY,
+                key: "n1:ab".into(),
+            },
+            Key::Worker(WorkerId(3)),
+        ]
+    }
+
+    #[test]
+    fn every_key_decodes_to_itself_and_nothing_else_decodes() {
+        for key in samples() {
+            let bytes = key.encode();
+            assert_eq!(bytes[0], key.tag());
+            assert_eq!(Key::decode(&bytes), Some(key.clone()), "{bytes:02x?}");
+            // A fixed-width key cut short or grown is not a key.
+            if !matches!(key, Key::Idempotency { .. } | Key::KeyExpiry { .. }) {
+                assert_eq!(Key::decode(&bytes[..bytes.len() - 1]), None, "{key:?} cut");
+                let mut longer = bytes.clone();
+                longer.push(0);
+                assert_eq!(Key::decode(&longer), None, "{key:?} grown");
+            }
+        }
+        for fixed in [
+            META,
+            LAST_APPLIED,
+            MEMBERSHIP,
+            &[][..],
+            &[KEY_EXPIRY, 0][..],
+        ] {
+            assert_eq!(Key::decode(fixed), None, "{fixed:02x?}");
+        }
+        // An expiry must name an idempotency table.
+        let mut bad = Key::KeyExpiry {
+            expires_at: 1,
+            table: ENQUEUE_KEY,
+            key: "k".into(),
+        }
+        .encode();
+        bad[9] = ITEM;
+        assert_eq!(Key::decode(&bad), None);
+    }
+
+    #[test]
+    fn byte_order_is_numeric_order_within_a_table() {
+        let times = [0u64, 1, 255, 256, 65_535, 1 << 40, u64::MAX];
+        for w in times.windows(2) {
+            let a = Key::Lease {
+                deadline: w[0],
+                id: WorkId(u64::MAX),
+            };
+            let b = Key::Lease {
+                deadline: w[1],
+                id: WorkId(0),
+            };
+            assert!(a.encode() < b.encode(), "{a:?} < {b:?}");
+            assert!(Key::Queue(WorkId(w[0])).encode() < Key::Queue(WorkId(w[1])).encode());
+        }
+        // `up_to` takes exactly the keys whose leading time is at most the bound.
+        let (start, end) = up_to(DEAD, 10);
+        let inside = |at| {
+            let k = Key::Dead {
+                at,
+                id: WorkId(u64::MAX),
+            }
+            .encode();
+            start <= k && k < end
+        };
+        assert!(inside(0) && inside(10) && !inside(11));
+    }
 }

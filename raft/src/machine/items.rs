@@ -1,0 +1,225 @@
+//! Enqueue and take, and the idempotency records that make their retries safe.
+
+use super::*;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct EnqueueKey {
+    id: WorkId,
+}
+
+/// What a [`BatchSlot`] key remembers: the work id of each slot of the batch applied so far.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct BatchRecord {
+    slots: Vec<(u32, WorkId)>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct TakeKey {
+    items: Vec<(WorkId, crate::types::Digest)>,
+}
+
+impl<K: Kv> Machine<'_, K> {
+    pub(super) fn enqueue(
+        &mut self,
+        iterations: u32,
+        payload_len: usize,
+        dedup: Option<&Dedup>,
+    ) -> Result<Response, KvError> {
+        match self.remembered::<EnqueueKey>(keys::ENQUEUE_KEY, dedup)? {
+            Remembered::Invalid(r) => return Ok(r),
+            Remembered::Seen(prev) => {
+                return Ok(Response::Enqueued {
+                    id: prev.id,
+                    duplicate: true,
+                })
+            }
+            Remembered::New => {}
+        }
+        let response = self.add_item(iterations, payload_len)?;
+        if let (Some(dedup), Response::Enqueued { id, .. }) = (dedup, &response) {
+            self.remember_key(keys::ENQUEUE_KEY, dedup, &EnqueueKey { id: *id });
+        }
+        Ok(response)
+    }
+
+    /// An enqueue without a client key, by its place in the batch its node first proposed it
+    /// in: the batch's record says whether that slot was applied already (in this entry or
+    /// an earlier one) and with which id.
+    pub(super) fn enqueue_in_batch(
+        &mut self,
+        iterations: u32,
+        payload_len: usize,
+        batch: &BatchSlot,
+    ) -> Result<Response, KvError> {
+        if batch.key.len() > MAX_IDEMPOTENCY_KEY {
+            return Ok(invalid("idempotency key too long"));
+        }
+        let key = keys::idempotency(keys::ENQUEUE_KEY, &batch.key);
+        let known: Option<BatchRecord> = get_t(self.kv, &key)?;
+        if let Some(&(_, id)) = known
+            .as_ref()
+            .and_then(|r| r.slots.iter().find(|(slot, _)| *slot == batch.slot))
+        {
+            return Ok(Response::Enqueued {
+                id,
+                duplicate: true,
+            });
+        }
+        let response = self.add_item(iterations, payload_len)?;
+        if let Response::Enqueued { id, .. } = response {
+            let is_new = known.is_none();
+            let mut record = known.unwrap_or_default();
+            record.slots.push((batch.slot, id));
+            // Within one entry the overlay folds the record's rewrites into one write.
+            put_t(self.kv, key, &record);
+            if is_new {
+                self.expire_key(keys::ENQUEUE_KEY, &batch.key, batch.ttl_ms);
+            }
+        }
+        Ok(response)
+    }
+
+    /// A new queued item whose payload is the request being applied, within the store's
+    /// bounds.
+    fn add_item(&mut self, iterations: u32, payload_len: usize) -> Result<Response, KvError> {
+        if iterations == 0 {
+            return Ok(invalid("iterations must be at least 1"));
+        }
+        let Ok(payload_len) = u32::try_from(payload_len) else {
+            return Ok(invalid("payload too large"));
+        };
+        if !self.meta.disk_alarms.is_empty() {
+            return Ok(Response::Rejected(Rejection::DiskFull {
+                nodes: self.meta.disk_alarms.clone(),
+            }));
+        }
+        let (items, bytes) = stored(&self.meta.counts);
+        if items >= self.limits.max_items
+            || bytes.saturating_add(u64::from(payload_len)) > self.limits.max_bytes
+        {
+            return Ok(Response::Rejected(Rejection::BacklogFull { items, bytes }));
+        }
+        let id = WorkId(self.meta.next_id);
+        self.meta.next_id += 1;
+        let item = Item {
+            iterations,
+            attempts: 0,
+            status: Status::Queued,
+            enqueued_at: self.now,
+            queued_at: self.now,
+            payload_len,
+            payload: self.here,
+            lease: None,
+            completed_at: None,
+            value: None,
+            pulled_at: None,
+            dead_reason: None,
+            dead_at: None,
+        };
+        put_t(self.kv, keys::item(id), &item);
+        self.kv.put(
+            keys::payload(&self.here),
+            queries::payload_record(&self.here, id),
+        );
+        self.kv.put(keys::queue(id), Vec::new());
+        let c = &mut self.meta.counts;
+        c.queued += 1;
+        c.queued_iterations += u64::from(iterations);
+        c.payload_bytes += u64::from(payload_len);
+        c.enqueued_total += 1;
+        Ok(Response::Enqueued {
+            id,
+            duplicate: false,
+        })
+    }
+
+    pub(super) fn take(&mut self, top: u32, dedup: Option<&Dedup>) -> Result<Response, KvError> {
+        match self.remembered::<TakeKey>(keys::TAKE_KEY, dedup)? {
+            Remembered::Invalid(r) => return Ok(r),
+            Remembered::Seen(prev) => {
+                return Ok(Response::Taken {
+                    items: prev.items,
+                    replay: true,
+                })
+            }
+            Remembered::New => {}
+        }
+        let top = top.min(MAX_TAKE) as usize;
+        let (start, end) = keys::table(keys::COMPLETED);
+        let newest: Vec<(Vec<u8>, Vec<u8>)> = self
+            .kv
+            .scan(&start, &end, true)
+            .take(top)
+            .collect::<Result<_, _>>()?;
+        let mut items = Vec::with_capacity(newest.len());
+        for (ckey, id_bytes) in newest {
+            let id = WorkId(decode_u64(&ckey, &id_bytes)?);
+            self.kv.delete(ckey);
+            let mut item = self.item(id)?;
+            let value = item
+                .value
+                .ok_or_else(|| corrupt(&keys::item(id), "completed item without value"))?;
+            item.status = Status::Pulled;
+            item.pulled_at = Some(self.now);
+            put_t(self.kv, keys::item(id), &item);
+            self.kv.put(keys::pulled(self.now, id), Vec::new());
+            let c = &mut self.meta.counts;
+            c.completed -= 1;
+            c.pulled += 1;
+            c.pulled_total += 1;
+            items.push((id, value));
+        }
+        if let Some(dedup) = dedup {
+            self.remember_key(
+                keys::TAKE_KEY,
+                dedup,
+                &TakeKey {
+                    items: items.clone(),
+                },
+            );
+        }
+        Ok(Response::Taken {
+            items,
+            replay: false,
+        })
+    }
+
+    /// What an idempotency key says about a request: seen before (with its answer), new, or
+    /// not a valid key.
+    fn remembered<T: DeserializeOwned>(
+        &self,
+        table: u8,
+        dedup: Option<&Dedup>,
+    ) -> Result<Remembered<T>, KvError> {
+        let Some(dedup) = dedup else {
+            return Ok(Remembered::New);
+        };
+        if dedup.key.len() > MAX_IDEMPOTENCY_KEY {
+            return Ok(Remembered::Invalid(invalid("idempotency key too long")));
+        }
+        Ok(
+            match get_t::<T>(self.kv, &keys::idempotency(table, &dedup.key))? {
+                Some(prev) => Remembered::Seen(prev),
+                None => Remembered::New,
+            },
+        )
+    }
+
+    fn remember_key<T: Serialize>(&mut self, table: u8, dedup: &Dedup, value: &T) {
+        put_t(self.kv, keys::idempotency(table, &dedup.key), value);
+        self.expire_key(table, &dedup.key, dedup.ttl_ms);
+    }
+
+    /// Indexes an idempotency key for the tick that forgets it `ttl_ms` from now.
+    fn expire_key(&mut self, table: u8, key: &str, ttl_ms: u64) {
+        let expires_at = self.now.saturating_add(ttl_ms);
+        self.kv
+            .put(keys::key_expiry(expires_at, table, key), Vec::new());
+    }
+}
+
+enum Remembered<T> {
+    New,
+    Seen(T),
+    Invalid(Response),
+}

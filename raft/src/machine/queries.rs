@@ -1,0 +1,99 @@
+//! Read-only queries, for the node's routes and its leader-side loops.
+
+use super::*;
+
+/// The meta record (zeroes before the first command).
+pub fn read_meta(kv: &impl KvRead) -> Result<Meta, KvError> {
+    Ok(get_t(kv, keys::META)?.unwrap_or_default())
+}
+
+/// One item's metadata.
+pub fn item(kv: &impl KvRead, id: WorkId) -> Result<Option<Item>, KvError> {
+    get_t(kv, &keys::item(id))
+}
+
+/// The value of an item's `p` record: the entry's term and the item's id.
+pub(super) fn payload_record(at: &PayloadRef, id: WorkId) -> Vec<u8> {
+    let mut v = Vec::with_capacity(16);
+    v.extend_from_slice(&at.term.to_be_bytes());
+    v.extend_from_slice(&id.0.to_be_bytes());
+    v
+}
+
+/// Reads a `p` record back: the payload's place and the item's id.
+pub fn decode_payload_record(key: &[u8], value: &[u8]) -> Result<(PayloadRef, WorkId), KvError> {
+    let term = keys::u64_at(value, 0);
+    let id = keys::u64_at(value, 8).filter(|_| value.len() == 16);
+    match (Key::decode(key), term, id) {
+        (Some(Key::Payload { index, ordinal }), Some(term), Some(id)) => Ok((
+            PayloadRef {
+                term,
+                index,
+                ordinal,
+            },
+            WorkId(id),
+        )),
+        _ => Err(corrupt(key, "malformed payload record")),
+    }
+}
+
+/// The payloads the state machine still needs, oldest first.
+pub fn live_payloads(kv: &impl KvRead) -> impl Iterator<Item = Result<PayloadRef, KvError>> + '_ {
+    let (start, end) = keys::table(keys::PAYLOAD);
+    kv.scan(&start, &end, false).map(|r| {
+        let (k, v) = r?;
+        decode_payload_record(&k, &v).map(|(at, _)| at)
+    })
+}
+
+/// The oldest log index whose payloads the state machine still needs (`None`: none).
+pub fn payload_floor(kv: &impl KvRead) -> Result<Option<u64>, KvError> {
+    live_payloads(kv)
+        .next()
+        .transpose()
+        .map(|r| r.map(|at| at.index))
+}
+
+/// The worker table, by id.
+pub fn workers(kv: &impl KvRead) -> Result<Vec<WorkerRecord>, KvError> {
+    let (start, end) = keys::table(keys::WORKER);
+    kv.scan(&start, &end, false)
+        .map(|r| {
+            let (k, v) = r?;
+            codec::decode("worker record", &v).map_err(|e| corrupt(&k, &e.to_string()))
+        })
+        .collect()
+}
+
+/// The oldest `queued_at` among the first `look` items of the queue.
+pub fn oldest_queued(kv: &impl KvRead, look: usize) -> Result<Option<Millis>, KvError> {
+    let (start, end) = keys::table(keys::QUEUE);
+    let mut oldest = None;
+    for pair in kv.scan(&start, &end, false).take(look) {
+        let (k, _) = pair?;
+        let id = key_id(&k)?;
+        if let Some(item) = item(kv, id)? {
+            oldest = Some(oldest.map_or(item.queued_at, |o: Millis| o.min(item.queued_at)));
+        }
+    }
+    Ok(oldest)
+}
+
+/// The ids of dead items, oldest first.
+pub fn dead_items(kv: &impl KvRead, limit: usize) -> Result<Vec<WorkId>, KvError> {
+    let (start, end) = keys::table(keys::DEAD);
+    kv.scan(&start, &end, false)
+        .take(limit)
+        .map(|r| {
+            let (k, _) = r?;
+            key_id(&k)
+        })
+        .collect()
+}
+
+/// What the queue stores, as [`StoreLimits`] counts it: (items, bytes).
+pub fn stored(c: &Counts) -> (u64, u64) {
+    let items = c.queued + c.running + c.completed + c.dead;
+    let bytes = c.payload_bytes + c.completed * RESULT_BYTES;
+    (items, bytes)
+}
