@@ -29,10 +29,6 @@ use crate::launcher::{LaunchError, LaunchSpec, Launcher};
 use crate::node::Node;
 use crate::proposer::now_ms;
 
-const TICK: Duration = Duration::from_millis(200);
-/// Assumed per-worker hashing rate until one is measured (iterations/s).
-const DEFAULT_RATE: f64 = 2_000_000.0;
-
 /// The measured hashing rate of one busy worker, smoothed.
 struct RateEstimate {
     rate: f64,
@@ -61,11 +57,11 @@ impl RateEstimate {
 pub async fn run(node: Node, launcher: Arc<dyn Launcher>) {
     let mut attempted: HashSet<WorkerId> = HashSet::new();
     let mut rate = RateEstimate {
-        rate: DEFAULT_RATE,
+        rate: node.config.scaling.assumed_rate,
         last: None,
     };
     let mut last_reserve: Option<Instant> = None;
-    let mut ticker = tokio::time::interval(TICK);
+    let mut ticker = tokio::time::interval(node.config.scaling.tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;

@@ -15,8 +15,6 @@ use crate::config::Role;
 use crate::node::Node;
 use crate::routes::raft::{InitState, INIT_STATE};
 
-const PROBE_EVERY: Duration = Duration::from_millis(200);
-
 /// Whether this node has Raft state (and so must never be initialized).
 pub async fn is_initialized(node: &Node) -> bool {
     // A stopped Raft counts as initialized: nothing may initialize it.
@@ -83,6 +81,6 @@ pub async fn run(node: Node) {
                 }
             }
         }
-        tokio::time::sleep(PROBE_EVERY).await;
+        tokio::time::sleep(node.config.timing.bootstrap_probe_every).await;
     }
 }

@@ -1,5 +1,9 @@
 //! The node's configuration: command-line flags (each also read from an `HASHQ_*` variable),
 //! and the timing and limits derived from them, validated together.
+//!
+//! Every tunable has its default written once, in the `Default` of its group ([`Timing`],
+//! [`Limits`], [`Scaling`], [`HttpLimits`], [`Storage`], [`Batching`]); the flags take their
+//! defaults from there, and the constants the background loops use live there too.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,7 +12,45 @@ use std::time::Duration;
 
 use hashq_raft::NodeId;
 
-use crate::launcher::ec2::Ec2Args;
+pub use crate::http::HttpLimits;
+use crate::launcher::ec2::{Ec2Args, Ec2Error};
+
+/// Why a node's flags were refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--id {0} is not one of --peers")]
+    NotAPeer(NodeId),
+    /// A flag outside its range, or two flags that do not fit together.
+    #[error("{0}")]
+    Invalid(&'static str),
+    #[error("{flag} is required; pass --insecure to run without credentials on a trusted network")]
+    MissingCredential { flag: &'static str },
+    #[error("{flag} must be at least {MIN_TOKEN_LEN} visible ASCII characters")]
+    WeakCredential { flag: &'static str },
+    #[error("{0} and {1} must differ: one credential per audience")]
+    SharedCredential(&'static str, &'static str),
+    #[error("cannot find this binary: {0}")]
+    CurrentExe(#[source] std::io::Error),
+    #[error(transparent)]
+    Ec2(#[from] Ec2Error),
+}
+
+/// Why a `--peers` list was refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PeersError {
+    #[error("peer `{0}` is not id=host:port")]
+    NotIdAddr(String),
+    #[error("peer id `{0}` is not a positive integer")]
+    BadId(String),
+    #[error("peer ids start at 1")]
+    ZeroId,
+    #[error("peer address `{0}` is not host:port")]
+    BadAddr(String),
+    #[error("peer id {0} appears twice")]
+    Duplicate(NodeId),
+    #[error("no peers given")]
+    Empty,
+}
 
 /// What a node is for.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,36 +93,36 @@ pub enum LogFormat {
 pub struct Peers(pub Vec<(NodeId, String)>);
 
 impl FromStr for Peers {
-    type Err = String;
+    type Err = PeersError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut peers = Vec::new();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (id, addr) = part
                 .split_once('=')
-                .ok_or_else(|| format!("peer `{part}` is not id=host:port"))?;
+                .ok_or_else(|| PeersError::NotIdAddr(part.into()))?;
             let id: NodeId = id
                 .trim()
                 .parse()
-                .map_err(|_| format!("peer id `{id}` is not a positive integer"))?;
+                .map_err(|_| PeersError::BadId(id.into()))?;
             let addr = addr.trim();
             if id == 0 {
-                return Err("peer ids start at 1".into());
+                return Err(PeersError::ZeroId);
             }
             if addr
                 .rsplit_once(':')
                 .and_then(|(_, p)| p.parse::<u16>().ok())
                 .is_none()
             {
-                return Err(format!("peer address `{addr}` is not host:port"));
+                return Err(PeersError::BadAddr(addr.into()));
             }
             if peers.iter().any(|(other, _)| *other == id) {
-                return Err(format!("peer id {id} appears twice"));
+                return Err(PeersError::Duplicate(id));
             }
             peers.push((id, addr.to_string()));
         }
         if peers.is_empty() {
-            return Err("no peers given".into());
+            return Err(PeersError::Empty);
         }
         peers.sort();
         Ok(Peers(peers))
@@ -89,6 +131,21 @@ impl FromStr for Peers {
 
 pub(crate) fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e}"))
+}
+
+/// A duration as the flags write it (`30s`, `10m`, `7days`): how a default shows in `--help`.
+fn show_duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+/// A size as the flags write it (`64KiB`, `4GiB`): how a default shows in `--help`.
+fn show_bytes(bytes: u64) -> String {
+    for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if bytes >= size && bytes.is_multiple_of(size) {
+            return format!("{}{unit}", bytes / size);
+        }
+    }
+    bytes.to_string()
 }
 
 /// A size in bytes: a plain number, or with a unit (`64KiB`, `4GiB`, `1MB`).
@@ -151,134 +208,134 @@ pub struct NodeArgs {
     pub launcher: LauncherKind,
     /// The cluster-wide worker budget, set when the cluster is first bootstrapped (change it
     /// later with `hashq cluster set-max-workers`).
-    #[arg(long, env = "HASHQ_MAX_WORKERS", default_value_t = 8)]
+    #[arg(long, env = "HASHQ_MAX_WORKERS", default_value_t = Scaling::default().max_workers)]
     pub max_workers: u32,
     /// Scale up when the oldest queued item has waited this long.
-    #[arg(long, env = "HASHQ_SCALE_UP_WAIT", default_value = "2s", value_parser = duration)]
+    #[arg(long, env = "HASHQ_SCALE_UP_WAIT", default_value = show_duration(Scaling::default().scale_up_wait), value_parser = duration)]
     pub scale_up_wait: Duration,
     /// ...or when the backlog would take longer than this to drain at the measured rate.
-    #[arg(long, env = "HASHQ_DRAIN_TARGET", default_value = "30s", value_parser = duration)]
+    #[arg(long, env = "HASHQ_DRAIN_TARGET", default_value = show_duration(Scaling::default().drain_target), value_parser = duration)]
     pub drain_target: Duration,
     /// At most one launch per this interval, cluster-wide.
-    #[arg(long, env = "HASHQ_SCALE_UP_INTERVAL", default_value = "1s", value_parser = duration)]
+    #[arg(long, env = "HASHQ_SCALE_UP_INTERVAL", default_value = show_duration(Scaling::default().scale_up_interval), value_parser = duration)]
     pub scale_up_interval: Duration,
     /// Launched workers exit after this long without work, freeing their slot.
-    #[arg(long, env = "HASHQ_WORKER_IDLE_TIMEOUT", default_value = "60s", value_parser = duration)]
+    #[arg(long, env = "HASHQ_WORKER_IDLE_TIMEOUT", default_value = show_duration(Scaling::default().worker_idle_timeout), value_parser = duration)]
     pub worker_idle_timeout: Duration,
     /// Launched workers exit when no endpoint of the cluster has answered for this long.
-    #[arg(long, env = "HASHQ_WORKER_ORPHAN_TIMEOUT", default_value = "30s", value_parser = duration)]
+    #[arg(long, env = "HASHQ_WORKER_ORPHAN_TIMEOUT", default_value = show_duration(Scaling::default().worker_orphan_timeout), value_parser = duration)]
     pub worker_orphan_timeout: Duration,
     /// Hashing threads per launched worker.
-    #[arg(long, env = "HASHQ_WORKER_THREADS", default_value_t = 1)]
+    #[arg(long, env = "HASHQ_WORKER_THREADS", default_value_t = Scaling::default().worker_threads)]
     pub worker_threads: usize,
     /// The `hashq` binary launched workers run (default: this node's own binary).
     #[arg(long, env = "HASHQ_WORKER_BINARY")]
     pub worker_binary: Option<PathBuf>,
     /// How often the leader compares the worker table with what the launcher's provider runs
     /// (EC2: terminates strays, frees the slots of vanished instances).
-    #[arg(long, env = "HASHQ_RECONCILE_EVERY", default_value = "15s", value_parser = duration)]
+    #[arg(long, env = "HASHQ_RECONCILE_EVERY", default_value = show_duration(Timing::default().reconcile_period), value_parser = duration)]
     pub reconcile_every: Duration,
     #[command(flatten)]
     pub ec2: Ec2Args,
 
     /// Largest request body, in bytes (413 above).
-    #[arg(long, env = "HASHQ_MAX_BODY_BYTES", default_value_t = 1 << 20)]
+    #[arg(long, env = "HASHQ_MAX_BODY_BYTES", default_value_t = Limits::default().max_body_bytes)]
     pub max_body_bytes: usize,
     /// Largest `iterations` accepted.
-    #[arg(long, env = "HASHQ_MAX_ITERATIONS", default_value_t = 10_000_000)]
+    #[arg(long, env = "HASHQ_MAX_ITERATIONS", default_value_t = Limits::default().max_iterations)]
     pub max_iterations: u32,
     /// Largest `top` accepted by pullCompleted.
-    #[arg(long, env = "HASHQ_MAX_TOP", default_value_t = 1000)]
+    #[arg(long, env = "HASHQ_MAX_TOP", default_value_t = Limits::default().max_top)]
     pub max_top: u32,
     /// Items stored (queued, running, completed but not pulled, dead) beyond which enqueue
     /// answers 429; enforced at apply, so concurrent enqueues never overshoot.
-    #[arg(long, env = "HASHQ_MAX_BACKLOG", default_value_t = 1_000_000)]
+    #[arg(long, env = "HASHQ_MAX_BACKLOG", default_value_t = Limits::default().max_backlog)]
     pub max_backlog: u64,
     /// Bytes stored (payloads of queued, running and dead items, plus 128 per unpulled
     /// result) beyond which enqueue answers 429; enforced at apply. Accepts KiB, MiB, GiB.
-    #[arg(long, env = "HASHQ_MAX_BACKLOG_BYTES", default_value = "4GiB", value_parser = byte_size)]
+    #[arg(long, env = "HASHQ_MAX_BACKLOG_BYTES", default_value = show_bytes(Limits::default().max_backlog_bytes), value_parser = byte_size)]
     pub max_backlog_bytes: u64,
     /// Dead items (and their payloads) are dropped this long after they died.
-    #[arg(long, env = "HASHQ_DEAD_RETENTION", default_value = "7d", value_parser = duration)]
+    #[arg(long, env = "HASHQ_DEAD_RETENTION", default_value = show_duration(Limits::default().dead_retention), value_parser = duration)]
     pub dead_retention: Duration,
     /// Free space the data dir's file system must keep: below it the node raises the disk
     /// alarm and the cluster refuses enqueues until space returns.
-    #[arg(long, env = "HASHQ_DISK_FREE_LIMIT", default_value = "1GiB", value_parser = byte_size)]
+    #[arg(long, env = "HASHQ_DISK_FREE_LIMIT", default_value = show_bytes(Limits::default().disk_free_limit), value_parser = byte_size)]
     pub disk_free_limit: u64,
     /// Tests only: shift this node's wall clock by the number of milliseconds in this file
     /// (re-read every 100 ms).
     #[arg(long, env = "HASHQ_CLOCK_OFFSET_FILE", hide = true)]
     pub clock_offset_file: Option<PathBuf>,
     /// Completed results nobody pulled are dropped this long after they completed.
-    #[arg(long, env = "HASHQ_COMPLETED_RETENTION", default_value = "7d", value_parser = duration)]
+    #[arg(long, env = "HASHQ_COMPLETED_RETENTION", default_value = show_duration(Limits::default().completed_retention), value_parser = duration)]
     pub completed_retention: Duration,
     /// Leases an item may lose before it is dead.
-    #[arg(long, env = "HASHQ_MAX_ATTEMPTS", default_value_t = 5)]
+    #[arg(long, env = "HASHQ_MAX_ATTEMPTS", default_value_t = Limits::default().max_attempts)]
     pub max_attempts: u32,
     /// Client requests served at once; more wait up to --queue-timeout, then get 503.
-    #[arg(long, env = "HASHQ_MAX_CONNECTIONS", default_value_t = 4096)]
+    #[arg(long, env = "HASHQ_MAX_CONNECTIONS", default_value_t = Limits::default().max_connections)]
     pub max_connections: usize,
     /// Worker requests served at once (their own slots: workers never wait behind clients).
-    #[arg(long, env = "HASHQ_MAX_WORKER_REQUESTS", default_value_t = 1024)]
+    #[arg(long, env = "HASHQ_MAX_WORKER_REQUESTS", default_value_t = Limits::default().max_worker_requests)]
     pub max_worker_requests: usize,
     /// Raft and node-to-node requests served at once (their own slots: Raft never waits
     /// behind clients or workers).
-    #[arg(long, env = "HASHQ_MAX_PEER_REQUESTS", default_value_t = 256)]
+    #[arg(long, env = "HASHQ_MAX_PEER_REQUESTS", default_value_t = Limits::default().max_peer_requests)]
     pub max_peer_requests: usize,
     /// Longest a request waits for a free slot of its kind before it gets 503.
-    #[arg(long, env = "HASHQ_QUEUE_TIMEOUT", default_value = "1s", value_parser = duration)]
+    #[arg(long, env = "HASHQ_QUEUE_TIMEOUT", default_value = show_duration(HttpLimits::default().queue_timeout), value_parser = duration)]
     pub queue_timeout: Duration,
     /// Open connections per listener; more are closed at once.
-    #[arg(long, env = "HASHQ_MAX_OPEN_CONNECTIONS", default_value_t = 8192)]
+    #[arg(long, env = "HASHQ_MAX_OPEN_CONNECTIONS", default_value_t = HttpLimits::default().max_open_connections)]
     pub max_open_connections: usize,
     /// Longest a connection may take to send a request's headers, and stay idle between
     /// requests.
-    #[arg(long, env = "HASHQ_HEADER_TIMEOUT", default_value = "10s", value_parser = duration)]
+    #[arg(long, env = "HASHQ_HEADER_TIMEOUT", default_value = show_duration(HttpLimits::default().header_timeout), value_parser = duration)]
     pub header_timeout: Duration,
     /// Bytes per second a request body must average (after a 2s grace), else 408.
-    #[arg(long, env = "HASHQ_BODY_MIN_RATE", default_value = "64KiB", value_parser = byte_size)]
+    #[arg(long, env = "HASHQ_BODY_MIN_RATE", default_value = show_bytes(HttpLimits::default().body_min_rate), value_parser = byte_size)]
     pub body_min_rate: u64,
     /// Bytes of client and worker request bodies in flight at once; beyond, 503.
-    #[arg(long, env = "HASHQ_MAX_BODY_BYTES_IN_FLIGHT", default_value = "256MiB", value_parser = byte_size)]
+    #[arg(long, env = "HASHQ_MAX_BODY_BYTES_IN_FLIGHT", default_value = show_bytes(HttpLimits::default().max_body_bytes_in_flight as u64), value_parser = byte_size)]
     pub max_body_bytes_in_flight: u64,
 
     /// Raft heartbeat interval.
-    #[arg(long, env = "HASHQ_RAFT_HEARTBEAT", default_value = "100ms", value_parser = duration)]
+    #[arg(long, env = "HASHQ_RAFT_HEARTBEAT", default_value = show_duration(Timing::default().raft_heartbeat), value_parser = duration)]
     pub raft_heartbeat: Duration,
     /// Minimum election timeout (the maximum is twice this).
-    #[arg(long, env = "HASHQ_ELECTION_TIMEOUT", default_value = "300ms", value_parser = duration)]
+    #[arg(long, env = "HASHQ_ELECTION_TIMEOUT", default_value = show_duration(Timing::default().election_timeout), value_parser = duration)]
     pub election_timeout: Duration,
     /// Lease length granted to workers; they heartbeat every third of it.
-    #[arg(long, env = "HASHQ_LEASE", default_value = "30s", value_parser = duration)]
+    #[arg(long, env = "HASHQ_LEASE", default_value = show_duration(Timing::default().lease), value_parser = duration)]
     pub lease: Duration,
     /// A worker not heard from for this long is lost: leases reclaimed, slot freed.
-    #[arg(long, env = "HASHQ_WORKER_LOST_AFTER", default_value = "30s", value_parser = duration)]
+    #[arg(long, env = "HASHQ_WORKER_LOST_AFTER", default_value = show_duration(Timing::default().worker_lost_after), value_parser = duration)]
     pub worker_lost_after: Duration,
     /// A reserved slot whose worker has not registered after this long is freed.
-    #[arg(long, env = "HASHQ_LAUNCH_TIMEOUT", default_value = "120s", value_parser = duration)]
+    #[arg(long, env = "HASHQ_LAUNCH_TIMEOUT", default_value = show_duration(Timing::default().launch_timeout), value_parser = duration)]
     pub launch_timeout: Duration,
     /// How long pulled items stay visible in GET /work/{id}.
-    #[arg(long, env = "HASHQ_PULLED_RETENTION", default_value = "10m", value_parser = duration)]
+    #[arg(long, env = "HASHQ_PULLED_RETENTION", default_value = show_duration(Timing::default().pulled_retention), value_parser = duration)]
     pub pulled_retention: Duration,
     /// How long an Idempotency-Key is remembered.
-    #[arg(long, env = "HASHQ_IDEMPOTENCY_RETENTION", default_value = "10m", value_parser = duration)]
+    #[arg(long, env = "HASHQ_IDEMPOTENCY_RETENTION", default_value = show_duration(Timing::default().idempotency_retention), value_parser = duration)]
     pub idempotency_retention: Duration,
     /// How long a request may take before it fails with 503 (includes waiting for a leader).
-    #[arg(long, env = "HASHQ_REQUEST_TIMEOUT", default_value = "10s", value_parser = duration)]
+    #[arg(long, env = "HASHQ_REQUEST_TIMEOUT", default_value = show_duration(Timing::default().request_timeout), value_parser = duration)]
     pub request_timeout: Duration,
     /// Take a snapshot (and purge the log) every this many log entries.
-    #[arg(long, env = "HASHQ_SNAPSHOT_EVERY", default_value_t = 5000)]
+    #[arg(long, env = "HASHQ_SNAPSHOT_EVERY", default_value_t = Storage::default().snapshot_every)]
     pub snapshot_every: u64,
     /// Batches of requests proposed at once (a tuning knob: fewer means bigger batches).
-    #[arg(long, env = "HASHQ_PROPOSALS_IN_FLIGHT", default_value_t = crate::proposer::DEFAULT_IN_FLIGHT)]
+    #[arg(long, env = "HASHQ_PROPOSALS_IN_FLIGHT", default_value_t = Batching::default().in_flight)]
     pub proposals_in_flight: usize,
     /// The Raft log's segment files are this large (a new one starts beyond it; a whole
     /// segment is deleted once a snapshot covers it and no payload in it is still needed).
-    #[arg(long, env = "HASHQ_LOG_SEGMENT_BYTES", default_value = "64MiB", value_parser = byte_size)]
+    #[arg(long, env = "HASHQ_LOG_SEGMENT_BYTES", default_value = show_bytes(Storage::default().log_segment_bytes), value_parser = byte_size)]
     pub log_segment_bytes: u64,
     /// sled page cache, in MiB: the bound on the state machine's memory (which holds items'
     /// metadata only; payloads stay in the log).
-    #[arg(long, env = "HASHQ_CACHE_MB", default_value_t = 64)]
+    #[arg(long, env = "HASHQ_CACHE_MB", default_value_t = Storage::default().cache_bytes >> 20)]
     pub cache_mb: u64,
     #[arg(long, env = "HASHQ_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -304,6 +361,12 @@ pub struct Timing {
     pub lease_wait_max: Duration,
     /// How often the leader reconciles the worker table with the launcher's provider.
     pub reconcile_period: Duration,
+    /// How often a node probes its peers' health while all answer...
+    pub peer_probe_every: Duration,
+    /// ...and while one does not.
+    pub peer_probe_eager: Duration,
+    /// How often a node that is not yet part of a cluster probes its peers to form one.
+    pub bootstrap_probe_every: Duration,
 }
 
 impl Default for Timing {
@@ -322,34 +385,35 @@ impl Default for Timing {
             request_timeout: Duration::from_secs(10),
             lease_wait_max: Duration::from_secs(20),
             reconcile_period: Duration::from_secs(15),
+            peer_probe_every: Duration::from_secs(1),
+            peer_probe_eager: Duration::from_millis(200),
+            bootstrap_probe_every: Duration::from_millis(200),
         }
     }
 }
 
 impl Timing {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |why| Err(ConfigError::Invalid(why));
         if self.raft_heartbeat.is_zero() || self.raft_heartbeat * 3 > self.election_timeout {
-            return Err(
-                "--raft-heartbeat must be positive and at most a third of --election-timeout"
-                    .into(),
+            return bad(
+                "--raft-heartbeat must be positive and at most a third of --election-timeout",
             );
         }
         if self.lease < Duration::from_millis(300) {
-            return Err("--lease must be at least 300ms".into());
+            return bad("--lease must be at least 300ms");
         }
         if self.worker_heartbeat * 2 > self.lease {
-            return Err("worker heartbeats must fit twice in a lease".into());
+            return bad("worker heartbeats must fit twice in a lease");
         }
         if self.worker_lost_after < self.worker_heartbeat * 2 {
-            return Err("--worker-lost-after must be at least two worker heartbeats".into());
+            return bad("--worker-lost-after must be at least two worker heartbeats");
         }
         if self.reconcile_period < Duration::from_millis(100) {
-            return Err("--reconcile-every must be at least 100ms".into());
+            return bad("--reconcile-every must be at least 100ms");
         }
         if self.request_timeout < self.election_timeout * 2 {
-            return Err(
-                "--request-timeout must outlast an election (twice --election-timeout)".into(),
-            );
+            return bad("--request-timeout must outlast an election (twice --election-timeout)");
         }
         Ok(())
     }
@@ -370,6 +434,28 @@ pub struct Limits {
     pub dead_retention: Duration,
     pub completed_retention: Duration,
     pub disk_free_limit: u64,
+    /// Most records one housekeeping tick expires (more wait for the next tick).
+    pub tick_limit: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 1 << 20,
+            max_iterations: 10_000_000,
+            max_top: 1000,
+            max_backlog: 1_000_000,
+            max_backlog_bytes: 4 << 30,
+            max_attempts: 5,
+            max_connections: 4096,
+            max_worker_requests: 1024,
+            max_peer_requests: 256,
+            dead_retention: Duration::from_secs(7 * 24 * 3600),
+            completed_retention: Duration::from_secs(7 * 24 * 3600),
+            disk_free_limit: 1 << 30,
+            tick_limit: 2000,
+        }
+    }
 }
 
 /// The autoscaler's knobs.
@@ -381,6 +467,72 @@ pub struct Scaling {
     pub worker_idle_timeout: Duration,
     pub worker_orphan_timeout: Duration,
     pub worker_threads: usize,
+    /// The cluster-wide worker budget a new cluster starts with.
+    pub max_workers: u32,
+    /// How often the autoscaler looks at the queue.
+    pub tick: Duration,
+    /// Assumed hashing rate of one worker (iterations/s) until one is measured.
+    pub assumed_rate: f64,
+}
+
+impl Default for Scaling {
+    fn default() -> Self {
+        Scaling {
+            scale_up_wait: Duration::from_secs(2),
+            drain_target: Duration::from_secs(30),
+            scale_up_interval: Duration::from_secs(1),
+            worker_idle_timeout: Duration::from_secs(60),
+            worker_orphan_timeout: Duration::from_secs(30),
+            worker_threads: 1,
+            max_workers: 8,
+            tick: Duration::from_millis(200),
+            assumed_rate: 2_000_000.0,
+        }
+    }
+}
+
+/// Where and how the node stores its state.
+#[derive(Clone, Debug)]
+pub struct Storage {
+    /// Take a snapshot (and purge the log) every this many log entries.
+    pub snapshot_every: u64,
+    /// sled's page cache: the bound on the state machine's memory.
+    pub cache_bytes: u64,
+    /// Size of the Raft log's segment files.
+    pub log_segment_bytes: u64,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Storage {
+            snapshot_every: 5000,
+            cache_bytes: 64 << 20,
+            log_segment_bytes: 64 << 20,
+        }
+    }
+}
+
+/// How the proposer gathers requests into log entries.
+#[derive(Clone, Copy, Debug)]
+pub struct Batching {
+    /// Batches in flight at once; requests arriving meanwhile form the next batch. Few in
+    /// flight means big batches (one log entry, one apply for many requests); enough to keep
+    /// the pipeline to the followers busy.
+    pub in_flight: usize,
+    /// Most requests in one log entry.
+    pub max_requests: usize,
+    /// Most payload bytes in one log entry (a single larger request still goes alone).
+    pub max_bytes: usize,
+}
+
+impl Default for Batching {
+    fn default() -> Self {
+        Batching {
+            in_flight: 4,
+            max_requests: 1024,
+            max_bytes: 1 << 20,
+        }
+    }
 }
 
 /// Shortest credential accepted (they are random strings; scripts make 48 hex digits).
@@ -426,7 +578,7 @@ impl Credentials {
         admin: Option<String>,
         client: Option<String>,
         insecure: bool,
-    ) -> Result<Credentials, String> {
+    ) -> Result<Credentials, ConfigError> {
         let clean = |t: Option<String>| t.filter(|t| !t.is_empty());
         let c = Credentials {
             peer: clean(peer),
@@ -437,10 +589,12 @@ impl Credentials {
         };
         if !insecure {
             if c.peer.is_none() {
-                return Err("--cluster-token (the peer credential) is required; pass --insecure to run without credentials on a trusted network".into());
+                let flag = "--cluster-token (the peer credential)";
+                return Err(ConfigError::MissingCredential { flag });
             }
             if c.worker.is_none() {
-                return Err("--worker-token (the workers' credential) is required; pass --insecure to run without credentials on a trusted network".into());
+                let flag = "--worker-token (the workers' credential)";
+                return Err(ConfigError::MissingCredential { flag });
             }
         }
         let named = [
@@ -452,17 +606,13 @@ impl Credentials {
         for (flag, token) in named {
             let Some(token) = token else { continue };
             if token.len() < MIN_TOKEN_LEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(format!(
-                    "{flag} must be at least {MIN_TOKEN_LEN} visible ASCII characters"
-                ));
+                return Err(ConfigError::WeakCredential { flag });
             }
         }
         for (i, (a, ta)) in named.iter().enumerate() {
             for (b, tb) in &named[i + 1..] {
                 if ta.is_some() && ta == tb {
-                    return Err(format!(
-                        "{a} and {b} must differ: one credential per audience"
-                    ));
+                    return Err(ConfigError::SharedCredential(a, b));
                 }
             }
         }
@@ -483,7 +633,6 @@ pub struct NodeConfig {
     pub cluster_name: String,
     pub role: Role,
     pub launcher: LauncherKind,
-    pub max_workers: u32,
     pub scaling: Scaling,
     pub worker_binary: PathBuf,
     /// The `ec2` launcher's settings (checked only with `--launcher ec2`).
@@ -491,35 +640,34 @@ pub struct NodeConfig {
     pub limits: Limits,
     /// Tests only: a file holding a shift of this node's wall clock.
     pub clock_offset_file: Option<PathBuf>,
-    pub http: crate::http::HttpLimits,
+    pub http: HttpLimits,
     pub timing: Timing,
-    pub snapshot_every: u64,
-    pub cache_bytes: u64,
-    pub log_segment_bytes: u64,
-    pub proposals_in_flight: usize,
+    pub storage: Storage,
+    pub batching: Batching,
 }
 
 impl NodeArgs {
     /// Checks the flags together and resolves them.
-    pub fn into_config(self) -> Result<NodeConfig, String> {
+    pub fn into_config(self) -> Result<NodeConfig, ConfigError> {
+        let bad = |why| Err(ConfigError::Invalid(why));
         if !self.peers.0.iter().any(|(id, _)| *id == self.id) {
-            return Err(format!("--id {} is not one of --peers", self.id));
+            return Err(ConfigError::NotAPeer(self.id));
         }
         if self.max_body_bytes == 0 || self.max_iterations == 0 || self.max_top == 0 {
-            return Err("--max-body-bytes, --max-iterations and --max-top must be positive".into());
+            return bad("--max-body-bytes, --max-iterations and --max-top must be positive");
         }
         if self.max_attempts == 0 {
-            return Err("--max-attempts must be at least 1".into());
+            return bad("--max-attempts must be at least 1");
         }
         if self.snapshot_every < 10 {
-            return Err("--snapshot-every must be at least 10".into());
+            return bad("--snapshot-every must be at least 10");
         }
         if self.worker_threads == 0 {
-            return Err("--worker-threads must be at least 1".into());
+            return bad("--worker-threads must be at least 1");
         }
         let worker_binary = match self.worker_binary {
             Some(b) => b,
-            None => std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?,
+            None => std::env::current_exe().map_err(ConfigError::CurrentExe)?,
         };
         let timing = Timing {
             raft_heartbeat: self.raft_heartbeat,
@@ -544,8 +692,7 @@ impl NodeArgs {
         )?;
         if self.launcher == LauncherKind::Ec2 {
             self.ec2
-                .validate(&self.cluster_name, credentials.worker.is_some())
-                .map_err(|e| e.to_string())?;
+                .validate(&self.cluster_name, credentials.worker.is_some())?;
         }
         Ok(NodeConfig {
             id: self.id,
@@ -558,7 +705,6 @@ impl NodeArgs {
             cluster_name: self.cluster_name,
             role: self.role,
             launcher: self.launcher,
-            max_workers: self.max_workers,
             scaling: Scaling {
                 scale_up_wait: self.scale_up_wait,
                 drain_target: self.drain_target,
@@ -566,6 +712,8 @@ impl NodeArgs {
                 worker_idle_timeout: self.worker_idle_timeout,
                 worker_orphan_timeout: self.worker_orphan_timeout,
                 worker_threads: self.worker_threads,
+                max_workers: self.max_workers,
+                ..Scaling::default()
             },
             worker_binary,
             ec2: self.ec2,
@@ -582,9 +730,10 @@ impl NodeArgs {
                 dead_retention: self.dead_retention,
                 completed_retention: self.completed_retention,
                 disk_free_limit: self.disk_free_limit,
+                ..Limits::default()
             },
             clock_offset_file: self.clock_offset_file,
-            http: crate::http::HttpLimits {
+            http: HttpLimits {
                 header_timeout: self.header_timeout,
                 body_min_rate: self.body_min_rate,
                 max_open_connections: self.max_open_connections.max(16),
@@ -592,13 +741,18 @@ impl NodeArgs {
                     .unwrap_or(usize::MAX)
                     .max(self.max_body_bytes),
                 queue_timeout: self.queue_timeout,
-                ..crate::http::HttpLimits::default()
+                ..HttpLimits::default()
             },
             timing,
-            snapshot_every: self.snapshot_every,
-            proposals_in_flight: self.proposals_in_flight.max(1),
-            cache_bytes: self.cache_mb.max(8) * 1024 * 1024,
-            log_segment_bytes: self.log_segment_bytes.max(64 * 1024),
+            storage: Storage {
+                snapshot_every: self.snapshot_every,
+                cache_bytes: self.cache_mb.max(8) << 20,
+                log_segment_bytes: self.log_segment_bytes.max(64 * 1024),
+            },
+            batching: Batching {
+                in_flight: self.proposals_in_flight.max(1),
+                ..Batching::default()
+            },
         })
     }
 }
@@ -632,6 +786,55 @@ mod tests {
             "1=h:99999",
         ] {
             assert!(bad.parse::<Peers>().is_err(), "{bad} should be refused");
+        }
+    }
+
+    #[test]
+    fn the_flags_take_their_defaults_from_the_groups() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            node: NodeArgs,
+        }
+        let args = <Cli as clap::Parser>::try_parse_from([
+            "hashq",
+            "--id",
+            "1",
+            "--peers",
+            "1=127.0.0.1:7101",
+            "--data-dir",
+            "/tmp/x",
+            "--insecure",
+        ])
+        .expect("parse")
+        .node;
+        let c = args.into_config().expect("config");
+        let (t, l, s, h) = (
+            Timing::default(),
+            Limits::default(),
+            Scaling::default(),
+            HttpLimits::default(),
+        );
+        assert_eq!(c.timing.lease, t.lease);
+        assert_eq!(c.timing.idempotency_retention, t.idempotency_retention);
+        assert_eq!(c.timing.reconcile_period, t.reconcile_period);
+        assert_eq!(c.limits.dead_retention, l.dead_retention);
+        assert_eq!(c.limits.max_backlog_bytes, l.max_backlog_bytes);
+        assert_eq!(c.limits.disk_free_limit, l.disk_free_limit);
+        assert_eq!(c.limits.max_connections, l.max_connections);
+        assert_eq!(c.scaling.max_workers, s.max_workers);
+        assert_eq!(c.scaling.worker_idle_timeout, s.worker_idle_timeout);
+        assert_eq!(c.http.body_min_rate, h.body_min_rate);
+        assert_eq!(c.http.max_body_bytes_in_flight, h.max_body_bytes_in_flight);
+        assert_eq!(c.http.header_timeout, h.header_timeout);
+        assert_eq!(c.storage.cache_bytes, Storage::default().cache_bytes);
+        assert_eq!(
+            c.storage.log_segment_bytes,
+            Storage::default().log_segment_bytes
+        );
+        assert_eq!(c.batching.in_flight, Batching::default().in_flight);
+        for bytes in [1, 1000, 1024, 64 << 10, 3 << 20, 4 << 30, (4 << 30) + 1] {
+            assert_eq!(byte_size(&show_bytes(bytes)), Ok(bytes));
         }
     }
 

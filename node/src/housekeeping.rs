@@ -11,9 +11,6 @@ use openraft::ServerState;
 use crate::launcher::WorkerTable;
 use crate::node::Node;
 
-/// The most expiries and deletions one tick does, so one log entry stays small.
-const TICK_LIMIT: u32 = 2000;
-
 pub fn tick_params(node: &Node) -> TickParams {
     let t = &node.config.timing;
     TickParams {
@@ -23,7 +20,7 @@ pub fn tick_params(node: &Node) -> TickParams {
         pulled_retention_ms: t.pulled_retention.as_millis() as u64,
         completed_retention_ms: node.config.limits.completed_retention.as_millis() as u64,
         dead_retention_ms: node.config.limits.dead_retention.as_millis() as u64,
-        limit: TICK_LIMIT,
+        limit: node.config.limits.tick_limit,
     }
 }
 
@@ -83,7 +80,7 @@ async fn duties(node: &Node) -> Result<(), crate::error::ApiError> {
     if meta.max_workers.is_none() {
         node.proposer
             .submit(Request::SetMaxWorkers {
-                max: node.config.max_workers,
+                max: node.config.scaling.max_workers,
                 only_if_unset: true,
             })
             .await?;

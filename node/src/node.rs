@@ -77,11 +77,6 @@ impl PeerHealth {
     }
 }
 
-/// How often peers' health is probed once every peer has answered.
-const PEER_PROBE_EVERY: Duration = Duration::from_secs(1);
-/// ... and while some peer has not answered yet (a node that just started, or a peer down).
-const PEER_PROBE_EAGER: Duration = Duration::from_millis(200);
-
 async fn probe_peers(node: Node) {
     loop {
         let membership = node.raft.metrics().borrow().membership_config.clone();
@@ -102,9 +97,9 @@ async fn probe_peers(node: Node) {
         let answers = futures::future::join_all(probes).await;
         let all_up = !answers.is_empty() && answers.iter().all(|a| *a);
         tokio::time::sleep(if all_up {
-            PEER_PROBE_EVERY
+            node.config.timing.peer_probe_every
         } else {
-            PEER_PROBE_EAGER
+            node.config.timing.peer_probe_eager
         })
         .await;
     }
@@ -309,9 +304,9 @@ impl Node {
         let hashq_storage::Opened { log, sm, recovery } = hashq_storage::open(
             &config.data_dir,
             &StoreOptions {
-                cache_bytes: config.cache_bytes,
+                cache_bytes: config.storage.cache_bytes,
                 log: hashq_storage::LogOptions {
-                    segment_bytes: config.log_segment_bytes,
+                    segment_bytes: config.storage.log_segment_bytes,
                     ..hashq_storage::LogOptions::default()
                 },
             },
@@ -330,9 +325,9 @@ impl Node {
             // An append RPC must finish within a heartbeat interval (openraft's timeout for
             // it): keep them to a few MiB.
             max_payload_entries: 8,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.storage.snapshot_every),
             snapshot_max_chunk_size: 4 << 20,
-            max_in_snapshot_log_to_keep: (config.snapshot_every / 2).min(1000),
+            max_in_snapshot_log_to_keep: (config.storage.snapshot_every / 2).min(1000),
             purge_batch_size: 64,
             // A witness votes and keeps the log but never stands for election: a leader must
             // serve clients and workers, which a witness does not. A node repairing damaged
@@ -365,7 +360,7 @@ impl Node {
                 metrics: Some(metrics.clone()),
                 request_timeout: timing.request_timeout,
                 batch_key_ttl: timing.internal_key_ttl,
-                in_flight: config.proposals_in_flight,
+                batching: config.batching,
                 limits: StoreLimits {
                     max_items: config.limits.max_backlog,
                     max_bytes: config.limits.max_backlog_bytes,

@@ -20,19 +20,11 @@ use openraft::error::{ClientWriteError, RaftError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use crate::config::Batching;
 use crate::error::ApiError;
 
 /// Path of the leader's batch entry point.
 pub const PROPOSE_ROUTE: &str = "/internal/propose";
-
-/// Most requests in one log entry.
-const MAX_BATCH_REQUESTS: usize = 1024;
-/// Most payload bytes in one log entry (a single larger request still goes alone).
-const MAX_BATCH_BYTES: usize = 1 << 20;
-/// Batches in flight at once by default; requests arriving meanwhile form the next batch.
-/// Few in flight means big batches (one log entry, one apply for many requests); enough to
-/// keep the pipeline to the followers busy.
-pub const DEFAULT_IN_FLIGHT: usize = 4;
 
 /// The answer to one request, with what the leader attaches after apply: the payloads of
 /// leased items, in the order of `Response::Leased::items`.
@@ -114,8 +106,8 @@ pub struct ProposerOptions {
     /// How long the state machine remembers a batch's key (see [`BatchSlot`]): longer than
     /// any retry of a request in it may take.
     pub batch_key_ttl: Duration,
-    /// Batches proposed at once.
-    pub in_flight: usize,
+    /// How requests are gathered into log entries.
+    pub batching: Batching,
     /// The bounds on stored state every command carries.
     pub limits: StoreLimits,
 }
@@ -298,7 +290,8 @@ fn request_bytes(r: &Request) -> usize {
 /// Gathers whatever requests are waiting into one batch, up to the limits, and sends it off;
 /// at most `in_flight` batches are under way, so under load batches grow by themselves.
 async fn batcher(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Pending>, sink: Sink) {
-    let in_flight = Arc::new(Semaphore::new(shared.options.in_flight.max(1)));
+    let batching = shared.options.batching;
+    let in_flight = Arc::new(Semaphore::new(batching.in_flight.max(1)));
     let mut carry: Option<Pending> = None;
     loop {
         let first = match carry.take() {
@@ -313,11 +306,11 @@ async fn batcher(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Pending>, 
         };
         let mut bytes = request_bytes(&first.request);
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH_REQUESTS {
+        while batch.len() < batching.max_requests {
             match rx.try_recv() {
                 Ok(p) => {
                     let b = request_bytes(&p.request);
-                    if bytes + b > MAX_BATCH_BYTES {
+                    if bytes + b > batching.max_bytes {
                         carry = Some(p);
                         break;
                     }

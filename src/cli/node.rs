@@ -27,7 +27,7 @@ pub async fn shutdown_signal() {
 }
 
 pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
-    let config = args.into_config().map_err(anyhow::Error::msg)?;
+    let config = args.into_config()?;
     if config.credentials.insecure {
         tracing::warn!(
             "running with --insecure: routes without a credential are open to anyone who can reach this port"
