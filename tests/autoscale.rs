@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{payload, reference, wait_for, Cluster, Options};
-use futures::StreamExt;
+use common::workload::{workers, SharedPayloads};
+use common::{wait_for, Cluster, Options};
 use serde_json::Value;
 
 const ITERATIONS: u32 = 200_000;
@@ -100,103 +100,31 @@ impl Sampler {
 }
 
 fn managed_slots(status: &Value) -> usize {
-    status["workers"]["list"]
-        .as_array()
-        .map_or(0, |l| l.iter().filter(|w| w["managed"] == true).count())
+    workers(status)
+        .iter()
+        .filter(|w| w["managed"] == true)
+        .count()
 }
 
-fn workers(status: &Value) -> Vec<Value> {
-    status["workers"]["list"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
-async fn enqueue_items(
-    cluster: &Cluster,
-    nodes: &[u64],
-    range: std::ops::Range<u64>,
-    iterations: u32,
-) -> Vec<(String, u64)> {
-    futures::stream::iter(range)
-        .map(|i| async move {
-            let node = nodes[i as usize % nodes.len()];
-            let id = cluster
-                .enqueue(node, item_payload(i), iterations, &format!("a-{i}"))
-                .await;
-            (id, i)
-        })
-        .buffer_unordered(16)
-        .collect()
-        .await
-}
-
-/// Items share a few payloads, so the test computes few references (hashing in the test is
-/// as slow as the product's is fast).
-fn item_payload(i: u64) -> Vec<u8> {
-    payload(i % 8, 1024)
-}
-
-/// Pulls until every id is back, checking values and that nothing comes twice.
-async fn pull_all(cluster: &Cluster, ids: &[(String, u64)], iterations: u32, timeout: Duration) {
-    // Only the payloads in use, computed before the clock starts: on a loaded machine the
-    // test's own hashing is the slow part.
-    let used: HashSet<u64> = ids.iter().map(|(_, i)| i % 8).collect();
-    let references: std::collections::HashMap<u64, String> = used
-        .into_iter()
-        .map(|k| (k, reference(&item_payload(k), iterations)))
-        .collect();
-    let deadline = std::time::Instant::now() + timeout;
-    let mut seen = HashSet::new();
-    let mut round = 0;
-    while seen.len() < ids.len() {
-        if std::time::Instant::now() > deadline {
-            for node in cluster.ids() {
-                eprintln!("node {node}: {:?}", cluster.get_json(node, "/status").await);
-            }
-            let missing: Vec<&String> = ids
-                .iter()
-                .map(|(w, _)| w)
-                .filter(|w| !seen.contains(*w))
-                .collect();
-            for w in missing.iter().take(5) {
-                eprintln!(
-                    "{w}: {:?}",
-                    cluster.get_json(1, &format!("/work/{w}")).await
-                );
-            }
-            panic!(
-                "only {} of {} items came back in {timeout:?}",
-                seen.len(),
-                ids.len()
-            );
-        }
-        round += 1;
-        let node = 1 + round % cluster.ids().len() as u64;
-        for (work_id, value) in cluster.pull(node, 100, &format!("pull-{round}")).await {
-            let i = ids
-                .iter()
-                .find(|(w, _)| *w == work_id)
-                .map(|(_, i)| *i)
-                .expect("a known id");
-            assert_eq!(value, references[&(i % 8)], "item {i}");
-            assert!(seen.insert(work_id.clone()), "{work_id} pulled twice");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
+/// Items share eight 1 KiB payloads.
+const ITEMS: SharedPayloads = SharedPayloads {
+    distinct: 8,
+    len: 1024,
+};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_burst_on_one_node_uses_the_whole_budget_then_scales_to_zero() {
     let cluster = Cluster::start(options(3, &[])).await;
     let sampler = Sampler::start(&cluster);
-    let ids = enqueue_items(&cluster, &[2], 0..200, ITERATIONS).await;
+    let ids = ITEMS.enqueue(&cluster, &[2], 0..200, ITERATIONS).await;
     wait_for("three workers running", Duration::from_secs(30), || async {
         let s = cluster.get_json(1, "/status").await?;
         (s["workers"]["running"] == 3).then_some(())
     })
     .await;
-    pull_all(&cluster, &ids, ITERATIONS, Duration::from_secs(120)).await;
+    ITEMS
+        .pull_all(&cluster, &ids, ITERATIONS, Duration::from_secs(120))
+        .await;
     // Idle workers exit and give their slots back.
     wait_for("every worker to exit", Duration::from_secs(30), || async {
         let s = cluster.get_json(3, "/status").await?;
@@ -232,7 +160,7 @@ async fn the_budget_holds_when_the_leader_dies_during_scale_up() {
     let sampler = Sampler::start(&cluster);
     let leader = cluster.wait_for_leader(Duration::from_secs(10)).await;
     let all = cluster.ids();
-    let (first, ()) = tokio::join!(enqueue_items(&cluster, &all, 0..90, ITERATIONS), async {
+    let (first, ()) = tokio::join!(ITEMS.enqueue(&cluster, &all, 0..90, ITERATIONS), async {
         wait_for(
             "the first launched worker",
             Duration::from_secs(30),
@@ -245,11 +173,15 @@ async fn the_budget_holds_when_the_leader_dies_during_scale_up() {
     });
     cluster.kill_node(leader);
     let survivors: Vec<u64> = all.iter().copied().filter(|id| *id != leader).collect();
-    let more = enqueue_items(&cluster, &survivors, 90..150, ITERATIONS).await;
+    let more = ITEMS
+        .enqueue(&cluster, &survivors, 90..150, ITERATIONS)
+        .await;
     cluster.wait_for_leader(Duration::from_secs(30)).await;
     cluster.start_node(leader);
     let ids: Vec<(String, u64)> = first.into_iter().chain(more).collect();
-    pull_all(&cluster, &ids, ITERATIONS, Duration::from_secs(180)).await;
+    ITEMS
+        .pull_all(&cluster, &ids, ITERATIONS, Duration::from_secs(180))
+        .await;
     let (max_processes, max_slots) = sampler.finish().await;
     assert!(
         max_processes <= 4,
@@ -262,7 +194,7 @@ async fn the_budget_holds_when_the_leader_dies_during_scale_up() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_killed_mid_lease_is_replaced_and_its_item_completes() {
     let cluster = Cluster::start(options(1, &[])).await;
-    let ids = enqueue_items(&cluster, &[1], 0..6, 1_500_000).await;
+    let ids = ITEMS.enqueue(&cluster, &[1], 0..6, 1_500_000).await;
     let victim = wait_for(
         "a worker holding a lease",
         Duration::from_secs(30),
@@ -296,7 +228,9 @@ async fn a_worker_killed_mid_lease_is_replaced_and_its_item_completes() {
     })
     .await;
     assert_ne!(replacement["id"], victim_id.as_str());
-    pull_all(&cluster, &ids, 1_500_000, Duration::from_secs(120)).await;
+    ITEMS
+        .pull_all(&cluster, &ids, 1_500_000, Duration::from_secs(120))
+        .await;
     let status = cluster.get_json(3, "/status").await.unwrap();
     assert!(
         status["totals"]["expired_leases"].as_u64().unwrap() >= 1,
@@ -308,7 +242,7 @@ async fn a_worker_killed_mid_lease_is_replaced_and_its_item_completes() {
 #[tokio::test(flavor = "multi_thread")]
 async fn orphaned_workers_keep_working_under_a_new_parent_and_nothing_launches_twice() {
     let mut cluster = Cluster::start(options(2, &[])).await;
-    let first = enqueue_items(&cluster, &[1, 2, 3], 0..30, 600_000).await;
+    let first = ITEMS.enqueue(&cluster, &[1, 2, 3], 0..30, 600_000).await;
     let (parent, worker_ids) =
         wait_for("two launched workers", Duration::from_secs(30), || async {
             let s = cluster.get_json(1, "/status").await?;
@@ -343,10 +277,12 @@ async fn orphaned_workers_keep_working_under_a_new_parent_and_nothing_launches_t
         },
     )
     .await;
-    let more = enqueue_items(&cluster, &[survivor], 30..45, 600_000).await;
+    let more = ITEMS.enqueue(&cluster, &[survivor], 30..45, 600_000).await;
     cluster.start_node(parent);
     let ids: Vec<(String, u64)> = first.into_iter().chain(more).collect();
-    pull_all(&cluster, &ids, 600_000, Duration::from_secs(120)).await;
+    ITEMS
+        .pull_all(&cluster, &ids, 600_000, Duration::from_secs(120))
+        .await;
     // No slot was launched twice: still the same two workers, and never more than two.
     let s = cluster.get_json(parent, "/status").await.unwrap();
     let ids_now: HashSet<String> = workers(&s)
@@ -363,7 +299,7 @@ async fn orphaned_workers_keep_working_under_a_new_parent_and_nothing_launches_t
 #[tokio::test(flavor = "multi_thread")]
 async fn with_every_node_gone_workers_exit_by_themselves() {
     let mut cluster = Cluster::start(options(2, &[])).await;
-    enqueue_items(&cluster, &[1], 0..20, 2_000_000).await;
+    ITEMS.enqueue(&cluster, &[1], 0..20, 2_000_000).await;
     wait_for("two worker processes", Duration::from_secs(30), || async {
         (cluster.worker_processes().len() == 2).then_some(())
     })

@@ -24,10 +24,8 @@ use std::time::Duration;
 use aws_sdk_ec2::config::Credentials;
 use aws_sdk_ec2::types::{Filter, InstanceStateName, ResourceType, Tag, TagSpecification};
 use base64::Engine as _;
-use common::{
-    free_port, payload, reference, wait_for, Cluster, Options, ADMIN_TOKEN, TOKEN, WORKER_TOKEN,
-};
-use futures::StreamExt;
+use common::workload::{workers, SharedPayloads};
+use common::{free_port, wait_for, Cluster, Options, ADMIN_TOKEN, TOKEN, WORKER_TOKEN};
 use serde_json::Value;
 
 /// Dummy credentials for the emulator (it accepts any); the product reads none of its own.
@@ -718,66 +716,21 @@ async fn ec2_cluster(
     .await
 }
 
-fn workers(status: &Value) -> Vec<Value> {
-    status["workers"]["list"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
+/// Items share four 2 KiB payloads.
+const ITEMS: SharedPayloads = SharedPayloads {
+    distinct: 4,
+    len: 2048,
+};
 
+/// Enqueues items `range` spread over every node.
 async fn enqueue_items(
     cluster: &Cluster,
     range: std::ops::Range<u64>,
     iterations: u32,
 ) -> Vec<(String, u64)> {
-    let nodes = cluster.ids();
-    futures::stream::iter(range)
-        .map(|i| {
-            let node = nodes[i as usize % nodes.len()];
-            async move {
-                let id = cluster
-                    .enqueue(node, item_payload(i), iterations, &format!("e-{i}"))
-                    .await;
-                (id, i)
-            }
-        })
-        .buffer_unordered(16)
-        .collect()
+    ITEMS
+        .enqueue(cluster, &cluster.ids(), range, iterations)
         .await
-}
-
-fn item_payload(i: u64) -> Vec<u8> {
-    payload(i % 4, 2048)
-}
-
-async fn pull_all(cluster: &Cluster, ids: &[(String, u64)], iterations: u32, timeout: Duration) {
-    let references: Vec<String> = (0..4)
-        .map(|i| reference(&item_payload(i), iterations))
-        .collect();
-    let deadline = std::time::Instant::now() + timeout;
-    let mut seen = HashSet::new();
-    let mut round = 0;
-    while seen.len() < ids.len() {
-        if std::time::Instant::now() > deadline {
-            eprintln!("status: {:?}", cluster.get_json(1, "/status").await);
-            panic!(
-                "only {} of {} results in {timeout:?}",
-                seen.len(),
-                ids.len()
-            );
-        }
-        round += 1;
-        for (work_id, value) in cluster.pull(1, 100, &format!("pull-{round}")).await {
-            let i = ids
-                .iter()
-                .find(|(w, _)| *w == work_id)
-                .map(|(_, i)| *i)
-                .expect("a known work id");
-            assert_eq!(value, references[(i % 4) as usize], "item {i}");
-            assert!(seen.insert(work_id), "a result came twice");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 async fn set_max_workers(cluster: &Cluster, max: u32) {
@@ -836,7 +789,9 @@ async fn backlog_launches_tagged_worker_instances_within_the_budget_and_idle_one
         || async { (hypervisor.booted() >= 2).then_some(()) },
     )
     .await;
-    pull_all(&cluster, &ids, ITERATIONS, Duration::from_secs(90)).await;
+    ITEMS
+        .pull_all(&cluster, &ids, ITERATIONS, Duration::from_secs(90))
+        .await;
     assert!(hypervisor.errors().is_empty(), "{:?}", hypervisor.errors());
 
     // Every worker instance is tagged and configured as the launcher promises.

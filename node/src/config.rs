@@ -52,6 +52,15 @@ pub enum PeersError {
     Empty,
 }
 
+/// A timing setting in the whole milliseconds that openraft's config and the worker wire
+/// protocol take. Never 0: a sub-millisecond period rounds up to 1 ms, because a zero
+/// heartbeat or election timeout is refused by openraft and a zero lease or heartbeat would
+/// make a worker spin. At overflow (a duration beyond `u64::MAX` ms, some 584 million years)
+/// it saturates at `u64::MAX` instead of wrapping to a short period.
+pub fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
 /// What a node is for.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -851,5 +860,13 @@ mod tests {
             ..Timing::default()
         };
         assert!(t.validate().is_err());
+    }
+
+    #[test]
+    fn millis_is_never_zero_and_saturates() {
+        assert_eq!(millis(Duration::from_millis(1500)), 1500);
+        assert_eq!(millis(Duration::from_micros(1999)), 1);
+        assert_eq!(millis(Duration::ZERO), 1);
+        assert_eq!(millis(Duration::MAX), u64::MAX);
     }
 }

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use hashq_raft::command::Rejection;
+use hashq_raft::command::{Rejection, Response as SmResponse};
 use hashq_raft::wire::{codes, ErrorBody, ErrorDetail};
 use hashq_raft::{NodeId, WorkerId};
 use serde::{Deserialize, Serialize};
@@ -63,6 +63,14 @@ impl ApiError {
             code: code.to_string(),
             message: message.into(),
         }
+    }
+
+    /// The state machine answered a request with a response of another kind: a bug, never
+    /// the caller's fault.
+    pub fn unexpected(response: SmResponse) -> Self {
+        ApiError::Internal(format!(
+            "unexpected answer from the state machine: {response:?}"
+        ))
     }
 
     /// Whether trying again (on this node or another) may succeed.

@@ -12,7 +12,7 @@ use hashq_storage::{SmReader, StoreOptions};
 use openraft::SnapshotPolicy;
 use tokio::net::TcpListener;
 
-use crate::config::{NodeConfig, Role};
+use crate::config::{millis, NodeConfig, Role};
 use crate::launcher::{self, Launcher};
 use crate::metrics::{NodeMetrics, StoreTimings};
 use crate::proposer::{Proposer, ProposerOptions};
@@ -287,10 +287,6 @@ async fn sit_out_an_election_if_fresh(
         tokio::time::sleep(wait).await;
     }
     Ok(())
-}
-
-fn millis(d: Duration) -> u64 {
-    d.as_millis().max(1) as u64
 }
 
 impl Node {

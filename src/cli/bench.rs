@@ -4,181 +4,56 @@
 //! 16 KiB payloads), pullCompleted throughput, the end-to-end overhead a warm worker adds
 //! beyond hashing, failover time after a leader SIGKILL, and the worker's iterated SHA-512
 //! rate beside OpenSSL's single-core rate, and the nodes' resident memory with and without a
-//! backlog. Every process it starts is killed when it ends.
+//! backlog. The cluster is `hashq-testkit`'s, the harness the end-to-end tests use: every
+//! process it starts is killed when it ends.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use hashq_testkit::{Cluster, Credentials, Spec};
 use serde_json::{json, Value};
 
 use super::BenchArgs;
 
-/// The bench's own cluster, killed on drop.
-struct BenchCluster {
-    _dir: tempfile::TempDir,
-    dir: PathBuf,
-    binary: PathBuf,
-    ports: Vec<u16>,
-    token: String,
-    worker_token: String,
-    nodes: Vec<Option<Child>>,
-    workers: Vec<Child>,
+/// Starts the bench's cluster (killed on drop): `nodes` nodes on free loopback ports with
+/// fresh tokens, no launcher, and room for any backlog the runs build.
+fn start_cluster(nodes: usize, http: reqwest::Client) -> anyhow::Result<Cluster> {
+    let ports = (0..nodes)
+        .map(|_| hashq_testkit::free_port())
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let mut cluster = Cluster::new(Spec {
+        binary: std::env::current_exe()?,
+        dir: tempfile::Builder::new().prefix("hashq-bench-").tempdir()?,
+        data_root: None,
+        ports,
+        advertised: None,
+        credentials: Credentials::random(),
+        node_log: "warn".into(),
+        worker_log: "warn".into(),
+        http,
+    });
+    let args = ["--launcher", "none", "--max-backlog", "10000000"].map(String::from);
+    for id in cluster.ids() {
+        cluster.spawn_node(id, &args, &[])?;
+    }
+    Ok(cluster)
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// Each node's resident memory in MiB (`None` for a killed one), to show it stays flat as
+/// the backlog grows: payloads live in sled on disk, RAM holds a bounded cache.
+fn rss_mib(cluster: &Cluster) -> Vec<Option<f64>> {
+    cluster
+        .ids()
+        .into_iter()
+        .map(|id| Some(proc_rss_mib(cluster.node_pid(id)?)?.round()))
+        .collect()
 }
 
-impl BenchCluster {
-    fn start(nodes: usize) -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new().prefix("hashq-bench-").tempdir()?;
-        let ports = (0..nodes)
-            .map(|_| free_port())
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let mut cluster = BenchCluster {
-            dir: dir.path().to_path_buf(),
-            _dir: dir,
-            binary: std::env::current_exe()?,
-            ports,
-            token: format!("{:032x}", rand::random::<u128>()),
-            worker_token: format!("{:032x}", rand::random::<u128>()),
-            nodes: Vec::new(),
-            workers: Vec::new(),
-        };
-        for id in 1..=nodes as u64 {
-            let child = cluster.spawn_node(id)?;
-            cluster.nodes.push(Some(child));
-        }
-        Ok(cluster)
-    }
-
-    fn url(&self, id: u64) -> String {
-        format!("http://127.0.0.1:{}", self.ports[id as usize - 1])
-    }
-
-    fn endpoints(&self) -> String {
-        (1..=self.ports.len() as u64)
-            .map(|id| self.url(id))
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
-    fn spawn_node(&self, id: u64) -> anyhow::Result<Child> {
-        let peers = self
-            .ports
-            .iter()
-            .enumerate()
-            .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
-            .collect::<Vec<_>>()
-            .join(",");
-        let log = std::fs::File::create(self.dir.join(format!("node-{id}.log")))?;
-        Command::new(&self.binary)
-            .arg("node")
-            .args(["--id", &id.to_string()])
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{}", self.ports[id as usize - 1]),
-            ])
-            .args(["--peers", &peers])
-            .arg("--data-dir")
-            .arg(self.dir.join(format!("node-{id}")))
-            .args(["--cluster-token", &self.token, "--launcher", "none"])
-            .args(["--worker-token", &self.worker_token])
-            .args(["--max-backlog", "10000000"])
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("starting a node")
-    }
-
-    fn start_worker(&mut self) -> anyhow::Result<()> {
-        let log =
-            std::fs::File::create(self.dir.join(format!("worker-{}.log", self.workers.len())))?;
-        let child = Command::new(&self.binary)
-            .arg("worker")
-            .args(["--endpoints", &self.endpoints(), "--idle-timeout", "1h"])
-            .env("HASHQ_WORKER_TOKEN", &self.worker_token)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()?;
-        self.workers.push(child);
-        Ok(())
-    }
-
-    /// Each live node's resident memory in MiB (Linux `/proc`), to show it stays flat as the
-    /// backlog grows: payloads live in sled on disk, RAM holds a bounded cache.
-    fn rss_mib(&self) -> Vec<Option<f64>> {
-        self.nodes
-            .iter()
-            .map(|child| Some(proc_rss_mib(child.as_ref()?.id())?.round()))
-            .collect()
-    }
-
-    fn kill_node(&mut self, id: u64) {
-        if let Some(mut child) = self.nodes[id as usize - 1].take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    async fn leader(&self, http: &reqwest::Client) -> Option<u64> {
-        for (i, node) in self.nodes.iter().enumerate() {
-            if node.is_none() {
-                continue;
-            }
-            let url = format!("{}/health", self.url(i as u64 + 1));
-            if let Ok(answer) = http
-                .get(url)
-                .timeout(Duration::from_millis(500))
-                .send()
-                .await
-            {
-                if let Ok(v) = answer.json::<Value>().await {
-                    if let Some(l) = v["leader"].as_u64() {
-                        if self.nodes[l as usize - 1].is_some() {
-                            return Some(l);
-                        }
-                    }
-                }
-            }
-        }
-        None
-    }
-
-    async fn wait_leader(&self, http: &reqwest::Client) -> anyhow::Result<u64> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Some(l) = self.leader(http).await {
-                return Ok(l);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        bail!("no leader after 30s (logs in {})", self.dir.display())
-    }
-}
-
-impl Drop for BenchCluster {
-    fn drop(&mut self) {
-        for child in self
-            .workers
-            .iter_mut()
-            .chain(self.nodes.iter_mut().flatten())
-        {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
+/// How long the bench waits for a leader.
+const LEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What a node has done so far, read from its /metrics and from /proc.
 #[derive(Clone, Default)]
@@ -215,16 +90,7 @@ fn proc_write_bytes(pid: u32) -> Option<f64> {
 }
 
 fn proc_rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kib / 1024.0)
+    Some(hashq_testkit::rss_kib(pid)? as f64 / 1024.0)
 }
 
 /// One value of a Prometheus text exposition, by series name (labels ignored).
@@ -239,15 +105,16 @@ fn series(text: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-async fn sample(cluster: &BenchCluster, http: &reqwest::Client) -> Vec<Option<NodeSample>> {
+async fn sample(cluster: &Cluster) -> Vec<Option<NodeSample>> {
     let mut out = Vec::new();
-    for (i, child) in cluster.nodes.iter().enumerate() {
-        let Some(pid) = child.as_ref().map(Child::id) else {
+    for id in cluster.ids() {
+        let Some(pid) = cluster.node_pid(id) else {
             out.push(None);
             continue;
         };
-        let text = match http
-            .get(format!("{}/metrics", cluster.url(i as u64 + 1)))
+        let text = match cluster
+            .http
+            .get(format!("{}/metrics", cluster.url(id)))
             .send()
             .await
         {
@@ -322,27 +189,27 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// `clients` loops enqueueing `size`-byte payloads round-robin over the nodes for `duration`.
-async fn enqueue_load(
-    cluster: &BenchCluster,
-    http: &reqwest::Client,
-    clients: usize,
-    size: usize,
-    duration: Duration,
-) -> Value {
+async fn enqueue_load(cluster: &Cluster, clients: usize, size: usize, duration: Duration) -> Value {
     let urls: Arc<Vec<String>> = Arc::new(
-        (1..=cluster.ports.len() as u64)
+        cluster
+            .ids()
+            .into_iter()
             .map(|id| cluster.url(id))
             .collect(),
     );
     let payload = bytes::Bytes::from(vec![0x5au8; size]);
-    let before = sample(cluster, http).await;
+    let before = sample(cluster).await;
     let started = Instant::now();
     let stop_at = started + duration;
     let errors = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for c in 0..clients {
-        let (http, urls, payload, errors) =
-            (http.clone(), urls.clone(), payload.clone(), errors.clone());
+        let (http, urls, payload, errors) = (
+            cluster.http.clone(),
+            urls.clone(),
+            payload.clone(),
+            errors.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut n = c;
@@ -368,7 +235,7 @@ async fn enqueue_load(
         all.extend(t.await.unwrap_or_default());
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let after = sample(cluster, http).await;
+    let after = sample(cluster).await;
     all.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     json!({
         "clients": clients,
@@ -386,14 +253,15 @@ async fn enqueue_load(
 }
 
 /// Takes everything completed, `top` at a time, and reports items/s.
-async fn pull_rate(cluster: &BenchCluster, http: &reqwest::Client) -> anyhow::Result<Value> {
+async fn pull_rate(cluster: &Cluster) -> anyhow::Result<Value> {
     let started = Instant::now();
     let (mut items, mut calls) = (0u64, 0u64);
     loop {
-        let answer: Value = http
+        let answer: Value = cluster
+            .http
             .post(format!(
                 "{}/pullCompleted?top=1000",
-                cluster.url(1 + calls % cluster.ports.len() as u64)
+                cluster.url(1 + calls % cluster.ids().len() as u64)
             ))
             .send()
             .await?
@@ -410,8 +278,9 @@ async fn pull_rate(cluster: &BenchCluster, http: &reqwest::Client) -> anyhow::Re
     Ok(json!({ "items": items, "calls": calls, "items_per_second": (items as f64 / secs).round() }))
 }
 
-async fn status(cluster: &BenchCluster, http: &reqwest::Client, id: u64) -> anyhow::Result<Value> {
-    Ok(http
+async fn status(cluster: &Cluster, id: u64) -> anyhow::Result<Value> {
+    Ok(cluster
+        .http
         .get(format!("{}/status", cluster.url(id)))
         .send()
         .await?
@@ -421,13 +290,9 @@ async fn status(cluster: &BenchCluster, http: &reqwest::Client, id: u64) -> anyh
 
 /// The end-to-end cost a warm worker adds beyond hashing, from the leader-stamped enqueue and
 /// completion times (1 ms resolution), one job at a time.
-async fn worker_overhead(
-    cluster: &mut BenchCluster,
-    http: &reqwest::Client,
-    rate: f64,
-    jobs: usize,
-) -> anyhow::Result<Value> {
-    cluster.start_worker()?;
+async fn worker_overhead(cluster: &mut Cluster, rate: f64, jobs: usize) -> anyhow::Result<Value> {
+    cluster.spawn_worker(&[])?;
+    let http = &cluster.http;
     let iterations = 10_000u32;
     let hashing_ms = f64::from(iterations) / rate * 1000.0;
     let mut overheads = Vec::new();
@@ -470,7 +335,7 @@ async fn worker_overhead(
     let jobs_per_second = (jobs + 5) as f64 / started.elapsed().as_secs_f64();
     overheads.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     // Drain what the pull phase should not count.
-    let _ = pull_rate(cluster, http).await?;
+    let _ = pull_rate(cluster).await?;
     Ok(json!({
         "jobs": jobs,
         "iterations": iterations,
@@ -481,9 +346,11 @@ async fn worker_overhead(
 }
 
 /// Time from a leader SIGKILL until a write is acknowledged again.
-async fn failover(cluster: &mut BenchCluster, http: &reqwest::Client) -> anyhow::Result<Value> {
-    let leader = cluster.wait_leader(http).await?;
-    let survivors: Vec<String> = (1..=cluster.ports.len() as u64)
+async fn failover(cluster: &mut Cluster) -> anyhow::Result<Value> {
+    let leader = cluster.wait_for_leader(LEADER_TIMEOUT).await?;
+    let survivors: Vec<String> = cluster
+        .ids()
+        .into_iter()
         .filter(|id| *id != leader)
         .map(|id| cluster.url(id))
         .collect();
@@ -493,7 +360,8 @@ async fn failover(cluster: &mut BenchCluster, http: &reqwest::Client) -> anyhow:
     let acknowledged = loop {
         let url = &survivors[attempts as usize % survivors.len()];
         attempts += 1;
-        let answer = http
+        let answer = cluster
+            .http
             .put(format!("{url}/enqueue?iterations=1"))
             .body(vec![1u8; 64])
             .timeout(Duration::from_secs(5))
@@ -542,19 +410,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let openssl = openssl_sha512_rate();
 
     eprintln!("hashq bench: starting a {}-node cluster", args.nodes);
-    let mut cluster = BenchCluster::start(args.nodes)?;
-    cluster.wait_leader(&http).await?;
+    let mut cluster = start_cluster(args.nodes, http)?;
+    cluster.wait_for_leader(LEADER_TIMEOUT).await?;
 
-    let rss_empty = cluster.rss_mib();
+    let rss_empty = rss_mib(&cluster);
     let mut enqueue = Vec::new();
     for &(clients, size) in &args.runs.0 {
         eprintln!(
             "hashq bench: enqueue, {clients} clients, {size} B payloads, {}s",
             args.seconds
         );
-        enqueue.push(enqueue_load(&cluster, &http, clients, size, seconds).await);
+        enqueue.push(enqueue_load(&cluster, clients, size, seconds).await);
     }
-    let queued = status(&cluster, &http, 1).await?["counts"]["queued"]
+    let queued = status(&cluster, 1).await?["counts"]["queued"]
         .as_u64()
         .unwrap_or(0);
     let backlog_bytes: u64 = enqueue
@@ -565,7 +433,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "backlog_items": queued,
         "backlog_mib": backlog_bytes >> 20,
         "node_rss_mib_empty": rss_empty,
-        "node_rss_mib_with_backlog": cluster.rss_mib(),
+        "node_rss_mib_with_backlog": rss_mib(&cluster),
     });
 
     if args.enqueue_only {
@@ -575,11 +443,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     eprintln!("hashq bench: workers draining {queued} one-iteration items");
     for _ in 0..2 {
-        cluster.start_worker()?;
+        cluster.spawn_worker(&[])?;
     }
     let drain_started = Instant::now();
     loop {
-        let s = status(&cluster, &http, 1).await?;
+        let s = status(&cluster, 1).await?;
         if s["counts"]["queued"] == 0 && s["counts"]["running"] == 0 {
             break;
         }
@@ -590,15 +458,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let drain_secs = drain_started.elapsed().as_secs_f64();
     eprintln!("hashq bench: pulling");
-    let pull = pull_rate(&cluster, &http).await?;
-    for mut w in cluster.workers.drain(..) {
-        let _ = w.kill();
-        let _ = w.wait();
-    }
+    let pull = pull_rate(&cluster).await?;
+    cluster.kill_workers();
     eprintln!("hashq bench: warm worker overhead");
-    let overhead = worker_overhead(&mut cluster, &http, chain_rate, args.jobs).await?;
+    let overhead = worker_overhead(&mut cluster, chain_rate, args.jobs).await?;
     eprintln!("hashq bench: failover");
-    let failover = failover(&mut cluster, &http).await?;
+    let failover = failover(&mut cluster).await?;
 
     let machine = json!({
         "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),

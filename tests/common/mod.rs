@@ -1,15 +1,18 @@
-//! A harness for end-to-end tests: real `hashq` processes on loopback, free ports, logs in a
-//! temporary directory (printed when a test fails), every process killed on drop.
+//! The end-to-end tests' harness: the shared process harness (`hashq-testkit`, which
+//! `hashq bench` runs too) with the tests' credentials and binary, panicking helpers, the
+//! client calls the tests repeat, and logs printed and kept when a test fails; [`proxy`]
+//! injects network faults between nodes; [`workload`] enqueues items that share a few
+//! payloads and pulls them all back checked.
 
 #![allow(dead_code)]
 
 pub mod proxy;
+pub mod workload;
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::net::TcpListener;
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -32,19 +35,12 @@ pub fn binary() -> PathBuf {
 
 /// A process's resident memory in KiB, from /proc.
 pub fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    hashq_testkit::rss_kib(pid)
 }
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    hashq_testkit::free_port().expect("a free port")
 }
 
 /// The reference work function, written from the spec with the `sha2` crate, independent of
@@ -57,27 +53,15 @@ pub fn reference(payload: &[u8], iterations: u32) -> String {
     hex::encode(value)
 }
 
-/// Waits for `check` to return `Some`, polling, up to `timeout`.
-pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+/// Waits for `check` to return `Some`, polling, up to `timeout`; panics naming `what` then.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        if Instant::now() > deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-struct Proc {
-    child: Child,
-    log: PathBuf,
+    hashq_testkit::poll_until(timeout, check)
+        .await
+        .unwrap_or_else(|| panic!("timed out after {timeout:?} waiting for {what}"))
 }
 
 /// Options for the nodes of a test cluster.
@@ -111,21 +95,31 @@ impl Default for Options {
     }
 }
 
-/// A cluster of real `hashq node` processes and the workers a test starts.
+/// A cluster of real `hashq node` processes and the workers a test starts: the shared
+/// harness ([`hashq_testkit::Cluster`], reached through `Deref`) with the tests' credentials,
+/// an optional fault-injecting proxy, methods that panic instead of returning errors, and
+/// the logs printed and kept when a test fails.
 pub struct Cluster {
-    pub dir: tempfile::TempDir,
-    /// The ports nodes listen on (clients in the tests talk to these).
-    pub ports: Vec<u16>,
-    /// The ports in `--peers` (the proxy's when proxied): peers and workers use these.
-    pub advertised: Vec<u16>,
+    processes: hashq_testkit::Cluster,
     pub proxy: Option<proxy::Proxy>,
     options: Options,
-    nodes: HashMap<u64, Proc>,
-    workers: Vec<Proc>,
     /// Environment and flags given to particular nodes (see [`Cluster::start_with`]).
     node_env: Vec<(String, String)>,
     node_extra: HashMap<u64, Vec<String>>,
-    pub http: reqwest::Client,
+}
+
+impl Deref for Cluster {
+    type Target = hashq_testkit::Cluster;
+
+    fn deref(&self) -> &hashq_testkit::Cluster {
+        &self.processes
+    }
+}
+
+impl DerefMut for Cluster {
+    fn deref_mut(&mut self) -> &mut hashq_testkit::Cluster {
+        &mut self.processes
+    }
 }
 
 impl Cluster {
@@ -151,24 +145,34 @@ impl Cluster {
             let routes: Vec<(u64, u16, u16)> = (0..options.nodes)
                 .map(|i| (i as u64 + 1, advertised[i], ports[i]))
                 .collect();
-            (advertised, Some(proxy::Proxy::start(&routes).await))
+            (Some(advertised), Some(proxy::Proxy::start(&routes).await))
         } else {
-            (ports.clone(), None)
+            (None, None)
         };
-        let mut cluster = Cluster {
+        let processes = hashq_testkit::Cluster::new(hashq_testkit::Spec {
+            binary: binary(),
             dir: tempfile::tempdir().expect("temp dir"),
+            data_root: options.data_root.clone(),
             ports,
             advertised,
-            proxy,
-            options,
-            nodes: HashMap::new(),
-            workers: Vec::new(),
-            node_env,
-            node_extra,
+            credentials: hashq_testkit::Credentials {
+                cluster: TOKEN.into(),
+                worker: WORKER_TOKEN.into(),
+                admin: Some(ADMIN_TOKEN.into()),
+            },
+            node_log: "info,openraft=warn".into(),
+            worker_log: "info".into(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
                 .build()
                 .unwrap(),
+        });
+        let mut cluster = Cluster {
+            processes,
+            proxy,
+            options,
+            node_env,
+            node_extra,
         };
         for id in 1..=cluster.options.nodes as u64 {
             cluster.start_node(id);
@@ -177,53 +181,13 @@ impl Cluster {
         cluster
     }
 
-    pub fn ids(&self) -> Vec<u64> {
-        (1..=self.options.nodes as u64).collect()
-    }
-
-    pub fn peers(&self) -> String {
-        self.advertised
-            .iter()
-            .enumerate()
-            .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
-    pub fn url(&self, id: u64) -> String {
-        format!("http://127.0.0.1:{}", self.ports[id as usize - 1])
-    }
-
-    /// The endpoint list workers get (through the proxy when there is one).
-    pub fn endpoints(&self) -> String {
-        self.advertised
-            .iter()
-            .map(|p| format!("http://127.0.0.1:{p}"))
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
-    pub fn data_dir(&self, id: u64) -> PathBuf {
-        self.options
-            .data_root
-            .as_deref()
-            .unwrap_or(self.dir.path())
-            .join(format!("node-{id}"))
-    }
-
     /// Starts (or restarts) node `id` with its data directory.
     pub fn start_node(&mut self, id: u64) {
         self.start_node_with(id, &[]);
     }
 
+    /// Starts (or restarts) node `id` with `extra` flags after the cluster's and its own.
     pub fn start_node_with(&mut self, id: u64, extra: &[&str]) {
-        assert!(!self.nodes.contains_key(&id), "node {id} is running");
-        let log = self.dir.path().join(format!("node-{id}.log"));
-        let out = File::options()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
         let per_node = self.node_extra.get(&id).cloned().unwrap_or_default();
         let own_launcher = self
             .options
@@ -232,87 +196,30 @@ impl Cluster {
             .chain(&per_node)
             .any(|a| a == "--launcher")
             || extra.contains(&"--launcher");
-        let mut cmd = Command::new(binary());
-        cmd.arg("node")
-            .args(["--id", &id.to_string()])
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{}", self.ports[id as usize - 1]),
-            ])
-            .args(["--peers", &self.peers()])
-            .arg("--data-dir")
-            .arg(self.data_dir(id))
-            .args(["--cluster-token", TOKEN])
-            .args(["--worker-token", WORKER_TOKEN])
-            .args(["--admin-token", ADMIN_TOKEN]);
+        let mut args: Vec<String> = Vec::new();
         if !own_launcher {
-            cmd.args([
-                "--launcher",
-                if self.options.launch_workers {
-                    "local"
-                } else {
-                    "none"
-                },
-            ]);
+            let launcher = if self.options.launch_workers {
+                "local"
+            } else {
+                "none"
+            };
+            args.extend(["--launcher".into(), launcher.into()]);
         }
         if self.options.proxied {
-            cmd.args(["--outbound-addr", &proxy::node_addr(id).to_string()]);
+            args.extend(["--outbound-addr".into(), proxy::node_addr(id).to_string()]);
         }
-        cmd.args(&self.options.node_args)
-            .args(&per_node)
-            .args(extra)
-            .envs(self.node_env.iter().map(|(k, v)| (k, v)))
-            .env("RUST_LOG", "info,openraft=warn")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out);
-        let child = cmd.spawn().expect("spawn hashq node");
-        self.nodes.insert(id, Proc { child, log });
-    }
-
-    /// SIGKILLs node `id`.
-    pub fn kill_node(&mut self, id: u64) {
-        if let Some(mut p) = self.nodes.remove(&id) {
-            let _ = p.child.kill();
-            let _ = p.child.wait();
-        }
+        args.extend(self.options.node_args.iter().cloned());
+        args.extend(per_node);
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let env = self.node_env.clone();
+        self.processes
+            .spawn_node(id, &args, &env)
+            .expect("spawn hashq node");
     }
 
     /// SIGTERMs node `id` and waits for it to exit.
     pub fn stop_node(&mut self, id: u64) {
-        if let Some(mut p) = self.nodes.remove(&id) {
-            signal(&p.child, "TERM");
-            wait_exit(&mut p.child, Duration::from_secs(10));
-        }
-    }
-
-    /// SIGSTOPs node `id` (it keeps its sockets but answers nothing).
-    pub fn pause_node(&self, id: u64) {
-        if let Some(p) = self.nodes.get(&id) {
-            signal(&p.child, "STOP");
-        }
-    }
-
-    pub fn resume_node(&self, id: u64) {
-        if let Some(p) = self.nodes.get(&id) {
-            signal(&p.child, "CONT");
-        }
-    }
-
-    pub fn node_running(&self, id: u64) -> bool {
-        self.nodes.contains_key(&id)
-    }
-
-    /// Whether node `id`'s process is still alive (it was started and has not exited).
-    pub fn node_alive(&mut self, id: u64) -> bool {
-        self.nodes
-            .get_mut(&id)
-            .is_some_and(|p| matches!(p.child.try_wait(), Ok(None)))
-    }
-
-    /// The pid of node `id`'s process.
-    pub fn node_pid(&self, id: u64) -> Option<u32> {
-        self.nodes.get(&id).map(|p| p.child.id())
+        self.processes.stop_node(id, Duration::from_secs(10));
     }
 
     /// Node `id`'s resident memory in KiB, from /proc.
@@ -322,52 +229,10 @@ impl Cluster {
 
     /// Starts a worker pointed at every node; returns its index.
     pub fn start_worker(&mut self, extra: &[&str]) -> usize {
-        let k = self.workers.len();
-        let log = self.dir.path().join(format!("worker-{k}.log"));
-        let out = File::options()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
-        let child = Command::new(binary())
-            .arg("worker")
-            .args(["--endpoints", &self.endpoints()])
-            .args(["--worker-token", WORKER_TOKEN])
-            .args(["--idle-timeout", "1h"])
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("spawn hashq worker");
-        self.workers.push(Proc { child, log });
-        k
-    }
-
-    pub fn worker_pid(&self, k: usize) -> u32 {
-        self.workers[k].child.id()
-    }
-
-    pub fn kill_worker(&mut self, k: usize) {
-        let _ = self.workers[k].child.kill();
-        let _ = self.workers[k].child.wait();
-    }
-
-    /// Whether worker `k` has exited (and reaps it).
-    pub fn worker_exited(&mut self, k: usize) -> bool {
-        matches!(self.workers[k].child.try_wait(), Ok(Some(_)))
-    }
-
-    pub async fn get_json(&self, id: u64, path: &str) -> Option<Value> {
-        let r = self
-            .http
-            .get(format!("{}{}", self.url(id), path))
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await
-            .ok()?;
-        r.json().await.ok()
+        let args: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+        self.processes
+            .spawn_worker(&args)
+            .expect("spawn hashq worker")
     }
 
     /// A node's Prometheus metrics (panics when the node does not answer).
@@ -382,24 +247,12 @@ impl Cluster {
             .expect("the metrics text")
     }
 
-    /// The leader as some running node reports it, once the running nodes agree.
-    pub async fn leader(&self) -> Option<u64> {
-        let mut seen = None;
-        for id in self.ids() {
-            if !self.node_running(id) {
-                continue;
-            }
-            let leader = self.get_json(id, "/health").await?["leader"].as_u64()?;
-            if seen.is_some_and(|s| s != leader) {
-                return None;
-            }
-            seen = Some(leader);
-        }
-        seen.filter(|l| self.node_running(*l))
-    }
-
+    /// Waits for the running nodes to agree on a running leader (panics after `timeout`).
     pub async fn wait_for_leader(&self, timeout: Duration) -> u64 {
-        wait_for("a leader", timeout, || self.leader()).await
+        self.processes
+            .wait_for_leader(timeout)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// `PUT /enqueue` on node `id`, retried (same key) until it is acknowledged.
@@ -478,12 +331,17 @@ impl Cluster {
     }
 
     fn dump_logs(&self) {
-        let mut logs: Vec<&Path> = self.nodes.values().map(|p| p.log.as_path()).collect();
-        logs.extend(self.workers.iter().map(|p| p.log.as_path()));
+        let mut logs: Vec<PathBuf> = self
+            .ids()
+            .into_iter()
+            .filter(|id| self.node_running(*id))
+            .map(|id| self.node_log(id))
+            .collect();
+        logs.extend((0..self.workers_started()).map(|k| self.worker_log(k)));
         if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
             for e in entries.flatten() {
                 let p = e.path();
-                if p.extension().is_some_and(|x| x == "log") && !logs.contains(&p.as_path()) {
+                if p.extension().is_some_and(|x| x == "log") && !logs.contains(&p) {
                     eprintln!("--- {} (stopped) ---", p.display());
                     tail(&p);
                 }
@@ -491,7 +349,7 @@ impl Cluster {
         }
         for log in logs {
             eprintln!("--- {} ---", log.display());
-            tail(log);
+            tail(&log);
         }
         for id in self.ids() {
             let dir = self.data_dir(id).join("workers");
@@ -543,26 +401,6 @@ fn tail(path: &Path) {
     }
 }
 
-fn signal(child: &Child, sig: &str) {
-    // The process may be gone already: that is fine, and not worth a line in the test output.
-    let _ = Command::new("kill")
-        .args([&format!("-{sig}"), &child.id().to_string()])
-        .stderr(Stdio::null())
-        .status();
-}
-
-fn wait_exit(child: &mut Child, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
 impl Drop for Cluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
@@ -580,17 +418,10 @@ impl Drop for Cluster {
                 eprintln!("logs of the failed test kept in {}", keep.display());
             }
         }
-        for p in self.workers.iter_mut().chain(self.nodes.values_mut()) {
-            signal(&p.child, "CONT");
-            let _ = p.child.kill();
-            let _ = p.child.wait();
-        }
+        self.processes.kill_all();
         // Workers the nodes launched outlive a SIGKILLed node by design; not a test's.
         for pid in self.worker_processes() {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .stderr(Stdio::null())
-                .status();
+            hashq_testkit::signal(pid, "KILL");
         }
     }
 }

@@ -131,14 +131,8 @@ async fn enqueue(
             }
             Ok(response)
         }
-        other => Err(unexpected(other)),
+        other => Err(ApiError::unexpected(other)),
     }
-}
-
-fn unexpected(response: SmResponse) -> ApiError {
-    ApiError::Internal(format!(
-        "unexpected answer from the state machine: {response:?}"
-    ))
 }
 
 #[derive(Serialize)]
@@ -178,7 +172,7 @@ async fn pull_completed(
                     .collect(),
             ))
         }
-        other => Err(unexpected(other)),
+        other => Err(ApiError::unexpected(other)),
     }
 }
 

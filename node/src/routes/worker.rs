@@ -16,7 +16,7 @@ use hashq_raft::wire::{
 };
 
 use super::Postcard;
-use crate::config::Role;
+use crate::config::{millis, Role};
 use crate::error::ApiError;
 use crate::node::Node;
 
@@ -36,16 +36,6 @@ fn serves_workers(node: &Node) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn unexpected(response: SmResponse) -> ApiError {
-    ApiError::Internal(format!(
-        "unexpected answer from the state machine: {response:?}"
-    ))
-}
-
-fn millis(d: Duration) -> u64 {
-    d.as_millis() as u64
-}
-
 async fn register(
     State(node): State<Node>,
     _headers: HeaderMap,
@@ -62,7 +52,7 @@ async fn register(
     };
     let worker = match node.proposer.submit(request).await?.response {
         SmResponse::Registered { worker } => worker,
-        other => return Err(unexpected(other)),
+        other => return Err(ApiError::unexpected(other)),
     };
     let membership = node.raft.metrics().borrow().membership_config.clone();
     let endpoints = membership
@@ -125,7 +115,7 @@ async fn lease(
                 })
                 .collect(),
         })),
-        other => Err(unexpected(other)),
+        other => Err(ApiError::unexpected(other)),
     }
 }
 
@@ -143,7 +133,7 @@ async fn heartbeat(
     };
     match node.proposer.submit(request).await?.response {
         SmResponse::HeartbeatAck { valid, lost } => Ok(Postcard(HeartbeatResponse { valid, lost })),
-        other => Err(unexpected(other)),
+        other => Err(ApiError::unexpected(other)),
     }
 }
 
@@ -161,7 +151,7 @@ async fn complete(
         SmResponse::CompleteAck { accepted, ignored } => {
             Ok(Postcard(CompleteResponse { accepted, ignored }))
         }
-        other => Err(unexpected(other)),
+        other => Err(ApiError::unexpected(other)),
     }
 }
 
@@ -184,6 +174,6 @@ async fn exit(
             tracing::info!(worker = %req.worker, "worker exited");
             Ok(Postcard(()))
         }
-        other => Err(unexpected(other)),
+        other => Err(ApiError::unexpected(other)),
     }
 }
