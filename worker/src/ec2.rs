@@ -10,26 +10,19 @@
 //! reached changes nothing either: the worker keeps its parent, and still exits by the
 //! no-endpoint rule if the cluster stops answering.
 //!
-//! Credentials come from the SDK's default chain (the worker instance's profile).
+//! Credentials come from the SDK's default chain (the worker instance's profile); the SDK
+//! configuration and the tag keys are `hashq-aws`'s, shared with the node's `ec2` launcher.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use aws_config::retry::RetryConfig;
-use aws_config::timeout::TimeoutConfig;
-use aws_config::{BehaviorVersion, Region};
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata};
 use aws_sdk_ec2::types::{Filter, InstanceStateName};
+use hashq_aws::{Patience, TAG_CLUSTER, TAG_NODE_ID, TAG_ROLE};
 use hashq_raft::types::NodeId;
 use tracing::{debug, info, warn};
 
 use crate::config::Ec2Parent;
-
-/// Tag keys shared with the node's `ec2` launcher and `scripts/deploy-ec2.sh`.
-const TAG_CLUSTER: &str = "hashq:cluster";
-const TAG_ROLE: &str = "hashq:role";
-const TAG_NODE_ID: &str = "hashq:node-id";
 
 /// Checks in a row that must agree before the worker re-parents or stops.
 const AGREEING_CHECKS: u32 = 2;
@@ -70,27 +63,12 @@ pub struct Ec2ParentCheck {
 impl Ec2ParentCheck {
     /// Builds the EC2 client; `parent` is the launching node and its instance.
     pub async fn new(config: &Ec2Parent, parent: Option<NodeId>) -> Arc<Self> {
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .retry_config(
-                RetryConfig::standard()
-                    .with_max_attempts(4)
-                    .with_initial_backoff(Duration::from_millis(500))
-                    .with_max_backoff(Duration::from_secs(10)),
-            )
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(3))
-                    .operation_attempt_timeout(Duration::from_secs(10))
-                    .operation_timeout(Duration::from_secs(30))
-                    .build(),
-            );
-        if let Some(region) = &config.region {
-            loader = loader.region(Region::new(region.clone()));
-        }
-        if let Some(url) = &config.endpoint_url {
-            loader = loader.endpoint_url(url);
-        }
-        let sdk = loader.load().await;
+        let sdk = hashq_aws::sdk_config(
+            config.region.as_deref(),
+            config.endpoint_url.as_deref(),
+            Patience::PARENT_CHECK,
+        )
+        .await;
         let mut instances = HashMap::new();
         if let Some(parent) = parent {
             instances.insert(parent, config.parent_instance.clone());
