@@ -104,9 +104,14 @@ pub async fn from_config(config: &NodeConfig) -> Result<Arc<dyn Launcher>, Strin
             config.credentials.worker.clone(),
         ))),
         LauncherKind::Ec2 => Ok(Arc::new(
-            ec2::Ec2Launcher::new(config)
-                .await
-                .map_err(|e| e.to_string())?,
+            ec2::Ec2Launcher::new(
+                &config.ec2,
+                &config.cluster_name,
+                config.credentials.worker.as_deref(),
+                config.peer_addr(config.id).map(|a| format!("http://{a}")),
+            )
+            .await
+            .map_err(|e| e.to_string())?,
         )),
     }
 }

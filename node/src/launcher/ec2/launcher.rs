@@ -15,9 +15,10 @@ use hashq_aws::{
 use hashq_raft::WorkerId;
 
 use super::reconcile::{plan, worker_instances, ABSENT_GRACE};
-use super::user_data::{is_plain_word, worker_user_data, WorkerBoot};
-use super::{Ec2Args, Ec2Error, BINARY_ROUTE};
-use crate::config::NodeConfig;
+use super::user_data::{worker_user_data, WorkerBoot};
+use super::{Ec2Error, BINARY_ROUTE};
+use crate::config::is_plain_word;
+use crate::config::Ec2Args;
 use crate::launcher::{LaunchError, LaunchSpec, Launcher, WorkerTable};
 
 /// EC2 error codes that mean "no capacity or a limit right now", not "misconfigured".
@@ -52,16 +53,19 @@ pub struct Ec2Launcher {
 }
 
 impl Ec2Launcher {
-    /// Builds the EC2 client and learns this node's instance id (flag, else IMDS).
-    pub async fn new(config: &NodeConfig) -> Result<Self, Ec2Error> {
-        let args = config.ec2.clone();
-        args.validate(&config.cluster_name, config.credentials.worker.is_some())?;
-        // Workers get the worker credential only: it opens the worker routes and the binary
-        // download, never Raft.
-        let token = config
-            .credentials
-            .worker
-            .clone()
+    /// Builds the EC2 client and learns this node's instance id (flag, else IMDS). `args` are
+    /// the flags as [`Ec2Args::validate`] accepted them; workers of `cluster` get
+    /// `worker_token` (the worker credential only: it opens the worker routes and the binary
+    /// download, never Raft) and fetch the binary from `node_url` first.
+    pub async fn new(
+        args: &Ec2Args,
+        cluster: &str,
+        worker_token: Option<&str>,
+        node_url: Option<String>,
+    ) -> Result<Self, Ec2Error> {
+        let args = args.clone();
+        let token = worker_token
+            .map(str::to_owned)
             .ok_or_else(|| Ec2Error::Config("--worker-token is required".into()))?;
         let sdk = hashq_aws::sdk_config(
             args.region.as_deref(),
@@ -90,8 +94,8 @@ impl Ec2Launcher {
         );
         Ok(Ec2Launcher {
             client: aws_sdk_ec2::Client::new(&sdk),
-            node_url: config.peer_addr(config.id).map(|a| format!("http://{a}")),
-            cluster: config.cluster_name.clone(),
+            node_url,
+            cluster: cluster.to_owned(),
             token,
             instance_id,
             region,
@@ -320,8 +324,8 @@ mod tests {
     use aws_sdk_ec2::config::Credentials;
     use axum::http::StatusCode;
 
-    use super::super::tests::args;
     use super::*;
+    use crate::config::ec2_test_args as args;
 
     #[test]
     fn capacity_and_limit_errors_are_capacity_and_messages_stay_short() {

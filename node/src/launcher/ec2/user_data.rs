@@ -8,18 +8,11 @@ use std::time::Duration;
 
 use hashq_raft::{NodeId, WorkerId};
 
+use crate::config::is_plain_word;
 use crate::launcher::LaunchError;
 
 /// Raw user data may be at most this large (an EC2 limit, before base64).
 const USER_DATA_LIMIT: usize = 16 * 1024;
-
-/// A value that goes into user data as one word: no quoting can break out of it.
-pub(super) fn is_plain_word(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'/' | b'=' | b',')
-        })
-}
 
 /// Everything a worker instance's user data says.
 #[derive(Clone, Debug)]

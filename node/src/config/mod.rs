@@ -12,8 +12,13 @@ use std::time::Duration;
 
 use hashq_raft::NodeId;
 
+mod ec2;
+
 pub use crate::http::HttpLimits;
-use crate::launcher::ec2::{Ec2Args, Ec2Error};
+pub(crate) use ec2::is_plain_word;
+#[cfg(test)]
+pub(crate) use ec2::tests::args as ec2_test_args;
+pub use ec2::Ec2Args;
 
 /// Why a node's flags were refused.
 #[derive(Debug, thiserror::Error)]
@@ -31,8 +36,9 @@ pub enum ConfigError {
     SharedCredential(&'static str, &'static str),
     #[error("cannot find this binary: {0}")]
     CurrentExe(#[source] std::io::Error),
-    #[error(transparent)]
-    Ec2(#[from] Ec2Error),
+    /// A flag `--launcher ec2` needs is missing or malformed.
+    #[error("--launcher ec2: {0}")]
+    Ec2(&'static str),
 }
 
 /// Why a `--peers` list was refused.
