@@ -21,10 +21,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hashq_raft::command::{Request, Response};
-use hashq_raft::types::{WorkerRecord, WorkerState};
+use hashq_raft::types::{Counts, WorkerRecord, WorkerState};
 use hashq_raft::{machine, NodeId, WorkerId};
 use openraft::ServerState;
 
+use crate::config::Scaling;
 use crate::launcher::{LaunchError, LaunchSpec, Launcher};
 use crate::node::Node;
 use crate::proposer::now_ms;
@@ -120,9 +121,43 @@ fn wanted(
     rate: f64,
     live: &[NodeId],
 ) -> Option<NodeId> {
-    let counts = &meta.counts;
+    let now = node.sm_now(meta);
+    let oldest_wait = machine::oldest_queued(&node.reader.view(), 64)
+        .ok()
+        .flatten()
+        .map_or(Duration::ZERO, |t| {
+            Duration::from_millis(now.saturating_sub(t))
+        });
+    let load = Load {
+        counts: &meta.counts,
+        max_workers: meta.max_workers.unwrap_or(0),
+        workers,
+        oldest_wait,
+        rate,
+    };
+    decide(&load, &node.config.scaling, live)
+}
+
+/// What the autoscaler looks at.
+struct Load<'a> {
+    counts: &'a Counts,
+    /// The cluster-wide budget (0 while unset).
+    max_workers: u32,
+    workers: &'a [WorkerRecord],
+    /// How long the oldest queued item has waited.
+    oldest_wait: Duration,
+    /// The measured hashing rate of one busy worker, iterations/s.
+    rate: f64,
+}
+
+/// The decision itself, pure: one more worker when there is queued work that the workers up
+/// or coming will not take, the budget has room, and the oldest item has waited
+/// `scale_up_wait` or the backlog would take longer than `drain_target` to drain; its parent
+/// is the live endpoint with the fewest managed workers (the lowest id on a tie).
+fn decide(load: &Load<'_>, scaling: &Scaling, live: &[NodeId]) -> Option<NodeId> {
+    let (counts, workers) = (load.counts, load.workers);
     let managed = workers.iter().filter(|w| w.managed).count() as u64;
-    if counts.queued == 0 || managed >= u64::from(meta.max_workers.unwrap_or(0)) {
+    if counts.queued == 0 || managed >= u64::from(load.max_workers) {
         return None;
     }
     // Workers that are up but hold nothing will take the queued work themselves.
@@ -137,33 +172,25 @@ fn wanted(
     if idle + launching >= counts.queued {
         return None;
     }
-    let scaling = &node.config.scaling;
-    let now = node.sm_now(meta);
-    let oldest_wait = machine::oldest_queued(&node.reader.view(), 64)
-        .ok()
-        .flatten()
-        .map_or(Duration::ZERO, |t| {
-            Duration::from_millis(now.saturating_sub(t))
-        });
     let workers_up = workers
         .iter()
         .filter(|w| w.state == WorkerState::Running)
         .count()
         .max(1);
     let drain = Duration::from_secs_f64(
-        counts.queued_iterations as f64 / (rate * workers_up as f64).max(1.0),
+        counts.queued_iterations as f64 / (load.rate * workers_up as f64).max(1.0),
     );
-    if oldest_wait < scaling.scale_up_wait && drain <= scaling.drain_target {
+    if load.oldest_wait < scaling.scale_up_wait && drain <= scaling.drain_target {
         return None;
     }
-    // The live endpoint with the fewest managed workers.
-    let mut load: BTreeMap<NodeId, usize> = live.iter().map(|id| (*id, 0)).collect();
+    let mut per_parent: BTreeMap<NodeId, usize> = live.iter().map(|id| (*id, 0)).collect();
     for w in workers.iter().filter(|w| w.managed) {
-        if let Some(n) = load.get_mut(&w.parent) {
+        if let Some(n) = per_parent.get_mut(&w.parent) {
             *n += 1;
         }
     }
-    load.into_iter()
+    per_parent
+        .into_iter()
         .min_by_key(|(id, n)| (*n, *id))
         .map(|(id, _)| id)
 }
@@ -258,5 +285,137 @@ impl Node {
             errors.remove(0);
         }
         errors.push(format!("{} {e}", now_ms()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hashq_raft::types::WorkerSecret;
+
+    fn worker(id: u64, parent: NodeId, state: WorkerState, leased: u32) -> WorkerRecord {
+        WorkerRecord {
+            id: WorkerId(id),
+            parent,
+            state,
+            managed: true,
+            since: 0,
+            last_seen: 0,
+            leased,
+            completed: 0,
+            handle: String::new(),
+            host: String::new(),
+            last_lease: None,
+            secret: WorkerSecret::default(),
+            incarnation: 0,
+        }
+    }
+
+    fn queued(items: u64, iterations_each: u64) -> Counts {
+        Counts {
+            queued: items,
+            queued_iterations: items * iterations_each,
+            ..Counts::default()
+        }
+    }
+
+    fn decide_with(counts: &Counts, workers: &[WorkerRecord], wait_ms: u64) -> Option<NodeId> {
+        let load = Load {
+            counts,
+            max_workers: 5,
+            workers,
+            oldest_wait: Duration::from_millis(wait_ms),
+            rate: 1_000_000.0,
+        };
+        decide(&load, &Scaling::default(), &[1, 2, 3])
+    }
+
+    #[test]
+    fn scales_up_only_for_work_that_waited_or_would_take_too_long() {
+        let busy = [worker(1, 1, WorkerState::Running, 1)];
+        // Nothing queued, or a small young backlog: no launch.
+        assert_eq!(decide_with(&Counts::default(), &[], 60_000), None);
+        assert_eq!(decide_with(&queued(10, 1000), &busy, 100), None);
+        // The oldest item waited past --scale-up-wait: launch.
+        assert!(decide_with(&queued(10, 1000), &busy, 2_000).is_some());
+        // Young, but 10 x 10^9 iterations at 10^6/s is far beyond --drain-target: launch.
+        assert!(decide_with(&queued(10, 1_000_000_000), &busy, 0).is_some());
+    }
+
+    #[test]
+    fn idle_and_launching_workers_and_the_budget_hold_launches_back() {
+        let idle = [
+            worker(1, 1, WorkerState::Running, 0),
+            worker(2, 2, WorkerState::Launching, 0),
+        ];
+        assert_eq!(decide_with(&queued(2, 1000), &idle, 60_000), None);
+        assert!(decide_with(&queued(3, 1000), &idle, 60_000).is_some());
+        let full: Vec<_> = (1..=5)
+            .map(|i| worker(i, 1, WorkerState::Running, 1))
+            .collect();
+        assert_eq!(decide_with(&queued(100, 1000), &full, 60_000), None);
+        // External workers (started by hand) hold no slot of the budget.
+        let external: Vec<_> = full
+            .iter()
+            .cloned()
+            .map(|w| WorkerRecord {
+                managed: false,
+                ..w
+            })
+            .collect();
+        assert!(decide_with(&queued(100, 1000), &external, 60_000).is_some());
+    }
+
+    #[test]
+    fn the_parent_is_the_live_endpoint_with_the_fewest_managed_workers() {
+        let workers = [
+            worker(1, 1, WorkerState::Running, 1),
+            worker(2, 1, WorkerState::Running, 1),
+            worker(3, 2, WorkerState::Running, 1),
+            // A worker of a node that is not live does not count for anyone.
+            worker(4, 9, WorkerState::Running, 1),
+        ];
+        assert_eq!(decide_with(&queued(50, 1000), &workers, 60_000), Some(3));
+        let balanced = [
+            worker(1, 1, WorkerState::Running, 1),
+            worker(2, 2, WorkerState::Running, 1),
+            worker(3, 3, WorkerState::Running, 1),
+        ];
+        assert_eq!(decide_with(&queued(50, 1000), &balanced, 60_000), Some(1));
+        let load = Load {
+            counts: &queued(50, 1000),
+            max_workers: 4,
+            workers: &balanced,
+            oldest_wait: Duration::from_secs(60),
+            rate: 1_000_000.0,
+        };
+        assert_eq!(
+            decide(&load, &Scaling::default(), &[]),
+            None,
+            "no live endpoint"
+        );
+    }
+
+    #[test]
+    fn the_rate_estimate_follows_measured_work_per_busy_worker() {
+        let mut rate = RateEstimate {
+            rate: 2_000_000.0,
+            last: None,
+        };
+        rate.update(0, 1);
+        // Fake a sample one second ago: 3 * 10^6 iterations by 1 busy worker.
+        let then = Instant::now() - Duration::from_secs(1);
+        rate.last = Some((then, 0));
+        rate.update(3_000_000, 1);
+        assert!(
+            rate.rate > 2_000_000.0 && rate.rate < 3_000_000.0,
+            "{}",
+            rate.rate
+        );
+        // No busy worker: no sample, the estimate stays.
+        let before = rate.rate;
+        rate.last = Some((Instant::now() - Duration::from_secs(1), 3_000_000));
+        rate.update(4_000_000, 0);
+        assert_eq!(rate.rate, before);
     }
 }
