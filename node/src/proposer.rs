@@ -506,3 +506,63 @@ async fn forward(
     }
     codec::decode("forwarded replies", &body).map_err(|e| ApiError::Internal(e.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hashq_raft::command::Dedup;
+
+    fn enqueue(dedup: Option<Dedup>) -> Request {
+        Request::Enqueue {
+            iterations: 3,
+            payload: Bytes::from_static(b"abc"),
+            dedup,
+        }
+    }
+
+    #[test]
+    fn a_keyless_enqueue_gets_a_slot_and_keeps_its_first_one_through_retries() {
+        let ttl = Duration::from_secs(120);
+        let mut first = enqueue(None);
+        let slot = stamp(&mut first, "n1:aa", 7, ttl).expect("a keyless enqueue is stamped");
+        assert_eq!(
+            slot,
+            BatchSlot {
+                key: "n1:aa".into(),
+                slot: 7,
+                ttl_ms: 120_000
+            }
+        );
+        let Request::EnqueueInBatch {
+            iterations,
+            ref payload,
+            ref batch,
+        } = first
+        else {
+            panic!("stamped into {first:?}");
+        };
+        assert_eq!((iterations, &payload[..], batch), (3, &b"abc"[..], &slot));
+        // The retry goes into another batch: it keeps the slot of its first one.
+        let mut retry = stamped(enqueue(None), slot.clone());
+        assert_eq!(retry, first);
+        assert_eq!(stamp(&mut retry, "n1:bb", 0, ttl), None);
+        assert_eq!(retry, first);
+    }
+
+    #[test]
+    fn requests_with_a_key_of_their_own_are_left_alone() {
+        let keyed = enqueue(Some(Dedup {
+            key: "c:enqueue:k".into(),
+            ttl_ms: 600_000,
+        }));
+        let mut r = keyed.clone();
+        assert_eq!(stamp(&mut r, "n1:aa", 0, Duration::from_secs(1)), None);
+        assert_eq!(r, keyed);
+        let mut take = Request::Take {
+            top: 1,
+            dedup: None,
+        };
+        assert_eq!(stamp(&mut take, "n1:aa", 0, Duration::from_secs(1)), None);
+        assert!(matches!(take, Request::Take { dedup: None, .. }));
+    }
+}
