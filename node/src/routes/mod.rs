@@ -1,13 +1,17 @@
 //! HTTP routes, split by audience, each behind its own credential ([`Audience`]):
-//! [`client`] (the exercise's API and status; the client token when one is set), [`worker`]
-//! (leases and results) and the binary download in [`internal`] (the worker credential),
-//! [`admin`] (the worker budget; the admin credential), [`raft`] (consensus RPC) and the
-//! forwarding route in [`internal`] (the peer credential). [`client_router`] is the client
-//! API alone, for a listener that faces clients (`--client-listen`).
+//! [`client`] (the exercise's API) and the `/status` and `/metrics` of [`observability`]
+//! (the client token when one is set), [`worker`] (leases and results) and the binary
+//! download in [`internal`] (the worker credential), [`admin`] (the worker budget; the admin
+//! credential), [`raft`] (consensus RPC) and the forwarding route in [`internal`] (the peer
+//! credential). Public: `/health` ([`observability`]) and the static [`assets`] (the
+//! dashboard page, the OpenAPI document). [`client_router`] is the client API alone, for a
+//! listener that faces clients (`--client-listen`).
 
 pub mod admin;
+pub mod assets;
 pub mod client;
 pub mod internal;
+pub mod observability;
 pub mod raft;
 pub mod worker;
 
@@ -119,16 +123,18 @@ pub fn client_router(node: Node) -> Router {
 
 fn client_routes(node: &Node) -> Router<Node> {
     let api = gated(
-        client::api_router(),
+        client::router().merge(observability::router()),
         node,
         Audience::Client,
         node.config.limits.max_body_bytes,
         Some(node.gates.bodies.clone()),
     );
-    let public = client::public_router().route_layer(middleware::from_fn_with_state(
-        node.gates.public.clone(),
-        http::limit,
-    ));
+    let public = observability::public_router()
+        .merge(assets::router())
+        .route_layer(middleware::from_fn_with_state(
+            node.gates.public.clone(),
+            http::limit,
+        ));
     api.merge(public)
 }
 

@@ -1,0 +1,58 @@
+//! Static assets, public like `/health`: the dashboard page (plain HTML and JS that polls
+//! `/status` with the client token the user gives it; no build step) and the OpenAPI
+//! document of the client and admin routes, both compiled into the binary.
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::node::Node;
+
+/// `/` (the dashboard) and `/openapi.json`.
+pub fn router() -> Router<Node> {
+    Router::new()
+        .route("/", get(dashboard))
+        .route("/openapi.json", get(openapi))
+}
+
+/// The live dashboard: plain HTML and JS that polls `/status` (no build step).
+async fn dashboard() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("dashboard.html"),
+    )
+        .into_response()
+}
+
+/// The OpenAPI document of the client and admin routes, with this node's limits in it
+/// (`--max-iterations`, `--max-top`, `--max-body-bytes`), so a client or a fuzzer reading it
+/// knows exactly what is accepted.
+async fn openapi(State(node): State<Node>) -> Response {
+    let limits = &node.config.limits;
+    let mut doc: serde_json::Value =
+        serde_json::from_str(include_str!("openapi.json")).unwrap_or_default();
+    let mut set = |pointer: &str, value: serde_json::Value| {
+        if let Some(slot) = doc.pointer_mut(pointer) {
+            *slot = value;
+        }
+    };
+    set(
+        "/paths/~1enqueue/put/parameters/0/schema/maximum",
+        json!(limits.max_iterations),
+    );
+    set(
+        "/paths/~1enqueue/put/requestBody/content/application~1octet-stream/schema/maxLength",
+        json!(limits.max_body_bytes),
+    );
+    set(
+        "/paths/~1pullCompleted/post/parameters/0/schema/maximum",
+        json!(limits.max_top),
+    );
+    ([(header::CONTENT_TYPE, "application/json")], Json(doc)).into_response()
+}
