@@ -11,6 +11,11 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+/// A file whose bytes are not what its format says (a bad magic, length or checksum).
+pub(crate) fn invalid(message: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message.into())
+}
+
 /// A failed sync or a failed write on the way to one: the data it covered may be lost, and
 /// the store stops accepting writes (the node exits and restarts from what is durable).
 #[derive(Debug, thiserror::Error)]

@@ -35,8 +35,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use hashq_raft::types::PayloadRef;
 
-use crate::fsio::{self, ReadAt};
-use crate::snapshot::invalid;
+use crate::fsio::{self, invalid, ReadAt};
 
 const SECTION_MAGIC: &[u8; 8] = b"HQPAYLD1";
 const PACK_MAGIC: &[u8; 8] = b"HQPACK1\n";

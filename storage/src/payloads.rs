@@ -164,7 +164,7 @@ impl Payloads {
     ) -> io::Result<PathBuf> {
         let found = crate::pack::finish_pack(path, offset).map_err(io::Error::other)?;
         if found != *expected {
-            return Err(snapshot::invalid(format!(
+            return Err(fsio::invalid(format!(
                 "the payload section holds {} payloads, not the {} the snapshot references",
                 found.count, expected.count
             )));
@@ -251,7 +251,7 @@ impl PayloadSection for Section {
                 return Ok(());
             }
             let (at, _) = machine::decode_payload_record(&key, &value)
-                .map_err(|e| snapshot::invalid(e.to_string()))?;
+                .map_err(|e| fsio::invalid(e.to_string()))?;
             let payload = self.find(&at, &mut last)?;
             w.push(&at, &payload)
         })?;

@@ -180,7 +180,7 @@ impl Shared {
         })
         .and_then(|info| {
             if expected.is_some_and(|e| *e != info.meta) {
-                return Err(snapshot::invalid(
+                return Err(fsio::invalid(
                     "the snapshot file is not the snapshot it was announced as",
                 ));
             }
@@ -638,12 +638,12 @@ impl StateMachineStore {
     /// anywhere leaves either the old state or the new one.
     fn install(&self, meta: &SnapshotMeta, source: &Path) -> std::io::Result<()> {
         if !snapshot::id_is_safe(&meta.snapshot_id) {
-            return Err(snapshot::invalid("unsafe snapshot id"));
+            return Err(fsio::invalid("unsafe snapshot id"));
         }
         // The records part (small); the payload section is checked as it becomes a pack.
         let info = snapshot::read(source, |_, _| Ok(()))?;
         if info.meta != *meta {
-            return Err(snapshot::invalid(
+            return Err(fsio::invalid(
                 "the snapshot file is not the snapshot it was announced as",
             ));
         }
@@ -660,9 +660,7 @@ impl StateMachineStore {
         let ours = source.parent() == Some(dir.as_path());
         if snapshot::has_section(source, &info)? {
             if !ours {
-                return Err(snapshot::invalid(
-                    "a snapshot with payloads not received here",
-                ));
+                return Err(fsio::invalid("a snapshot with payloads not received here"));
             }
             self.shared
                 .payloads

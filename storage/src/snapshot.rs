@@ -26,7 +26,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use hashq_raft::{codec, SnapshotMeta};
 
-use crate::fsio::{self, Fatal};
+use crate::fsio::{self, invalid, Fatal};
 
 const MAGIC: &[u8; 8] = b"HQSNAP3\n";
 const END: u32 = u32::MAX;
@@ -57,10 +57,6 @@ pub fn id_is_safe(id: &str) -> bool {
         && id
             .bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b) || b == b'-')
-}
-
-pub(crate) fn invalid(message: impl Into<String>) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, message.into())
 }
 
 /// Writes through while computing the CRC of everything written.
