@@ -261,7 +261,7 @@ fn stamp(request: &mut Request, key: &str, slot: u32, ttl: Duration) -> Option<B
     let batch = BatchSlot {
         key: key.to_owned(),
         slot,
-        ttl_ms: ttl.as_millis() as u64,
+        ttl_ms: crate::config::millis(ttl),
     };
     *request = stamped(std::mem::replace(request, Request::Noop), batch.clone());
     Some(batch)
@@ -322,7 +322,12 @@ async fn batcher(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Pending>, 
         }
         // Keyless enqueues get one key for the whole batch and a slot each in it, so that a
         // retry never applies twice at the cost of one record per batch.
-        let key = format!("n{}:{:032x}", shared.id, rand::random::<u128>());
+        let keyless = |p: &Pending| matches!(p.request, Request::Enqueue { dedup: None, .. });
+        let key = batch
+            .iter()
+            .any(keyless)
+            .then(|| format!("n{}:{:032x}", shared.id, rand::random::<u128>()))
+            .unwrap_or_default();
         let ttl = shared.options.batch_key_ttl;
         let (requests, replies): (Vec<Request>, Vec<_>) = batch
             .into_iter()

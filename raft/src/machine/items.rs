@@ -13,6 +13,45 @@ struct BatchRecord {
     slots: Vec<(u32, WorkId)>,
 }
 
+/// The batch records a run of [`Request::EnqueueInBatch`] of one entry reads and extends:
+/// each is decoded once and written once when the run ends, not once per slot (which was
+/// quadratic in the batch size).
+#[derive(Default)]
+pub(super) struct BatchRecords {
+    /// Each record read so far (`None`: the store has none), and whether it changed.
+    records: std::collections::BTreeMap<Vec<u8>, (Option<BatchRecord>, bool)>,
+}
+
+impl BatchRecords {
+    /// The record under `key`, read from the store the first time.
+    fn load(&mut self, kv: &impl KvRead, key: &[u8]) -> Result<Option<&BatchRecord>, KvError> {
+        if !self.records.contains_key(key) {
+            let stored = get_t(kv, key)?;
+            self.records.insert(key.to_vec(), (stored, false));
+        }
+        Ok(self.records.get(key).and_then(|(r, _)| r.as_ref()))
+    }
+
+    /// Records that `slot` of the batch under `key` (loaded already) applied as `id`.
+    pub(super) fn add(&mut self, key: Vec<u8>, slot: u32, id: WorkId) {
+        let (record, changed) = self.records.entry(key).or_default();
+        record
+            .get_or_insert_with(Default::default)
+            .slots
+            .push((slot, id));
+        *changed = true;
+    }
+
+    /// Writes the records changed since the last write, and forgets them all.
+    pub(super) fn write(&mut self, kv: &mut impl Kv) {
+        for (key, (record, changed)) in std::mem::take(&mut self.records) {
+            if let (Some(record), true) = (record, changed) {
+                put_t(kv, key, &record);
+            }
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct TakeKey {
     items: Vec<(WorkId, crate::types::Digest)>,
@@ -51,14 +90,14 @@ impl<K: Kv> Machine<'_, K> {
         payload_len: usize,
         batch: &BatchSlot,
     ) -> Result<Response, KvError> {
-        if batch.key.len() > MAX_IDEMPOTENCY_KEY {
-            return Ok(invalid("idempotency key too long"));
+        if let Some(refused) = key_too_long(&batch.key) {
+            return Ok(refused);
         }
         let key = keys::idempotency(keys::ENQUEUE_KEY, &batch.key);
-        let known: Option<BatchRecord> = get_t(self.kv, &key)?;
-        if let Some(&(_, id)) = known
-            .as_ref()
-            .and_then(|r| r.slots.iter().find(|(slot, _)| *slot == batch.slot))
+        let known = self.batches.load(self.kv, &key)?;
+        let is_new = known.is_none();
+        if let Some(&(_, id)) =
+            known.and_then(|r| r.slots.iter().find(|(slot, _)| *slot == batch.slot))
         {
             return Ok(Response::Enqueued {
                 id,
@@ -67,11 +106,8 @@ impl<K: Kv> Machine<'_, K> {
         }
         let response = self.add_item(iterations, payload_len)?;
         if let Response::Enqueued { id, .. } = response {
-            let is_new = known.is_none();
-            let mut record = known.unwrap_or_default();
-            record.slots.push((batch.slot, id));
-            // Within one entry the overlay folds the record's rewrites into one write.
-            put_t(self.kv, key, &record);
+            // Written to the record once the request has applied (see `BatchRecords`).
+            self.batch_slot = Some((key, batch.slot, id));
             if is_new {
                 self.expire_key(keys::ENQUEUE_KEY, &batch.key, batch.ttl_ms);
             }
@@ -194,8 +230,8 @@ impl<K: Kv> Machine<'_, K> {
         let Some(dedup) = dedup else {
             return Ok(Remembered::New);
         };
-        if dedup.key.len() > MAX_IDEMPOTENCY_KEY {
-            return Ok(Remembered::Invalid(invalid("idempotency key too long")));
+        if let Some(refused) = key_too_long(&dedup.key) {
+            return Ok(Remembered::Invalid(refused));
         }
         Ok(
             match get_t::<T>(self.kv, &keys::idempotency(table, &dedup.key))? {
@@ -216,6 +252,11 @@ impl<K: Kv> Machine<'_, K> {
         self.kv
             .put(keys::key_expiry(expires_at, table, key), Vec::new());
     }
+}
+
+/// The answer to a request whose idempotency key is longer than [`MAX_IDEMPOTENCY_KEY`].
+fn key_too_long(key: &str) -> Option<Response> {
+    (key.len() > MAX_IDEMPOTENCY_KEY).then(|| invalid("idempotency key too long"))
 }
 
 enum Remembered<T> {

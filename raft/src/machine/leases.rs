@@ -4,6 +4,24 @@
 use super::*;
 
 impl<K: Kv> Machine<'_, K> {
+    /// The prologue of a lease or a heartbeat: the worker must prove itself and ask for a
+    /// lease length in range; its record, seen now, is returned for the caller to store.
+    fn seen_worker(
+        &self,
+        worker: WorkerId,
+        secret: WorkerSecret,
+        lease_ms: u64,
+    ) -> Result<Result<WorkerRecord, Response>, KvError> {
+        let Some(mut record) = self.authentic_worker(worker, secret)? else {
+            return Ok(Err(Response::Rejected(Rejection::UnknownWorker(worker))));
+        };
+        if lease_ms == 0 || lease_ms > MAX_LEASE_MS {
+            return Ok(Err(invalid("lease_ms out of range")));
+        }
+        record.last_seen = self.now;
+        Ok(Ok(record))
+    }
+
     pub(super) fn lease(
         &mut self,
         worker: WorkerId,
@@ -12,13 +30,10 @@ impl<K: Kv> Machine<'_, K> {
         lease_ms: u64,
         request_id: u64,
     ) -> Result<Response, KvError> {
-        let Some(mut record) = self.authentic_worker(worker, secret)? else {
-            return Ok(Response::Rejected(Rejection::UnknownWorker(worker)));
+        let mut record = match self.seen_worker(worker, secret, lease_ms)? {
+            Ok(record) => record,
+            Err(refused) => return Ok(refused),
         };
-        if lease_ms == 0 || lease_ms > MAX_LEASE_MS {
-            return Ok(invalid("lease_ms out of range"));
-        }
-        record.last_seen = self.now;
         if let Some((last_request, granted)) = &record.last_lease {
             if request_id < *last_request {
                 // A late duplicate of a request the worker has moved past: grant nothing,
@@ -106,13 +121,10 @@ impl<K: Kv> Machine<'_, K> {
         lease_ms: u64,
         parent: Option<NodeId>,
     ) -> Result<Response, KvError> {
-        let Some(mut record) = self.authentic_worker(worker, secret)? else {
-            return Ok(Response::Rejected(Rejection::UnknownWorker(worker)));
+        let mut record = match self.seen_worker(worker, secret, lease_ms)? {
+            Ok(record) => record,
+            Err(refused) => return Ok(refused),
         };
-        if lease_ms == 0 || lease_ms > MAX_LEASE_MS {
-            return Ok(invalid("lease_ms out of range"));
-        }
-        record.last_seen = self.now;
         if let Some(parent) = parent {
             record.parent = parent;
         }

@@ -146,7 +146,12 @@ pub fn apply<K: Kv>(kv: &mut K, cmd: &Command, at: At) -> Result<CommandResponse
     meta.now = now;
     meta.clock = clock;
     let mut out = Vec::with_capacity(cmd.requests.len());
+    let mut batches = items::BatchRecords::default();
     for (ordinal, request) in cmd.requests.iter().enumerate() {
+        if !matches!(request, Request::EnqueueInBatch { .. }) {
+            // Anything else may read or expire a batch record: it sees them as written.
+            batches.write(kv);
+        }
         let mut child = Overlay::new(&*kv);
         let mut m = Machine {
             kv: &mut child,
@@ -158,10 +163,15 @@ pub fn apply<K: Kv>(kv: &mut K, cmd: &Command, at: At) -> Result<CommandResponse
                 index: at.index,
                 ordinal: ordinal as u32,
             },
+            batches: &mut batches,
+            batch_slot: None,
         };
         match m.apply_one(request) {
             Ok(response) => {
                 meta = m.meta;
+                if let Some((key, slot, id)) = m.batch_slot.take() {
+                    batches.add(key, slot, id);
+                }
                 for (key, value) in child.into_writes() {
                     match value {
                         Some(v) => kv.put(key, v),
@@ -179,6 +189,7 @@ pub fn apply<K: Kv>(kv: &mut K, cmd: &Command, at: At) -> Result<CommandResponse
             Err(e) => return Err(e),
         }
     }
+    batches.write(kv);
     put_t(kv, keys::META.to_vec(), &meta);
     Ok(out)
 }
@@ -190,6 +201,11 @@ struct Machine<'k, K: Kv> {
     limits: StoreLimits,
     /// Where the request being applied is in the log: an enqueue's payload stays there.
     here: PayloadRef,
+    /// The batch records of the run of batch enqueues being applied (see `items`).
+    batches: &'k mut items::BatchRecords,
+    /// The slot the request being applied took in its batch record, added to `batches`
+    /// only if the request applies.
+    batch_slot: Option<(Vec<u8>, u32, WorkId)>,
 }
 
 #[derive(Clone, Copy)]

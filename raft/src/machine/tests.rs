@@ -588,6 +588,59 @@ fn a_batch_slot_applies_once_whichever_entry_carries_it_and_one_record_serves_th
 }
 
 #[test]
+fn a_tick_between_slots_of_one_entry_sees_the_batch_record_as_written() {
+    let mut kv = MemKv::new();
+    run_all(&mut kv, 1, vec![in_batch("e", 0, 1)]);
+    // One entry, past the record's ttl: a slot joins the record, the tick forgets it, and
+    // the next slot starts a record of its own, which expires in its turn (no record is
+    // left without its expiry, which would keep it forever).
+    let later = 2 + KEY_TTL_MS;
+    let answers = run_all(
+        &mut kv,
+        later,
+        vec![
+            in_batch("e", 1, 1),
+            Request::Tick(params()),
+            in_batch("e", 2, 1),
+        ],
+    );
+    let Response::Ticked(report) = &answers[1] else {
+        panic!("tick answered {:?}", answers[1]);
+    };
+    assert_eq!(report.forgotten, 1);
+    assert_eq!(table_len(&kv, keys::ENQUEUE_KEY), 1);
+    assert_eq!(table_len(&kv, keys::KEY_EXPIRY), 1);
+    assert_eq!(tick(&mut kv, later + KEY_TTL_MS).forgotten, 1);
+    assert_eq!(table_len(&kv, keys::ENQUEUE_KEY), 0);
+    check_invariants(&kv);
+}
+
+#[test]
+fn a_large_batch_in_one_entry_is_one_record_with_every_slot() {
+    let mut kv = MemKv::new();
+    let n = 5_000;
+    let first = run_all(&mut kv, 1, (0..n).map(|s| in_batch("big", s, 1)).collect());
+    assert!(first.iter().all(|r| matches!(
+        r,
+        Response::Enqueued {
+            duplicate: false,
+            ..
+        }
+    )));
+    // The whole batch retried in one later entry: every slot finds its first id.
+    let again = run_all(&mut kv, 2, (0..n).map(|s| in_batch("big", s, 1)).collect());
+    for (a, b) in first.iter().zip(&again) {
+        let (Response::Enqueued { id: a, .. }, Response::Enqueued { id: b, duplicate }) = (a, b)
+        else {
+            panic!("enqueue answered {a:?} then {b:?}");
+        };
+        assert_eq!((a, *duplicate), (b, true));
+    }
+    assert_eq!(table_len(&kv, keys::ENQUEUE_KEY), 1);
+    assert_eq!(read_meta(&kv).unwrap().counts.enqueued_total, u64::from(n));
+}
+
+#[test]
 fn idempotent_take_replays_the_same_items() {
     let mut kv = MemKv::new();
     let w = register(&mut kv, 0);

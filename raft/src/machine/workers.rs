@@ -23,21 +23,7 @@ impl<K: Kv> Machine<'_, K> {
             None => {
                 let id = WorkerId(self.meta.next_worker);
                 self.meta.next_worker += 1;
-                WorkerRecord {
-                    id,
-                    parent,
-                    state: WorkerState::Running,
-                    managed: false,
-                    since: self.now,
-                    last_seen: self.now,
-                    leased: 0,
-                    completed: 0,
-                    handle: String::new(),
-                    host: String::new(),
-                    last_lease: None,
-                    secret,
-                    incarnation: 0,
-                }
+                self.new_worker(id, parent, WorkerState::Running, 0)
             }
         };
         // A process registering again (a retry) proves itself with the newest secret.
@@ -51,6 +37,32 @@ impl<K: Kv> Machine<'_, K> {
         let worker = record.id;
         self.put_worker(&record);
         Ok(Response::Registered { worker })
+    }
+
+    /// A worker record as it starts: `Launching` for a slot this cluster reserved (managed,
+    /// its secret set when it registers), `Running` for a process that registered on its own.
+    fn new_worker(
+        &self,
+        id: WorkerId,
+        parent: NodeId,
+        state: WorkerState,
+        incarnation: u64,
+    ) -> WorkerRecord {
+        WorkerRecord {
+            id,
+            parent,
+            state,
+            managed: state == WorkerState::Launching,
+            since: self.now,
+            last_seen: self.now,
+            leased: 0,
+            completed: 0,
+            handle: String::new(),
+            host: String::new(),
+            last_lease: None,
+            secret: WorkerSecret::default(),
+            incarnation,
+        }
     }
 
     pub(super) fn exit(
@@ -78,21 +90,8 @@ impl<K: Kv> Machine<'_, K> {
         }
         let id = WorkerId(self.meta.next_worker);
         self.meta.next_worker += 1;
-        self.put_worker(&WorkerRecord {
-            id,
-            parent,
-            state: WorkerState::Launching,
-            managed: true,
-            since: self.now,
-            last_seen: self.now,
-            leased: 0,
-            completed: 0,
-            handle: String::new(),
-            host: String::new(),
-            last_lease: None,
-            secret: WorkerSecret::default(),
-            incarnation,
-        });
+        let record = self.new_worker(id, parent, WorkerState::Launching, incarnation);
+        self.put_worker(&record);
         Ok(Response::Reserved { worker: Some(id) })
     }
 
