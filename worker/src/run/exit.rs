@@ -51,7 +51,8 @@ impl fmt::Display for ExitReason {
 /// What stops a worker that retrying cannot help.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    /// The configuration breaks a rule of [`WorkerConfig::validate`](crate::config::WorkerConfig::validate).
+    /// The configuration breaks a rule of
+    /// [`WorkerConfig::validate`](crate::config::WorkerConfig::validate).
     #[error("invalid worker configuration: {0}")]
     Config(String),
     /// The cluster refused the worker (a wrong token, an incompatible version) or answered
