@@ -91,37 +91,29 @@ mod v1 {
 mod v2 {
     use super::*;
 
+    /// Format 1's item with `dead_at` after it. postcard writes a nested struct's fields in
+    /// place, with nothing around them, so this is the flat record format 2 wrote.
     #[derive(Deserialize, serde::Serialize)]
     pub struct Item {
-        pub iterations: u32,
-        pub attempts: u32,
-        pub status: Status,
-        pub enqueued_at: Millis,
-        pub queued_at: Millis,
-        pub payload_len: u32,
-        pub lease: Option<Lease>,
-        pub completed_at: Option<Millis>,
-        pub value: Option<Digest>,
-        pub pulled_at: Option<Millis>,
-        pub dead_reason: Option<String>,
+        pub v1: v1::Item,
         pub dead_at: Option<Millis>,
     }
 
     impl Item {
         pub fn with_payload(self, payload: PayloadRef) -> super::Item {
             super::Item {
-                iterations: self.iterations,
-                attempts: self.attempts,
-                status: self.status,
-                enqueued_at: self.enqueued_at,
-                queued_at: self.queued_at,
-                payload_len: self.payload_len,
+                iterations: self.v1.iterations,
+                attempts: self.v1.attempts,
+                status: self.v1.status,
+                enqueued_at: self.v1.enqueued_at,
+                queued_at: self.v1.queued_at,
+                payload_len: self.v1.payload_len,
                 payload,
-                lease: self.lease,
-                completed_at: self.completed_at,
-                value: self.value,
-                pulled_at: self.pulled_at,
-                dead_reason: self.dead_reason,
+                lease: self.v1.lease,
+                completed_at: self.v1.completed_at,
+                value: self.v1.value,
+                pulled_at: self.v1.pulled_at,
+                dead_reason: self.v1.dead_reason,
                 dead_at: self.dead_at,
             }
         }
@@ -247,12 +239,7 @@ fn write_current(
     pack: (PathBuf, Option<u64>),
     pairs: Vec<(Vec<u8>, Vec<u8>)>,
 ) -> Result<(), StoreError> {
-    for d in [
-        layout.log_dir(),
-        layout.sm_dir(),
-        layout.snapshot_dir(),
-        layout.pack_dir(),
-    ] {
+    for d in layout.state_dirs() {
         if d.exists() {
             std::fs::remove_dir_all(&d).map_err(fsio::fatal("remove", &d))?;
         }

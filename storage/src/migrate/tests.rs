@@ -23,6 +23,21 @@ fn item(status: Status, lease: Option<Lease>, value: Option<Digest>) -> v1::Item
     }
 }
 
+#[test]
+fn a_format_2_item_is_written_as_the_flat_record() {
+    let dead_at = Some(9);
+    let flat = [
+        codec::encode(&item(Status::Dead, None, None)),
+        codec::encode(&dead_at),
+    ]
+    .concat();
+    let nested = v2::Item {
+        v1: item(Status::Dead, None, None),
+        dead_at,
+    };
+    assert_eq!(codec::encode(&nested), flat);
+}
+
 /// A data dir as hashq 0.1 left it: one sled database with the log, the vote and the
 /// state machine (one item in each state).
 fn legacy_dir(extra_entry: bool) -> tempfile::TempDir {
@@ -209,17 +224,19 @@ fn format_2_dir(applied_index: u64) -> tempfile::TempDir {
         deadline: 99,
     };
     let item = |status, lease, value: Option<Digest>| v2::Item {
-        iterations: 10,
-        attempts: 1,
-        status,
-        enqueued_at: 5,
-        queued_at: 5,
-        payload_len: 3,
-        lease,
-        completed_at: value.map(|_| 7),
-        value,
-        pulled_at: None,
-        dead_reason: None,
+        v1: v1::Item {
+            iterations: 10,
+            attempts: 1,
+            status,
+            enqueued_at: 5,
+            queued_at: 5,
+            payload_len: 3,
+            lease,
+            completed_at: value.map(|_| 7),
+            value,
+            pulled_at: None,
+            dead_reason: None,
+        },
         dead_at: None,
     };
     let items = [
