@@ -18,7 +18,7 @@ use fuser::{
     TimeOrNow, WriteFlags,
 };
 
-use crate::model::{Attr, Kind, Model, Res};
+use crate::model::{Attr, DirEntry, Kind, Model, Res};
 
 const TTL: Duration = Duration::ZERO;
 const BLOCK: u32 = 4096;
@@ -97,6 +97,24 @@ fn empty(reply: ReplyEmpty, r: Res<()>) {
         Ok(()) => reply.ok(),
         Err(e) => reply.error(err(e)),
     }
+}
+
+/// Lists the directory open as `fh` from `offset`, handing `add` each entry and the offset
+/// of the one after it, until `add` says the reply is full. `readdir` and `readdirplus`
+/// differ only in what they add.
+fn list_dir(
+    m: &mut Model,
+    fh: u64,
+    offset: u64,
+    mut add: impl FnMut(&Model, &DirEntry, u64) -> bool,
+) -> Res<()> {
+    let entries = m.readdir(fh, offset)?;
+    for (i, entry) in entries.iter().enumerate() {
+        if add(m, entry, offset + i as u64 + 1) {
+            break;
+        }
+    }
+    Ok(())
 }
 
 impl Filesystem for FaultFs {
@@ -331,16 +349,14 @@ impl Filesystem for FaultFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        match self.lock().readdir(fh.0, offset) {
-            Ok(entries) => {
-                for (i, (ino, kind, name)) in entries.iter().enumerate() {
-                    let next = offset + i as u64 + 1;
-                    if reply.add(INodeNo(*ino), next, file_type(*kind), name) {
-                        break;
-                    }
-                }
-                reply.ok();
-            }
+        let listed = list_dir(
+            &mut self.lock(),
+            fh.0,
+            offset,
+            |_, (ino, kind, name), next| reply.add(INodeNo(*ino), next, file_type(*kind), name),
+        );
+        match listed {
+            Ok(()) => reply.ok(),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -353,18 +369,19 @@ impl Filesystem for FaultFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let mut m = self.lock();
-        match m.readdir(fh.0, offset) {
-            Ok(entries) => {
-                for (i, (ino, _kind, name)) in entries.iter().enumerate() {
-                    let Ok(a) = m.getattr(*ino) else { continue };
-                    let next = offset + i as u64 + 1;
-                    if reply.add(INodeNo(*ino), next, name, &TTL, &to_fuse(&a), Generation(0)) {
-                        break;
-                    }
-                }
-                reply.ok();
-            }
+        let listed = list_dir(
+            &mut self.lock(),
+            fh.0,
+            offset,
+            |m, (ino, _kind, name), next| {
+                let Ok(a) = m.getattr(*ino) else {
+                    return false;
+                };
+                reply.add(INodeNo(*ino), next, name, &TTL, &to_fuse(&a), Generation(0))
+            },
+        );
+        match listed {
+            Ok(()) => reply.ok(),
             Err(e) => reply.error(err(e)),
         }
     }

@@ -67,6 +67,16 @@ impl Layout {
     pub fn pack_dir(&self) -> PathBuf {
         self.root.join("packs")
     }
+    /// The directories of the node's replicated state (log, state machine, snapshots,
+    /// packs): what a repair quarantines and a migration replaces.
+    pub fn state_dirs(&self) -> [PathBuf; 4] {
+        [
+            self.log_dir(),
+            self.sm_dir(),
+            self.snapshot_dir(),
+            self.pack_dir(),
+        ]
+    }
     pub fn quarantine_dir(&self) -> PathBuf {
         self.root.join("quarantine")
     }
@@ -152,13 +162,11 @@ pub fn mark_current(layout: &Layout) -> Result<(), Fatal> {
 /// Makes sure every directory of the layout exists (a dir of the current format may predate
 /// one of them).
 pub fn ensure_dirs(layout: &Layout) -> Result<(), Fatal> {
-    for dir in [
-        layout.log_dir(),
-        layout.sm_dir(),
-        layout.snapshot_dir(),
-        layout.pack_dir(),
-        layout.quarantine_dir(),
-    ] {
+    for dir in layout
+        .state_dirs()
+        .into_iter()
+        .chain([layout.quarantine_dir()])
+    {
         fsio::create_dir_durable(&dir)?;
     }
     Ok(())

@@ -229,12 +229,7 @@ pub fn open(dir: &Path, options: &StoreOptions) -> Result<Opened, StoreError> {
     let reason = damage.join("; ");
     tracing::error!(%reason, repair_until = ?reached, "damaged durable state set aside; this node will not vote until its peers have repaired it");
     drop(payloads);
-    for path in [
-        layout.log_dir(),
-        layout.sm_dir(),
-        layout.snapshot_dir(),
-        layout.pack_dir(),
-    ] {
+    for path in layout.state_dirs() {
         if path.exists() {
             format::quarantine(&layout, &path, &reason)?;
         }

@@ -91,37 +91,29 @@ mod v1 {
 mod v2 {
     use super::*;
 
+    /// Format 1's item with `dead_at` after it. postcard writes a nested struct's fields in
+    /// place, with nothing around them, so this is the flat record format 2 wrote.
     #[derive(Deserialize, serde::Serialize)]
     pub struct Item {
-        pub iterations: u32,
-        pub attempts: u32,
-        pub status: Status,
-        pub enqueued_at: Millis,
-        pub queued_at: Millis,
-        pub payload_len: u32,
-        pub lease: Option<Lease>,
-        pub completed_at: Option<Millis>,
-        pub value: Option<Digest>,
-        pub pulled_at: Option<Millis>,
-        pub dead_reason: Option<String>,
+        pub v1: v1::Item,
         pub dead_at: Option<Millis>,
     }
 
     impl Item {
         pub fn with_payload(self, payload: PayloadRef) -> super::Item {
             super::Item {
-                iterations: self.iterations,
-                attempts: self.attempts,
-                status: self.status,
-                enqueued_at: self.enqueued_at,
-                queued_at: self.queued_at,
-                payload_len: self.payload_len,
+                iterations: self.v1.iterations,
+                attempts: self.v1.attempts,
+                status: self.v1.status,
+                enqueued_at: self.v1.enqueued_at,
+                queued_at: self.v1.queued_at,
+                payload_len: self.v1.payload_len,
                 payload,
-                lease: self.lease,
-                completed_at: self.completed_at,
-                value: self.value,
-                pulled_at: self.pulled_at,
-                dead_reason: self.dead_reason,
+                lease: self.v1.lease,
+                completed_at: self.v1.completed_at,
+                value: self.v1.value,
+                pulled_at: self.v1.pulled_at,
+                dead_reason: self.v1.dead_reason,
                 dead_at: self.dead_at,
             }
         }
@@ -247,12 +239,7 @@ fn write_current(
     pack: (PathBuf, Option<u64>),
     pairs: Vec<(Vec<u8>, Vec<u8>)>,
 ) -> Result<(), StoreError> {
-    for d in [
-        layout.log_dir(),
-        layout.sm_dir(),
-        layout.snapshot_dir(),
-        layout.pack_dir(),
-    ] {
+    for d in layout.state_dirs() {
         if d.exists() {
             std::fs::remove_dir_all(&d).map_err(fsio::fatal("remove", &d))?;
         }
@@ -649,306 +636,4 @@ fn migrate_v2(
 }
 
 #[cfg(test)]
-mod tests {
-    use hashq_raft::kv::KvRead;
-    use hashq_raft::machine;
-    use hashq_raft::types::WorkerId;
-    use openraft::{CommittedLeaderId, Membership};
-
-    use super::*;
-
-    fn item(status: Status, lease: Option<Lease>, value: Option<Digest>) -> v1::Item {
-        v1::Item {
-            iterations: 10,
-            attempts: u32::from(lease.is_some()),
-            status,
-            enqueued_at: 5,
-            queued_at: 5,
-            payload_len: 3,
-            lease,
-            completed_at: value.map(|_| 7),
-            value,
-            pulled_at: (status == Status::Pulled).then_some(8),
-            dead_reason: (status == Status::Dead).then(|| "all attempts".to_string()),
-        }
-    }
-
-    /// A data dir as hashq 0.1 left it: one sled database with the log, the vote and the
-    /// state machine (one item in each state).
-    fn legacy_dir(extra_entry: bool) -> tempfile::TempDir {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path().join("sled")).unwrap();
-        let raft = db.open_tree("raft").unwrap();
-        raft.insert(b"vote", codec::encode(&Vote::<NodeId>::new(4, 2)))
-            .unwrap();
-        db.open_tree("sm_meta")
-            .unwrap()
-            .insert(b"current", b"sm-3".as_slice())
-            .unwrap();
-        let sm = db.open_tree("sm-3").unwrap();
-        let applied = LogId::new(CommittedLeaderId::new(4, 2), 40);
-        let membership = StoredMembership::new(
-            Some(LogId::new(CommittedLeaderId::new(0, 0), 0)),
-            Membership::new(vec![[1u64, 2, 3].into_iter().collect()], None),
-        );
-        sm.insert(keys::LAST_APPLIED, codec::encode(&applied))
-            .unwrap();
-        sm.insert(keys::MEMBERSHIP, codec::encode(&membership))
-            .unwrap();
-        let lease = Lease {
-            worker: WorkerId(1),
-            attempt: 1,
-            deadline: 99,
-        };
-        let digest = Digest::new([7; 64]);
-        let put = |id: u64, i: v1::Item| {
-            sm.insert(keys::item(WorkId(id)), codec::encode(&i))
-                .unwrap();
-        };
-        put(0, item(Status::Queued, None, None));
-        sm.insert(keys::queue(WorkId(0)), b"".as_slice()).unwrap();
-        put(1, item(Status::Running, Some(lease), None));
-        sm.insert(keys::lease(99, WorkId(1)), b"".as_slice())
-            .unwrap();
-        sm.insert(
-            keys::owner(WorkerId(1), WorkId(1)),
-            1u32.to_be_bytes().as_slice(),
-        )
-        .unwrap();
-        put(2, item(Status::Completed, None, Some(digest)));
-        sm.insert(keys::completed(0), 2u64.to_be_bytes().as_slice())
-            .unwrap();
-        put(3, item(Status::Pulled, None, Some(digest)));
-        sm.insert(keys::pulled(8, WorkId(3)), b"".as_slice())
-            .unwrap();
-        put(4, item(Status::Dead, None, None));
-        // hashq 0.1 keyed dead items by id alone.
-        sm.insert(
-            [keys::DEAD]
-                .iter()
-                .chain(&4u64.to_be_bytes())
-                .copied()
-                .collect::<Vec<u8>>(),
-            b"".as_slice(),
-        )
-        .unwrap();
-        for id in [0u64, 1, 4] {
-            // hashq 0.1's payload table: `p` + work id.
-            let key = [&[keys::PAYLOAD][..], &id.to_be_bytes()].concat();
-            sm.insert(key, b"abc".as_slice()).unwrap();
-        }
-        sm.insert(
-            keys::worker(WorkerId(1)),
-            b"an old worker record".as_slice(),
-        )
-        .unwrap();
-        let meta = v1::Meta {
-            now: 1_000,
-            next_id: 5,
-            next_completion: 1,
-            next_worker: 2,
-            max_workers: Some(4),
-            counts: v1::Counts {
-                queued: 1,
-                running: 1,
-                completed: 1,
-                pulled: 1,
-                dead: 1,
-                queued_iterations: 10,
-                payload_bytes: 9,
-                enqueued_total: 5,
-                completed_total: 2,
-                pulled_total: 1,
-                expired_total: 1,
-                completed_iterations_total: 20,
-            },
-        };
-        sm.insert(keys::META, codec::encode(&meta)).unwrap();
-        let log = db.open_tree("log").unwrap();
-        log.insert(40u64.to_be_bytes(), b"an applied entry".as_slice())
-            .unwrap();
-        if extra_entry {
-            log.insert(41u64.to_be_bytes(), b"not applied".as_slice())
-                .unwrap();
-        }
-        db.flush().unwrap();
-        dir
-    }
-
-    #[tokio::test]
-    async fn a_legacy_dir_is_refused_then_converted_and_opens_with_its_items() {
-        let dir = legacy_dir(false);
-        assert!(matches!(
-            crate::open(dir.path(), &crate::StoreOptions::default()),
-            Err(StoreError::Legacy { .. })
-        ));
-        let done = migrate(dir.path(), false).unwrap();
-        assert_eq!(done.items, 5);
-        assert_eq!((done.requeued, done.workers_dropped), (1, 1));
-        assert!(dir.path().join("legacy-v1/sled").exists());
-
-        let opened = crate::open(dir.path(), &crate::StoreOptions::default()).unwrap();
-        assert!(opened.recovery.sm.restored_from.is_some());
-        assert!(opened.recovery.damage.is_none());
-        assert_eq!(opened.log.vote(), Some(Vote::new(4, 2)));
-        let view = opened.sm.reader().view();
-        let status = |id: u64| machine::item(&view, WorkId(id)).unwrap().unwrap().status;
-        assert_eq!(status(0), Status::Queued);
-        assert_eq!(status(1), Status::Queued, "running went back to the queue");
-        assert_eq!(status(2), Status::Completed);
-        assert_eq!(status(3), Status::Pulled);
-        assert_eq!(status(4), Status::Dead);
-        assert!(view.get(&keys::queue(WorkId(1))).unwrap().is_some());
-        assert!(view.get(&keys::dead(1_000, WorkId(4))).unwrap().is_some());
-        assert!(machine::workers(&view).unwrap().is_empty());
-        let meta = machine::read_meta(&view).unwrap();
-        assert_eq!((meta.counts.queued, meta.counts.running), (2, 0));
-        assert_eq!(meta.counts.queued_iterations, 20);
-        assert_eq!(meta.next_id, 5);
-        let at = machine::item(&view, WorkId(1)).unwrap().unwrap().payload;
-        let payloads = opened.sm.reader().payloads();
-        assert_eq!(
-            payloads.read(&[at]).unwrap(),
-            vec![Some(bytes::Bytes::from_static(b"abc"))]
-        );
-        assert_eq!(machine::payload_floor(&view).unwrap(), Some(0));
-        assert!(migrate(dir.path(), false).is_err(), "already converted");
-    }
-
-    #[test]
-    fn unapplied_entries_are_not_dropped_without_being_told() {
-        let dir = legacy_dir(true);
-        let err = migrate(dir.path(), false).unwrap_err().to_string();
-        assert!(err.contains("--discard-unapplied"), "{err}");
-        assert!(dir.path().join("sled").exists(), "nothing moved");
-        let done = migrate(dir.path(), true).unwrap();
-        assert_eq!(done.discarded_entries, 1);
-    }
-
-    /// A data dir as the format-2 builds left it: the segment log (purged to 40), the vote
-    /// file, and the state machine in sled with payloads by work id.
-    fn format_2_dir(applied_index: u64) -> tempfile::TempDir {
-        let dir = tempfile::tempdir().unwrap();
-        let layout = Layout::new(dir.path());
-        std::fs::create_dir_all(layout.log_dir()).unwrap();
-        std::fs::write(layout.format_file(), "hashq-data 2\n").unwrap();
-        let (mut log, _) = crate::LogStore::open(
-            &layout.log_dir(),
-            &layout.vote_file(),
-            crate::LogOptions::default(),
-        )
-        .unwrap();
-        log.keep_vote(Vote::new(4, 2)).unwrap();
-        log.purge_to(LogId::new(CommittedLeaderId::new(4, 2), 40))
-            .unwrap();
-        drop(log);
-        let db = crate::sm::open_sled(&layout.sm_dir(), 1 << 20).unwrap();
-        let sm = db.open_tree("sm-0").unwrap();
-        let applied = LogId::new(CommittedLeaderId::new(4, 2), applied_index);
-        sm.insert(keys::LAST_APPLIED, codec::encode(&applied))
-            .unwrap();
-        let membership = StoredMembership::new(
-            Some(LogId::new(CommittedLeaderId::new(0, 0), 0)),
-            Membership::new(vec![[1u64, 2, 3].into_iter().collect()], None),
-        );
-        sm.insert(keys::MEMBERSHIP, codec::encode(&membership))
-            .unwrap();
-        let lease = Lease {
-            worker: WorkerId(1),
-            attempt: 1,
-            deadline: 99,
-        };
-        let item = |status, lease, value: Option<Digest>| v2::Item {
-            iterations: 10,
-            attempts: 1,
-            status,
-            enqueued_at: 5,
-            queued_at: 5,
-            payload_len: 3,
-            lease,
-            completed_at: value.map(|_| 7),
-            value,
-            pulled_at: None,
-            dead_reason: None,
-            dead_at: None,
-        };
-        let items = [
-            item(Status::Queued, None, None),
-            item(Status::Running, Some(lease), None),
-            item(Status::Completed, None, Some(Digest::new([7; 64]))),
-        ];
-        for (id, i) in items.iter().enumerate() {
-            sm.insert(keys::item(WorkId(id as u64)), codec::encode(i))
-                .unwrap();
-        }
-        sm.insert(keys::queue(WorkId(0)), b"".as_slice()).unwrap();
-        sm.insert(keys::lease(99, WorkId(1)), b"".as_slice())
-            .unwrap();
-        for (id, payload) in [(0u64, b"abc"), (1, b"def")] {
-            let key = [&[keys::PAYLOAD][..], &id.to_be_bytes()].concat();
-            sm.insert(key, payload.as_slice()).unwrap();
-        }
-        let mut meta = machine::Meta {
-            now: 1_000,
-            next_id: 3,
-            ..machine::Meta::default()
-        };
-        meta.counts.queued = 1;
-        meta.counts.running = 1;
-        meta.counts.completed = 1;
-        sm.insert(keys::META, codec::encode(&meta)).unwrap();
-        db.flush().unwrap();
-        dir
-    }
-
-    #[tokio::test]
-    async fn a_format_2_dir_is_refused_then_converted_with_its_leases_and_payloads() {
-        let dir = format_2_dir(40);
-        assert!(matches!(
-            crate::open(dir.path(), &crate::StoreOptions::default()),
-            Err(StoreError::Format2 { .. })
-        ));
-        let done = migrate(dir.path(), false).unwrap();
-        assert_eq!(done.items, 3);
-        assert_eq!((done.requeued, done.workers_dropped), (0, 0));
-        assert!(dir.path().join("legacy-v2/sm").exists());
-        assert!(dir.path().join("legacy-v2/raft/vote").exists());
-
-        let opened = crate::open(dir.path(), &crate::StoreOptions::default()).unwrap();
-        assert!(opened.recovery.sm.restored_from.is_some());
-        assert!(opened.recovery.damage.is_none());
-        assert_eq!(opened.log.vote(), Some(Vote::new(4, 2)));
-        let view = opened.sm.reader().view();
-        let item = |id: u64| machine::item(&view, WorkId(id)).unwrap().unwrap();
-        assert_eq!(item(0).status, Status::Queued);
-        assert_eq!(
-            item(1).status,
-            Status::Running,
-            "a lease survives the migration"
-        );
-        assert_eq!(item(1).lease.map(|l| l.worker), Some(WorkerId(1)));
-        assert!(view.get(&keys::lease(99, WorkId(1))).unwrap().is_some());
-        assert_eq!(item(2).status, Status::Completed);
-        let payloads = opened.sm.reader().payloads();
-        assert_eq!(
-            payloads.read(&[item(0).payload, item(1).payload]).unwrap(),
-            vec![
-                Some(bytes::Bytes::from_static(b"abc")),
-                Some(bytes::Bytes::from_static(b"def"))
-            ]
-        );
-        assert_eq!(machine::payload_floor(&view).unwrap(), Some(0));
-        assert_eq!(machine::read_meta(&view).unwrap().next_id, 3);
-        assert!(migrate(dir.path(), false).is_err(), "already converted");
-    }
-
-    #[test]
-    fn a_format_2_state_machine_behind_its_log_is_not_converted_without_being_told() {
-        let dir = format_2_dir(39);
-        let err = migrate(dir.path(), false).unwrap_err().to_string();
-        assert!(err.contains("--discard-unapplied"), "{err}");
-        assert!(dir.path().join("sm").exists(), "nothing moved");
-        let done = migrate(dir.path(), true).unwrap();
-        assert_eq!(done.discarded_entries, 1);
-    }
-}
+mod tests;

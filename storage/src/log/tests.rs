@@ -1,8 +1,12 @@
 //! The segment log on its own: reopen, roll, truncate, purge, torn tails and corruption.
 
+use std::fs::OpenOptions;
+use std::path::Path;
+
 use hashq_raft::command::{Command, Request, StoreLimits};
-use openraft::storage::RaftLogStorageExt;
-use openraft::{CommittedLeaderId, EntryPayload};
+use hashq_raft::types::PayloadRef;
+use openraft::storage::{RaftLogStorage, RaftLogStorageExt};
+use openraft::{CommittedLeaderId, EntryPayload, RaftLogReader};
 
 use super::*;
 

@@ -7,12 +7,12 @@
 //! result computed for an old registration cannot reach the completer of a new one.
 //!
 //! The session loop is here; the table of held items is [`held`], the parent checks are
-//! [`parent`].
+//! [`parent`], the ways a worker ends are [`exit`].
 
+mod exit;
 mod held;
 mod parent;
 
-use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,6 +32,7 @@ use crate::client::{backoff_ceiling, ClientError, EndpointClient};
 use crate::config::{ParentCheck, WorkerConfig};
 use crate::ec2::Ec2ParentCheck;
 use crate::hash;
+pub use exit::{ExitReason, WorkerError};
 use held::Held;
 use parent::{ec2_parent_loop, parent_loop};
 
@@ -54,64 +55,6 @@ const FLAP_WINDOW: Duration = Duration::from_secs(5);
 /// Pause after a lease answer that came back empty well before its long-poll ended (a node
 /// that does not long-poll, a leader change), so such answers cannot make the worker spin.
 const EARLY_EMPTY_PAUSE: Duration = Duration::from_millis(50);
-
-/// Why [`run`] returned without an error.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ExitReason {
-    /// No item was held for `idle_timeout`; the worker said goodbye and freed its slot.
-    Idle,
-    /// The shutdown future fired; held leases were given back.
-    Shutdown,
-    /// No endpoint answered for `no_endpoint_exit_after`: the cluster is gone.
-    NoEndpoint,
-    /// On EC2: no endpoint instance of the worker's cluster is running any more.
-    Orphaned,
-    /// The cluster forgot this managed worker, so its budget slot is gone (it may already
-    /// have launched a replacement).
-    SlotGone,
-}
-
-impl ExitReason {
-    /// A short name for logs and exit messages.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ExitReason::Idle => "idle",
-            ExitReason::Shutdown => "shutdown",
-            ExitReason::NoEndpoint => "no_endpoint",
-            ExitReason::Orphaned => "orphaned",
-            ExitReason::SlotGone => "slot_gone",
-        }
-    }
-}
-
-impl ExitReason {
-    /// Whether the worker ended because its cluster is gone (SPEC section 4: it then
-    /// terminates itself).
-    pub fn is_orphaned(self) -> bool {
-        matches!(self, ExitReason::NoEndpoint | ExitReason::Orphaned)
-    }
-}
-
-impl fmt::Display for ExitReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// What stops a worker that retrying cannot help.
-#[derive(Debug, thiserror::Error)]
-pub enum WorkerError {
-    /// The configuration breaks a rule of [`WorkerConfig::validate`].
-    #[error("invalid worker configuration: {0}")]
-    Config(String),
-    /// The cluster refused the worker (a wrong token, an incompatible version) or answered
-    /// something it cannot understand.
-    #[error(transparent)]
-    Client(#[from] ClientError),
-    /// A worker task panicked: a bug.
-    #[error("internal worker error: {0}")]
-    Internal(String),
-}
 
 /// Runs a worker until it has a reason to stop; see [`ExitReason`] for the ways it ends
 /// well. `shutdown` is typically SIGTERM, wired by the binary.
@@ -732,110 +675,4 @@ impl LeaseRetry {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn registered(lease_ms: u64, heartbeat_ms: u64, worker_lost_ms: u64) -> RegisterResponse {
-        RegisterResponse {
-            worker: WorkerId(1),
-            secret: WorkerSecret(1),
-            node: 1,
-            endpoints: Vec::new(),
-            lease_ms,
-            heartbeat_ms,
-            worker_lost_ms,
-        }
-    }
-
-    fn ask(worker: u64, max: u32) -> LeaseRequest {
-        LeaseRequest {
-            worker: WorkerId(worker),
-            secret: WorkerSecret(worker),
-            max,
-            min: max,
-            max_iterations: u64::MAX,
-            wait_ms: 5000,
-            request_id: 0,
-        }
-    }
-
-    #[test]
-    fn a_retry_reuses_the_request_until_an_answer_settles_it() {
-        let mut retry = LeaseRetry::default();
-        let mut ids = [7, 8, 9].into_iter();
-        let first = retry.request(ask(1, 2), || ids.next().unwrap());
-        assert_eq!(first.request_id, 7);
-        // No answer came back: the same request, even if more capacity is free now.
-        let again = retry.request(ask(1, 5), || ids.next().unwrap());
-        assert_eq!((again.request_id, again.max), (7, 2));
-        retry.settle();
-        let next = retry.request(ask(1, 5), || ids.next().unwrap());
-        assert_eq!((next.request_id, next.max), (8, 5));
-    }
-
-    #[test]
-    fn a_new_registration_gets_a_fresh_request() {
-        let mut retry = LeaseRetry::default();
-        let mut ids = [7, 8].into_iter();
-        retry.request(ask(1, 2), || ids.next().unwrap());
-        let other = retry.request(ask(2, 2), || ids.next().unwrap());
-        assert_eq!((other.worker, other.request_id), (WorkerId(2), 8));
-    }
-
-    #[test]
-    fn heartbeat_period_follows_the_cluster_within_safe_bounds() {
-        let ms = Duration::from_millis;
-        assert_eq!(
-            heartbeat_period(&registered(10_000, 2_000, 15_000)),
-            ms(2_000)
-        );
-        // Missing: a third of the lease.
-        assert_eq!(heartbeat_period(&registered(9_000, 0, 30_000)), ms(3_000));
-        // Too slow to keep the lease or the worker alive: half of the tighter limit.
-        assert_eq!(
-            heartbeat_period(&registered(4_000, 5_000, 30_000)),
-            ms(2_000)
-        );
-        assert_eq!(
-            heartbeat_period(&registered(30_000, 20_000, 6_000)),
-            ms(3_000)
-        );
-        // Absurdly fast or absent values.
-        assert_eq!(
-            heartbeat_period(&registered(10_000, 1, 15_000)),
-            MIN_HEARTBEAT
-        );
-        assert_eq!(heartbeat_period(&registered(0, 0, 0)), ms(1_000));
-    }
-
-    #[test]
-    fn idle_checks_are_frequent_but_not_busy() {
-        let ms = Duration::from_millis;
-        assert_eq!(idle_check_period(Duration::from_secs(60)), ms(1_000));
-        assert_eq!(idle_check_period(ms(400)), ms(100));
-        assert_eq!(idle_check_period(ms(1)), ms(10));
-    }
-
-    #[test]
-    fn client_errors_map_to_stops() {
-        let forgotten = ClientError::UnknownWorker {
-            message: String::new(),
-        };
-        assert!(matches!(Stop::from(forgotten), Stop::Forgotten(_)));
-        let slot = ClientError::UnknownSlot {
-            message: String::new(),
-        };
-        assert!(matches!(Stop::from(slot), Stop::Forgotten(_)));
-        let gone = ClientError::NoEndpoint {
-            silent_for: Duration::from_secs(30),
-        };
-        assert!(matches!(Stop::from(gone), Stop::NoEndpoint));
-        let rejected = ClientError::Rejected {
-            endpoint: "http://a:1".into(),
-            status: 401,
-            code: "unauthorized".into(),
-            message: String::new(),
-        };
-        assert!(matches!(Stop::from(rejected), Stop::Failed(_)));
-    }
-}
+mod tests;

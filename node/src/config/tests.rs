@@ -1,0 +1,92 @@
+//! Flag parsing, defaults taken from the groups, timing checks.
+
+use super::*;
+
+#[test]
+fn peers_parse_and_reject_nonsense() {
+    let p: Peers = "2=127.0.0.1:7102, 1=127.0.0.1:7101".parse().unwrap();
+    assert_eq!(p.0[0], (1, "127.0.0.1:7101".to_string()));
+    for bad in [
+        "",
+        "1",
+        "x=1.2.3.4:5",
+        "0=h:1",
+        "1=h",
+        "1=h:1,1=h:2",
+        "1=h:99999",
+    ] {
+        assert!(bad.parse::<Peers>().is_err(), "{bad} should be refused");
+    }
+}
+
+#[test]
+fn the_flags_take_their_defaults_from_the_groups() {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        node: NodeArgs,
+    }
+    let args = <Cli as clap::Parser>::try_parse_from([
+        "hashq",
+        "--id",
+        "1",
+        "--peers",
+        "1=127.0.0.1:7101",
+        "--data-dir",
+        "/tmp/x",
+        "--insecure",
+    ])
+    .expect("parse")
+    .node;
+    let c = args.into_config().expect("config");
+    let (t, l, s, h) = (
+        Timing::default(),
+        Limits::default(),
+        Scaling::default(),
+        HttpLimits::default(),
+    );
+    assert_eq!(c.timing.lease, t.lease);
+    assert_eq!(c.timing.idempotency_retention, t.idempotency_retention);
+    assert_eq!(c.timing.reconcile_period, t.reconcile_period);
+    assert_eq!(c.limits.dead_retention, l.dead_retention);
+    assert_eq!(c.limits.max_backlog_bytes, l.max_backlog_bytes);
+    assert_eq!(c.limits.disk_free_limit, l.disk_free_limit);
+    assert_eq!(c.limits.max_connections, l.max_connections);
+    assert_eq!(c.scaling.max_workers, s.max_workers);
+    assert_eq!(c.scaling.worker_idle_timeout, s.worker_idle_timeout);
+    assert_eq!(c.http.body_min_rate, h.body_min_rate);
+    assert_eq!(c.http.max_body_bytes_in_flight, h.max_body_bytes_in_flight);
+    assert_eq!(c.http.header_timeout, h.header_timeout);
+    assert_eq!(c.storage.cache_bytes, Storage::default().cache_bytes);
+    assert_eq!(
+        c.storage.log_segment_bytes,
+        Storage::default().log_segment_bytes
+    );
+    assert_eq!(c.batching.in_flight, Batching::default().in_flight);
+    for bytes in [1, 1000, 1024, 64 << 10, 3 << 20, 4 << 30, (4 << 30) + 1] {
+        assert_eq!(byte_size(&show_bytes(bytes)), Ok(bytes));
+    }
+}
+
+#[test]
+fn default_timing_is_valid_and_bad_timing_is_refused() {
+    Timing::default().validate().unwrap();
+    let t = Timing {
+        raft_heartbeat: Duration::from_millis(200),
+        ..Timing::default()
+    };
+    assert!(t.validate().is_err());
+    let t = Timing {
+        worker_lost_after: Duration::from_secs(1),
+        ..Timing::default()
+    };
+    assert!(t.validate().is_err());
+}
+
+#[test]
+fn millis_is_never_zero_and_saturates() {
+    assert_eq!(millis(Duration::from_millis(1500)), 1500);
+    assert_eq!(millis(Duration::from_micros(1999)), 1);
+    assert_eq!(millis(Duration::ZERO), 1);
+    assert_eq!(millis(Duration::MAX), u64::MAX);
+}

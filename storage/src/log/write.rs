@@ -1,0 +1,361 @@
+//! Writing the log: the single writer and its active segment, appends (one write, one
+//! fdatasync), rolling to a new segment, truncation, the purge point, and deleting segments
+//! that are neither in the log nor holding a payload still needed. A failed write or sync
+//! poisons the writer.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::ops::Bound;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hashq_raft::{Entry, LogId};
+
+use super::index::{entry_bytes, Index, Loc, Segment, SegmentFile};
+use super::segment::{self, RecordAt};
+use super::state::StateFile;
+use super::{encode_entry, io_err, lock, Inner, LogStore};
+use crate::fsio::{self, fatal, Fatal};
+
+/// The writer's state: only one write runs at a time.
+pub(super) struct Writer {
+    pub(super) state: StateFile,
+    pub(super) active: Option<Active>,
+    /// Set by a failed sync: nothing is written any more.
+    pub(super) poisoned: Option<String>,
+}
+
+pub(super) struct Active {
+    pub(super) first: u64,
+    pub(super) path: PathBuf,
+    pub(super) file: File,
+    pub(super) len: u64,
+    /// The index the next entry must have to go into this segment (a jump, after a
+    /// snapshot install, starts a new segment so each segment stays consecutive).
+    pub(super) next: u64,
+}
+
+impl Active {
+    /// Opens an existing segment to append to it at its end.
+    pub(super) fn open(first: u64, path: PathBuf, next: u64) -> Result<Active, Fatal> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(fatal("open", &path))?;
+        let len = file.metadata().map_err(fatal("stat", &path))?.len();
+        Ok(Active {
+            first,
+            path,
+            file,
+            len,
+            next,
+        })
+    }
+}
+
+impl LogStore {
+    /// Runs `f` on the writer on a blocking thread.
+    pub(super) async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner, &mut Writer) -> Result<T, Fatal> + Send + 'static,
+    ) -> Result<T, Fatal> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut writer = lock(&inner.writer);
+            if let Some(why) = &writer.poisoned {
+                return Err(fatal("write to a poisoned log", &inner.dir)(io_err(why)));
+            }
+            let result = f(&inner, &mut writer);
+            if let Err(e) = &result {
+                tracing::error!(error = %e, "the Raft log cannot be written; no further writes");
+                writer.poisoned = Some(e.to_string());
+            }
+            result
+        })
+        .await
+        .unwrap_or_else(|e| Err(fatal("log writer", &self.inner.dir)(io_err(e))))
+    }
+
+    /// Tells the log the oldest index whose payloads are still needed; segments wholly
+    /// before it (and purged) are deleted, on a blocking thread.
+    pub fn set_payload_floor(&self, floor: u64) {
+        use std::sync::atomic::Ordering;
+        let old = self.inner.payload_floor.swap(floor, Ordering::Relaxed);
+        if floor <= old || !self.has_garbage() {
+            return;
+        }
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut writer = lock(&inner.writer);
+            if writer.poisoned.is_none() {
+                if let Err(e) = inner.collect_garbage(&writer) {
+                    tracing::error!(error = %e, "the Raft log cannot delete old segments; no further writes");
+                    writer.poisoned = Some(e.to_string());
+                }
+            }
+        });
+    }
+
+    /// Whether a segment could be deleted now.
+    fn has_garbage(&self) -> bool {
+        let index = lock(&self.inner.index);
+        let bound = self.inner.keep_from(&index);
+        let mut segments = index.segments.values();
+        // Never the last segment (the active one).
+        let (Some(first), Some(_)) = (segments.next(), segments.next()) else {
+            return false;
+        };
+        first.last.is_none_or(|l| l < bound)
+    }
+}
+
+impl Inner {
+    /// The first index whose segment must be kept: neither purged nor older than a payload
+    /// still needed.
+    fn keep_from(&self, index: &Index) -> u64 {
+        let purged = index.purged.map_or(0, |p| p.index + 1);
+        purged.min(
+            self.payload_floor
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
+    /// Deletes the segments wholly before [`Inner::keep_from`] (never the active one).
+    fn collect_garbage(&self, w: &Writer) -> Result<(), Fatal> {
+        let active = w.active.as_ref().map(|a| a.first);
+        let doomed: Vec<Arc<SegmentFile>> = {
+            let mut index = lock(&self.index);
+            let bound = self.keep_from(&index);
+            let mut doomed = Vec::new();
+            let firsts: Vec<u64> = index.segments.keys().copied().collect();
+            for first in firsts {
+                if Some(first) == active {
+                    break;
+                }
+                let seg = &index.segments[&first];
+                if seg.last.is_some_and(|l| l >= bound) {
+                    break;
+                }
+                if let Some(seg) = index.segments.remove(&first) {
+                    doomed.push(seg.file);
+                }
+                index.retained.retain(|l| l.segment != first);
+            }
+            doomed
+        };
+        for seg in doomed {
+            fsio::remove_durable(&seg.path)?;
+        }
+        Ok(())
+    }
+
+    /// Appends encoded records (one write, one fdatasync), rolling to a new segment first if
+    /// the active one is full. A full disk is waited out: the partial write is cut back and
+    /// retried.
+    pub(super) fn append(&self, w: &mut Writer, entries: &[Entry]) -> Result<Vec<Loc>, Fatal> {
+        let Some(first) = entries.first() else {
+            return Ok(Vec::new());
+        };
+        let needs_new = match &w.active {
+            None => true,
+            Some(a) => a.len >= self.options.segment_bytes || a.next != first.log_id.index,
+        };
+        if needs_new {
+            self.roll(w, first.log_id.index)?;
+        }
+        let mut locs = Vec::with_capacity(entries.len());
+        let mut rest = entries;
+        while !rest.is_empty() {
+            // As many entries as fit in the active segment (at least one), then a new one.
+            let active = w.active.as_ref().expect("an active segment after roll");
+            let mut buf = Vec::new();
+            let mut taken = 0;
+            for entry in rest {
+                if taken > 0 && active.len + buf.len() as u64 >= self.options.segment_bytes {
+                    break;
+                }
+                let body = encode_entry(entry);
+                let offset = active.len + buf.len() as u64;
+                segment::push_record(&mut buf, segment::KIND_ENTRY, &body);
+                locs.push(Loc {
+                    log_id: entry.log_id,
+                    segment: active.first,
+                    at: RecordAt {
+                        offset,
+                        body: offset + segment::RECORD_OVERHEAD,
+                        body_len: body.len() as u32,
+                    },
+                });
+                taken += 1;
+            }
+            self.write_synced(w, &buf, locs.last().map(|l| l.log_id.index + 1))?;
+            rest = &rest[taken..];
+            if let Some(next) = rest.first() {
+                self.roll(w, next.log_id.index)?;
+            }
+        }
+        Ok(locs)
+    }
+
+    /// Writes `buf` at the end of the active segment and fdatasyncs it.
+    fn write_synced(&self, w: &mut Writer, buf: &[u8], next: Option<u64>) -> Result<(), Fatal> {
+        let active = w.active.as_mut().expect("an active segment");
+        let mut warned = false;
+        loop {
+            match active.file.write_all_at(buf, active.len) {
+                Ok(()) => break,
+                Err(e) if e.kind() == io::ErrorKind::StorageFull => {
+                    // Nothing of it counts: cut back what did get written and wait for room.
+                    active
+                        .file
+                        .set_len(active.len)
+                        .map_err(fatal("truncate", &active.path))?;
+                    if !warned {
+                        tracing::error!(path = %active.path.display(), "disk full: the log waits for space");
+                        warned = true;
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                Err(e) => return Err(fatal("write", &active.path)(e)),
+            }
+        }
+        fsio::sync_data(&active.file, &active.path)?;
+        active.len += buf.len() as u64;
+        active.next = next.unwrap_or(active.next);
+        Ok(())
+    }
+
+    /// Starts a new segment whose first entry will be `first`: created, header written,
+    /// synced, its name made durable.
+    fn roll(&self, w: &mut Writer, first: u64) -> Result<(), Fatal> {
+        let path = self.dir.join(segment::file_name(first));
+        if path.exists() {
+            // Left by a truncation that emptied it: start it again.
+            fsio::remove_durable(&path)?;
+        }
+        let file = fsio::create_new_durable(&path)?;
+        file.write_all_at(&segment::header(first), 0)
+            .map_err(fatal("write", &path))?;
+        fsio::sync_data(&file, &path)?;
+        let read = File::open(&path).map_err(fatal("open", &path))?;
+        lock(&self.index).segments.insert(
+            first,
+            Segment {
+                file: Arc::new(SegmentFile {
+                    path: path.clone(),
+                    file: read,
+                }),
+                last: None,
+            },
+        );
+        w.active = Some(Active {
+            first,
+            path,
+            file,
+            len: segment::HEADER_LEN,
+            next: first,
+        });
+        Ok(())
+    }
+
+    /// Removes entries from `from` on: whole segments after it, the tail of its own.
+    pub(super) fn truncate(&self, w: &mut Writer, from: u64) -> Result<(), Fatal> {
+        let (cut, doomed): (Option<Loc>, Vec<Arc<SegmentFile>>) = {
+            let mut index = lock(&self.index);
+            let cut = index.position(from).map(|p| index.entries[p]);
+            if let Some(p) = index.position(from) {
+                index.entries.truncate(p);
+            }
+            index.cache_truncate(from);
+            let keep_up_to = cut.map_or(u64::MAX, |c| c.segment);
+            let later: Vec<u64> = index
+                .segments
+                .range((Bound::Excluded(keep_up_to), Bound::Unbounded))
+                .map(|(f, _)| *f)
+                .collect();
+            let doomed = later
+                .iter()
+                .filter_map(|f| index.segments.remove(f).map(|s| s.file))
+                .collect();
+            if let Some(c) = cut {
+                if let Some(seg) = index.segments.get_mut(&c.segment) {
+                    seg.last = from
+                        .checked_sub(1)
+                        .filter(|_| c.at.offset > segment::HEADER_LEN);
+                }
+            }
+            (cut, doomed)
+        };
+        let Some(cut) = cut else {
+            return Ok(());
+        };
+        for seg in doomed {
+            fsio::remove_durable(&seg.path)?;
+        }
+        if cut.at.offset == segment::HEADER_LEN {
+            // The segment held nothing before `from`: remove it too.
+            let path = self.dir.join(segment::file_name(cut.segment));
+            lock(&self.index).segments.remove(&cut.segment);
+            fsio::remove_durable(&path)?;
+            w.active = None;
+            // The segment before it (if any) becomes the active one again.
+            let before = lock(&self.index)
+                .segments
+                .range(..cut.segment)
+                .next_back()
+                .map(|(f, s)| (*f, s.file.path.clone()));
+            if let Some((first, path)) = before {
+                // Its last entry need not be `from - 1` (a snapshot may sit between them):
+                // anything else than its own next index starts a new segment.
+                let next = lock(&self.index)
+                    .entries
+                    .back()
+                    .filter(|l| l.segment == first)
+                    .map_or(u64::MAX, |l| l.log_id.index + 1);
+                w.active = Some(Active::open(first, path, next)?);
+            }
+            return Ok(());
+        }
+        let path = self.dir.join(segment::file_name(cut.segment));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(fatal("open", &path))?;
+        file.set_len(cut.at.offset)
+            .map_err(fatal("truncate", &path))?;
+        fsio::sync_data(&file, &path)?;
+        w.active = Some(Active {
+            first: cut.segment,
+            path,
+            file,
+            len: cut.at.offset,
+            next: from,
+        });
+        Ok(())
+    }
+
+    /// Records the purge point durably, then deletes the segments it fully covers that hold
+    /// no payload still needed (never the active one).
+    pub(super) fn purge(&self, w: &mut Writer, upto: LogId) -> Result<(), Fatal> {
+        w.state.save_purged(upto)?;
+        {
+            let mut index = lock(&self.index);
+            index.purged = Some(upto);
+            index.retire(upto.index);
+            while index
+                .cache
+                .front()
+                .is_some_and(|e| e.log_id.index <= upto.index)
+            {
+                if let Some(e) = index.cache.pop_front() {
+                    index.cache_bytes -= entry_bytes(&e);
+                }
+            }
+        }
+        self.collect_garbage(w)
+    }
+}
