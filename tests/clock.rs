@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{payload, reference, wait_for, worker_call, Cluster, Options};
-use hashq_raft::wire::{LeaseRequest, LeaseResponse, RegisterRequest, RegisterResponse};
+use hashq_proto::worker::{LeaseRequest, LeaseResponse, RegisterRequest, RegisterResponse};
 use serde_json::Value;
 
 async fn work(cluster: &Cluster, node: u64, id: &str) -> Value {

@@ -407,12 +407,11 @@ async fn crafted_and_random_raft_messages_never_crash_a_node() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_cannot_complete_another_workers_lease() {
-    use hashq_raft::command::Completion;
-    use hashq_raft::types::Digest;
-    use hashq_raft::wire::{
-        CompleteRequest, CompleteResponse, LeaseRequest, LeaseResponse, RegisterRequest,
-        RegisterResponse,
+    use hashq_proto::worker::{
+        CompleteRequest, CompleteResponse, Completion, LeaseRequest, LeaseResponse,
+        RegisterRequest, RegisterResponse,
     };
+    use hashq_proto::Digest;
     let cluster = Cluster::start(Options::default()).await;
     let leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
     let id = cluster

@@ -1,7 +1,8 @@
 //! The AWS plumbing the node's `ec2` launcher and the worker's EC2 parent check share
 //! (SPEC section 7): the SDK configuration ([`sdk_config`], with a [`Patience`] for each
-//! caller), this instance's own id from IMDS ([`own_instance_id`]), and the tags and ids by
-//! which hashq's instances find each other ([`TAG_CLUSTER`], [`is_instance_id`], ...).
+//! caller), this instance's own id from IMDS ([`own_instance_id`]), and the shape of an
+//! instance id ([`is_instance_id`]). The tag names by which hashq's instances find each other
+//! are part of the protocol: `hashq-proto`'s `ec2` module.
 //!
 //! Credentials come only from the SDK's default chain (the instance profile on EC2); nothing
 //! here reads, writes or logs a key. Throttling and transient errors are retried by the SDK
@@ -19,20 +20,6 @@ use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_ec2::error::DisplayErrorContext;
-
-/// Tag naming the cluster an instance belongs to (endpoints and workers).
-pub const TAG_CLUSTER: &str = "hashq:cluster";
-/// Tag naming what an instance is: `endpoint`, `witness` or `worker`.
-pub const TAG_ROLE: &str = "hashq:role";
-/// Tag with a worker instance's slot (the worker id, a decimal number).
-pub const TAG_WORKER_ID: &str = "hashq:worker-id";
-/// Tag with the instance id of the endpoint that launched a worker.
-pub const TAG_PARENT: &str = "hashq:parent";
-/// Tag with the node id of the endpoint that launched a worker.
-pub const TAG_PARENT_NODE: &str = "hashq:parent-node";
-/// Tag with an endpoint instance's Raft node id (set by `scripts/deploy-ec2.sh`); workers
-/// re-parent by it.
-pub const TAG_NODE_ID: &str = "hashq:node-id";
 
 /// Whether `s` looks like an EC2 instance id (`i-` and hex digits).
 pub fn is_instance_id(s: &str) -> bool {

@@ -9,11 +9,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use hashq_proto::api::InitState;
+use hashq_proto::routes::raft::INIT;
 use openraft::BasicNode;
 
 use crate::config::Role;
 use crate::node::Node;
-use crate::routes::raft::{InitState, INIT_STATE};
 
 /// Whether this node has Raft state (and so must never be initialized).
 pub async fn is_initialized(node: &Node) -> bool {
@@ -24,7 +25,7 @@ pub async fn is_initialized(node: &Node) -> bool {
 async fn probe(node: &Node, addr: &str) -> Option<InitState> {
     let mut request = node
         .http
-        .get(format!("http://{addr}{INIT_STATE}"))
+        .get(format!("http://{addr}{INIT}"))
         .timeout(Duration::from_millis(500));
     if let Some(token) = &node.config.credentials.peer {
         request = request.bearer_auth(token);

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use hashq_proto::error::{codes, ErrorBody, ErrorDetail};
 use hashq_raft::command::{Rejection, Response as SmResponse};
-use hashq_raft::wire::{codes, ErrorBody, ErrorDetail};
 use hashq_raft::{NodeId, WorkerId};
 use serde::{Deserialize, Serialize};
 

@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hashq_proto::api::Health;
 use hashq_raft::network::Network;
-use hashq_raft::wire::Health;
 use hashq_raft::{NodeId, Raft};
 use hashq_storage::{SmReader, StoreOptions};
 use openraft::SnapshotPolicy;

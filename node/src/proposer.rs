@@ -12,9 +12,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use hashq_proto::codec::POSTCARD;
+use hashq_proto::routes::internal::PROPOSE;
 use hashq_raft::command::{BatchSlot, Command, Request, Response, StoreLimits};
 use hashq_raft::kv::KvRead;
-use hashq_raft::{codec, machine, wire, NodeId, Raft};
+use hashq_raft::{codec, machine, NodeId, Raft};
 use hashq_storage::SmReader;
 use openraft::error::{ClientWriteError, RaftError};
 use serde::{Deserialize, Serialize};
@@ -22,9 +24,6 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::config::Batching;
 use crate::error::ApiError;
-
-/// Path of the leader's batch entry point.
-pub const PROPOSE_ROUTE: &str = "/internal/propose";
 
 /// The answer to one request, with what the leader attaches after apply: the payloads of
 /// leased items, in the order of `Response::Leased::items`.
@@ -483,8 +482,8 @@ async fn forward(
     }
     let mut builder = shared
         .http
-        .post(format!("http://{addr}{PROPOSE_ROUTE}"))
-        .header(reqwest::header::CONTENT_TYPE, wire::POSTCARD)
+        .post(format!("http://{addr}{PROPOSE}"))
+        .header(reqwest::header::CONTENT_TYPE, POSTCARD)
         .timeout(shared.options.request_timeout)
         .body(codec::encode(&requests));
     if let Some(token) = &shared.token {

@@ -9,6 +9,8 @@ use std::fmt;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+pub use hashq_proto::worker::Completion;
+
 use crate::types::{Digest, Millis, NodeId, WorkId, WorkerId, WorkerSecret};
 
 /// One Raft log entry's application data.
@@ -356,14 +358,6 @@ pub struct BatchSlot {
     pub key: String,
     pub slot: u32,
     pub ttl_ms: u64,
-}
-
-/// One result delivered by a worker.
-#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
-pub struct Completion {
-    pub id: WorkId,
-    pub attempt: u32,
-    pub value: Digest,
 }
 
 /// The knobs of a [`Request::Tick`], chosen by the leader's config and carried in the log so

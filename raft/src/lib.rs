@@ -8,17 +8,22 @@
 //!   large backlog streams from disk with flat memory);
 //! - [`network`]: the Raft RPC client (HTTP + postcard, guarded by the cluster token).
 //!
+//! The ids, the codec and everything else a worker or client also sees are `hashq-proto`'s,
+//! re-exported here where the model uses them ([`types`], [`codec`]).
+//!
 //! Nothing here reads a clock or does disk I/O; the `storage` crate persists what `machine`
 //! computes, and the `node` crate decides when to propose what.
 
-pub mod codec;
 pub mod command;
 pub mod keys;
 pub mod kv;
 pub mod machine;
 pub mod network;
 pub mod types;
-pub mod wire;
+
+/// The codec is the wire's (`hashq-proto`): the Raft log and the state machine's records
+/// use the same postcard encoding.
+pub use hashq_proto::codec;
 
 pub use command::{Command, CommandResponse, Request, Response};
 pub use types::{NodeId, WorkId, WorkerId};

@@ -25,14 +25,10 @@ use openraft::{BasicNode, OptionalSend, Snapshot, Vote};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::{codec, wire, NodeId, SnapshotMeta, TypeConfig};
+use hashq_proto::codec::{POSTCARD, SNAPSHOT_STREAM};
+use hashq_proto::routes::raft as routes;
 
-/// Raft RPC paths.
-pub mod routes {
-    pub const APPEND: &str = "/raft/append";
-    pub const VOTE: &str = "/raft/vote";
-    pub const SNAPSHOT: &str = "/raft/snapshot";
-}
+use crate::{codec, NodeId, SnapshotMeta, TypeConfig};
 
 /// What precedes a snapshot file on the wire: `u32` length (little-endian), then this in
 /// postcard.
@@ -44,9 +40,6 @@ pub struct SnapshotHeader {
 
 /// The receiver's answer to a snapshot: installed (with its vote), or why not.
 pub type SnapshotAnswer = Result<SnapshotResponse<NodeId>, String>;
-
-/// Content type of a snapshot stream.
-pub const SNAPSHOT_STREAM: &str = "application/x-hashq-snapshot";
 
 /// Builds connections to peers; shared by all of openraft's replication tasks.
 #[derive(Clone)]
@@ -102,7 +95,7 @@ impl Connection {
         let mut builder = self
             .client
             .post(format!("{}{}", self.base, path))
-            .header(reqwest::header::CONTENT_TYPE, wire::POSTCARD)
+            .header(reqwest::header::CONTENT_TYPE, POSTCARD)
             .timeout(option.hard_ttl())
             .body(codec::encode(request));
         if let Some(token) = &self.token {

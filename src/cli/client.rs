@@ -7,6 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
+use hashq_proto::api::{Enqueued, MaxWorkers};
+use hashq_proto::headers::IDEMPOTENCY_KEY;
+use hashq_proto::routes::{admin, client as api, observability};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use tokio::sync::Semaphore;
@@ -63,7 +66,7 @@ impl Client {
                 request = request.body(body.clone());
             }
             if let Some(key) = idempotency_key {
-                request = request.header("idempotency-key", key);
+                request = request.header(IDEMPOTENCY_KEY, key);
             }
             if let Some(token) = &self.target.client_token {
                 request = request.bearer_auth(token);
@@ -130,7 +133,7 @@ pub async fn enqueue(args: EnqueueArgs) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("reading {}", file.display()))?;
             let key = new_key();
-            let path = format!("/enqueue?iterations={iterations}");
+            let path = format!("{}?iterations={iterations}", api::ENQUEUE);
             let (status, body) = client
                 .send(Method::PUT, &path, Some(payload), Some(&key))
                 .await?;
@@ -138,7 +141,9 @@ pub async fn enqueue(args: EnqueueArgs) -> anyhow::Result<()> {
             if !status.is_success() {
                 return Err(fail(status, &body).context(format!("enqueueing {}", file.display())));
             }
-            let id = body["work_id"].as_str().unwrap_or_default().to_string();
+            let id = serde_json::from_value::<Enqueued>(body)
+                .map(|e| e.work_id)
+                .unwrap_or_default();
             bar.suspend(|| {
                 println!(
                     "{}",
@@ -169,7 +174,7 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
     let (status, body) = client
         .send(
             Method::POST,
-            &format!("/pullCompleted?top={}", args.top),
+            &format!("{}?top={}", api::PULL_COMPLETED, args.top),
             None,
             Some(&key),
         )
@@ -183,7 +188,9 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
 
 pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let client = Client::new(args.target)?;
-    let (status, body) = client.send(Method::GET, "/status", None, None).await?;
+    let (status, body) = client
+        .send(Method::GET, observability::STATUS, None, None)
+        .await?;
     if !status.is_success() {
         return Err(fail(status, &body));
     }
@@ -203,7 +210,9 @@ pub async fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
     let client = Client::new(target)?;
     match args.command {
         ClusterCommand::Members | ClusterCommand::Workers => {
-            let (status, body) = client.send(Method::GET, "/status", None, None).await?;
+            let (status, body) = client
+                .send(Method::GET, observability::STATUS, None, None)
+                .await?;
             if !status.is_success() {
                 return Err(fail(status, &body));
             }
@@ -215,9 +224,9 @@ pub async fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(part)?);
         }
         ClusterCommand::SetMaxWorkers { max } => {
-            let body = serde_json::to_vec(&serde_json::json!({ "max": max }))?;
+            let body = serde_json::to_vec(&MaxWorkers { max })?;
             let (status, answer) = client
-                .send(Method::POST, "/admin/max-workers", Some(body), None)
+                .send(Method::POST, admin::MAX_WORKERS, Some(body), None)
                 .await?;
             if !status.is_success() {
                 return Err(fail(status, &answer));

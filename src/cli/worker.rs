@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use hashq_raft::WorkerId;
+use hashq_proto::WorkerId;
 use hashq_worker::config::{Ec2Parent, ParentCheck, WorkerConfig};
 
 use super::node::shutdown_signal;

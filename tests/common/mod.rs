@@ -451,11 +451,11 @@ pub async fn worker_call<Req: serde::Serialize, Resp: serde::de::DeserializeOwne
         .post(format!("{}{path}", cluster.url(node)))
         .bearer_auth(WORKER_TOKEN)
         .header("content-type", "application/x-postcard")
-        .body(hashq_raft::codec::encode(request))
+        .body(hashq_proto::codec::encode(request))
         .send()
         .await
         .expect("worker route answers");
     assert!(answer.status().is_success(), "{path}: {}", answer.status());
     let bytes = answer.bytes().await.unwrap();
-    hashq_raft::codec::decode("answer", &bytes).expect("postcard answer")
+    hashq_proto::codec::decode("answer", &bytes).expect("postcard answer")
 }

@@ -1,15 +1,18 @@
-//! The worker's side of the worker wire protocol ([`hashq_raft::wire`]): postcard over HTTP to
+//! The worker's side of the worker wire protocol ([`hashq_proto::worker`]): postcard over HTTP to
 //! whichever endpoint answers, failing over to the next one when an endpoint is down or has no
 //! leader.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use hashq_raft::codec;
-use hashq_raft::wire::{
-    self, codes, routes, CompleteRequest, CompleteResponse, ErrorBody, ExitRequest,
-    HeartbeatRequest, HeartbeatResponse, LeaseRequest, LeaseResponse, RegisterRequest,
-    RegisterResponse,
+use hashq_proto::api::Health;
+use hashq_proto::codec::{self, POSTCARD};
+use hashq_proto::error::{codes, ErrorBody};
+use hashq_proto::headers::AUTHORIZATION;
+use hashq_proto::routes;
+use hashq_proto::worker::{
+    CompleteRequest, CompleteResponse, ExitRequest, HeartbeatRequest, HeartbeatResponse,
+    LeaseRequest, LeaseResponse, RegisterRequest, RegisterResponse,
 };
 use reqwest::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::Url;
@@ -343,15 +346,18 @@ impl EndpointClient {
     pub async fn healthy(&self, base: &str, timeout: Duration) -> bool {
         let answer = self
             .http
-            .get(format!("{}{}", base.trim_end_matches('/'), routes::HEALTH))
+            .get(format!(
+                "{}{}",
+                base.trim_end_matches('/'),
+                routes::observability::HEALTH
+            ))
             .timeout(timeout)
             .send()
             .await;
         match answer {
-            Ok(a) if a.status().is_success() => a
-                .json::<hashq_raft::wire::Health>()
-                .await
-                .is_ok_and(|h| h.role == "endpoint"),
+            Ok(a) if a.status().is_success() => {
+                a.json::<Health>().await.is_ok_and(|h| h.role == "endpoint")
+            }
             _ => false,
         }
     }
@@ -367,7 +373,7 @@ impl EndpointClient {
         request: &RegisterRequest,
         deadline: Option<Instant>,
     ) -> Result<RegisterResponse, ClientError> {
-        self.call(routes::REGISTER, request, deadline).await
+        self.call(routes::worker::REGISTER, request, deadline).await
     }
 
     /// `POST /worker/lease`. A retry inside this call resends the same bytes, so the same
@@ -377,7 +383,7 @@ impl EndpointClient {
         request: &LeaseRequest,
         deadline: Option<Instant>,
     ) -> Result<LeaseResponse, ClientError> {
-        self.call(routes::LEASE, request, deadline).await
+        self.call(routes::worker::LEASE, request, deadline).await
     }
 
     /// `POST /worker/heartbeat`.
@@ -386,7 +392,8 @@ impl EndpointClient {
         request: &HeartbeatRequest,
         deadline: Option<Instant>,
     ) -> Result<HeartbeatResponse, ClientError> {
-        self.call(routes::HEARTBEAT, request, deadline).await
+        self.call(routes::worker::HEARTBEAT, request, deadline)
+            .await
     }
 
     /// `POST /worker/complete`.
@@ -395,7 +402,7 @@ impl EndpointClient {
         request: &CompleteRequest,
         deadline: Option<Instant>,
     ) -> Result<CompleteResponse, ClientError> {
-        self.call(routes::COMPLETE, request, deadline).await
+        self.call(routes::worker::COMPLETE, request, deadline).await
     }
 
     /// `POST /worker/exit`. The answer has no content the worker needs, so its body is not
@@ -405,7 +412,7 @@ impl EndpointClient {
         request: &ExitRequest,
         deadline: Option<Instant>,
     ) -> Result<(), ClientError> {
-        self.call_raw(routes::EXIT, codec::encode(request), deadline)
+        self.call_raw(routes::worker::EXIT, codec::encode(request), deadline)
             .await
             .map(|_| ())
     }
@@ -490,11 +497,11 @@ impl EndpointClient {
         let mut request = self
             .http
             .post(format!("{endpoint}{route}"))
-            .header(CONTENT_TYPE, wire::POSTCARD)
+            .header(CONTENT_TYPE, POSTCARD)
             .timeout(self.request_timeout)
             .body(body);
         if let Some(authorization) = &self.authorization {
-            request = request.header(wire::AUTHORIZATION, authorization.clone());
+            request = request.header(AUTHORIZATION, authorization.clone());
         }
         let response = request.send().await.map_err(unreachable)?;
         self.state().last_answer = Instant::now();

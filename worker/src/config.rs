@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use hashq_raft::types::{NodeId, WorkerId};
+use hashq_proto::{NodeId, WorkerId};
 use reqwest::header::HeaderValue;
 
 use crate::client::normalize_endpoint;

@@ -11,15 +11,17 @@
 //! no-endpoint rule if the cluster stops answering.
 //!
 //! Credentials come from the SDK's default chain (the worker instance's profile); the SDK
-//! configuration and the tag keys are `hashq-aws`'s, shared with the node's `ec2` launcher.
+//! configuration is `hashq-aws`'s and the tag keys are `hashq-proto`'s, shared with the node's
+//! `ec2` launcher.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata};
 use aws_sdk_ec2::types::{Filter, InstanceStateName};
-use hashq_aws::{Patience, TAG_CLUSTER, TAG_NODE_ID, TAG_ROLE};
-use hashq_raft::types::NodeId;
+use hashq_aws::Patience;
+use hashq_proto::ec2::{ROLE_ENDPOINT, TAG_CLUSTER, TAG_NODE_ID, TAG_ROLE};
+use hashq_proto::NodeId;
 use tracing::{debug, info, warn};
 
 use crate::config::Ec2Parent;
@@ -126,7 +128,7 @@ impl Ec2ParentCheck {
             .client
             .describe_instances()
             .filters(filter(&format!("tag:{TAG_CLUSTER}"), &[&self.cluster]))
-            .filters(filter(&format!("tag:{TAG_ROLE}"), &["endpoint"]))
+            .filters(filter(&format!("tag:{TAG_ROLE}"), &[ROLE_ENDPOINT]))
             .filters(filter("instance-state-name", &["pending", "running"]))
             .into_paginator()
             .send();

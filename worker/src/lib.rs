@@ -2,7 +2,7 @@
 //! (the SHA-512 chain of SPEC §1, in [`hash`]), and hands the results back.
 //!
 //! [`run()`] is the whole worker; [`WorkerConfig`] is everything it needs; [`EndpointClient`]
-//! is its failover client of the worker routes ([`hashq_raft::wire`]).
+//! is its failover client of the worker routes ([`hashq_proto::worker`]).
 //!
 //! # Guarantees
 //!

@@ -4,8 +4,9 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
+use hashq_proto::api::MaxWorkers;
+use hashq_proto::routes::admin::MAX_WORKERS;
 use hashq_raft::command::Request;
-use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
 use crate::node::Node;
@@ -14,12 +15,7 @@ use crate::node::Node;
 const MAX_BUDGET: u32 = 10_000;
 
 pub fn router() -> Router<Node> {
-    Router::new().route("/admin/max-workers", post(set_max_workers))
-}
-
-#[derive(Deserialize, Serialize)]
-pub struct MaxWorkers {
-    pub max: u32,
+    Router::new().route(MAX_WORKERS, post(set_max_workers))
 }
 
 /// Sets the cluster-wide worker budget. Lowering it stops no running worker: the pool shrinks

@@ -7,6 +7,7 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use hashq_proto::routes::assets::{DASHBOARD, OPENAPI};
 use serde_json::json;
 
 use crate::node::Node;
@@ -14,8 +15,8 @@ use crate::node::Node;
 /// `/` (the dashboard) and `/openapi.json`.
 pub fn router() -> Router<Node> {
     Router::new()
-        .route("/", get(dashboard))
-        .route("/openapi.json", get(openapi))
+        .route(DASHBOARD, get(dashboard))
+        .route(OPENAPI, get(openapi))
 }
 
 /// The live dashboard: plain HTML and JS that polls `/status` (no build step).

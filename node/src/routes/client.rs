@@ -10,32 +10,32 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use hashq_proto::api::{Enqueued, Pulled, WorkView};
+use hashq_proto::headers::{FORWARDED, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
+use hashq_proto::routes::client::{self as routes, ENQUEUE, PULL_COMPLETED, WORK};
 use hashq_raft::command::{Dedup, Request, Response as SmResponse};
 use hashq_raft::machine;
 use hashq_raft::types::{Item, Status};
 use hashq_raft::WorkId;
-use serde::Serialize;
 
 use super::{count_param, query_pairs, serves_clients};
 use crate::error::ApiError;
 use crate::node::{Node, Stats};
 
-/// Header set on a follower's forwarded read, so it is never forwarded twice.
-const FORWARDED: &str = "x-hashq-forwarded";
 /// Longest idempotency key accepted from a client.
 const MAX_KEY_LEN: usize = 200;
 /// The client API proper: enqueue, pull, item status. Behind the client token when one is
 /// set.
 pub fn router() -> Router<Node> {
     Router::new()
-        .route("/enqueue", put(enqueue))
-        .route("/pullCompleted", post(pull_completed))
-        .route("/work/{id}", get(work))
+        .route(ENQUEUE, put(enqueue))
+        .route(PULL_COMPLETED, post(pull_completed))
+        .route(WORK, get(work))
 }
 
 /// The `Idempotency-Key` header, checked.
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    let Some(value) = headers.get("idempotency-key") else {
+    let Some(value) = headers.get(IDEMPOTENCY_KEY) else {
         return Ok(None);
     };
     let key = value
@@ -65,11 +65,6 @@ fn dedup(node: &Node, client_key: Option<String>, kind: &str) -> Dedup {
             ttl_ms: node.config.timing.internal_key_ttl.as_millis() as u64,
         },
     }
-}
-
-#[derive(Serialize)]
-struct Enqueued {
-    work_id: String,
 }
 
 async fn enqueue(
@@ -114,18 +109,12 @@ async fn enqueue(
             if duplicate {
                 response
                     .headers_mut()
-                    .insert("idempotent-replayed", HeaderValue::from_static("true"));
+                    .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
             }
             Ok(response)
         }
         other => Err(ApiError::unexpected(other)),
     }
-}
-
-#[derive(Serialize)]
-struct Pulled {
-    work_id: String,
-    value: String,
 }
 
 async fn pull_completed(
@@ -164,44 +153,22 @@ async fn pull_completed(
 }
 
 /// `GET /work/{id}` as the API shows it.
-#[derive(Serialize)]
-struct WorkView {
-    work_id: String,
-    status: &'static str,
-    iterations: u32,
-    attempts: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    value: Option<String>,
-    payload_bytes: u32,
-    enqueued_at_ms: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    completed_at_ms: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pulled_at_ms: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    lease_deadline_ms: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    dead_reason: Option<String>,
-}
-
-impl WorkView {
-    fn new(id: WorkId, item: Item) -> Self {
-        WorkView {
-            work_id: id.to_string(),
-            status: item.status.as_str(),
-            iterations: item.iterations,
-            attempts: item.attempts,
-            value: item.value.map(|v| hex::encode(v.as_slice())),
-            payload_bytes: item.payload_len,
-            enqueued_at_ms: item.enqueued_at,
-            completed_at_ms: item.completed_at,
-            pulled_at_ms: item.pulled_at,
-            lease_deadline_ms: item
-                .lease
-                .filter(|_| item.status == Status::Running)
-                .map(|l| l.deadline),
-            dead_reason: item.dead_reason,
-        }
+fn work_view(id: WorkId, item: Item) -> WorkView {
+    WorkView {
+        work_id: id.to_string(),
+        status: item.status.as_str().to_string(),
+        iterations: item.iterations,
+        attempts: item.attempts,
+        value: item.value.map(|v| hex::encode(v.as_slice())),
+        payload_bytes: item.payload_len,
+        enqueued_at_ms: item.enqueued_at,
+        completed_at_ms: item.completed_at,
+        pulled_at_ms: item.pulled_at,
+        lease_deadline_ms: item
+            .lease
+            .filter(|_| item.status == Status::Running)
+            .map(|l| l.deadline),
+        dead_reason: item.dead_reason,
     }
 }
 
@@ -225,12 +192,12 @@ async fn work(
         Ok(_) => {
             let item = machine::item(&node.reader.view(), work_id)?
                 .ok_or_else(|| ApiError::NotFound(format!("no work item {work_id}")))?;
-            Ok(Json(WorkView::new(work_id, item)).into_response())
+            Ok(Json(work_view(work_id, item)).into_response())
         }
         Err(_) if headers.contains_key(FORWARDED) => Err(ApiError::NoLeader {
             reason: "leadership moved while the read was forwarded".into(),
         }),
-        Err(_) => forward_read(&node, &format!("/work/{work_id}"), &headers).await,
+        Err(_) => forward_read(&node, &routes::work(work_id), &headers).await,
     }
 }
 

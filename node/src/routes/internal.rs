@@ -8,23 +8,23 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use hashq_proto::routes::internal::{BINARY, PROPOSE};
 use hashq_raft::command::Request;
 use tokio_util::io::ReaderStream;
 
 use super::Postcard;
 use crate::error::ApiError;
-use crate::launcher::ec2::BINARY_ROUTE;
 use crate::node::Node;
-use crate::proposer::{Reply, PROPOSE_ROUTE};
+use crate::proposer::Reply;
 
 /// Node-to-node forwarding (peer credential).
 pub fn peer_router() -> Router<Node> {
-    Router::new().route(PROPOSE_ROUTE, post(propose))
+    Router::new().route(PROPOSE, post(propose))
 }
 
 /// The binary download (worker credential).
 pub fn worker_router() -> Router<Node> {
-    Router::new().route(BINARY_ROUTE, get(binary))
+    Router::new().route(BINARY, get(binary))
 }
 
 /// Streams this node's own executable (`GET /internal/binary`), so a worker instance runs

@@ -25,7 +25,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
-use hashq_raft::{codec, wire};
+use hashq_proto::codec::{self, POSTCARD};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use subtle::ConstantTimeEq;
@@ -297,11 +297,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Postcard<T> {
 
 impl<T: Serialize> IntoResponse for Postcard<T> {
     fn into_response(self) -> Response {
-        (
-            [(header::CONTENT_TYPE, wire::POSTCARD)],
-            codec::encode(&self.0),
-        )
-            .into_response()
+        ([(header::CONTENT_TYPE, POSTCARD)], codec::encode(&self.0)).into_response()
     }
 }
 

@@ -11,9 +11,10 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use hashq_proto::api::Health;
+use hashq_proto::routes::observability::{HEALTH, METRICS, STATUS};
 use hashq_raft::machine;
 use hashq_raft::types::{Counts, WorkerRecord, WorkerState};
-use hashq_raft::wire::Health;
 use hashq_raft::NodeId;
 use openraft::ServerState;
 use serde::Serialize;
@@ -24,13 +25,13 @@ use crate::node::Node;
 /// `/status` and `/metrics`: behind the client credential when one is set.
 pub fn router() -> Router<Node> {
     Router::new()
-        .route("/status", get(status))
-        .route("/metrics", get(metrics))
+        .route(STATUS, get(status))
+        .route(METRICS, get(metrics))
 }
 
 /// `/health`: open to anyone.
 pub fn public_router() -> Router<Node> {
-    Router::new().route("/health", get(health))
+    Router::new().route(HEALTH, get(health))
 }
 
 fn state_name(state: ServerState) -> &'static str {

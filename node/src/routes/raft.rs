@@ -9,20 +9,18 @@ use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::StreamExt;
-use hashq_raft::network::{routes, SnapshotAnswer, SnapshotHeader};
+use hashq_proto::api::InitState;
+use hashq_proto::routes::raft as routes;
+use hashq_raft::network::{SnapshotAnswer, SnapshotHeader};
 use hashq_raft::{codec, SnapshotFile, TypeConfig};
 use openraft::error::RaftError;
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteRequest, VoteResponse};
 use openraft::Snapshot;
-use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 
 use super::Postcard;
 use crate::error::ApiError;
 use crate::node::Node;
-
-/// Path of the init probe.
-pub const INIT_STATE: &str = "/raft/init";
 
 type NodeId = hashq_raft::NodeId;
 
@@ -31,7 +29,7 @@ pub fn router() -> Router<Node> {
     Router::new()
         .route(routes::APPEND, post(append))
         .route(routes::VOTE, post(vote))
-        .route(INIT_STATE, get(init_state))
+        .route(routes::INIT, get(init_state))
 }
 
 /// The snapshot stream: its body goes to a file as it arrives, never into memory.
@@ -189,16 +187,6 @@ async fn receive(
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .map_err(|e| ApiError::Internal(e.to_string()))
-}
-
-/// Whether a node has Raft state already (a log, a vote): then it must never be initialized.
-#[derive(Serialize, Deserialize, Debug, Clone)]
-pub struct InitState {
-    pub node: NodeId,
-    pub initialized: bool,
-    /// A witness votes but never stands for election, so it never initializes the cluster.
-    #[serde(default)]
-    pub witness: bool,
 }
 
 async fn init_state(State(node): State<Node>) -> Json<InitState> {

@@ -8,12 +8,13 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::routing::post;
 use axum::Router;
-use hashq_raft::command::{Request, Response as SmResponse};
-use hashq_raft::types::WorkerSecret;
-use hashq_raft::wire::{
-    routes, CompleteRequest, CompleteResponse, ExitRequest, HeartbeatRequest, HeartbeatResponse,
+use hashq_proto::routes::worker as routes;
+use hashq_proto::worker::{
+    CompleteRequest, CompleteResponse, ExitRequest, HeartbeatRequest, HeartbeatResponse,
     LeaseRequest, LeaseResponse, RegisterRequest, RegisterResponse, WorkGrant,
 };
+use hashq_proto::WorkerSecret;
+use hashq_raft::command::{Request, Response as SmResponse};
 
 use super::Postcard;
 use crate::config::{millis, Role};
@@ -111,7 +112,7 @@ async fn lease(
                     attempt: item.attempt,
                     iterations: item.iterations,
                     deadline: item.deadline,
-                    payload,
+                    payload: payload.into(),
                 })
                 .collect(),
         })),

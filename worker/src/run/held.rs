@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hashq_raft::command::Completion;
-use hashq_raft::types::{Digest, WorkId};
+use hashq_proto::worker::Completion;
+use hashq_proto::{Digest, WorkId};
 
 /// The items a session holds: leased and not yet acknowledged as completed.
 #[derive(Debug)]

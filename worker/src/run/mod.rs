@@ -19,11 +19,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use hashq_raft::types::{Digest, NodeId, WorkerId, WorkerSecret};
-use hashq_raft::wire::{
+use hashq_proto::worker::{
     CompleteRequest, ExitRequest, HeartbeatRequest, LeaseRequest, RegisterRequest,
     RegisterResponse, WorkGrant,
 };
+use hashq_proto::{Digest, NodeId, WorkerId, WorkerSecret};
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, info_span, warn, Instrument};

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hashq_raft::types::NodeId;
+use hashq_proto::NodeId;
 use tracing::warn;
 
 use super::{Session, Stop};

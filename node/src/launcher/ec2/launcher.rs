@@ -9,14 +9,16 @@ use aws_sdk_ec2::types::{
 };
 use base64::Engine as _;
 use futures::future::BoxFuture;
-use hashq_aws::{
-    is_instance_id, Patience, TAG_CLUSTER, TAG_PARENT, TAG_PARENT_NODE, TAG_ROLE, TAG_WORKER_ID,
+use hashq_aws::{is_instance_id, Patience};
+use hashq_proto::ec2::{
+    ROLE_WORKER, TAG_CLUSTER, TAG_PARENT, TAG_PARENT_NODE, TAG_ROLE, TAG_WORKER_ID,
 };
+use hashq_proto::routes::internal::BINARY;
 use hashq_raft::WorkerId;
 
 use super::reconcile::{plan, worker_instances, ABSENT_GRACE};
 use super::user_data::{worker_user_data, WorkerBoot};
-use super::{Ec2Error, BINARY_ROUTE};
+use super::Ec2Error;
 use crate::config::is_plain_word;
 use crate::config::Ec2Args;
 use crate::launcher::{LaunchError, LaunchSpec, Launcher, WorkerTable};
@@ -117,7 +119,7 @@ impl Ec2Launcher {
         }
         let binary_urls: Vec<String> = binary_urls
             .iter()
-            .map(|u| format!("{}{BINARY_ROUTE}", u.trim_end_matches('/')))
+            .map(|u| format!("{}{BINARY}", u.trim_end_matches('/')))
             .collect();
         let user_data = worker_user_data(&WorkerBoot {
             worker: spec.worker,
@@ -139,7 +141,7 @@ impl Ec2Launcher {
                 format!("hashq-{}-worker-{}", self.cluster, spec.worker.0),
             ),
             Self::tag(TAG_CLUSTER, &self.cluster),
-            Self::tag(TAG_ROLE, "worker"),
+            Self::tag(TAG_ROLE, ROLE_WORKER),
             Self::tag(TAG_WORKER_ID, spec.worker.0.to_string()),
             Self::tag(TAG_PARENT, &self.instance_id),
             Self::tag(TAG_PARENT_NODE, spec.parent.to_string()),

@@ -30,8 +30,8 @@
 //!
 //! The module's parts: the launcher ([`launcher`]: run,
 //! terminate, AWS errors), the reconciliation ([`reconcile`]: listing and planning), and the
-//! user data ([`user_data`]: the worker's boot script). The SDK configuration, IMDS and the
-//! instance tags are `hashq-aws`'s, shared with the worker's parent check.
+//! user data ([`user_data`]: the worker's boot script). The SDK configuration and IMDS are
+//! `hashq-aws`'s and the instance tags `hashq-proto`'s, shared with the worker's parent check.
 
 mod launcher;
 mod reconcile;
@@ -39,9 +39,6 @@ mod user_data;
 
 pub use launcher::Ec2Launcher;
 pub use user_data::{worker_user_data, WorkerBoot};
-
-/// The route that serves the node's own binary.
-pub const BINARY_ROUTE: &str = "/internal/binary";
 
 /// What can keep the `ec2` launcher from starting.
 #[derive(Debug, thiserror::Error)]

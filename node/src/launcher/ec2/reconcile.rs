@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use aws_sdk_ec2::types::{Filter, InstanceStateName};
-use hashq_aws::{is_instance_id, TAG_CLUSTER, TAG_ROLE, TAG_WORKER_ID};
+use hashq_aws::is_instance_id;
+use hashq_proto::ec2::{ROLE_WORKER, TAG_CLUSTER, TAG_ROLE, TAG_WORKER_ID};
 use hashq_raft::types::Millis;
 use hashq_raft::WorkerId;
 
@@ -85,7 +86,7 @@ pub(super) async fn worker_instances(
     let mut pages = client
         .describe_instances()
         .filters(filter(&format!("tag:{TAG_CLUSTER}"), cluster))
-        .filters(filter(&format!("tag:{TAG_ROLE}"), "worker"))
+        .filters(filter(&format!("tag:{TAG_ROLE}"), ROLE_WORKER))
         .into_paginator()
         .send();
     let mut seen = Vec::new();

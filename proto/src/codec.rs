@@ -4,6 +4,13 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+/// Content type of postcard bodies.
+pub const POSTCARD: &str = "application/x-postcard";
+
+/// Content type of a snapshot stream (`POST /raft/snapshot`): a length-prefixed postcard
+/// header, then the snapshot file.
+pub const SNAPSHOT_STREAM: &str = "application/x-hashq-snapshot";
+
 /// A value could not be decoded: the bytes are not what the reader expected.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("cannot decode {what}: {reason}")]

@@ -1,29 +1,10 @@
-//! Shapes of the internal HTTP routes (worker, Raft, forwarding), shared by the node that
-//! serves them and the clients that call them. Bodies are postcard ([`crate::codec`]) with
-//! content type [`POSTCARD`]; errors are the JSON error body of the client API, whatever the
-//! route.
+//! The worker API's shapes: postcard bodies ([`crate::codec`]) on the `POST` routes of
+//! [`crate::routes::worker`], behind the worker credential. An error answer is the JSON
+//! [`crate::error::ErrorBody`], whatever the route.
 
 use serde::{Deserialize, Serialize};
 
-use crate::command::Completion;
-use crate::types::{Millis, NodeId, WorkId, WorkerId, WorkerSecret};
-
-/// Content type of postcard bodies.
-pub const POSTCARD: &str = "application/x-postcard";
-
-/// The header that carries a credential: `Authorization: Bearer <token>`.
-pub const AUTHORIZATION: &str = "authorization";
-
-/// Worker routes, all `POST`, all need the worker credential.
-pub mod routes {
-    pub const REGISTER: &str = "/worker/register";
-    pub const LEASE: &str = "/worker/lease";
-    pub const HEARTBEAT: &str = "/worker/heartbeat";
-    pub const COMPLETE: &str = "/worker/complete";
-    pub const EXIT: &str = "/worker/exit";
-    /// `GET`, no token: a node's liveness and its view of the cluster (JSON).
-    pub const HEALTH: &str = "/health";
-}
+use crate::ids::{Digest, Millis, NodeId, WorkId, WorkerId, WorkerSecret};
 
 /// `POST /worker/register`: a worker starts (or starts over after being forgotten).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -84,7 +65,8 @@ pub struct WorkGrant {
     pub attempt: u32,
     pub iterations: u32,
     pub deadline: Millis,
-    pub payload: bytes::Bytes,
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
 }
 
 /// `POST /worker/heartbeat`: extend the leases still held.
@@ -127,43 +109,11 @@ pub struct ExitRequest {
     pub release: Vec<(WorkId, u32)>,
 }
 
-/// Error codes a worker acts on (in the JSON error body's `code`).
-pub mod codes {
-    /// The cluster does not know this worker (declared lost, or exited): register again, or
-    /// for a managed worker whose slot is gone, exit.
-    pub const UNKNOWN_WORKER: &str = "unknown_worker";
-    /// The slot is not reserved: a managed worker must exit.
-    pub const UNKNOWN_SLOT: &str = "unknown_slot";
-    /// No leader right now: retry after `Retry-After`.
-    pub const NO_LEADER: &str = "no_leader";
-}
-
-/// The JSON error body of every route: `{"error":{"code":..,"message":..}}`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ErrorBody {
-    pub error: ErrorDetail,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ErrorDetail {
-    pub code: String,
-    pub message: String,
-}
-
-/// `GET /health`: a node's liveness and view (JSON; no token, no secrets).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Health {
-    pub node: NodeId,
-    pub role: String,
-    pub leader: Option<NodeId>,
-    pub term: u64,
-    /// The cluster id fixed at bootstrap, so a worker never mixes clusters.
-    pub cluster: String,
-    /// How the node starts workers (`local`, `ec2`, `none`): the autoscaler asks only nodes
-    /// that can launch.
-    #[serde(default)]
-    pub launcher: String,
-    /// Random per process start: a node that restarted has another one.
-    #[serde(default)]
-    pub incarnation: u64,
+/// One result delivered by a worker. Also part of the Raft log (`hashq-raft`'s
+/// `Request::Complete`), so it changes only as the crate doc says.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Completion {
+    pub id: WorkId,
+    pub attempt: u32,
+    pub value: Digest,
 }

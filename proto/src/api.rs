@@ -1,0 +1,79 @@
+//! The JSON shapes of the client API, the admin route and the probes nodes and workers send
+//! each other. Field names are the interface; an absent optional value is left out.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::NodeId;
+
+/// The answer to `PUT /enqueue`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Enqueued {
+    /// The item's [`crate::WorkId`] as a decimal string.
+    pub work_id: String,
+}
+
+/// One result in the answer to `POST /pullCompleted`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Pulled {
+    pub work_id: String,
+    /// The digest in lowercase hex.
+    pub value: String,
+}
+
+/// The answer to `GET /work/{id}`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WorkView {
+    pub work_id: String,
+    /// `queued`, `running`, `completed`, `pulled` or `dead`.
+    pub status: String,
+    pub iterations: u32,
+    pub attempts: u32,
+    /// The digest in lowercase hex, once completed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    pub payload_bytes: u32,
+    pub enqueued_at_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completed_at_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pulled_at_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_deadline_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dead_reason: Option<String>,
+}
+
+/// `POST /admin/max-workers`: the request and its answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MaxWorkers {
+    pub max: u32,
+}
+
+/// `GET /health`: a node's liveness and view (JSON; no token, no secrets).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Health {
+    pub node: NodeId,
+    pub role: String,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    /// The cluster id fixed at bootstrap, so a worker never mixes clusters.
+    pub cluster: String,
+    /// How the node starts workers (`local`, `ec2`, `none`): the autoscaler asks only nodes
+    /// that can launch.
+    #[serde(default)]
+    pub launcher: String,
+    /// Random per process start: a node that restarted has another one.
+    #[serde(default)]
+    pub incarnation: u64,
+}
+
+/// `GET /raft/init` (peer credential), for self-initialization: whether a node has Raft state
+/// already (a log, a vote), in which case it must never be initialized.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InitState {
+    pub node: NodeId,
+    pub initialized: bool,
+    /// A witness votes but never stands for election, so it never initializes the cluster.
+    #[serde(default)]
+    pub witness: bool,
+}

@@ -1,0 +1,69 @@
+//! Every route path a node serves, grouped by audience as the node's routers are. Each
+//! module says which credential its routes take.
+
+/// The client API (client token): the exercise's two routes and an item's status.
+pub mod client {
+    /// `PUT /enqueue?iterations=N`, the payload as the body: answers
+    /// [`crate::api::Enqueued`].
+    pub const ENQUEUE: &str = "/enqueue";
+    /// `POST /pullCompleted?top=N`: answers a list of [`crate::api::Pulled`].
+    pub const PULL_COMPLETED: &str = "/pullCompleted";
+    /// `GET /work/{id}` (the router's pattern): answers [`crate::api::WorkView`]. A concrete
+    /// path is [`work`].
+    pub const WORK: &str = "/work/{id}";
+
+    /// The path of one item's status.
+    pub fn work(id: crate::WorkId) -> String {
+        format!("/work/{id}")
+    }
+}
+
+/// Cluster status, metrics and liveness.
+pub mod observability {
+    /// `GET /status` (client token): the cluster as the answering node sees it (JSON).
+    pub const STATUS: &str = "/status";
+    /// `GET /metrics` (client token): Prometheus text.
+    pub const METRICS: &str = "/metrics";
+    /// `GET /health`, no token: a node's liveness and its view of the cluster,
+    /// [`crate::api::Health`].
+    pub const HEALTH: &str = "/health";
+}
+
+/// The dashboard page and the API's description (client token).
+pub mod assets {
+    pub const DASHBOARD: &str = "/";
+    pub const OPENAPI: &str = "/openapi.json";
+}
+
+/// Cluster administration (admin credential).
+pub mod admin {
+    /// `POST /admin/max-workers` with [`crate::api::MaxWorkers`]: sets the worker budget.
+    pub const MAX_WORKERS: &str = "/admin/max-workers";
+}
+
+/// The worker API: all `POST`, postcard bodies ([`crate::worker`]), the worker credential.
+pub mod worker {
+    pub const REGISTER: &str = "/worker/register";
+    pub const LEASE: &str = "/worker/lease";
+    pub const HEARTBEAT: &str = "/worker/heartbeat";
+    pub const COMPLETE: &str = "/worker/complete";
+    pub const EXIT: &str = "/worker/exit";
+}
+
+/// Between nodes and for worker instances.
+pub mod internal {
+    /// `POST`, peer credential: a follower's batch of requests for the leader (postcard).
+    pub const PROPOSE: &str = "/internal/propose";
+    /// `GET`, worker credential: the node's own binary, for new worker instances.
+    pub const BINARY: &str = "/internal/binary";
+}
+
+/// Raft RPC (peer credential). The bodies are openraft's types, in `hashq-raft`'s network.
+pub mod raft {
+    pub const APPEND: &str = "/raft/append";
+    pub const VOTE: &str = "/raft/vote";
+    /// The snapshot stream ([`crate::codec::SNAPSHOT_STREAM`]).
+    pub const SNAPSHOT: &str = "/raft/snapshot";
+    /// `GET`: the init probe self-initialization uses, [`crate::api::InitState`] (JSON).
+    pub const INIT: &str = "/raft/init";
+}
