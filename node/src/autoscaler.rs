@@ -205,7 +205,8 @@ fn live_endpoints(node: &Node) -> Vec<NodeId> {
         .map(|(id, _)| *id)
         .filter(|&id| {
             if id == node.id() {
-                node.config().role == crate::config::Role::Endpoint && node.launcher().name() != "none"
+                node.config().role == crate::config::Role::Endpoint
+                    && node.launcher().name() != "none"
             } else {
                 node.peer_health()
                     .get(id)

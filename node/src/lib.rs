@@ -9,8 +9,8 @@
 //! - [`routes`]: HTTP by audience (client, worker, Raft, internal), with the one error
 //!   mapping in [`error`];
 //! - the background loops: [`bootstrap`] (forming the cluster exactly once),
-//!   [`housekeeping`] (the leader's ticks), [`autoscaler`] and [`launcher`] (growing the
-//!   worker pool within the replicated budget), [`disk`] (the free-space alarm) and
+//!   [`housekeeping`] (the leader's ticks), [`autoscaler`] (growing the worker pool within
+//!   the replicated budget, through a [`launcher`]), [`disk`] (the free-space alarm) and
 //!   [`watch`] (peer health, terms and clocks, repair, fatal stops).
 //!
 //! Imports run one way: `server` -> routes and loops -> `node` -> `proposer`, `launcher`,

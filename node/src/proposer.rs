@@ -143,8 +143,14 @@ impl Proposer {
         });
         let (local, local_rx) = mpsc::unbounded_channel();
         let (forward, forward_rx) = mpsc::unbounded_channel();
-        tasks.spawn("local batcher", batcher(shared.clone(), local_rx, Sink::Local));
-        tasks.spawn("forward batcher", batcher(shared.clone(), forward_rx, Sink::Forward));
+        tasks.spawn(
+            "local batcher",
+            batcher(shared.clone(), local_rx, Sink::Local),
+        );
+        tasks.spawn(
+            "forward batcher",
+            batcher(shared.clone(), forward_rx, Sink::Forward),
+        );
         Proposer {
             shared,
             local,

@@ -136,7 +136,10 @@ impl Server {
             },
         });
         tasks.spawn("exit on fatal", watch::exit_on_fatal(node.raft().clone()));
-        tasks.spawn("terms and clocks", watch::watch_terms_and_clocks(node.clone()));
+        tasks.spawn(
+            "terms and clocks",
+            watch::watch_terms_and_clocks(node.clone()),
+        );
         tasks.spawn("disk", disk::watch(node.clone()));
         if repairing {
             tasks.spawn("repair", watch::watch_repair(node.clone()));

@@ -31,7 +31,10 @@ impl Tasks {
 
     /// How many tasks were spawned and have not ended yet.
     pub fn running(&self) -> usize {
-        self.running.iter().filter(|(_, h)| !h.is_finished()).count()
+        self.running
+            .iter()
+            .filter(|(_, h)| !h.is_finished())
+            .count()
     }
 
     /// Sends the shutdown signal and waits until every task has ended.

@@ -70,7 +70,11 @@ pub async fn watch_repair(node: Node) {
             tracing::error!(error = %e, "cannot record the end of the repair");
             continue;
         }
-        *node.repair().until.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *node
+            .repair()
+            .until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
         node.raft()
             .runtime_config()
             .elect(node.config().role != Role::Witness);

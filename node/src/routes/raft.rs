@@ -52,7 +52,10 @@ async fn append(
         m.append_entries
             .fetch_add(req.entries.len() as u64, Ordering::Relaxed);
     }
-    let answer = node.raft_gate().append(&node.raft(), node.id(), req).await?;
+    let answer = node
+        .raft_gate()
+        .append(&node.raft(), node.id(), req)
+        .await?;
     Ok(Postcard(answer))
 }
 

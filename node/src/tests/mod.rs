@@ -140,7 +140,9 @@ impl Cluster {
     /// The leader every running node agrees on, once there is one.
     async fn leader(&self) -> NodeId {
         wait_for("a leader all running nodes agree on", || async {
-            let mut seen = self.running().map(|n| n.raft().metrics().borrow().current_leader);
+            let mut seen = self
+                .running()
+                .map(|n| n.raft().metrics().borrow().current_leader);
             let first = seen.next().flatten()?;
             let all_agree = seen.all(|l| l == Some(first));
             let leads = self.nodes[first as usize - 1].is_some();

@@ -125,7 +125,10 @@ async fn a_proposal_pending_when_the_leader_stops_lands_once_under_its_key() {
     .await;
     assert_eq!(meta(&new_leader).counts.queued, first.len() as u64);
     for (key, id) in &first {
-        let again = on_follower.proposer().submit(enqueue(b"r", Some(key))).await;
+        let again = on_follower
+            .proposer()
+            .submit(enqueue(b"r", Some(key)))
+            .await;
         assert_eq!(enqueued(again), (*id, true), "{key} again");
     }
     assert_eq!(meta(&new_leader).counts.queued, first.len() as u64);

@@ -5,12 +5,20 @@ use super::{settled, wait_for, Cluster};
 // One runtime thread, so that the runtime's task count is this test's alone.
 #[tokio::test]
 async fn a_node_shut_down_ends_every_task_it_started() {
-    let alive = || tokio::runtime::Handle::current().metrics().num_alive_tasks();
+    let alive = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
     let before = alive();
     let cluster = Cluster::start(1, &[]).await;
     let node = cluster.node(1).clone();
     settled(&node).await;
-    let loops = cluster.nodes[0].as_ref().expect("running").server.running_tasks();
+    let loops = cluster.nodes[0]
+        .as_ref()
+        .expect("running")
+        .server
+        .running_tasks();
     assert!(loops >= 9, "{loops} background loops running");
     // A client connection is open when the node stops.
     let client = reqwest::Client::new();
