@@ -26,9 +26,8 @@ use hashq_raft::{machine, NodeId, WorkerId};
 use openraft::ServerState;
 
 use crate::config::Scaling;
-use crate::launcher::{LaunchError, LaunchSpec, Launcher};
+use crate::launcher::{LaunchSpec, Launcher};
 use crate::node::Node;
-use crate::proposer::now_ms;
 
 /// The measured hashing rate of one busy worker, smoothed.
 struct RateEstimate {
@@ -55,31 +54,32 @@ impl RateEstimate {
     }
 }
 
-pub async fn run(node: Node, launcher: Arc<dyn Launcher>) {
+pub async fn run(node: Node) {
+    let launcher = node.launcher().clone();
     let mut attempted: HashSet<WorkerId> = HashSet::new();
     let mut rate = RateEstimate {
-        rate: node.config.scaling.assumed_rate,
+        rate: node.config().scaling.assumed_rate,
         last: None,
     };
     let mut last_reserve: Option<Instant> = None;
-    let mut ticker = tokio::time::interval(node.config.scaling.tick);
+    let mut ticker = tokio::time::interval(node.config().scaling.tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let view = node.reader.view();
+        let view = node.reader().view();
         let (meta, workers) = match (machine::read_meta(&view), machine::workers(&view)) {
             (Ok(m), Ok(w)) => (m, w),
             _ => continue,
         };
         launch_reserved(&node, &launcher, &workers, &mut attempted);
-        if node.raft.metrics().borrow().state != ServerState::Leader {
+        if node.raft().metrics().borrow().state != ServerState::Leader {
             rate.last = None;
             continue;
         }
         let busy = workers.iter().filter(|w| w.leased > 0).count();
         rate.update(meta.counts.completed_iterations_total, busy);
         let live = live_endpoints(&node);
-        if last_reserve.is_some_and(|t| t.elapsed() < node.config.scaling.scale_up_interval) {
+        if last_reserve.is_some_and(|t| t.elapsed() < node.config().scaling.scale_up_interval) {
             continue;
         }
         let Some(parent) = wanted(&node, &meta, &workers, rate.rate, &live) else {
@@ -90,7 +90,7 @@ pub async fn run(node: Node, launcher: Arc<dyn Launcher>) {
             continue;
         };
         match node
-            .proposer
+            .proposer()
             .submit(Request::Reserve {
                 parent,
                 incarnation,
@@ -122,7 +122,7 @@ fn wanted(
     live: &[NodeId],
 ) -> Option<NodeId> {
     let now = node.sm_now(meta);
-    let oldest_wait = machine::oldest_queued(&node.reader.view(), 64)
+    let oldest_wait = machine::oldest_queued(&node.reader().view(), 64)
         .ok()
         .flatten()
         .map_or(Duration::ZERO, |t| {
@@ -135,7 +135,7 @@ fn wanted(
         oldest_wait,
         rate,
     };
-    decide(&load, &node.config.scaling, live)
+    decide(&load, &node.config().scaling, live)
 }
 
 /// What the autoscaler looks at.
@@ -198,16 +198,17 @@ fn decide(load: &Load<'_>, scaling: &Scaling, live: &[NodeId]) -> Option<NodeId>
 /// Endpoints (not witnesses) that can launch workers and answered their last `/health`
 /// probe, this node included.
 fn live_endpoints(node: &Node) -> Vec<NodeId> {
-    let membership = node.raft.metrics().borrow().membership_config.clone();
+    let membership = node.raft().metrics().borrow().membership_config.clone();
     membership
         .membership()
         .nodes()
         .map(|(id, _)| *id)
         .filter(|&id| {
             if id == node.id() {
-                node.config.role == crate::config::Role::Endpoint && node.launcher.name() != "none"
+                node.config().role == crate::config::Role::Endpoint
+                    && node.launcher().name() != "none"
             } else {
-                node.peer_health
+                node.peer_health()
                     .get(id)
                     .is_some_and(|h| h.role == "endpoint" && h.launcher != "none")
             }
@@ -219,9 +220,9 @@ fn live_endpoints(node: &Node) -> Vec<NodeId> {
 /// health probe answered with.
 fn incarnation_of(node: &Node, id: NodeId) -> Option<u64> {
     if id == node.id() {
-        Some(node.incarnation)
+        Some(node.incarnation())
     } else {
-        node.peer_health.get(id).map(|h| h.incarnation)
+        node.peer_health().get(id).map(|h| h.incarnation)
     }
 }
 
@@ -238,11 +239,11 @@ fn launch_reserved(
             && w.state == WorkerState::Launching
             && w.parent == node.id()
             && w.handle.is_empty()
-            && w.incarnation == node.incarnation;
+            && w.incarnation == node.incarnation();
         if !mine || !attempted.insert(w.id) {
             continue;
         }
-        let membership = node.raft.metrics().borrow().membership_config.clone();
+        let membership = node.raft().metrics().borrow().membership_config.clone();
         let spec = LaunchSpec {
             worker: w.id,
             parent: node.id(),
@@ -251,9 +252,9 @@ fn launch_reserved(
                 .nodes()
                 .map(|(_, n)| format!("http://{}", n.addr))
                 .collect(),
-            idle_timeout: node.config.scaling.worker_idle_timeout,
-            orphan_timeout: node.config.scaling.worker_orphan_timeout,
-            threads: node.config.scaling.worker_threads,
+            idle_timeout: node.config().scaling.worker_idle_timeout,
+            orphan_timeout: node.config().scaling.worker_orphan_timeout,
+            threads: node.config().scaling.worker_threads,
         };
         let node = node.clone();
         let launcher = launcher.clone();
@@ -270,21 +271,10 @@ fn launch_reserved(
                     }
                 }
             };
-            if let Err(e) = node.proposer.submit(request).await {
+            if let Err(e) = node.proposer().submit(request).await {
                 tracing::warn!(%worker, error = %e, "could not record the launch");
             }
         });
-    }
-}
-
-impl Node {
-    /// Keeps the last few launch errors for `/status`.
-    pub fn note_launch_error(&self, e: &LaunchError) {
-        let mut errors = self.launch_errors.lock().unwrap_or_else(|p| p.into_inner());
-        if errors.len() >= 5 {
-            errors.remove(0);
-        }
-        errors.push(format!("{} {e}", now_ms()));
     }
 }
 

@@ -16,18 +16,12 @@ use openraft::BasicNode;
 use crate::config::Role;
 use crate::node::Node;
 
-/// Whether this node has Raft state (and so must never be initialized).
-pub async fn is_initialized(node: &Node) -> bool {
-    // A stopped Raft counts as initialized: nothing may initialize it.
-    node.raft.is_initialized().await.unwrap_or(true)
-}
-
 async fn probe(node: &Node, addr: &str) -> Option<InitState> {
     let mut request = node
-        .http
+        .http()
         .get(format!("http://{addr}{INIT}"))
         .timeout(Duration::from_millis(500));
-    if let Some(token) = &node.config.credentials.peer {
+    if let Some(token) = &node.config().credentials.peer {
         request = request.bearer_auth(token);
     }
     let answer = request.send().await.ok()?;
@@ -39,14 +33,14 @@ async fn probe(node: &Node, addr: &str) -> Option<InitState> {
 }
 
 pub async fn run(node: Node) {
-    let peers = node.config.peers.0.clone();
+    let peers = node.config().peers.0.clone();
     let majority = peers.len() / 2 + 1;
     let members: BTreeMap<_, _> = peers
         .iter()
         .map(|(id, addr)| (*id, BasicNode::new(addr.clone())))
         .collect();
     let mut waiting_logged = false;
-    while !is_initialized(&node).await {
+    while !node.is_initialized().await {
         let probes = peers
             .iter()
             .filter(|(id, _)| *id != node.id())
@@ -66,7 +60,7 @@ pub async fn run(node: Node) {
         } else if answers.len() + 1 >= majority {
             // `initialize` makes the caller stand for election at once, and a witness never
             // leads: the reachable endpoint with the lowest id does it.
-            let me = (node.config.role != Role::Witness).then_some(node.id());
+            let me = (node.config().role != Role::Witness).then_some(node.id());
             let lowest = answers
                 .iter()
                 .filter(|a| !a.witness)
@@ -74,7 +68,7 @@ pub async fn run(node: Node) {
                 .chain(me)
                 .min();
             if me.is_some() && lowest == me {
-                match node.raft.initialize(members.clone()).await {
+                match node.raft().initialize(members.clone()).await {
                     Ok(()) => tracing::info!(voters = peers.len(), "cluster initialized"),
                     Err(e) => {
                         tracing::info!(error = %e, "initialize refused (already initialized)")
@@ -82,6 +76,6 @@ pub async fn run(node: Node) {
                 }
             }
         }
-        tokio::time::sleep(node.config.timing.bootstrap_probe_every).await;
+        tokio::time::sleep(node.config().timing.bootstrap_probe_every).await;
     }
 }

@@ -32,24 +32,24 @@ pub fn free_bytes(path: &Path) -> Option<u64> {
 }
 
 pub async fn watch(node: Node) {
-    let limit = node.config.limits.disk_free_limit;
+    let limit = node.config().limits.disk_free_limit;
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failed = RateLimitedLog::new(Duration::from_secs(30));
     loop {
         ticker.tick().await;
-        let Some(free) = free_bytes(&node.config.data_dir) else {
+        let Some(free) = free_bytes(&node.config().data_dir) else {
             continue;
         };
-        node.disk.free_bytes.store(free, Ordering::Relaxed);
-        let was_low = node.disk.low.load(Ordering::Relaxed);
+        node.disk().free_bytes.store(free, Ordering::Relaxed);
+        let was_low = node.disk().low.load(Ordering::Relaxed);
         let low = if was_low {
             free < limit.saturating_add(limit / 10)
         } else {
             free < limit
         };
-        node.disk.low.store(low, Ordering::Relaxed);
-        let raised = match machine::read_meta(&node.reader.view()) {
+        node.disk().low.store(low, Ordering::Relaxed);
+        let raised = match machine::read_meta(&node.reader().view()) {
             Ok(meta) => meta.disk_alarms.contains(&node.id()),
             Err(_) => continue,
         };
@@ -69,7 +69,7 @@ pub async fn watch(node: Node) {
             node: node.id(),
             low,
         };
-        if let Err(e) = node.proposer.submit(request).await {
+        if let Err(e) = node.proposer().submit(request).await {
             failed.warn(|n| tracing::warn!(error = %e, suppressed = n, "could not change the disk alarm yet"));
         }
     }

@@ -12,31 +12,31 @@ use crate::launcher::WorkerTable;
 use crate::node::Node;
 
 pub fn tick_params(node: &Node) -> TickParams {
-    let t = &node.config.timing;
+    let t = &node.config().timing;
     TickParams {
-        max_attempts: node.config.limits.max_attempts,
+        max_attempts: node.config().limits.max_attempts,
         worker_lost_ms: t.worker_lost_after.as_millis() as u64,
         launch_timeout_ms: t.launch_timeout.as_millis() as u64,
         pulled_retention_ms: t.pulled_retention.as_millis() as u64,
-        completed_retention_ms: node.config.limits.completed_retention.as_millis() as u64,
-        dead_retention_ms: node.config.limits.dead_retention.as_millis() as u64,
-        limit: node.config.limits.tick_limit,
+        completed_retention_ms: node.config().limits.completed_retention.as_millis() as u64,
+        dead_retention_ms: node.config().limits.dead_retention.as_millis() as u64,
+        limit: node.config().limits.tick_limit,
     }
 }
 
 pub async fn run(node: Node) {
-    let mut interval = tokio::time::interval(node.config.timing.reaper_period);
+    let mut interval = tokio::time::interval(node.config().timing.reaper_period);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reconciled = std::time::Instant::now();
     loop {
         interval.tick().await;
-        if node.raft.metrics().borrow().state != ServerState::Leader {
+        if node.raft().metrics().borrow().state != ServerState::Leader {
             continue;
         }
         if let Err(e) = duties(&node).await {
             tracing::debug!(error = %e, "housekeeping deferred");
         }
-        if reconciled.elapsed() >= node.config.timing.reconcile_period {
+        if reconciled.elapsed() >= node.config().timing.reconcile_period {
             reconciled = std::time::Instant::now();
             if let Err(e) = reconcile(&node).await {
                 tracing::warn!(error = %e, "reconciliation deferred");
@@ -47,7 +47,7 @@ pub async fn run(node: Node) {
 
 /// Frees the slots of workers whose machines the launcher's provider no longer runs.
 async fn reconcile(node: &Node) -> Result<(), crate::error::ApiError> {
-    let view = node.reader.view();
+    let view = node.reader().view();
     let meta = machine::read_meta(&view)?;
     let table = WorkerTable {
         workers: machine::workers(&view)?,
@@ -55,16 +55,16 @@ async fn reconcile(node: &Node) -> Result<(), crate::error::ApiError> {
         now: node.sm_now(&meta),
     };
     let gone = node
-        .launcher
+        .launcher()
         .reconcile(table)
         .await
         .map_err(|e| crate::error::ApiError::Unavailable(e.to_string()))?;
     for worker in gone {
         tracing::warn!(%worker, "worker's machine is gone; freeing its slot");
-        node.proposer
+        node.proposer()
             .submit(Request::Forget {
                 worker,
-                max_attempts: node.config.limits.max_attempts,
+                max_attempts: node.config().limits.max_attempts,
             })
             .await?;
     }
@@ -72,23 +72,23 @@ async fn reconcile(node: &Node) -> Result<(), crate::error::ApiError> {
 }
 
 async fn duties(node: &Node) -> Result<(), crate::error::ApiError> {
-    if node.proposer.idle_for() >= Duration::from_millis(machine::IDLE_ENTRY_MS) {
+    if node.proposer().idle_for() >= Duration::from_millis(machine::IDLE_ENTRY_MS) {
         // Keep state-machine time moving in small steps on an idle cluster.
-        node.proposer.submit(Request::Noop).await?;
+        node.proposer().submit(Request::Noop).await?;
     }
-    let meta = machine::read_meta(&node.reader.view())?;
+    let meta = machine::read_meta(&node.reader().view())?;
     if meta.max_workers.is_none() {
-        node.proposer
+        node.proposer()
             .submit(Request::SetMaxWorkers {
-                max: node.config.scaling.max_workers,
+                max: node.config().scaling.max_workers,
                 only_if_unset: true,
             })
             .await?;
     }
     let params = tick_params(node);
-    let now = node.sm_now(&machine::read_meta(&node.reader.view())?);
-    if machine::tick_due(&node.reader.view(), now, &params)? {
-        let reply = node.proposer.submit(Request::Tick(params)).await?;
+    let now = node.sm_now(&machine::read_meta(&node.reader().view())?);
+    if machine::tick_due(&node.reader().view(), now, &params)? {
+        let reply = node.proposer().submit(Request::Tick(params)).await?;
         if let Response::Ticked(report) = reply.response {
             if report.expired > 0 || report.dead > 0 || !report.lost_workers.is_empty() {
                 tracing::info!(
@@ -102,7 +102,7 @@ async fn duties(node: &Node) -> Result<(), crate::error::ApiError> {
             // just freed is not held twice.
             for (worker, handle) in report.lost_workers {
                 if !handle.is_empty() {
-                    if let Err(e) = node.launcher.terminate(worker, handle.clone()).await {
+                    if let Err(e) = node.launcher().terminate(worker, handle.clone()).await {
                         tracing::warn!(%worker, %handle, error = %e, "could not stop a lost worker");
                     }
                 }

@@ -41,6 +41,11 @@ impl Histogram {
             .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
     }
 
+    /// How many observations it holds.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
     /// The Prometheus text of this histogram as `name`, with `labels` (`node="1"`).
     pub fn render(&self, out: &mut String, name: &str, help: &str, labels: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");

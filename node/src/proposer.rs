@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::config::Batching;
 use crate::error::ApiError;
+use crate::tasks::Tasks;
 
 /// The answer to one request, with what the leader attaches after apply: the payloads of
 /// leased items, in the order of `Response::Leased::items`.
@@ -120,6 +121,7 @@ pub struct Proposer {
 }
 
 impl Proposer {
+    /// Starts the batchers among `tasks`: they run until `tasks` stop.
     pub fn start(
         id: NodeId,
         raft: Raft,
@@ -127,6 +129,7 @@ impl Proposer {
         http: reqwest::Client,
         token: Option<Arc<str>>,
         options: ProposerOptions,
+        tasks: &mut Tasks,
     ) -> Proposer {
         let shared = Arc::new(Shared {
             id,
@@ -139,8 +142,14 @@ impl Proposer {
         });
         let (local, local_rx) = mpsc::unbounded_channel();
         let (forward, forward_rx) = mpsc::unbounded_channel();
-        tokio::spawn(batcher(shared.clone(), local_rx, Sink::Local));
-        tokio::spawn(batcher(shared.clone(), forward_rx, Sink::Forward));
+        tasks.spawn(
+            "local batcher",
+            batcher(shared.clone(), local_rx, Sink::Local),
+        );
+        tasks.spawn(
+            "forward batcher",
+            batcher(shared.clone(), forward_rx, Sink::Forward),
+        );
         Proposer {
             shared,
             local,

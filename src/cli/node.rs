@@ -1,7 +1,7 @@
 //! `hashq node`.
 
 use anyhow::Context;
-use hashq_node::{serve, serve_client, Node, NodeArgs};
+use hashq_node::{serve, serve_client, NodeArgs, Server};
 use tokio::net::TcpListener;
 
 /// Resolves when the process is asked to stop (SIGTERM or Ctrl-C).
@@ -33,7 +33,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
             "running with --insecure: routes without a credential are open to anyone who can reach this port"
         );
     }
-    hashq_node::node::raise_open_file_limit();
+    hashq_node::server::raise_open_file_limit();
     let listen = config.listen;
     let listener = TcpListener::bind(listen)
         .await
@@ -46,7 +46,8 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let node = Node::start(config).await.context("starting the node")?;
+    let server = Server::start(config).await.context("starting the node")?;
+    let node = server.node().clone();
     tracing::info!(%listen, "serving");
     // One signal stops both listeners.
     let (stop, stopped) = tokio::sync::watch::channel(());
@@ -70,6 +71,6 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         client.await.context("client listener")??;
     }
     tracing::info!("stopping");
-    node.shutdown().await;
+    server.shutdown().await;
     Ok(())
 }

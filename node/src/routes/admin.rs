@@ -33,7 +33,7 @@ async fn set_max_workers(
             format!("max must be from 0 to {MAX_BUDGET}, got {}", req.max),
         ));
     }
-    node.proposer
+    node.proposer()
         .submit(Request::SetMaxWorkers {
             max: req.max,
             only_if_unset: false,

@@ -35,7 +35,7 @@ async fn dashboard() -> Response {
 /// (`--max-iterations`, `--max-top`, `--max-body-bytes`), so a client or a fuzzer reading it
 /// knows exactly what is accepted.
 async fn openapi(State(node): State<Node>) -> Response {
-    let limits = &node.config.limits;
+    let limits = &node.config().limits;
     let mut doc: serde_json::Value =
         serde_json::from_str(include_str!("openapi.json")).unwrap_or_default();
     let mut set = |pointer: &str, value: serde_json::Value| {

@@ -58,11 +58,11 @@ fn dedup(node: &Node, client_key: Option<String>, kind: &str) -> Dedup {
     match client_key {
         Some(k) => Dedup {
             key: format!("c:{kind}:{k}"),
-            ttl_ms: node.config.timing.idempotency_retention.as_millis() as u64,
+            ttl_ms: node.config().timing.idempotency_retention.as_millis() as u64,
         },
         None => Dedup {
             key: format!("n{}:{:032x}", node.id(), rand::random::<u128>()),
-            ttl_ms: node.config.timing.internal_key_ttl.as_millis() as u64,
+            ttl_ms: node.config().timing.internal_key_ttl.as_millis() as u64,
         },
     }
 }
@@ -74,7 +74,7 @@ async fn enqueue(
     payload: Bytes,
 ) -> Result<Response, ApiError> {
     serves_clients(&node)?;
-    let limits = &node.config.limits;
+    let limits = &node.config().limits;
     let iterations = count_param(
         &query_pairs(query.as_deref()),
         "iterations",
@@ -83,7 +83,7 @@ async fn enqueue(
     let key = idempotency_key(&headers)?;
     // A fast answer when the backlog is clearly full; the state machine decides exactly, at
     // apply, so concurrent enqueues never overshoot.
-    let meta = machine::read_meta(&node.reader.view())?;
+    let meta = machine::read_meta(&node.reader().view())?;
     if !meta.disk_alarms.is_empty() {
         return Err(ApiError::DiskFull {
             nodes: meta.disk_alarms,
@@ -99,9 +99,9 @@ async fn enqueue(
         // Without a client key the proposer gives the request a slot in its batch's key.
         dedup: key.map(|k| dedup(&node, Some(k), "enqueue")),
     };
-    match node.proposer.submit(request).await?.response {
+    match node.proposer().submit(request).await?.response {
         SmResponse::Enqueued { id, duplicate } => {
-            Stats::add(&node.stats.enqueued, u64::from(!duplicate));
+            Stats::add(&node.stats().enqueued, u64::from(!duplicate));
             let mut response = Json(Enqueued {
                 work_id: id.to_string(),
             })
@@ -126,17 +126,17 @@ async fn pull_completed(
     let top = count_param(
         &query_pairs(query.as_deref()),
         "top",
-        node.config.limits.max_top,
+        node.config().limits.max_top,
     )?;
     let key = idempotency_key(&headers)?;
     let request = Request::Take {
         top,
         dedup: Some(dedup(&node, key, "pull")),
     };
-    match node.proposer.submit(request).await?.response {
+    match node.proposer().submit(request).await?.response {
         SmResponse::Taken { items, replay } => {
             if !replay {
-                Stats::add(&node.stats.pulled, items.len() as u64);
+                Stats::add(&node.stats().pulled, items.len() as u64);
             }
             Ok(Json(
                 items
@@ -181,8 +181,8 @@ async fn work(
     let work_id = parse_work_id(id)?;
     // A linearizable read: on the leader after confirming leadership, else at the leader.
     let confirmed = tokio::time::timeout(
-        node.config.timing.request_timeout,
-        node.raft.ensure_linearizable(),
+        node.config().timing.request_timeout,
+        node.raft().ensure_linearizable(),
     )
     .await
     .map_err(|_| ApiError::NoLeader {
@@ -190,7 +190,7 @@ async fn work(
     })?;
     match confirmed {
         Ok(_) => {
-            let item = machine::item(&node.reader.view(), work_id)?
+            let item = machine::item(&node.reader().view(), work_id)?
                 .ok_or_else(|| ApiError::NotFound(format!("no work item {work_id}")))?;
             Ok(Json(work_view(work_id, item)).into_response())
         }
@@ -219,15 +219,15 @@ fn parse_work_id(id: Result<Path<String>, PathRejection>) -> Result<WorkId, ApiE
 
 /// Relays a read to the leader and its answer back.
 async fn forward_read(node: &Node, path: &str, headers: &HeaderMap) -> Result<Response, ApiError> {
-    let (leader, addr) = node.proposer.leader().ok_or_else(|| ApiError::NoLeader {
+    let (leader, addr) = node.proposer().leader().ok_or_else(|| ApiError::NoLeader {
         reason: "no leader to read from".into(),
     })?;
-    Stats::add(&node.stats.forwarded_reads, 1);
+    Stats::add(&node.stats().forwarded_reads, 1);
     let mut request = node
-        .http
+        .http()
         .get(format!("http://{addr}{path}"))
         .header(FORWARDED, node.id().to_string())
-        .timeout(node.config.timing.request_timeout);
+        .timeout(node.config().timing.request_timeout);
     if let Some(auth) = headers.get(header::AUTHORIZATION) {
         request = request.header(header::AUTHORIZATION, auth.clone());
     }

@@ -65,5 +65,5 @@ async fn propose(
     State(node): State<Node>,
     Postcard(requests): Postcard<Vec<Request>>,
 ) -> Postcard<Vec<Result<Reply, ApiError>>> {
-    Postcard(node.proposer.submit_local(requests).await)
+    Postcard(node.proposer().submit_local(requests).await)
 }

@@ -33,7 +33,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::config::Role;
 use crate::error::{error_response, ApiError};
-use crate::http::{self, BodyBudget, BodyRules, Capacity};
+use crate::http::{self, BodyBudget, BodyRules};
 use crate::node::{Node, Stats};
 
 /// Bodies of Raft and node-to-node routes may be this large (a few batches of log entries).
@@ -43,37 +43,9 @@ pub const WORKER_BODY_LIMIT: usize = 4 << 20;
 /// Bodies of admin routes are small JSON documents.
 const ADMIN_BODY_LIMIT: usize = 64 << 10;
 
-/// Per-node admission control shared by every listener: request slots per audience and the
-/// budget of request-body bytes in flight ([`crate::http`]).
-pub struct Gates {
-    pub client: Arc<Capacity>,
-    pub worker: Arc<Capacity>,
-    pub admin: Arc<Capacity>,
-    pub peer: Arc<Capacity>,
-    /// `/health`, `/`, `/openapi.json`: public and cheap, kept apart so that neither a client
-    /// flood nor a worker flood hides a node's health from its peers.
-    pub public: Arc<Capacity>,
-    pub bodies: BodyBudget,
-}
-
-impl Gates {
-    pub fn new(config: &crate::config::NodeConfig) -> Gates {
-        let l = &config.limits;
-        let wait = config.http.queue_timeout;
-        Gates {
-            client: Capacity::new(l.max_connections, wait),
-            worker: Capacity::new(l.max_worker_requests, wait),
-            admin: Capacity::new(16, wait),
-            peer: Capacity::new(l.max_peer_requests, wait),
-            public: Capacity::new(256, wait),
-            bodies: BodyBudget::new(config.http.max_body_bytes_in_flight),
-        }
-    }
-}
-
 /// The whole HTTP surface of a node.
 pub fn router(node: Node) -> Router {
-    let gates = &node.gates;
+    let gates = &node.gates();
     let peer = gated(
         raft::router().merge(internal::peer_router()),
         &node,
@@ -84,7 +56,7 @@ pub fn router(node: Node) -> Router {
     // Snapshots stream to a file as they arrive: credential and slots, no body buffering.
     let snapshots = raft::snapshot_router()
         .route_layer(middleware::from_fn_with_state(
-            node.gates.peer.clone(),
+            node.gates().peer.clone(),
             http::limit,
         ))
         .route_layer(middleware::from_fn_with_state(
@@ -126,13 +98,13 @@ fn client_routes(node: &Node) -> Router<Node> {
         client::router().merge(observability::router()),
         node,
         Audience::Client,
-        node.config.limits.max_body_bytes,
-        Some(node.gates.bodies.clone()),
+        node.config().limits.max_body_bytes,
+        Some(node.gates().bodies.clone()),
     );
     let public = observability::public_router()
         .merge(assets::router())
         .route_layer(middleware::from_fn_with_state(
-            node.gates.public.clone(),
+            node.gates().public.clone(),
             http::limit,
         ));
     api.merge(public)
@@ -148,15 +120,15 @@ fn gated(
     budget: Option<BodyBudget>,
 ) -> Router<Node> {
     let capacity = match audience {
-        Audience::Peer => node.gates.peer.clone(),
-        Audience::Worker => node.gates.worker.clone(),
-        Audience::Admin => node.gates.admin.clone(),
-        Audience::Client => node.gates.client.clone(),
+        Audience::Peer => node.gates().peer.clone(),
+        Audience::Worker => node.gates().worker.clone(),
+        Audience::Admin => node.gates().admin.clone(),
+        Audience::Client => node.gates().client.clone(),
     };
     let rules = Arc::new(BodyRules {
         limit: body_limit,
         budget,
-        limits: node.config.http.clone(),
+        limits: node.config().http.clone(),
     });
     routes
         .route_layer(middleware::from_fn_with_state(capacity, http::limit))
@@ -202,12 +174,12 @@ fn panic_response(_: Box<dyn Any + Send + 'static>) -> Response {
 
 async fn count_requests(State(node): State<Node>, request: Request, next: Next) -> Response {
     let response = next.run(request).await;
-    Stats::add(&node.stats.requests, 1);
+    Stats::add(&node.stats().requests, 1);
     let status = response.status();
     if status.is_client_error() {
-        node.stats.client_errors.fetch_add(1, Ordering::Relaxed);
+        node.stats().client_errors.fetch_add(1, Ordering::Relaxed);
     } else if status.is_server_error() {
-        node.stats.server_errors.fetch_add(1, Ordering::Relaxed);
+        node.stats().server_errors.fetch_add(1, Ordering::Relaxed);
     }
     response
 }
@@ -241,7 +213,7 @@ pub enum Audience {
 
 /// Whether `headers` carry the credential `audience` needs on this node.
 pub fn authorized(node: &Node, audience: Audience, headers: &HeaderMap) -> Result<(), ApiError> {
-    let credentials = &node.config.credentials;
+    let credentials = &node.config().credentials;
     let expected = match audience {
         Audience::Peer => &credentials.peer,
         Audience::Worker => &credentials.worker,
@@ -273,7 +245,7 @@ async fn require(
 
 /// Checks that this node serves the client API at all (a witness does not).
 pub fn serves_clients(node: &Node) -> Result<(), ApiError> {
-    if node.config.role == Role::Witness {
+    if node.config().role == Role::Witness {
         return Err(ApiError::Witness);
     }
     Ok(())

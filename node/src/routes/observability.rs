@@ -46,15 +46,15 @@ fn state_name(state: ServerState) -> &'static str {
 
 /// `GET /health`: who this node is and whom it follows.
 async fn health(State(node): State<Node>) -> Json<Health> {
-    let m = node.raft.metrics().borrow().clone();
+    let m = node.raft().metrics().borrow().clone();
     Json(Health {
         node: node.id(),
-        role: node.config.role.as_str().to_string(),
+        role: node.config().role.as_str().to_string(),
         leader: m.current_leader,
         term: m.current_term,
-        cluster: node.config.cluster_name.clone(),
-        launcher: node.launcher.name().to_string(),
-        incarnation: node.incarnation,
+        cluster: node.config().cluster_name.clone(),
+        launcher: node.launcher().name().to_string(),
+        incarnation: node.incarnation(),
     })
 }
 
@@ -212,8 +212,8 @@ pub struct MemberView {
 }
 
 async fn status(State(node): State<Node>) -> Result<Json<StatusView>, ApiError> {
-    let m = node.raft.metrics().borrow().clone();
-    let view = node.reader.view();
+    let m = node.raft().metrics().borrow().clone();
+    let view = node.reader().view();
     let meta = machine::read_meta(&view)?;
     let now = node.sm_now(&meta);
     let oldest = machine::oldest_queued(&view, 64)?;
@@ -222,7 +222,7 @@ async fn status(State(node): State<Node>) -> Result<Json<StatusView>, ApiError> 
     let membership = m.membership_config.membership().clone();
     for (&id, n) in membership.nodes() {
         let health = (id != node.id())
-            .then(|| node.peer_health.get(id))
+            .then(|| node.peer_health().get(id))
             .flatten();
         let matched = m
             .replication
@@ -240,7 +240,7 @@ async fn status(State(node): State<Node>) -> Result<Json<StatusView>, ApiError> 
         };
         let role = match &health {
             Some(h) => h.role.clone(),
-            None if id == node.id() => node.config.role.as_str().to_string(),
+            None if id == node.id() => node.config().role.as_str().to_string(),
             None => "unknown".into(),
         };
         members.push(MemberView {
@@ -256,7 +256,7 @@ async fn status(State(node): State<Node>) -> Result<Json<StatusView>, ApiError> 
     let count = |keep: &dyn Fn(&WorkerRecord) -> bool| workers.iter().filter(|w| keep(w)).count();
     Ok(Json(StatusView {
         node: node.id(),
-        role: node.config.role.as_str(),
+        role: node.config().role.as_str(),
         state: state_name(m.state),
         leader: m.current_leader,
         term: m.current_term,
@@ -264,16 +264,16 @@ async fn status(State(node): State<Node>) -> Result<Json<StatusView>, ApiError> 
         last_log_index: m.last_log_index,
         snapshot_index: m.snapshot.map(|l| l.index),
         purged_index: m.purged.map(|l| l.index),
-        cluster: node.config.cluster_name.clone(),
-        uptime_s: node.started.elapsed().as_secs(),
-        repairing: node.repair.until().map(|until| RepairingView {
+        cluster: node.config().cluster_name.clone(),
+        uptime_s: node.started().elapsed().as_secs(),
+        repairing: node.repair().until().map(|until| RepairingView {
             until,
-            damage: node.repair.damage.clone(),
+            damage: node.repair().damage.clone(),
         }),
         disk: DiskView {
-            free_bytes: node.disk.free_bytes.load(Relaxed),
-            low: node.disk.low.load(Relaxed),
-            limit_bytes: node.config.limits.disk_free_limit,
+            free_bytes: node.disk().free_bytes.load(Relaxed),
+            low: node.disk().low.load(Relaxed),
+            limit_bytes: node.config().limits.disk_free_limit,
             alarms: meta.disk_alarms.clone(),
         },
         counts: CountsView::from(c),
@@ -285,12 +285,8 @@ async fn status(State(node): State<Node>) -> Result<Json<StatusView>, ApiError> 
             launching: count(&|w| w.state == WorkerState::Launching),
             external: count(&|w| !w.managed),
             max: meta.max_workers,
-            launcher: node.launcher.name(),
-            launch_errors: node
-                .launch_errors
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
+            launcher: node.launcher().name(),
+            launch_errors: node.launch_errors().clone(),
             list: workers.iter().map(|w| WorkerView::new(w, now)).collect(),
         },
         members,
@@ -298,8 +294,8 @@ async fn status(State(node): State<Node>) -> Result<Json<StatusView>, ApiError> 
 }
 
 async fn metrics(State(node): State<Node>) -> Result<Response, ApiError> {
-    let m = node.raft.metrics().borrow().clone();
-    let view = node.reader.view();
+    let m = node.raft().metrics().borrow().clone();
+    let view = node.reader().view();
     let meta = machine::read_meta(&view)?;
     let workers = machine::workers(&view)?;
     let c = &meta.counts;
@@ -418,7 +414,7 @@ async fn metrics(State(node): State<Node>) -> Result<Response, ApiError> {
         "The cluster-wide worker budget.",
         &[("", u64::from(meta.max_workers.unwrap_or(0)))],
     );
-    let s = &node.stats;
+    let s = &node.stats();
     metric(
         "hashq_http_requests_total",
         "counter",
@@ -450,19 +446,19 @@ async fn metrics(State(node): State<Node>) -> Result<Response, ApiError> {
         "hashq_store_disk_bytes",
         "gauge",
         "Size of this node's store on disk.",
-        &[("", node.reader.disk_bytes())],
+        &[("", node.reader().disk_bytes())],
     );
     metric(
         "hashq_disk_free_bytes",
         "gauge",
         "Free space on the data dir's file system.",
-        &[("", node.disk.free_bytes.load(Relaxed))],
+        &[("", node.disk().free_bytes.load(Relaxed))],
     );
     metric(
         "hashq_disk_alarm",
         "gauge",
         "1 while this node's disk is below --disk-free-limit; the cluster's alarms by node.",
-        &[("", u64::from(node.disk.low.load(Relaxed)))],
+        &[("", u64::from(node.disk().low.load(Relaxed)))],
     );
     metric(
         "hashq_cluster_disk_alarms",
@@ -474,27 +470,27 @@ async fn metrics(State(node): State<Node>) -> Result<Response, ApiError> {
         "hashq_repairing",
         "gauge",
         "1 while this node repairs damaged durable state from its peers (it does not vote).",
-        &[("", u64::from(node.repair.until().is_some()))],
+        &[("", u64::from(node.repair().until().is_some()))],
     );
     metric(
         "hashq_elections_total",
         "counter",
         "Raft terms this node has seen begin.",
-        &[("", node.metrics.elections.load(Relaxed))],
+        &[("", node.metrics().elections.load(Relaxed))],
     );
     metric(
         "hashq_raft_append_rpcs_received_total",
         "counter",
         "Raft append RPCs this node received with entries (heartbeats not counted).",
-        &[("", node.metrics.append_rpcs.load(Relaxed))],
+        &[("", node.metrics().append_rpcs.load(Relaxed))],
     );
     metric(
         "hashq_raft_append_entries_received_total",
         "counter",
         "Log entries those append RPCs carried.",
-        &[("", node.metrics.append_entries.load(Relaxed))],
+        &[("", node.metrics().append_entries.load(Relaxed))],
     );
-    let snapshots = node.reader.snapshot_stats();
+    let snapshots = node.reader().snapshot_stats();
     metric(
         "hashq_snapshots_built_total",
         "counter",
@@ -532,7 +528,7 @@ async fn metrics(State(node): State<Node>) -> Result<Response, ApiError> {
     float(
         "hashq_leader_clock_skew_ms",
         "The leader's wall clock minus this node's, at the last applied command.",
-        node.metrics.leader_clock_skew_ms.load(Relaxed) as f64,
+        node.metrics().leader_clock_skew_ms.load(Relaxed) as f64,
     );
     if let Some(replication) = &m.replication {
         let last = m.last_log_index.unwrap_or(0);
@@ -549,7 +545,7 @@ async fn metrics(State(node): State<Node>) -> Result<Response, ApiError> {
         }
     }
     let labels = format!("node=\"{id}\"");
-    let nm = &node.metrics;
+    let nm = &node.metrics();
     nm.fsync.render(
         &mut out,
         "hashq_fsync_seconds",

@@ -45,12 +45,15 @@ async fn append(
     Postcard(req): Postcard<AppendEntriesRequest<TypeConfig>>,
 ) -> Result<Postcard<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>>, ApiError> {
     if !req.entries.is_empty() {
-        let m = &node.metrics;
+        let m = &node.metrics();
         m.append_rpcs.fetch_add(1, Ordering::Relaxed);
         m.append_entries
             .fetch_add(req.entries.len() as u64, Ordering::Relaxed);
     }
-    let answer = node.raft_gate.append(&node.raft, node.id(), req).await?;
+    let answer = node
+        .raft_gate()
+        .append(&node.raft(), node.id(), req)
+        .await?;
     Ok(Postcard(answer))
 }
 
@@ -58,17 +61,17 @@ async fn vote(
     State(node): State<Node>,
     Postcard(req): Postcard<VoteRequest<NodeId>>,
 ) -> Result<Postcard<Result<VoteResponse<NodeId>, RaftError<NodeId>>>, ApiError> {
-    if let Some(until) = node.repair.until() {
+    if let Some(until) = node.repair().until() {
         // Damaged durable state is being repaired: this node may lack entries it once
         // acknowledged, so its vote could elect a leader without them. It answers "not
         // granted" with its own vote and log, and changes nothing.
         crate::raft_gate::check_vote(&req, node.id())?;
-        let m = node.raft.metrics().borrow().clone();
+        let m = node.raft().metrics().borrow().clone();
         tracing::info!(candidate = %req.vote, until, "vote refused while repairing");
         let last = m.last_applied;
         return Ok(Postcard(Ok(VoteResponse::new(m.vote, last, false))));
     }
-    let answer = node.raft_gate.vote(&node.raft, node.id(), req).await?;
+    let answer = node.raft_gate().vote(&node.raft(), node.id(), req).await?;
     Ok(Postcard(answer))
 }
 
@@ -115,7 +118,7 @@ async fn snapshot(
         }
     };
     crate::raft_gate::check_snapshot(&header.vote, &header.meta, node.id())?;
-    let path = node.reader.receive_path();
+    let path = node.reader().receive_path();
     let received = receive(&mut stream, rest, &path).await;
     let verified = match received {
         Ok(()) => {
@@ -147,8 +150,8 @@ async fn snapshot(
         snapshot: Box::new(SnapshotFile::new(path.clone())),
     };
     let answer = node
-        .raft_gate
-        .install(&node.raft, header.vote, snapshot)
+        .raft_gate()
+        .install(&node.raft(), header.vote, snapshot)
         .await;
     if path.exists() {
         // Not installed (refused, or a newer one won): do not leave it behind.
@@ -192,7 +195,7 @@ async fn receive(
 async fn init_state(State(node): State<Node>) -> Json<InitState> {
     Json(InitState {
         node: node.id(),
-        initialized: crate::bootstrap::is_initialized(&node).await,
-        witness: node.config.role == crate::config::Role::Witness,
+        initialized: node.is_initialized().await,
+        witness: node.config().role == crate::config::Role::Witness,
     })
 }

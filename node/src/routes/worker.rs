@@ -31,7 +31,7 @@ pub fn router() -> Router<Node> {
 }
 
 fn serves_workers(node: &Node) -> Result<(), ApiError> {
-    if node.config.role == Role::Witness {
+    if node.config().role == Role::Witness {
         return Err(ApiError::Witness);
     }
     Ok(())
@@ -51,17 +51,17 @@ async fn register(
         handle: req.handle,
         secret,
     };
-    let worker = match node.proposer.submit(request).await?.response {
+    let worker = match node.proposer().submit(request).await?.response {
         SmResponse::Registered { worker } => worker,
         other => return Err(ApiError::unexpected(other)),
     };
-    let membership = node.raft.metrics().borrow().membership_config.clone();
+    let membership = node.raft().metrics().borrow().membership_config.clone();
     let endpoints = membership
         .membership()
         .nodes()
         .map(|(id, n)| (*id, format!("http://{}", n.addr)))
         .collect();
-    let timing = &node.config.timing;
+    let timing = &node.config().timing;
     tracing::info!(%worker, "worker registered");
     Ok(Postcard(RegisterResponse {
         worker,
@@ -76,7 +76,7 @@ async fn register(
 
 /// Waits, up to `wait`, until this node's applied state shows queued work.
 async fn wait_for_work(node: &Node, wait: Duration) {
-    let mut applied = node.reader.subscribe();
+    let mut applied = node.reader().subscribe();
     let _ = tokio::time::timeout(wait, applied.wait_for(|s| s.queued > 0)).await;
 }
 
@@ -85,7 +85,7 @@ async fn lease(
     Postcard(req): Postcard<LeaseRequest>,
 ) -> Result<Postcard<LeaseResponse>, ApiError> {
     serves_workers(&node)?;
-    let timing = &node.config.timing;
+    let timing = &node.config().timing;
     // Long-poll here, on whichever node the worker asked: every replica learns of new work
     // when it applies the enqueue, so no leader round trip is spent on an empty queue.
     let wait = Duration::from_millis(req.wait_ms)
@@ -101,7 +101,7 @@ async fn lease(
         lease_ms: millis(timing.lease),
         request_id: req.request_id,
     };
-    let reply = node.proposer.submit(request).await?;
+    let reply = node.proposer().submit(request).await?;
     match reply.response {
         SmResponse::Leased { items } => Ok(Postcard(LeaseResponse {
             items: items
@@ -129,10 +129,10 @@ async fn heartbeat(
         worker: req.worker,
         secret: req.secret,
         items: req.items,
-        lease_ms: millis(node.config.timing.lease),
+        lease_ms: millis(node.config().timing.lease),
         parent: req.parent,
     };
-    match node.proposer.submit(request).await?.response {
+    match node.proposer().submit(request).await?.response {
         SmResponse::HeartbeatAck { valid, lost } => Ok(Postcard(HeartbeatResponse { valid, lost })),
         other => Err(ApiError::unexpected(other)),
     }
@@ -148,7 +148,7 @@ async fn complete(
         secret: req.secret,
         results: req.results,
     };
-    match node.proposer.submit(request).await?.response {
+    match node.proposer().submit(request).await?.response {
         SmResponse::CompleteAck { accepted, ignored } => {
             Ok(Postcard(CompleteResponse { accepted, ignored }))
         }
@@ -163,7 +163,7 @@ async fn exit(
     serves_workers(&node)?;
     // Exit gives back every lease the worker holds, whatever `release` lists.
     match node
-        .proposer
+        .proposer()
         .submit(Request::Exit {
             worker: req.worker,
             secret: req.secret,

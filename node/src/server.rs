@@ -1,0 +1,266 @@
+//! Starting and stopping a node: open the store, start Raft and the proposer, spawn the
+//! background loops, serve the routes; and on shutdown end every loop before Raft stops.
+//!
+//! This is the wiring: it imports the routes and every loop, and none of them imports it.
+//! Tests start a node in-process on `127.0.0.1:0` the way `hashq node` does: bind, [`Server::start`],
+//! [`serve`] with a shutdown future, then [`Server::shutdown`].
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hashq_raft::command::StoreLimits;
+use hashq_raft::network::Network;
+use hashq_raft::{NodeId, Raft};
+use hashq_storage::StoreOptions;
+use openraft::SnapshotPolicy;
+use tokio::net::TcpListener;
+
+use crate::config::{millis, NodeConfig, Role};
+use crate::launcher;
+use crate::metrics::{NodeMetrics, StoreTimings};
+use crate::node::{Node, Parts, Repair};
+use crate::proposer::{Proposer, ProposerOptions};
+use crate::tasks::Tasks;
+use crate::{autoscaler, bootstrap, disk, housekeeping, routes, watch};
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("storage: {0}")]
+    Store(#[from] hashq_storage::StoreError),
+    #[error("raft configuration: {0}")]
+    RaftConfig(String),
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("http client: {0}")]
+    Http(String),
+    #[error("launcher: {0}")]
+    Launcher(String),
+}
+
+/// A started node with its background loops.
+pub struct Server {
+    node: Node,
+    tasks: Tasks,
+}
+
+impl Server {
+    /// Opens the store, starts Raft, the proposer and the background loops. Serve the node
+    /// with [`serve`], stop it with [`Server::shutdown`].
+    pub async fn start(config: NodeConfig) -> Result<Server, StartError> {
+        let launcher = launcher::from_config(&config)
+            .await
+            .map_err(StartError::Launcher)?;
+        let metrics = Arc::new(NodeMetrics::default());
+        hashq_storage::fsio::observe_store(Box::new(StoreTimings(metrics.clone())));
+        let hashq_storage::Opened { log, sm, recovery } = hashq_storage::open(
+            &config.data_dir,
+            &StoreOptions {
+                cache_bytes: config.storage.cache_bytes,
+                log: hashq_storage::LogOptions {
+                    segment_bytes: config.storage.log_segment_bytes,
+                    ..hashq_storage::LogOptions::default()
+                },
+            },
+        )?;
+        report_recovery(&recovery);
+        let reader = sm.reader();
+        let timing = &config.timing;
+        sit_out_an_election_if_fresh(&log, timing.election_timeout).await?;
+        let repairing = recovery.repair_until.is_some();
+        let raft_config = openraft::Config {
+            cluster_name: config.cluster_name.clone(),
+            heartbeat_interval: millis(timing.raft_heartbeat),
+            election_timeout_min: millis(timing.election_timeout),
+            election_timeout_max: millis(timing.election_timeout) * 2,
+            install_snapshot_timeout: 10_000,
+            // An append RPC must finish within a heartbeat interval (openraft's timeout for
+            // it): keep them to a few MiB.
+            max_payload_entries: 8,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.storage.snapshot_every),
+            snapshot_max_chunk_size: 4 << 20,
+            max_in_snapshot_log_to_keep: (config.storage.snapshot_every / 2).min(1000),
+            purge_batch_size: 64,
+            // A witness votes and keeps the log but never stands for election: a leader must
+            // serve clients and workers, which a witness does not. A node repairing damaged
+            // state stands for nothing until it is whole again.
+            enable_elect: config.role != Role::Witness && !repairing,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| StartError::RaftConfig(e.to_string()))?;
+
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(64)
+            .tcp_nodelay(true)
+            .no_proxy()
+            .local_address(config.outbound_addr)
+            .build()
+            .map_err(|e| StartError::Http(e.to_string()))?;
+        let token: Option<Arc<str>> = config.credentials.peer.as_deref().map(Arc::from);
+        let network = Network::new(http.clone(), token.clone());
+        let raft = Raft::new(config.id, Arc::new(raft_config), network, log, sm)
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
+        let mut tasks = Tasks::default();
+        let proposer = Proposer::start(
+            config.id,
+            raft.clone(),
+            reader.clone(),
+            http.clone(),
+            token,
+            ProposerOptions {
+                metrics: Some(metrics.clone()),
+                request_timeout: timing.request_timeout,
+                batch_key_ttl: timing.internal_key_ttl,
+                batching: config.batching,
+                limits: StoreLimits {
+                    max_items: config.limits.max_backlog,
+                    max_bytes: config.limits.max_backlog_bytes,
+                },
+            },
+            &mut tasks,
+        );
+        let node = Node::new(Parts {
+            config,
+            raft,
+            reader,
+            proposer,
+            http,
+            launcher,
+            metrics,
+            repair: Repair {
+                until: std::sync::Mutex::new(recovery.repair_until),
+                damage: recovery.damage.clone(),
+            },
+        });
+        tasks.spawn("exit on fatal", watch::exit_on_fatal(node.raft().clone()));
+        tasks.spawn(
+            "terms and clocks",
+            watch::watch_terms_and_clocks(node.clone()),
+        );
+        tasks.spawn("disk", disk::watch(node.clone()));
+        if repairing {
+            tasks.spawn("repair", watch::watch_repair(node.clone()));
+        }
+        if let Some(path) = node.config().clock_offset_file.clone() {
+            tasks.spawn(
+                "clock offset",
+                crate::proposer::follow_clock_offset_file(path),
+            );
+        }
+        tasks.spawn("bootstrap", bootstrap::run(node.clone()));
+        tasks.spawn("peer probes", watch::probe_peers(node.clone()));
+        tasks.spawn("housekeeping", housekeeping::run(node.clone()));
+        tasks.spawn("autoscaler", autoscaler::run(node.clone()));
+        Ok(Server { node, tasks })
+    }
+
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// How many of the background loops are still running.
+    pub fn running_tasks(&self) -> usize {
+        self.tasks.running()
+    }
+
+    /// Ends every background loop, stops the workers this node launched (they give their
+    /// leases back), then Raft. The HTTP server is stopped by its shutdown future.
+    pub async fn shutdown(self) {
+        let Server { node, tasks } = self;
+        tasks.stop().await;
+        node.launcher().shutdown().await;
+        if let Err(e) = node.raft().shutdown().await {
+            tracing::warn!(error = %e, "raft did not shut down cleanly");
+        }
+    }
+}
+
+fn report_recovery(recovery: &hashq_storage::Recovery) {
+    if let Some((path, at)) = &recovery.log.torn_tail {
+        tracing::warn!(path = %path.display(), at, "the log ended in a torn record (never acknowledged); cut it off");
+    }
+    if let Some(why) = &recovery.sm.sled_reset {
+        tracing::warn!(error = %why, "the state machine store was unreadable and was rebuilt");
+    }
+    if let Some(snapshot) = &recovery.sm.restored_from {
+        tracing::warn!(%snapshot, "the state machine was behind the log's purge point; restored from the latest snapshot");
+    }
+    if let (Some(until), damage) = (recovery.repair_until, &recovery.damage) {
+        tracing::error!(
+            until,
+            damage = damage.as_deref().unwrap_or("an earlier start found damage"),
+            "REPAIRING: this node neither votes nor stands for election until its peers bring its log back to index {until}"
+        );
+    }
+}
+
+/// A node with no Raft state at all may replace one that died after voting in the current
+/// term (same id, new disk). Voting again in that term could elect a second leader in it, so
+/// a fresh node waits out every election under way (twice the longest election timeout)
+/// before its Raft starts: by then each candidate of that term has won or moved on.
+async fn sit_out_an_election_if_fresh(
+    log: &hashq_storage::LogStore,
+    election_timeout: Duration,
+) -> Result<(), StartError> {
+    use openraft::storage::RaftLogStorage;
+    let mut log = log.clone();
+    let raft_err = |e: openraft::StorageError<NodeId>| StartError::Raft(e.to_string());
+    let voted = log.read_vote().await.map_err(raft_err)?.is_some();
+    let logged = log
+        .get_log_state()
+        .await
+        .map_err(raft_err)?
+        .last_log_id
+        .is_some();
+    if !voted && !logged {
+        let wait = election_timeout * 4;
+        tracing::info!(
+            ?wait,
+            "fresh data dir: sitting out any election under way before voting"
+        );
+        tokio::time::sleep(wait).await;
+    }
+    Ok(())
+}
+
+/// Serves the client API alone (`--client-listen`) on `listener` until `shutdown` completes.
+pub async fn serve_client(
+    listener: TcpListener,
+    node: Node,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let limits = node.config().http.clone();
+    crate::http::serve(listener, routes::client_router(node), &limits, shutdown).await
+}
+
+/// Serves `node` on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    node: Node,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let limits = node.config().http.clone();
+    crate::http::serve(listener, routes::router(node), &limits, shutdown).await
+}
+
+/// Raises this process's open-file limit to its hard limit: every connection is a file, and
+/// running out of them would refuse peers along with clients.
+pub fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::warn!("could not raise the open-file limit");
+            }
+        }
+    }
+}

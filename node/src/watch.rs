@@ -1,0 +1,142 @@
+//! The node's watchers of itself and its peers: peer health, terms and clocks, the repair of
+//! damaged state, and Raft stopping on a fatal error. Each runs until the server's shutdown
+//! signal ([`crate::server`]) or, for the repair, until it is done.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use hashq_raft::Raft;
+
+use crate::config::Role;
+use crate::node::Node;
+
+/// Probes every peer's `/health` once a second (more often while one does not answer), for
+/// [`Node::peer_health`].
+pub async fn probe_peers(node: Node) {
+    loop {
+        let membership = node.raft().metrics().borrow().membership_config.clone();
+        let probes = membership
+            .membership()
+            .nodes()
+            .filter(|(id, _)| **id != node.id())
+            .map(|(id, n)| {
+                let (id, addr) = (*id, n.addr.clone());
+                let node = node.clone();
+                async move {
+                    let health = node.probe_health(&addr).await;
+                    let answered = health.is_some();
+                    node.peer_health().set(id, health);
+                    answered
+                }
+            });
+        let answers = futures::future::join_all(probes).await;
+        let all_up = !answers.is_empty() && answers.iter().all(|a| *a);
+        let timing = &node.config().timing;
+        tokio::time::sleep(if all_up {
+            timing.peer_probe_every
+        } else {
+            timing.peer_probe_eager
+        })
+        .await;
+    }
+}
+
+/// While repairing, proposes a no-op now and then (so an idle cluster's log still grows
+/// past what this node had), and ends the repair once this node has applied up to where its
+/// log was and follows a leader: then it votes and stands for election again.
+pub async fn watch_repair(node: Node) {
+    let mut ticker = tokio::time::interval(Duration::from_millis(500));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while let Some(until) = node.repair().until() {
+        ticker.tick().await;
+        let (applied, follows) = {
+            let m = node.raft().metrics().borrow().clone();
+            (
+                m.last_applied.map_or(0, |l| l.index),
+                m.current_leader.is_some_and(|l| l != node.id()),
+            )
+        };
+        if !follows {
+            continue;
+        }
+        if applied < until {
+            let _ = node
+                .proposer()
+                .submit(hashq_raft::command::Request::Noop)
+                .await;
+            continue;
+        }
+        if let Err(e) = hashq_storage::repaired(&node.config().data_dir) {
+            tracing::error!(error = %e, "cannot record the end of the repair");
+            continue;
+        }
+        *node
+            .repair()
+            .until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
+        node.raft()
+            .runtime_config()
+            .elect(node.config().role != Role::Witness);
+        tracing::warn!(
+            applied,
+            until,
+            "REPAIRED: this node holds everything it had again; it votes and stands for election"
+        );
+    }
+}
+
+/// Counts the terms this node sees begin, and measures the leader's clock against this
+/// node's at every apply.
+pub async fn watch_terms_and_clocks(node: Node) {
+    let mut metrics = node.raft().metrics();
+    let mut applied = node.reader().subscribe();
+    let mut term = metrics.borrow().current_term;
+    loop {
+        tokio::select! {
+            changed = metrics.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let now = metrics.borrow().current_term;
+                if now > term {
+                    node.metrics().elections.fetch_add(now - term, Ordering::Relaxed);
+                    term = now;
+                }
+            }
+            changed = applied.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let leader_wall = applied.borrow().leader_wall;
+                if leader_wall > 0 {
+                    let skew = leader_wall as i64 - crate::proposer::now_ms() as i64;
+                    node.metrics().leader_clock_skew_ms.store(skew, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+/// A node whose Raft stopped on a fatal error (a storage failure, a bug) exits, so that its
+/// supervisor restarts it from its durable state instead of leaving it answering 503s. The
+/// server ends this watch before it stops Raft on purpose.
+pub async fn exit_on_fatal(raft: Raft) {
+    let mut metrics = raft.metrics();
+    loop {
+        let fatal = match &metrics.borrow().running_state {
+            Err(openraft::error::Fatal::Stopped) => return,
+            Err(fatal) => Some(fatal.to_string()),
+            Ok(()) => None,
+        };
+        if let Some(fatal) = fatal {
+            tracing::error!(error = %fatal, "raft stopped on a fatal error; exiting");
+            std::process::exit(70);
+        }
+        if metrics.changed().await.is_err() {
+            // The Raft core is gone without saying why (a panic drops its channels).
+            tracing::error!("raft core stopped unexpectedly; exiting");
+            std::process::exit(70);
+        }
+    }
+}
