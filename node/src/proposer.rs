@@ -331,11 +331,11 @@ async fn batcher(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Pending>, 
         // Keyless enqueues get one key for the whole batch and a slot each in it, so that a
         // retry never applies twice at the cost of one record per batch.
         let keyless = |p: &Pending| matches!(p.request, Request::Enqueue { dedup: None, .. });
-        let key = batch
-            .iter()
-            .any(keyless)
-            .then(|| format!("n{}:{:032x}", shared.id, rand::random::<u128>()))
-            .unwrap_or_default();
+        let key = if batch.iter().any(keyless) {
+            format!("n{}:{:032x}", shared.id, rand::random::<u128>())
+        } else {
+            String::new()
+        };
         let ttl = shared.options.batch_key_ttl;
         let (requests, replies): (Vec<Request>, Vec<_>) = batch
             .into_iter()

@@ -50,10 +50,7 @@ async fn append(
         m.append_entries
             .fetch_add(req.entries.len() as u64, Ordering::Relaxed);
     }
-    let answer = node
-        .raft_gate()
-        .append(&node.raft(), node.id(), req)
-        .await?;
+    let answer = node.raft_gate().append(node.raft(), node.id(), req).await?;
     Ok(Postcard(answer))
 }
 
@@ -71,7 +68,7 @@ async fn vote(
         let last = m.last_applied;
         return Ok(Postcard(Ok(VoteResponse::new(m.vote, last, false))));
     }
-    let answer = node.raft_gate().vote(&node.raft(), node.id(), req).await?;
+    let answer = node.raft_gate().vote(node.raft(), node.id(), req).await?;
     Ok(Postcard(answer))
 }
 
@@ -151,7 +148,7 @@ async fn snapshot(
     };
     let answer = node
         .raft_gate()
-        .install(&node.raft(), header.vote, snapshot)
+        .install(node.raft(), header.vote, snapshot)
         .await;
     if path.exists() {
         // Not installed (refused, or a newer one won): do not leave it behind.
