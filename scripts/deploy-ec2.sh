@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Deploys a hashq cluster to AWS with the AWS CLI (SPEC section 7), or removes one.
+# Deploys a hashq cluster to AWS with the AWS CLI (README, "Running on AWS"), or removes one.
 #
 #   scripts/deploy-ec2.sh --binary-url URL --client-cidr CIDR [options]   deploy
 #   scripts/deploy-ec2.sh --destroy [--name NAME]                         remove it all

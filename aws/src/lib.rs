@@ -1,5 +1,5 @@
 //! The AWS plumbing the node's `ec2` launcher and the worker's EC2 parent check share
-//! (SPEC section 7): the SDK configuration ([`sdk_config`], with a [`Patience`] for each
+//! (README, "Running on AWS"): the SDK configuration ([`sdk_config`], with a [`Patience`] for each
 //! caller), this instance's own id from IMDS ([`own_instance_id`]), and the shape of an
 //! instance id ([`is_instance_id`]). The tag names by which hashq's instances find each other
 //! are part of the protocol: `hashq-proto`'s `ec2` module.

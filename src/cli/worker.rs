@@ -45,7 +45,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let reason = hashq_worker::run::run(config, shutdown_signal()).await?;
     tracing::info!(%reason, "worker stopped");
     if args.shutdown_on_orphan && reason.is_orphaned() {
-        // SPEC section 4: with no endpoint of its cluster alive, the worker terminates itself;
+        // With no endpoint of its cluster alive, the worker terminates itself;
         // on EC2 the instance's shutdown behaviour turns this power-off into a termination.
         tracing::warn!(command = %args.orphan_shutdown_command, "the cluster is gone; shutting this machine down");
         let status = tokio::process::Command::new("sh")

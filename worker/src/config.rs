@@ -19,7 +19,7 @@ pub const MAX_CAPACITY: usize = 4096;
 /// [`WorkerConfig::prefetch_window`]).
 pub const MAX_ADAPTIVE_PREFETCH: usize = 256;
 
-/// How a worker tells that its parent endpoint is alive (SPEC section 4).
+/// How a worker tells that its parent endpoint is alive (README, "Workers and the budget").
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum ParentCheck {
     /// The parent node's `/health` answers (workers on the nodes' own machines).

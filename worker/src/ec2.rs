@@ -1,4 +1,4 @@
-//! The parent check of a worker on EC2 (SPEC section 4): the parent endpoint is alive while
+//! The parent check of a worker on EC2: the parent endpoint is alive while
 //! its instance is; `DescribeInstanceStatus` says so, not the endpoint itself, so a node that
 //! is merely slow or restarting is not abandoned.
 //!

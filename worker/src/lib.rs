@@ -1,5 +1,5 @@
 //! The hashq worker: leases work items from any endpoint of a hashq cluster, computes them
-//! (the SHA-512 chain of SPEC §1, in [`hash`]), and hands the results back.
+//! (the chain of SHA-512 iterations, in [`hash`]), and hands the results back.
 //!
 //! [`run()`] is the whole worker; [`WorkerConfig`] is everything it needs; [`EndpointClient`]
 //! is its failover client of the worker routes ([`hashq_proto::worker`]).
@@ -44,7 +44,7 @@
 //!   network.
 //! - Results computed for leases the cluster has already reclaimed (the worker was declared
 //!   lost) are dropped; the items are recomputed by whoever leases them next.
-//! - The parent check of SPEC §4 has two flavours: locally the parent's `/health`, on EC2
+//! - The parent check has two flavours: locally the parent's `/health`, on EC2
 //!   the parent's instance state ([`ec2`]). Either way a worker whose parent is gone names a
 //!   new parent in its heartbeats; on EC2 it stops ([`ExitReason::Orphaned`]) when no
 //!   endpoint instance of its cluster runs.

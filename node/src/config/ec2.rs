@@ -7,7 +7,7 @@ use hashq_aws::is_instance_id;
 
 use super::{duration, ConfigError};
 
-/// `hashq node` flags of the `ec2` launcher (SPEC section 7).
+/// `hashq node` flags of the `ec2` launcher (README, "Running on AWS").
 #[derive(clap::Args, Clone, Debug)]
 pub struct Ec2Args {
     /// AWS region of the worker instances (default: the SDK's chain: AWS_REGION, the

@@ -198,7 +198,7 @@ pub fn token_matches(headers: &HeaderMap, expected: &str) -> bool {
     given.as_bytes().ct_eq(expected.as_bytes()).into()
 }
 
-/// Who a route is for; each audience has its own credential (SPEC: one per audience).
+/// Who a route is for; each audience has its own credential (see the README's Security section).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Audience {
     /// Other nodes: Raft RPC and forwarding (`--cluster-token`).

@@ -35,7 +35,7 @@ impl ExitReason {
 }
 
 impl ExitReason {
-    /// Whether the worker ended because its cluster is gone (SPEC section 4: it then
+    /// Whether the worker ended because its cluster is gone (it then
     /// terminates itself).
     pub fn is_orphaned(self) -> bool {
         matches!(self, ExitReason::NoEndpoint | ExitReason::Orphaned)

@@ -1,4 +1,4 @@
-//! The parent checks of a session (SPEC section 4): locally the parent's `/health`
+//! The parent checks of a session: locally the parent's `/health`
 //! ([`parent_loop`]), on EC2 the parent's instance ([`ec2_parent_loop`], by
 //! [`crate::ec2`]). Either names a new parent in the session when the old one is gone; only
 //! the EC2 check ends a session, when no endpoint instance of the cluster runs.
@@ -16,7 +16,7 @@ use crate::ec2::{self, Ec2ParentCheck, Verdict};
 /// Failed checks in a row before the worker re-parents.
 const PARENT_FAILURES: u32 = 2;
 
-/// The parent check (SPEC section 4, local flavour): the parent's `/health` must answer. When
+/// The parent check (local flavour): the parent's `/health` must answer. When
 /// it has not for [`PARENT_FAILURES`] checks, the worker adopts the first live endpoint as its
 /// parent and says so with its next heartbeat; the cluster keeps counting it once, under its
 /// new parent. (A worker with no endpoint alive at all exits by the no-endpoint rule.)

@@ -1,4 +1,4 @@
-//! The `ec2` launcher: one EC2 instance per worker (SPEC section 7).
+//! The `ec2` launcher: one EC2 instance per worker (README, "Running on AWS").
 //!
 //! - **launch**: `RunInstances` of one instance tagged `hashq:cluster`, `hashq:role=worker`,
 //!   `hashq:worker-id`, `hashq:parent` (this node's instance id) and `hashq:parent-node`,
