@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hashq_proto::api::Health;
+use hashq_proto::routes::observability::HEALTH;
 use hashq_raft::{NodeId, Raft};
 use hashq_storage::SmReader;
 
@@ -128,22 +129,15 @@ pub struct Parts {
 }
 
 struct State {
-    config: NodeConfig,
+    parts: Parts,
     /// Random per start of this process (see `Request::Reserve`).
     incarnation: u64,
     peer_health: PeerHealth,
     gates: Gates,
     raft_gate: raft_gate::Gate,
-    raft: Raft,
-    launcher: Arc<dyn Launcher>,
     /// The last few launch failures, for `/status`.
     launch_errors: std::sync::Mutex<Vec<String>>,
-    reader: SmReader,
-    proposer: Proposer,
-    http: reqwest::Client,
     stats: Stats,
-    metrics: Arc<NodeMetrics>,
-    repair: Repair,
     disk: DiskState,
     started: Instant,
 }
@@ -156,32 +150,15 @@ pub struct Node {
 
 impl Node {
     pub fn new(parts: Parts) -> Node {
-        let Parts {
-            config,
-            raft,
-            reader,
-            proposer,
-            http,
-            launcher,
-            metrics,
-            repair,
-        } = parts;
         Node {
             state: Arc::new(State {
-                gates: Gates::new(&config),
-                config,
+                gates: Gates::new(&parts.config),
+                parts,
                 incarnation: rand::random::<u64>() | 1,
                 peer_health: PeerHealth::default(),
                 raft_gate: raft_gate::Gate::default(),
-                raft,
-                launcher,
                 launch_errors: std::sync::Mutex::new(Vec::new()),
-                reader,
-                proposer,
-                http,
                 stats: Stats::default(),
-                metrics,
-                repair,
                 disk: DiskState::default(),
                 started: Instant::now(),
             }),
@@ -189,34 +166,34 @@ impl Node {
     }
 
     pub fn id(&self) -> NodeId {
-        self.state.config.id
+        self.state.parts.config.id
     }
 
     pub fn config(&self) -> &NodeConfig {
-        &self.state.config
+        &self.state.parts.config
     }
 
     pub fn raft(&self) -> &Raft {
-        &self.state.raft
+        &self.state.parts.raft
     }
 
     /// Reads of this node's applied state machine.
     pub fn reader(&self) -> &SmReader {
-        &self.state.reader
+        &self.state.parts.reader
     }
 
     /// Where every write goes (see [`crate::proposer`]).
     pub fn proposer(&self) -> &Proposer {
-        &self.state.proposer
+        &self.state.parts.proposer
     }
 
     /// The client this node calls its peers with.
     pub fn http(&self) -> &reqwest::Client {
-        &self.state.http
+        &self.state.parts.http
     }
 
     pub fn launcher(&self) -> &Arc<dyn Launcher> {
-        &self.state.launcher
+        &self.state.parts.launcher
     }
 
     /// Random per start of this process (see `Request::Reserve`).
@@ -244,12 +221,12 @@ impl Node {
 
     /// Latency histograms and counters for `/metrics`.
     pub fn metrics(&self) -> &Arc<NodeMetrics> {
-        &self.state.metrics
+        &self.state.parts.metrics
     }
 
     /// Set while damaged durable state is being repaired from the peers.
     pub fn repair(&self) -> &Repair {
-        &self.state.repair
+        &self.state.parts.repair
     }
 
     /// This node's free disk space and its alarm.
@@ -265,14 +242,14 @@ impl Node {
     /// Whether this node has Raft state (and so must never be initialized).
     pub async fn is_initialized(&self) -> bool {
         // A stopped Raft counts as initialized: nothing may initialize it.
-        self.state.raft.is_initialized().await.unwrap_or(true)
+        self.state.parts.raft.is_initialized().await.unwrap_or(true)
     }
 
     /// This node's estimate of state-machine time now: the last applied time plus what has
     /// passed since (state-machine time never reads a clock; this is only for deciding when
     /// to propose and for showing ages).
     pub fn sm_now(&self, meta: &hashq_raft::machine::Meta) -> u64 {
-        let applied = *self.state.reader.subscribe().borrow();
+        let applied = *self.state.parts.reader.subscribe().borrow();
         let since = applied.at.map_or(0, |at| at.elapsed().as_millis() as u64);
         meta.now.saturating_add(since)
     }
@@ -280,9 +257,8 @@ impl Node {
     /// Asks a peer's `/health`, briefly; `None` if it does not answer.
     pub async fn probe_health(&self, addr: &str) -> Option<Health> {
         let answer = self
-            .state
-            .http
-            .get(format!("http://{addr}/health"))
+            .http()
+            .get(format!("http://{addr}{HEALTH}"))
             .timeout(Duration::from_millis(500))
             .send()
             .await

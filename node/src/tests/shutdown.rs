@@ -14,14 +14,13 @@ async fn a_node_shut_down_ends_every_task_it_started() {
     let cluster = Cluster::start(1, &[]).await;
     let node = cluster.node(1).clone();
     settled(&node).await;
-    let loops = cluster.nodes[0]
-        .as_ref()
-        .expect("running")
-        .server
-        .running_tasks();
+    let server = &cluster.nodes[0].as_ref().expect("running").server;
     // Two batchers, four watchers (fatal stops, terms, disk, peers), housekeeping and the
-    // autoscaler; bootstrap has ended by now.
-    assert_eq!(loops, 8, "background loops running");
+    // autoscaler, once bootstrap has ended.
+    wait_for("the eight background loops, bootstrap ended", || async {
+        (server.running_tasks() == 8).then_some(())
+    })
+    .await;
     // A client connection is open when the node stops.
     let client = reqwest::Client::new();
     let health = client
