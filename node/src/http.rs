@@ -41,7 +41,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::error::ApiError;
 
 /// How the server treats connections and bodies.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct HttpLimits {
     /// Longest a connection may take to send a request head, and stay idle between requests.
     pub header_timeout: Duration,

@@ -86,14 +86,20 @@ enum Sink {
 }
 
 struct Shared {
-    id: NodeId,
-    raft: Raft,
-    reader: SmReader,
-    http: reqwest::Client,
-    token: Option<Arc<str>>,
+    links: Links,
     options: ProposerOptions,
     /// `mono_ms()` when this node last proposed an entry as leader.
     last_proposed: std::sync::atomic::AtomicU64,
+}
+
+/// What the proposer proposes through: this node's Raft, its state machine (to read the
+/// outcomes) and the HTTP client and credential it forwards to the leader with.
+pub struct Links {
+    pub id: NodeId,
+    pub raft: Raft,
+    pub reader: SmReader,
+    pub http: reqwest::Client,
+    pub token: Option<Arc<str>>,
 }
 
 /// How the proposer batches and what it stamps on the commands it proposes as leader.
@@ -122,21 +128,9 @@ pub struct Proposer {
 
 impl Proposer {
     /// Starts the batchers among `tasks`: they run until `tasks` stop.
-    pub fn start(
-        id: NodeId,
-        raft: Raft,
-        reader: SmReader,
-        http: reqwest::Client,
-        token: Option<Arc<str>>,
-        options: ProposerOptions,
-        tasks: &mut Tasks,
-    ) -> Proposer {
+    pub fn start(links: Links, options: ProposerOptions, tasks: &mut Tasks) -> Proposer {
         let shared = Arc::new(Shared {
-            id,
-            raft,
-            reader,
-            http,
-            token,
+            links,
             options,
             last_proposed: std::sync::atomic::AtomicU64::new(0),
         });
@@ -165,7 +159,7 @@ impl Proposer {
 
     /// The leader as this node sees it, with its address.
     pub fn leader(&self) -> Option<(NodeId, String)> {
-        leader(&self.shared.raft)
+        leader(&self.shared.links.raft)
     }
 
     /// Proposes `request`, through the leader wherever it is, retrying transient failures
@@ -193,7 +187,7 @@ impl Proposer {
             match result {
                 Err(e) if e.is_transient() && Instant::now() + delay < deadline => {
                     tracing::debug!(error = %e, "retrying a proposal");
-                    let mut metrics = self.shared.raft.metrics();
+                    let mut metrics = self.shared.links.raft.metrics();
                     // Wake early when the leader changes, else after the backoff.
                     let _ = tokio::time::timeout(delay, metrics.changed()).await;
                     delay = (delay * 2).min(Duration::from_millis(200));
@@ -210,7 +204,7 @@ impl Proposer {
 
     async fn submit_once(&self, request: Request) -> (Result<Reply, ApiError>, Option<BatchSlot>) {
         let queue = match self.leader() {
-            Some((leader, _)) if leader == self.shared.id => &self.local,
+            Some((leader, _)) if leader == self.shared.links.id => &self.local,
             Some(_) => &self.forward,
             None => {
                 let reason = "an election is under way or a majority is unreachable".into();
@@ -332,7 +326,7 @@ async fn batcher(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Pending>, 
         // retry never applies twice at the cost of one record per batch.
         let keyless = |p: &Pending| matches!(p.request, Request::Enqueue { dedup: None, .. });
         let key = if batch.iter().any(keyless) {
-            format!("n{}:{:032x}", shared.id, rand::random::<u128>())
+            format!("n{}:{:032x}", shared.links.id, rand::random::<u128>())
         } else {
             String::new()
         };
@@ -390,6 +384,7 @@ async fn propose(
     let started = Instant::now();
     shared.last_proposed.store(command.mono, Ordering::Relaxed);
     let written = shared
+        .links
         .raft
         .client_write(command)
         .await
@@ -412,7 +407,7 @@ async fn propose(
         return Ok(written.data.into_iter().map(|r| attach(r, none)).collect());
     }
     // Payloads are read from this node's log (and packs), off the async threads.
-    let reader = shared.reader.clone();
+    let reader = shared.links.reader.clone();
     tokio::task::spawn_blocking(move || {
         let view = reader.view();
         let payloads = reader.payloads();
@@ -480,22 +475,23 @@ async fn forward(
     shared: &Shared,
     requests: Vec<Request>,
 ) -> Result<Vec<Result<Reply, ApiError>>, ApiError> {
-    let Some((leader, addr)) = leader(&shared.raft) else {
+    let Some((leader, addr)) = leader(&shared.links.raft) else {
         return Err(ApiError::NoLeader {
             reason: "no leader to forward to".into(),
         });
     };
-    if leader == shared.id {
+    if leader == shared.links.id {
         // Became leader since the batch was queued.
         return propose(shared, requests).await;
     }
     let mut builder = shared
+        .links
         .http
         .post(format!("http://{addr}{PROPOSE}"))
         .header(reqwest::header::CONTENT_TYPE, POSTCARD)
         .timeout(shared.options.request_timeout)
         .body(codec::encode(&requests));
-    if let Some(token) = &shared.token {
+    if let Some(token) = &shared.links.token {
         builder = builder.bearer_auth(token);
     }
     let response = builder

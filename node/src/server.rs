@@ -20,7 +20,7 @@ use crate::config::{millis, NodeConfig, Role};
 use crate::launcher;
 use crate::metrics::{NodeMetrics, StoreTimings};
 use crate::node::{Node, Parts, Repair};
-use crate::proposer::{Proposer, ProposerOptions};
+use crate::proposer::{Links, Proposer, ProposerOptions};
 use crate::tasks::Tasks;
 use crate::{autoscaler, bootstrap, disk, housekeeping, routes, watch};
 
@@ -105,11 +105,13 @@ impl Server {
             .map_err(|e| StartError::Raft(e.to_string()))?;
         let mut tasks = Tasks::default();
         let proposer = Proposer::start(
-            config.id,
-            raft.clone(),
-            reader.clone(),
-            http.clone(),
-            token,
+            Links {
+                id: config.id,
+                raft: raft.clone(),
+                reader: reader.clone(),
+                http: http.clone(),
+                token,
+            },
             ProposerOptions {
                 metrics: Some(metrics.clone()),
                 request_timeout: timing.request_timeout,
@@ -226,24 +228,28 @@ async fn sit_out_an_election_if_fresh(
     Ok(())
 }
 
-/// Serves the client API alone (`--client-listen`) on `listener` until `shutdown` completes.
-pub async fn serve_client(
-    listener: TcpListener,
-    node: Node,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let limits = node.config().http.clone();
-    crate::http::serve(listener, routes::client_router(node), &limits, shutdown).await
+/// Which routes a listener answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// Everything: client API, Raft, workers, admin and internal routes (`--listen`).
+    Whole,
+    /// The client API alone (`--client-listen`).
+    Client,
 }
 
-/// Serves `node` on `listener` until `shutdown` completes.
+/// Serves `surface` of `node` on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
     node: Node,
+    surface: Surface,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let limits = node.config().http.clone();
-    crate::http::serve(listener, routes::router(node), &limits, shutdown).await
+    let router = match surface {
+        Surface::Whole => routes::router(node),
+        Surface::Client => routes::client_router(node),
+    };
+    crate::http::serve(listener, router, &limits, shutdown).await
 }
 
 /// Raises this process's open-file limit to its hard limit: every connection is a file, and

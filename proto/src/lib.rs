@@ -15,7 +15,7 @@
 //!
 //! Openraft's own RPC payloads (append, vote, the snapshot header) are typed by openraft and
 //! stay with the Raft network in `hashq-raft`; only their paths are here. This crate depends
-//! on serde, serde_bytes, postcard and thiserror and nothing else, so a client of the cluster
+//! on serde, serde_bytes, bytes, postcard and thiserror and nothing else, so a client of the cluster
 //! (the worker) builds without openraft.
 //!
 //! # Compatibility

@@ -2,6 +2,7 @@
 //! [`crate::routes::worker`], behind the worker credential. An error answer is the JSON
 //! [`crate::error::ErrorBody`], whatever the route.
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{Digest, Millis, NodeId, WorkId, WorkerId, WorkerSecret};
@@ -65,8 +66,9 @@ pub struct WorkGrant {
     pub attempt: u32,
     pub iterations: u32,
     pub deadline: Millis,
-    #[serde(with = "serde_bytes")]
-    pub payload: Vec<u8>,
+    /// `Bytes` so a node hands out the payload it read without copying it; on the wire it is
+    /// a length-prefixed byte string, as `serde_bytes` writes a `Vec<u8>`.
+    pub payload: Bytes,
 }
 
 /// `POST /worker/heartbeat`: extend the leases still held.
@@ -116,4 +118,47 @@ pub struct Completion {
     pub id: WorkId,
     pub attempt: u32,
     pub value: Digest,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The grant as releases before `Bytes` wrote it: a worker of either release reads the
+    /// other's grants.
+    #[derive(Serialize, Deserialize, PartialEq, Debug)]
+    struct GrantWithVec {
+        id: WorkId,
+        attempt: u32,
+        iterations: u32,
+        deadline: Millis,
+        #[serde(with = "serde_bytes")]
+        payload: Vec<u8>,
+    }
+
+    #[test]
+    fn a_grant_is_on_the_wire_as_with_a_byte_vector() {
+        let grant = WorkGrant {
+            id: WorkId(7),
+            attempt: 2,
+            iterations: 1000,
+            deadline: 123_456,
+            payload: Bytes::from_static(b"some payload"),
+        };
+        let old = GrantWithVec {
+            id: WorkId(7),
+            attempt: 2,
+            iterations: 1000,
+            deadline: 123_456,
+            payload: b"some payload".to_vec(),
+        };
+        let wire = crate::codec::encode(&grant);
+        assert_eq!(wire, crate::codec::encode(&old));
+        let back: WorkGrant = crate::codec::decode("grant", &wire).unwrap();
+        assert_eq!(back.payload, grant.payload);
+        assert_eq!(
+            crate::codec::decode::<GrantWithVec>("grant", &wire).unwrap(),
+            old
+        );
+    }
 }

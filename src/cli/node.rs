@@ -1,7 +1,7 @@
 //! `hashq node`.
 
 use anyhow::Context;
-use hashq_node::{serve, serve_client, NodeArgs, Server};
+use hashq_node::{serve, NodeArgs, Server, Surface};
 use tokio::net::TcpListener;
 
 /// Resolves when the process is asked to stop (SIGTERM or Ctrl-C).
@@ -55,14 +55,14 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         let mut stopped = stopped.clone();
         let node = node.clone();
         tokio::spawn(async move {
-            serve_client(listener, node, async move {
+            serve(listener, node, Surface::Client, async move {
                 let _ = stopped.changed().await;
             })
             .await
         })
     });
     drop(stopped);
-    serve(listener, node.clone(), async move {
+    serve(listener, node.clone(), Surface::Whole, async move {
         shutdown_signal().await;
         let _ = stop.send(());
     })

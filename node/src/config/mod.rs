@@ -358,7 +358,7 @@ pub struct NodeArgs {
 }
 
 /// Every timing constant of a node in one place.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Timing {
     pub raft_heartbeat: Duration,
     pub election_timeout: Duration,
@@ -436,7 +436,7 @@ impl Timing {
 }
 
 /// Request limits.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Limits {
     pub max_body_bytes: usize,
     pub max_iterations: u32,
@@ -475,7 +475,7 @@ impl Default for Limits {
 }
 
 /// The autoscaler's knobs.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Scaling {
     pub scale_up_wait: Duration,
     pub drain_target: Duration,
@@ -508,7 +508,7 @@ impl Default for Scaling {
 }
 
 /// Where and how the node stores its state.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Storage {
     /// Take a snapshot (and purge the log) every this many log entries.
     pub snapshot_every: u64,
@@ -529,7 +529,7 @@ impl Default for Storage {
 }
 
 /// How the proposer gathers requests into log entries.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Batching {
     /// Batches in flight at once; requests arriving meanwhile form the next batch. Few in
     /// flight means big batches (one log entry, one apply for many requests); enough to keep

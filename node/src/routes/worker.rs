@@ -112,7 +112,7 @@ async fn lease(
                     attempt: item.attempt,
                     iterations: item.iterations,
                     deadline: item.deadline,
-                    payload: payload.into(),
+                    payload,
                 })
                 .collect(),
         })),

@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::NodeArgs;
 use crate::node::Node;
-use crate::server::{serve, Server};
+use crate::server::{serve, Server, Surface};
 
 /// How long a test waits for a condition before it fails.
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -109,9 +109,10 @@ impl Cluster {
             .map(|(server, listener)| {
                 let node = server.node().clone();
                 let (stop_serving, stopped) = oneshot::channel::<()>();
-                let serving = tokio::spawn(serve(listener, node.clone(), async move {
-                    let _ = stopped.await;
-                }));
+                let serving =
+                    tokio::spawn(serve(listener, node.clone(), Surface::Whole, async move {
+                        let _ = stopped.await;
+                    }));
                 Some(TestNode {
                     node,
                     server,

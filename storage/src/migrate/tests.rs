@@ -38,6 +38,39 @@ fn a_format_2_item_is_written_as_the_flat_record() {
     assert_eq!(codec::encode(&nested), flat);
 }
 
+/// Checks what every conversion shares: the old dir is refused (`refused` says how), then
+/// converted, then opens clean with the old vote; the checks of what it holds are the
+/// caller's. A second conversion is refused by [`converted_once`].
+fn refused_then_converted(
+    dir: &Path,
+    refused: fn(&StoreError) -> bool,
+) -> (Migrated, crate::Opened) {
+    match crate::open(dir, &crate::StoreOptions::default()) {
+        Err(e) => assert!(refused(&e), "refused for another reason: {e}"),
+        Ok(_) => panic!("an old data dir opened without conversion"),
+    }
+    let done = migrate(dir, false).unwrap();
+    let opened = crate::open(dir, &crate::StoreOptions::default()).unwrap();
+    assert!(opened.recovery.sm.restored_from.is_some());
+    assert!(opened.recovery.damage.is_none());
+    assert_eq!(opened.log.vote(), Some(Vote::new(4, 2)));
+    (done, opened)
+}
+
+fn converted_once(dir: &Path) {
+    assert!(migrate(dir, false).is_err(), "already converted");
+}
+
+/// Checks that a dir whose state machine is behind its log is left alone unless told, and
+/// then drops exactly one entry.
+fn unapplied_need_the_flag(dir: &Path, left_in_place: &str) {
+    let err = migrate(dir, false).unwrap_err().to_string();
+    assert!(err.contains("--discard-unapplied"), "{err}");
+    assert!(dir.join(left_in_place).exists(), "nothing moved");
+    let done = migrate(dir, true).unwrap();
+    assert_eq!(done.discarded_entries, 1);
+}
+
 /// A data dir as hashq 0.1 left it: one sled database with the log, the vote and the
 /// state machine (one item in each state).
 fn legacy_dir(extra_entry: bool) -> tempfile::TempDir {
@@ -143,19 +176,11 @@ fn legacy_dir(extra_entry: bool) -> tempfile::TempDir {
 #[tokio::test]
 async fn a_legacy_dir_is_refused_then_converted_and_opens_with_its_items() {
     let dir = legacy_dir(false);
-    assert!(matches!(
-        crate::open(dir.path(), &crate::StoreOptions::default()),
-        Err(StoreError::Legacy { .. })
-    ));
-    let done = migrate(dir.path(), false).unwrap();
+    let (done, opened) =
+        refused_then_converted(dir.path(), |e| matches!(e, StoreError::Legacy { .. }));
     assert_eq!(done.items, 5);
     assert_eq!((done.requeued, done.workers_dropped), (1, 1));
     assert!(dir.path().join("legacy-v1/sled").exists());
-
-    let opened = crate::open(dir.path(), &crate::StoreOptions::default()).unwrap();
-    assert!(opened.recovery.sm.restored_from.is_some());
-    assert!(opened.recovery.damage.is_none());
-    assert_eq!(opened.log.vote(), Some(Vote::new(4, 2)));
     let view = opened.sm.reader().view();
     let status = |id: u64| machine::item(&view, WorkId(id)).unwrap().unwrap().status;
     assert_eq!(status(0), Status::Queued);
@@ -177,17 +202,12 @@ async fn a_legacy_dir_is_refused_then_converted_and_opens_with_its_items() {
         vec![Some(bytes::Bytes::from_static(b"abc"))]
     );
     assert_eq!(machine::payload_floor(&view).unwrap(), Some(0));
-    assert!(migrate(dir.path(), false).is_err(), "already converted");
+    converted_once(dir.path());
 }
 
 #[test]
 fn unapplied_entries_are_not_dropped_without_being_told() {
-    let dir = legacy_dir(true);
-    let err = migrate(dir.path(), false).unwrap_err().to_string();
-    assert!(err.contains("--discard-unapplied"), "{err}");
-    assert!(dir.path().join("sled").exists(), "nothing moved");
-    let done = migrate(dir.path(), true).unwrap();
-    assert_eq!(done.discarded_entries, 1);
+    unapplied_need_the_flag(legacy_dir(true).path(), "sled");
 }
 
 /// A data dir as the format-2 builds left it: the segment log (purged to 40), the vote
@@ -271,20 +291,12 @@ fn format_2_dir(applied_index: u64) -> tempfile::TempDir {
 #[tokio::test]
 async fn a_format_2_dir_is_refused_then_converted_with_its_leases_and_payloads() {
     let dir = format_2_dir(40);
-    assert!(matches!(
-        crate::open(dir.path(), &crate::StoreOptions::default()),
-        Err(StoreError::Format2 { .. })
-    ));
-    let done = migrate(dir.path(), false).unwrap();
+    let (done, opened) =
+        refused_then_converted(dir.path(), |e| matches!(e, StoreError::Format2 { .. }));
     assert_eq!(done.items, 3);
     assert_eq!((done.requeued, done.workers_dropped), (0, 0));
     assert!(dir.path().join("legacy-v2/sm").exists());
     assert!(dir.path().join("legacy-v2/raft/vote").exists());
-
-    let opened = crate::open(dir.path(), &crate::StoreOptions::default()).unwrap();
-    assert!(opened.recovery.sm.restored_from.is_some());
-    assert!(opened.recovery.damage.is_none());
-    assert_eq!(opened.log.vote(), Some(Vote::new(4, 2)));
     let view = opened.sm.reader().view();
     let item = |id: u64| machine::item(&view, WorkId(id)).unwrap().unwrap();
     assert_eq!(item(0).status, Status::Queued);
@@ -306,15 +318,10 @@ async fn a_format_2_dir_is_refused_then_converted_with_its_leases_and_payloads()
     );
     assert_eq!(machine::payload_floor(&view).unwrap(), Some(0));
     assert_eq!(machine::read_meta(&view).unwrap().next_id, 3);
-    assert!(migrate(dir.path(), false).is_err(), "already converted");
+    converted_once(dir.path());
 }
 
 #[test]
 fn a_format_2_state_machine_behind_its_log_is_not_converted_without_being_told() {
-    let dir = format_2_dir(39);
-    let err = migrate(dir.path(), false).unwrap_err().to_string();
-    assert!(err.contains("--discard-unapplied"), "{err}");
-    assert!(dir.path().join("sm").exists(), "nothing moved");
-    let done = migrate(dir.path(), true).unwrap();
-    assert_eq!(done.discarded_entries, 1);
+    unapplied_need_the_flag(format_2_dir(39).path(), "sm");
 }
