@@ -15,7 +15,8 @@
 #     (0 or 1), spread over the subnets given (default: the default VPC's subnets, one AZ per
 #     node), each with a fixed private IP so every node's user data carries the peers list.
 #     Their user data downloads `hashq` from --binary-url (S3 is not allowed by the exercise:
-#     serve the release binary from any HTTPS host you trust, and pass --binary-sha256) and
+#     serve the release binary from any HTTPS host you trust, and pass --binary-sha256; build
+#     it with the EC2 launcher: `cargo build --release --features ec2`) and
 #     installs `hashq node --launcher ec2` as a systemd service with generated credentials (peer, worker, admin).
 # Then it waits for a leader (skip with --no-wait, e.g. against an emulator whose instances
 # run nothing) and prints the endpoint URLs. The credentials are kept in STATE_DIR/NAME.{token,worker-token,admin-token}.
@@ -24,7 +25,8 @@
 #   --name NAME              cluster name, the hashq:cluster tag (default: hashq)
 #   --region REGION          AWS region (default: AWS_REGION, AWS_DEFAULT_REGION, CLI config)
 #   --endpoint-url URL       EC2 and IAM API endpoint, e.g. an emulator (moto_server)
-#   --binary-url URL         where the instances download the hashq binary (Linux x86_64)
+#   --binary-url URL         where the instances download the hashq binary (Linux x86_64,
+#                            built with `--features ec2`)
 #   --binary-sha256 HEX      its SHA-256, checked on each instance before it runs
 #   --ami AMI                image for every instance (default: the latest Amazon Linux 2023)
 #   --instance-type TYPE     endpoint instance type (default: t3.small)

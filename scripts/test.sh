@@ -10,6 +10,9 @@ export RUST_BACKTRACE=1
 step() { printf '\n== %s (%s)\n' "$*" "$(date +%T)"; }
 locked=()
 [[ -f Cargo.lock ]] && locked=(--locked)
+# Everything is built and tested with the EC2 launcher (the `ec2` feature); the build without
+# it, which `scripts/cluster.sh up` makes, is linted and unit-tested on its own below.
+ec2=(--features ec2)
 
 die() { echo "test.sh: $*" >&2; exit 1; }
 command -v cargo >/dev/null || die "cargo is not installed"
@@ -61,10 +64,17 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 
 step "clippy -D warnings"
-cargo clippy --workspace --all-targets "${locked[@]}" -- -D warnings
+cargo clippy --workspace --all-targets "${ec2[@]}" "${locked[@]}" -- -D warnings
 
 step "unit tests and storage conformance"
+cargo test --workspace --lib "${ec2[@]}" "${locked[@]}"
+
+step "the build without EC2 (what scripts/cluster.sh up makes): clippy and unit tests"
+cargo clippy --workspace --lib --bins "${locked[@]}" -- -D warnings
 cargo test --workspace --lib "${locked[@]}"
+if cargo tree -p hashq -e normal "${locked[@]}" | grep -qE 'aws-(sdk|config)'; then
+  die "the default build links the AWS SDK: keep it behind the ec2 feature"
+fi
 
 step "the power-cut file system's own tests (a real FUSE mount)"
 cargo test -p hashq-faultfs --test fuse "${locked[@]}"
@@ -72,11 +82,11 @@ cargo test -p hashq-faultfs --test fuse "${locked[@]}"
 step "end-to-end tests (real hashq processes on loopback, one test at a time)"
 # The power-cut tests run hashq-faultfs, a binary of its own crate: build it beside hashq.
 cargo build -p hashq-faultfs "${locked[@]}"
-cargo test --test '*' "${locked[@]}" -- --test-threads=1 --skip chaos_
+cargo test --test '*' "${ec2[@]}" "${locked[@]}" -- --test-threads=1 --skip chaos_
 
 # The chaos profile prints its seed, each fault and its CHAOS SUMMARY line, so a CI log
 # shows what was injected and a failure can be replayed (HASHQ_CHAOS_SEED).
 step "chaos suite, bounded profile"
-cargo test --test chaos "${locked[@]}" -- --nocapture
+cargo test --test chaos "${ec2[@]}" "${locked[@]}" -- --nocapture
 
 step "all tests passed"

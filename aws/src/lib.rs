@@ -1,7 +1,7 @@
 //! The AWS plumbing the node's `ec2` launcher and the worker's EC2 parent check share
 //! (README, "Running on AWS"): the SDK configuration ([`sdk_config`], with a [`Patience`] for each
 //! caller), this instance's own id from IMDS ([`own_instance_id`]), and the shape of an
-//! instance id ([`is_instance_id`]). The tag names by which hashq's instances find each other
+//! instance id ([`is_instance_id`], from `hashq-proto`). The tag names by which hashq's instances find each other
 //! are part of the protocol: `hashq-proto`'s `ec2` module.
 //!
 //! Credentials come only from the SDK's default chain (the instance profile on EC2); nothing
@@ -10,9 +10,10 @@
 //! long. Nothing here panics: an API or IMDS that does not answer is an error for the caller
 //! to judge.
 //!
-//! Caveat: all of hashq's AWS code is this crate and the two modules that use it
-//! (`hashq-node`'s `launcher::ec2` and `hashq-worker`'s `ec2`), so that it can be left out of
-//! a build together.
+//! All of hashq's AWS code is this crate and the two modules that use it (`hashq-node`'s
+//! `launcher::ec2` and `hashq-worker`'s `ec2`), and the `ec2` cargo feature of those crates
+//! and of `hashq` leaves them out of a build together: a local cluster's first build skips the
+//! SDK, by far the largest dependency.
 
 use std::time::Duration;
 
@@ -21,12 +22,7 @@ use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_ec2::error::DisplayErrorContext;
 
-/// Whether `s` looks like an EC2 instance id (`i-` and hex digits).
-pub fn is_instance_id(s: &str) -> bool {
-    s.strip_prefix("i-").is_some_and(|hex| {
-        !hex.is_empty() && hex.len() <= 32 && hex.bytes().all(|b| b.is_ascii_hexdigit())
-    })
-}
+pub use hashq_proto::ec2::is_instance_id;
 
 /// How long the SDK keeps at one operation: standard retries with exponential backoff
 /// (throttling included) and timeouts. Connecting is always given 3 seconds.

@@ -17,6 +17,13 @@ pub const TAG_PARENT_NODE: &str = "hashq:parent-node";
 /// re-parent by it.
 pub const TAG_NODE_ID: &str = "hashq:node-id";
 
+/// Whether `s` looks like an EC2 instance id (`i-` and hex digits).
+pub fn is_instance_id(s: &str) -> bool {
+    s.strip_prefix("i-").is_some_and(|hex| {
+        !hex.is_empty() && hex.len() <= 32 && hex.bytes().all(|b| b.is_ascii_hexdigit())
+    })
+}
+
 /// [`TAG_ROLE`] of a worker instance.
 pub const ROLE_WORKER: &str = "worker";
 /// [`TAG_ROLE`] of an endpoint (a node that serves clients and workers).

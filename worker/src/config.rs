@@ -101,6 +101,10 @@ impl Default for WorkerConfig {
     }
 }
 
+/// Why an EC2 parent check is refused by a build without the `ec2` feature.
+pub const NO_EC2: &str = "parent_check: this hashq was built without EC2 support; build one \
+                          with `cargo build --release --features ec2`";
+
 impl WorkerConfig {
     /// Checks every field and the rules between them; the message names the field.
     pub fn validate(&self) -> Result<(), String> {
@@ -147,6 +151,9 @@ impl WorkerConfig {
             return Err("parent_check_every: must be at least 100ms".into());
         }
         if let ParentCheck::Ec2(ec2) = &self.parent_check {
+            if !cfg!(feature = "ec2") {
+                return Err(NO_EC2.into());
+            }
             if ec2.parent_instance.is_empty() || ec2.cluster.is_empty() {
                 return Err(
                     "parent_check: the EC2 check needs the parent instance and the cluster name"
@@ -291,6 +298,25 @@ mod tests {
             break_it(&mut config);
             let err = config.validate().expect_err(field);
             assert!(err.contains(field), "{field}: {err}");
+        }
+    }
+
+    #[test]
+    fn an_ec2_parent_check_needs_a_build_with_the_ec2_feature() {
+        let config = WorkerConfig {
+            parent_check: ParentCheck::Ec2(Ec2Parent {
+                region: None,
+                endpoint_url: None,
+                parent_instance: "i-0123456789abcdef0".into(),
+                cluster: "hashq".into(),
+            }),
+            ..valid()
+        };
+        let checked = config.validate();
+        if cfg!(feature = "ec2") {
+            checked.expect("a build with EC2 support takes an EC2 parent check");
+        } else {
+            assert_eq!(checked, Err(NO_EC2.to_string()));
         }
     }
 

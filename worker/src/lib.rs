@@ -45,7 +45,7 @@
 //! - Results computed for leases the cluster has already reclaimed (the worker was declared
 //!   lost) are dropped; the items are recomputed by whoever leases them next.
 //! - The parent check has two flavours: locally the parent's `/health`, on EC2
-//!   the parent's instance state ([`ec2`]). Either way a worker whose parent is gone names a
+//!   the parent's instance state (the `ec2` module, in builds with the `ec2` feature). Either way a worker whose parent is gone names a
 //!   new parent in its heartbeats; on EC2 it stops ([`ExitReason::Orphaned`]) when no
 //!   endpoint instance of its cluster runs.
 //! - Only the local monotonic clock is used; lease deadlines in grants are the leader's
@@ -53,6 +53,7 @@
 
 pub mod client;
 pub mod config;
+#[cfg(feature = "ec2")]
 pub mod ec2;
 pub mod hash;
 pub mod run;

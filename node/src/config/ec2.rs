@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use hashq_aws::is_instance_id;
+use hashq_proto::ec2::is_instance_id;
 
 use super::{duration, ConfigError};
 

@@ -16,8 +16,9 @@ mod ec2;
 mod resolve;
 
 pub use crate::http::HttpLimits;
+#[cfg(feature = "ec2")]
 pub(crate) use ec2::is_plain_word;
-#[cfg(test)]
+#[cfg(all(test, feature = "ec2"))]
 pub(crate) use ec2::tests::args as ec2_test_args;
 pub use ec2::Ec2Args;
 
@@ -37,6 +38,9 @@ pub enum ConfigError {
     SharedCredential(&'static str, &'static str),
     #[error("cannot find this binary: {0}")]
     CurrentExe(#[source] std::io::Error),
+    /// `--launcher ec2` on a build without the EC2 launcher.
+    #[error("--launcher ec2: this hashq was built without the EC2 launcher; build one with `cargo build --release --features ec2` (scripts/deploy-ec2.sh does)")]
+    NoEc2Build,
     /// A flag `--launcher ec2` needs is missing or malformed.
     #[error("--launcher ec2: {0}")]
     Ec2(&'static str),

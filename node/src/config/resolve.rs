@@ -51,6 +51,9 @@ impl NodeArgs {
             self.insecure,
         )?;
         if self.launcher == LauncherKind::Ec2 {
+            if !cfg!(feature = "ec2") {
+                return Err(ConfigError::NoEc2Build);
+            }
             self.ec2
                 .validate(&self.cluster_name, credentials.worker.is_some())?;
         }

@@ -19,14 +19,14 @@ fn peers_parse_and_reject_nonsense() {
     }
 }
 
-#[test]
-fn the_flags_take_their_defaults_from_the_groups() {
+/// `hashq node` with `flags` after the ones every node needs.
+fn parse(flags: &[&str]) -> NodeArgs {
     #[derive(clap::Parser)]
     struct Cli {
         #[command(flatten)]
         node: NodeArgs,
     }
-    let args = <Cli as clap::Parser>::try_parse_from([
+    let needed = [
         "hashq",
         "--id",
         "1",
@@ -34,11 +34,15 @@ fn the_flags_take_their_defaults_from_the_groups() {
         "1=127.0.0.1:7101",
         "--data-dir",
         "/tmp/x",
-        "--insecure",
-    ])
-    .expect("parse")
-    .node;
-    let c = args.into_config().expect("config");
+    ];
+    <Cli as clap::Parser>::try_parse_from(needed.iter().chain(flags))
+        .expect("parse")
+        .node
+}
+
+#[test]
+fn the_flags_take_their_defaults_from_the_groups() {
+    let c = parse(&["--insecure"]).into_config().expect("config");
     // Every group whole: a flag whose default drifts from its group's fails here.
     assert_eq!(c.timing, Timing::default());
     assert_eq!(c.limits, Limits::default());
@@ -72,4 +76,30 @@ fn millis_is_never_zero_and_saturates() {
     assert_eq!(millis(Duration::from_micros(1999)), 1);
     assert_eq!(millis(Duration::ZERO), 1);
     assert_eq!(millis(Duration::MAX), u64::MAX);
+}
+
+#[test]
+fn launcher_ec2_needs_a_build_with_the_ec2_feature() {
+    let flags = [
+        "--launcher",
+        "ec2",
+        "--worker-token",
+        "0123456789abcdef0123",
+        "--cluster-token",
+        "fedcba9876543210fedc",
+        "--ec2-ami",
+        "ami-123",
+        "--ec2-instance-profile",
+        "hashq-worker",
+        "--ec2-instance-id",
+        "i-0123456789abcdef0",
+    ];
+    let resolved = parse(&flags).into_config();
+    if cfg!(feature = "ec2") {
+        resolved.expect("a build with the EC2 launcher takes these flags");
+    } else {
+        let err = resolved.expect_err("a build without the EC2 launcher refuses it");
+        assert!(matches!(err, ConfigError::NoEc2Build), "{err}");
+        assert!(err.to_string().contains("--features ec2"), "{err}");
+    }
 }

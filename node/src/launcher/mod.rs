@@ -4,6 +4,7 @@
 //! machine when a slot is reserved ([`crate::autoscaler`]), and a launcher only turns a
 //! reserved slot into a running worker, or stops one the cluster has declared lost.
 
+#[cfg(feature = "ec2")]
 pub mod ec2;
 pub mod local;
 
@@ -103,6 +104,9 @@ pub async fn from_config(config: &NodeConfig) -> Result<Arc<dyn Launcher>, Strin
             config.data_dir.join("workers"),
             config.credentials.worker.clone(),
         ))),
+        #[cfg(not(feature = "ec2"))]
+        LauncherKind::Ec2 => Err(crate::config::ConfigError::NoEc2Build.to_string()),
+        #[cfg(feature = "ec2")]
         LauncherKind::Ec2 => Ok(Arc::new(
             ec2::Ec2Launcher::new(
                 &config.ec2,

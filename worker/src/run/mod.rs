@@ -30,11 +30,19 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::client::{backoff_ceiling, ClientError, EndpointClient};
 use crate::config::{ParentCheck, WorkerConfig};
-use crate::ec2::Ec2ParentCheck;
 use crate::hash;
 pub use exit::{ExitReason, WorkerError};
 use held::Held;
-use parent::{ec2_parent_loop, parent_loop};
+#[cfg(feature = "ec2")]
+use parent::ec2_parent_loop;
+use parent::parent_loop;
+
+/// The EC2 parent check of a worker that has one; a build without the `ec2` feature has none
+/// (its config is refused by [`WorkerConfig::validate`]).
+#[cfg(feature = "ec2")]
+type Ec2Check = Arc<crate::ec2::Ec2ParentCheck>;
+#[cfg(not(feature = "ec2"))]
+type Ec2Check = std::convert::Infallible;
 
 /// Most results sent in one `/worker/complete`: keeps one request, and the log entry it
 /// becomes, small when a burst of tiny items finishes at once.
@@ -82,8 +90,11 @@ async fn run_until_done(
     let host = gethostname::gethostname().to_string_lossy().into_owned();
     tokio::pin!(shutdown);
     let mut parent = config.parent;
-    let ec2_check = match &config.parent_check {
-        ParentCheck::Ec2(ec2) => Some(Ec2ParentCheck::new(ec2, config.parent).await),
+    let ec2_check: Option<Ec2Check> = match &config.parent_check {
+        #[cfg(feature = "ec2")]
+        ParentCheck::Ec2(ec2) => Some(crate::ec2::Ec2ParentCheck::new(ec2, config.parent).await),
+        #[cfg(not(feature = "ec2"))]
+        ParentCheck::Ec2(_) => return Err(WorkerError::Config(crate::config::NO_EC2.into())),
         ParentCheck::Health => None,
     };
     let mut flaps: u32 = 0;
@@ -200,6 +211,7 @@ enum Stop {
     Forgotten(ClientError),
     NoEndpoint,
     /// EC2: no endpoint instance of the cluster runs.
+    #[cfg_attr(not(feature = "ec2"), allow(dead_code))]
     Orphaned,
     Failed(ClientError),
 }
@@ -309,7 +321,7 @@ async fn serve<F: Future<Output = ()>>(
     threads: &Arc<Semaphore>,
     config: &WorkerConfig,
     registered: &RegisterResponse,
-    ec2_check: Option<&Arc<Ec2ParentCheck>>,
+    ec2_check: Option<&Ec2Check>,
     mut shutdown: Pin<&mut F>,
 ) -> SessionEnd {
     let mut tasks = JoinSet::new();
@@ -332,6 +344,9 @@ async fn serve<F: Future<Output = ()>>(
     );
     tasks.spawn(complete_loop(Arc::clone(client), Arc::clone(session)).in_current_span());
     match ec2_check {
+        #[cfg(not(feature = "ec2"))]
+        Some(never) => match *never {},
+        #[cfg(feature = "ec2")]
         Some(check) => tasks.spawn(
             ec2_parent_loop(
                 Arc::clone(check),

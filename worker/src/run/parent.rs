@@ -1,6 +1,6 @@
 //! The parent checks of a session: locally the parent's `/health`
-//! ([`parent_loop`]), on EC2 the parent's instance ([`ec2_parent_loop`], by
-//! [`crate::ec2`]). Either names a new parent in the session when the old one is gone; only
+//! ([`parent_loop`]), on EC2 the parent's instance (`ec2_parent_loop`, by the `ec2`
+//! module, in builds with the `ec2` feature). Either names a new parent in the session when the old one is gone; only
 //! the EC2 check ends a session, when no endpoint instance of the cluster runs.
 
 use std::sync::Arc;
@@ -11,6 +11,7 @@ use tracing::warn;
 
 use super::{Session, Stop};
 use crate::client::EndpointClient;
+#[cfg(feature = "ec2")]
 use crate::ec2::{self, Ec2ParentCheck, Verdict};
 
 /// Failed checks in a row before the worker re-parents.
@@ -57,6 +58,7 @@ pub(super) async fn parent_loop(
     }
 }
 
+#[cfg(feature = "ec2")]
 /// The parent check on EC2 ([`crate::ec2`]): the parent's instance must be running. When it
 /// is gone the worker names a running endpoint instance's node as its parent in its next
 /// heartbeat; when no endpoint instance of the cluster runs, the session stops with
