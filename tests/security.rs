@@ -64,6 +64,7 @@ fn routes() -> Vec<(Method, &'static str, Option<Holder>)> {
         (Method::POST, "/worker/exit", Some(Worker)),
         (Method::GET, "/internal/binary", Some(Worker)),
         (Method::POST, "/internal/propose", Some(Peer)),
+        (Method::POST, "/internal/elect", Some(Peer)),
         (Method::POST, "/raft/append", Some(Peer)),
         (Method::POST, "/raft/vote", Some(Peer)),
         (Method::POST, "/raft/snapshot", Some(Peer)),

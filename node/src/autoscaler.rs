@@ -72,7 +72,10 @@ pub async fn run(node: Node) {
             _ => continue,
         };
         launch_reserved(&node, &launcher, &workers, &mut attempted);
-        if node.raft().metrics().borrow().state != ServerState::Leader {
+        // A witness leads only to hand over (`watch::hand_over`): it scales nothing.
+        if node.raft().metrics().borrow().state != ServerState::Leader
+            || node.config().role == crate::config::Role::Witness
+        {
             rate.last = None;
             continue;
         }

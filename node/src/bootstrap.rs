@@ -58,8 +58,8 @@ pub async fn run(node: Node) {
                 waiting_logged = true;
             }
         } else if answers.len() + 1 >= majority {
-            // `initialize` makes the caller stand for election at once, and a witness never
-            // leads: the reachable endpoint with the lowest id does it.
+            // `initialize` makes the caller stand for election at once, and a witness leads
+            // only when no endpoint can: the reachable endpoint with the lowest id does it.
             let me = (node.config().role != Role::Witness).then_some(node.id());
             let lowest = answers
                 .iter()

@@ -55,6 +55,9 @@ pub enum ApiError {
     /// A fault of this node (storage): never caused by the request.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The request no longer fits the state it was meant for (a stale handover).
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl ApiError {
@@ -126,6 +129,7 @@ impl ApiError {
             ApiError::UnknownWorker(_) => (StatusCode::GONE, codes::UNKNOWN_WORKER, None),
             ApiError::UnknownSlot(_) => (StatusCode::GONE, codes::UNKNOWN_SLOT, None),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", None),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict", None),
         }
     }
 }

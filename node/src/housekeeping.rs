@@ -30,7 +30,10 @@ pub async fn run(node: Node) {
     let mut reconciled = std::time::Instant::now();
     loop {
         interval.tick().await;
-        if node.raft().metrics().borrow().state != ServerState::Leader {
+        // A witness leads only to hand over (`watch::hand_over`): no housekeeping meanwhile.
+        if node.raft().metrics().borrow().state != ServerState::Leader
+            || node.config().role == crate::config::Role::Witness
+        {
             continue;
         }
         if let Err(e) = duties(&node).await {

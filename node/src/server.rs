@@ -69,11 +69,16 @@ impl Server {
         let timing = &config.timing;
         sit_out_an_election_if_fresh(&log, timing.election_timeout).await?;
         let repairing = recovery.repair_until.is_some();
+        // `watch::hand_over` knows the witness's longest timeout (its leader lease) is three
+        // endpoint timeouts.
+        let election_factor = if config.role == Role::Witness { 2 } else { 1 };
         let raft_config = openraft::Config {
             cluster_name: config.cluster_name.clone(),
             heartbeat_interval: millis(timing.raft_heartbeat),
-            election_timeout_min: millis(timing.election_timeout),
-            election_timeout_max: millis(timing.election_timeout) * 2,
+            // A witness waits longer than an endpoint before it stands, so an endpoint that
+            // can win does; a witness wins only when no endpoint can (its log is behind).
+            election_timeout_min: millis(timing.election_timeout) * election_factor,
+            election_timeout_max: millis(timing.election_timeout) * (election_factor + 1),
             install_snapshot_timeout: 10_000,
             // An append RPC must finish within a heartbeat interval (openraft's timeout for
             // it): keep them to a few MiB.
@@ -82,10 +87,12 @@ impl Server {
             snapshot_max_chunk_size: 4 << 20,
             max_in_snapshot_log_to_keep: (config.storage.snapshot_every / 2).min(1000),
             purge_batch_size: 64,
-            // A witness votes and keeps the log but never stands for election: a leader must
-            // serve clients and workers, which a witness does not. A node repairing damaged
-            // state stands for nothing until it is whole again.
-            enable_elect: config.role != Role::Witness && !repairing,
+            // A witness stands too, so that a majority always elects a leader whatever the
+            // logs hold: when the only endpoint left is behind the witness, the witness leads
+            // just long enough to bring it up to date and hand over (`watch::hand_over`),
+            // serving no client meanwhile. A node repairing damaged state stands for nothing
+            // until it is whole again.
+            enable_elect: !repairing,
             ..Default::default()
         }
         .validate()
@@ -151,6 +158,9 @@ impl Server {
                 "clock offset",
                 crate::proposer::follow_clock_offset_file(path),
             );
+        }
+        if node.config().role == Role::Witness {
+            tasks.spawn("handover", watch::hand_over(node.clone()));
         }
         tasks.spawn("bootstrap", bootstrap::run(node.clone()));
         tasks.spawn("peer probes", watch::probe_peers(node.clone()));

@@ -7,8 +7,11 @@ use std::time::Duration;
 
 use hashq_raft::Raft;
 
-use crate::config::Role;
 use crate::node::Node;
+use hashq_proto::api::Handover;
+use hashq_proto::codec::POSTCARD;
+use hashq_proto::routes::internal::ELECT;
+use openraft::ServerState;
 
 /// Probes every peer's `/health` once a second (more often while one does not answer), for
 /// [`Node::peer_health`].
@@ -75,14 +78,93 @@ pub async fn watch_repair(node: Node) {
             .until
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = None;
-        node.raft()
-            .runtime_config()
-            .elect(node.config().role != Role::Witness);
+        node.raft().runtime_config().elect(true);
         tracing::warn!(
             applied,
             until,
             "REPAIRED: this node holds everything it had again; it votes and stands for election"
         );
+    }
+}
+
+/// A witness that leads hands leadership to an endpoint as soon as one has the whole log: it
+/// asks that endpoint to stand for election (`POST /internal/elect`), and votes for it, as
+/// its log is as complete. Until then it serves no proposal (`/internal/propose` answers a
+/// retryable 503). The witness asks only once its own leader lease has run out (its longest
+/// election timeout, three endpoint timeouts, since it was elected): within it, it would
+/// refuse its vote, the endpoint's campaign would fail, and the witness would win the next
+/// election again. Then it asks once per election timeout until an endpoint leads.
+pub async fn hand_over(node: Node) {
+    let period = node.config().timing.election_timeout;
+    let lease = period * 3;
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut leading: Option<(u64, std::time::Instant)> = None;
+    loop {
+        ticker.tick().await;
+        let m = node.raft().metrics().borrow().clone();
+        if m.state != ServerState::Leader {
+            leading = None;
+            continue;
+        }
+        let since = match leading {
+            Some((term, since)) if term == m.current_term => since,
+            _ => {
+                tracing::warn!(
+                    term = m.current_term,
+                    "this witness leads (no endpoint could win an election): it hands over once an endpoint has the whole log"
+                );
+                leading = Some((m.current_term, std::time::Instant::now()));
+                continue;
+            }
+        };
+        if since.elapsed() < lease {
+            continue;
+        }
+        let Some(last) = m.last_log_index else {
+            continue;
+        };
+        let membership = m.membership_config.membership();
+        // A voter that answered its last probe as an endpoint and holds the whole log.
+        let heir = m.replication.as_ref().and_then(|replication| {
+            membership.voter_ids().find(|id| {
+                *id != node.id()
+                    && replication
+                        .get(id)
+                        .is_some_and(|matched| matched.is_some_and(|l| l.index >= last))
+                    && node
+                        .peer_health()
+                        .get(*id)
+                        .is_some_and(|h| h.role == "endpoint")
+            })
+        });
+        let Some(heir) = heir else {
+            tracing::debug!(term = m.current_term, "no endpoint has the whole log yet");
+            continue;
+        };
+        let Some(addr) = membership.get_node(&heir).map(|n| n.addr.clone()) else {
+            continue;
+        };
+        let handover = Handover {
+            from: node.id(),
+            term: m.current_term,
+        };
+        let mut request = node
+            .http()
+            .post(format!("http://{addr}{ELECT}"))
+            .header(reqwest::header::CONTENT_TYPE, POSTCARD)
+            .timeout(period)
+            .body(hashq_proto::codec::encode(&handover));
+        if let Some(token) = node.config().credentials.peer.as_deref() {
+            request = request.bearer_auth(token);
+        }
+        match request.send().await {
+            Ok(answer) if answer.status().is_success() => {
+                tracing::info!(heir, term = m.current_term, "witness hands leadership over")
+            }
+            Ok(answer) => tracing::debug!(heir, status = %answer.status(), "handover refused"),
+            Err(e) => tracing::debug!(heir, error = %e, "handover not delivered"),
+        }
     }
 }
 

@@ -43,6 +43,15 @@ pub struct WorkView {
     pub dead_reason: Option<String>,
 }
 
+/// `POST /internal/elect`: the leading witness `from` hands leadership over. The endpoint
+/// stands for election only while it follows `from` in `term`, so a late or repeated
+/// request never unseats a leader elected since.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Handover {
+    pub from: NodeId,
+    pub term: u64,
+}
+
 /// `POST /admin/max-workers`: the request and its answer.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MaxWorkers {
@@ -73,7 +82,8 @@ pub struct Health {
 pub struct InitState {
     pub node: NodeId,
     pub initialized: bool,
-    /// A witness votes but never stands for election, so it never initializes the cluster.
+    /// A witness leads only when no endpoint can (and then hands over), so it never
+    /// initializes the cluster.
     #[serde(default)]
     pub witness: bool,
 }

@@ -56,6 +56,9 @@ pub mod internal {
     pub const PROPOSE: &str = "/internal/propose";
     /// `GET`, worker credential: the node's own binary, for new worker instances.
     pub const BINARY: &str = "/internal/binary";
+    /// `POST`, peer credential: a witness that leads asks a caught-up endpoint to stand for
+    /// election ([`crate::api::Handover`], postcard).
+    pub const ELECT: &str = "/internal/elect";
 }
 
 /// Raft RPC (peer credential). The bodies are openraft's types, in `hashq-raft`'s network.

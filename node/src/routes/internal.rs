@@ -5,21 +5,26 @@
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::header;
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use hashq_proto::routes::internal::{BINARY, PROPOSE};
+use hashq_proto::api::Handover;
+use hashq_proto::routes::internal::{BINARY, ELECT, PROPOSE};
 use hashq_raft::command::Request;
 use tokio_util::io::ReaderStream;
 
 use super::Postcard;
+use crate::config::Role;
 use crate::error::ApiError;
 use crate::node::Node;
 use crate::proposer::Reply;
 
 /// Node-to-node forwarding (peer credential).
 pub fn peer_router() -> Router<Node> {
-    Router::new().route(PROPOSE, post(propose))
+    Router::new()
+        .route(PROPOSE, post(propose))
+        .route(ELECT, post(elect))
 }
 
 /// The binary download (worker credential).
@@ -65,5 +70,53 @@ async fn propose(
     State(node): State<Node>,
     Postcard(requests): Postcard<Vec<Request>>,
 ) -> Postcard<Vec<Result<Reply, ApiError>>> {
+    if node.config().role == Role::Witness {
+        // A witness leads only to hand over to an endpoint (`watch::hand_over`): the
+        // forwarder retries until an endpoint leads.
+        let handing_over = || {
+            Err(ApiError::Unavailable(
+                "the leader is a witness handing over to an endpoint; retry".into(),
+            ))
+        };
+        return Postcard(requests.iter().map(|_| handing_over()).collect());
+    }
     Postcard(node.proposer().submit_local(requests).await)
+}
+
+/// Stands for election at the request of the witness that leads (`POST /internal/elect`),
+/// once it has this node's log up to date. Refused by a witness, by a node still repairing
+/// its state, and unless this node follows `from` in `term` (a stale request).
+async fn elect(
+    State(node): State<Node>,
+    Postcard(handover): Postcard<Handover>,
+) -> Result<StatusCode, ApiError> {
+    if node.config().role == Role::Witness {
+        return Err(ApiError::Witness);
+    }
+    if node.repair().until().is_some() {
+        return Err(ApiError::Unavailable(
+            "this node is repairing its state and stands for nothing".into(),
+        ));
+    }
+    let (leader, term) = {
+        let m = node.raft().metrics().borrow().clone();
+        (m.current_leader, m.current_term)
+    };
+    if leader != Some(handover.from) || term != handover.term || leader == Some(node.id()) {
+        return Err(ApiError::Conflict(format!(
+            "no handover: this node sees leader {leader:?} in term {term}, not node {} in term {}",
+            handover.from, handover.term
+        )));
+    }
+    node.raft()
+        .trigger()
+        .elect()
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("raft stopped: {e}")))?;
+    tracing::info!(
+        from = handover.from,
+        term,
+        "standing for election: the leading witness hands over"
+    );
+    Ok(StatusCode::ACCEPTED)
 }
