@@ -87,6 +87,6 @@ cargo test --test '*' "${ec2[@]}" "${locked[@]}" -- --test-threads=1 --skip chao
 # The chaos profile prints its seed, each fault and its CHAOS SUMMARY line, so a CI log
 # shows what was injected and a failure can be replayed (HASHQ_CHAOS_SEED).
 step "chaos suite, bounded profile"
-cargo test --test chaos "${ec2[@]}" "${locked[@]}" -- --nocapture
+cargo test --test chaos "${ec2[@]}" "${locked[@]}" -- --nocapture --test-threads=1
 
 step "all tests passed"

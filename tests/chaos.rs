@@ -8,7 +8,9 @@
 //!
 //! The bounded profile runs in `scripts/test.sh`; `scripts/chaos.sh` runs longer ones through
 //! the same test with `HASHQ_CHAOS_*` variables: DURATION (e.g. `30m`), NODES (3 or 5), SEED,
-//! MIN_FAULTS, POWER (`0`: data dirs on the plain disk, no power cuts).
+//! MIN_FAULTS, POWER (`0`: data dirs on the plain disk, no power cuts). A second profile runs
+//! two endpoints and a witness (`chaos_with_a_witness_...`, `HASHQ_CHAOS_WITNESS_DURATION`
+//! and `..._MIN_FAULTS`).
 
 mod common;
 
@@ -32,6 +34,9 @@ struct Profile {
     max_workers: u32,
     /// Data dirs on the power-cut file system, and power cuts in the schedule.
     power: bool,
+    /// The last node is a witness (`--role witness`): two endpoints and a witness with 3
+    /// nodes. Clients talk to the endpoints only.
+    witness: bool,
 }
 
 fn profile() -> Profile {
@@ -48,6 +53,21 @@ fn profile() -> Profile {
         clients: var("CLIENTS").and_then(|v| v.parse().ok()).unwrap_or(3),
         max_workers: 3,
         power: var("POWER").is_none_or(|v| v != "0"),
+        witness: false,
+    }
+}
+
+/// The profile with a witness: shorter by default (60 s, 12 faults), as it runs beside the
+/// main one in `scripts/test.sh`; `HASHQ_CHAOS_WITNESS_DURATION` and `..._MIN_FAULTS` set it.
+fn witness_profile() -> Profile {
+    let var = |name: &str| std::env::var(format!("HASHQ_CHAOS_WITNESS_{name}")).ok();
+    Profile {
+        duration: var("DURATION")
+            .and_then(|v| humantime::parse_duration(&v).ok())
+            .unwrap_or(Duration::from_secs(60)),
+        min_faults: var("MIN_FAULTS").and_then(|v| v.parse().ok()).unwrap_or(12),
+        witness: true,
+        ..profile()
     }
 }
 
@@ -274,6 +294,12 @@ async fn minority_writer(cluster: &Nodes, shared: &Shared) {
     let mut n = 0u64;
     while !shared.stop.load(Ordering::SeqCst) {
         let isolated = shared.isolated.load(Ordering::SeqCst);
+        // A cut-off witness takes no client request at all: nothing to send it.
+        let isolated = if isolated as usize > cluster.urls.len() {
+            0
+        } else {
+            isolated
+        };
         if isolated == 0 {
             // The partition healed: settle what was sent into it now, by key, while the key is
             // still remembered (a long run outlives the idempotency retention).
@@ -576,10 +602,28 @@ async fn wait_healthy(cluster: &Cluster, timeout: Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chaos_nothing_acknowledged_is_lost_duplicated_or_wrong() {
-    let p = profile();
+    run(profile()).await;
+}
+
+/// Two endpoints and a witness under the same faults: the witness never blocks the cluster
+/// (it leads only when no endpoint can, then hands over), and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_with_a_witness_nothing_acknowledged_is_lost_duplicated_or_wrong() {
+    run(witness_profile()).await;
+}
+
+async fn run(p: Profile) {
     eprintln!(
-        "chaos: {} nodes, {:?}, at least {} faults, seed {}",
-        p.nodes, p.duration, p.min_faults, p.seed
+        "chaos: {} nodes{}, {:?}, at least {} faults, seed {}",
+        p.nodes,
+        if p.witness {
+            " (the last a witness)"
+        } else {
+            ""
+        },
+        p.duration,
+        p.min_faults,
+        p.seed
     );
     let node_args: Vec<String> = [
         "--max-workers",
@@ -612,14 +656,24 @@ async fn chaos_nothing_acknowledged_is_lost_duplicated_or_wrong() {
         );
         Mounted::spawn(&bin).expect("mount hashq-faultfs (FUSE)")
     });
-    let mut cluster = Cluster::start(Options {
-        nodes: p.nodes,
-        node_args,
-        launch_workers: true,
-        proxied: true,
-        data_root: fs.as_ref().map(|f| f.mountpoint().to_path_buf()),
-        ports: None,
-    })
+    let witness: HashMap<u64, Vec<String>> = if p.witness {
+        let flags = ["--role", "witness", "--launcher", "none"];
+        HashMap::from([(p.nodes as u64, flags.map(String::from).to_vec())])
+    } else {
+        HashMap::new()
+    };
+    let mut cluster = Cluster::start_with(
+        Options {
+            nodes: p.nodes,
+            node_args,
+            launch_workers: true,
+            proxied: true,
+            data_root: fs.as_ref().map(|f| f.mountpoint().to_path_buf()),
+            ports: None,
+        },
+        Vec::new(),
+        witness,
+    )
     .await;
     let shared = Arc::new(Shared {
         history: Mutex::new(History::default()),
@@ -629,8 +683,12 @@ async fn chaos_nothing_acknowledged_is_lost_duplicated_or_wrong() {
     });
     let started = Instant::now();
     let mut rng = StdRng::seed_from_u64(p.seed);
+    let endpoints = cluster.ids().len() - usize::from(p.witness);
     let nodes = Nodes {
-        urls: cluster.ids().iter().map(|id| cluster.url(*id)).collect(),
+        urls: cluster.ids()[..endpoints]
+            .iter()
+            .map(|id| cluster.url(*id))
+            .collect(),
     };
     let endpoints = cluster.endpoints();
     let budget = {
@@ -815,6 +873,7 @@ async fn check(cluster: &Cluster, nodes: &Nodes, shared: &Shared, p: &Profile, s
     let summary = json!({
         "seed": p.seed,
         "nodes": p.nodes,
+        "witness": p.witness,
         "seconds": started.elapsed().as_secs(),
         "faults": h.faults.values().sum::<u32>(),
         "faults_by_kind": h.faults,
