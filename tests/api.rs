@@ -171,6 +171,50 @@ async fn bad_input_gets_a_clear_json_error_and_the_node_keeps_serving() {
         ..case(Method::POST, "/worker/lease", 400, "invalid_body")
     });
 
+    // Membership changes: bad bodies and ids, unknown members, a node that is not up.
+    let admin = || vec![("authorization", format!("Bearer {ADMIN_TOKEN}"))];
+    cases.push(case(Method::POST, "/admin/members", 401, "unauthorized"));
+    for (body, status, code) in [
+        (&b"{}"[..], 400, "invalid_body"),
+        (&b"not json"[..], 400, "invalid_body"),
+        (
+            &br#"{"id": 0, "addr": "127.0.0.1:1"}"#[..],
+            400,
+            "invalid_member",
+        ),
+        (
+            &br#"{"id": 9, "addr": "no-port"}"#[..],
+            400,
+            "invalid_member",
+        ),
+        (
+            &br#"{"id": 9, "addr": "127.0.0.1:99999"}"#[..],
+            400,
+            "invalid_member",
+        ),
+        (
+            &br#"{"id": 9, "addr": "127.0.0.1:1"}"#[..],
+            503,
+            "unavailable",
+        ),
+    ] {
+        cases.push(Case {
+            headers: admin(),
+            body: body.to_vec(),
+            ..case(Method::POST, "/admin/members", status, code)
+        });
+    }
+    for (path, status, code) in [
+        ("/admin/members/abc", 400, "invalid_node_id"),
+        ("/admin/members/-1", 400, "invalid_node_id"),
+        ("/admin/members/99", 404, "not_found"),
+    ] {
+        cases.push(Case {
+            headers: admin(),
+            ..case(Method::DELETE, path, status, code)
+        });
+    }
+
     for node in [leader, follower] {
         for c in &cases {
             let mut request = cluster

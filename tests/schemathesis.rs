@@ -42,6 +42,9 @@ async fn schemathesis_finds_no_server_error_and_no_schema_mismatch() {
             // The admin credential opens the admin route; the client routes are open (no
             // client token on this cluster).
             .args(["--header", &format!("Authorization: Bearer {ADMIN_TOKEN}")])
+            // Membership changes would reshape the cluster under test (and an added address
+            // is probed): their bad inputs are in tests/api.rs's table instead.
+            .args(["--exclude-path-regex", "^/admin/members"])
             .arg("--report-dir")
             .arg(&report)
             .env("NO_COLOR", "1")

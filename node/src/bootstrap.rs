@@ -79,3 +79,30 @@ pub async fn run(node: Node) {
         tokio::time::sleep(node.config().timing.bootstrap_probe_every).await;
     }
 }
+
+/// A node started with `--join` forms nothing: it says once how to add it, then waits until
+/// the leader's replication reaches it (as a learner, then a voter).
+pub async fn wait_to_be_added(node: Node, url: String) {
+    if node.is_initialized().await {
+        return;
+    }
+    tracing::warn!(
+        join = %url,
+        "waiting to be added to the cluster: hashq cluster add --endpoints {url} --id {} --addr <this node's host:port>",
+        node.id()
+    );
+    let mut metrics = node.raft().metrics();
+    while metrics
+        .borrow()
+        .membership_config
+        .membership()
+        .nodes()
+        .next()
+        .is_none()
+    {
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+    tracing::info!("added to the cluster: replication reached this node");
+}

@@ -162,7 +162,10 @@ impl Server {
         if node.config().role == Role::Witness {
             tasks.spawn("handover", watch::hand_over(node.clone()));
         }
-        tasks.spawn("bootstrap", bootstrap::run(node.clone()));
+        match node.config().join.clone() {
+            None => tasks.spawn("bootstrap", bootstrap::run(node.clone())),
+            Some(url) => tasks.spawn("join", bootstrap::wait_to_be_added(node.clone(), url)),
+        }
         tasks.spawn("peer probes", watch::probe_peers(node.clone()));
         tasks.spawn("housekeeping", housekeeping::run(node.clone()));
         tasks.spawn("autoscaler", autoscaler::run(node.clone()));

@@ -52,6 +52,20 @@ pub struct Handover {
     pub term: u64,
 }
 
+/// `POST /admin/members`: the node to add, by its Raft id and the address peers reach it at.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AddMember {
+    pub id: NodeId,
+    pub addr: String,
+}
+
+/// The membership after a change: voters, and learners still catching up.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Members {
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+}
+
 /// `POST /admin/max-workers`: the request and its answer.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MaxWorkers {

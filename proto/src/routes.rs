@@ -39,6 +39,12 @@ pub mod assets {
 pub mod admin {
     /// `POST /admin/max-workers` with [`crate::api::MaxWorkers`]: sets the worker budget.
     pub const MAX_WORKERS: &str = "/admin/max-workers";
+    /// `POST` with [`crate::api::AddMember`]: adds a node, as a learner until it has caught
+    /// up, then as a voter. Answers the new [`crate::api::Members`].
+    pub const MEMBERS: &str = "/admin/members";
+    /// `DELETE`: removes node `{id}` from the membership. Answers the new
+    /// [`crate::api::Members`].
+    pub const MEMBER: &str = "/admin/members/{id}";
 }
 
 /// The worker API: all `POST`, postcard bodies ([`crate::worker`]), the worker credential.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use hashq_proto::api::{Enqueued, MaxWorkers};
+use hashq_proto::api::{AddMember, Enqueued, MaxWorkers};
 use hashq_proto::headers::IDEMPOTENCY_KEY;
 use hashq_proto::routes::{admin, client as api, observability};
 use reqwest::{Method, StatusCode};
@@ -200,11 +200,14 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
 
 pub async fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
     let mut target = args.target;
-    if let ClusterCommand::SetMaxWorkers { .. } = args.command {
+    if !matches!(
+        args.command,
+        ClusterCommand::Members | ClusterCommand::Workers
+    ) {
         // Admin routes take the admin credential where client routes take the client token.
         target.client_token = args.admin_token.clone();
         if target.client_token.is_none() {
-            bail!("set-max-workers needs --admin-token (or HASHQ_ADMIN_TOKEN)");
+            bail!("this command needs --admin-token (or HASHQ_ADMIN_TOKEN)");
         }
     }
     let client = Client::new(target)?;
@@ -223,6 +226,12 @@ pub async fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
             };
             println!("{}", serde_json::to_string_pretty(part)?);
         }
+        ClusterCommand::Add { id, addr } => println!("{}", add_member(&client, id, addr).await?),
+        ClusterCommand::Remove { id } => println!("{}", remove_member(&client, id).await?),
+        ClusterCommand::Replace { old, id, addr } => {
+            add_member(&client, id, addr).await?;
+            println!("{}", remove_member(&client, old).await?);
+        }
         ClusterCommand::SetMaxWorkers { max } => {
             let body = serde_json::to_vec(&MaxWorkers { max })?;
             let (status, answer) = client
@@ -235,4 +244,24 @@ pub async fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+async fn add_member(client: &Client, id: u64, addr: String) -> anyhow::Result<Value> {
+    let body = serde_json::to_vec(&AddMember { id, addr })?;
+    let (status, answer) = client
+        .send(Method::POST, admin::MEMBERS, Some(body), None)
+        .await?;
+    if !status.is_success() {
+        return Err(fail(status, &answer));
+    }
+    Ok(answer)
+}
+
+async fn remove_member(client: &Client, id: u64) -> anyhow::Result<Value> {
+    let path = admin::MEMBER.replace("{id}", &id.to_string());
+    let (status, answer) = client.send(Method::DELETE, &path, None, None).await?;
+    if !status.is_success() {
+        return Err(fail(status, &answer));
+    }
+    Ok(answer)
 }

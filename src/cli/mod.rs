@@ -154,6 +154,34 @@ pub enum ClusterCommand {
         /// The new budget (0 stops launching; running workers finish and idle out).
         max: u32,
     },
+    /// Add a node (started with `hashq node --join URL`): a learner until it has caught up,
+    /// then a voter.
+    Add {
+        /// Its Raft id, unused by any member.
+        #[arg(long)]
+        id: u64,
+        /// HOST:PORT its peers reach it at (its --listen address, as peers see it).
+        #[arg(long)]
+        addr: String,
+    },
+    /// Remove a node from the membership (refused if it would leave no live endpoint or no
+    /// live majority).
+    Remove {
+        /// Its Raft id.
+        id: u64,
+    },
+    /// Replace a dead node: add the new one (a learner until caught up, then a voter), then
+    /// remove the old one.
+    Replace {
+        /// The Raft id of the node to replace.
+        old: u64,
+        /// The new node's Raft id.
+        #[arg(long)]
+        id: u64,
+        /// HOST:PORT its peers reach it at.
+        #[arg(long)]
+        addr: String,
+    },
 }
 
 /// `hashq bench` flags.

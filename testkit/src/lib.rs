@@ -120,6 +120,18 @@ impl Cluster {
         }
     }
 
+    /// A slot for one more node, on a free port: its id. Start it with `--join` (it then gets
+    /// no `--peers`) and add it to the cluster.
+    pub fn add_slot(&mut self) -> Result<u64, Error> {
+        let port = free_port().map_err(|e| Error::Spawn {
+            what: "a port for a new node".into(),
+            source: e,
+        })?;
+        self.ports.push(port);
+        self.advertised.push(port);
+        Ok(self.ports.len() as u64)
+    }
+
     /// The node ids, `1..=n`.
     pub fn ids(&self) -> Vec<u64> {
         (1..=self.ports.len() as u64).collect()
@@ -183,7 +195,11 @@ impl Cluster {
                 "--listen",
                 &format!("127.0.0.1:{}", self.ports[id as usize - 1]),
             ])
-            .args(["--peers", &self.peers()])
+            .args(if args.iter().any(|a| a == "--join") {
+                Vec::new()
+            } else {
+                vec!["--peers".to_string(), self.peers()]
+            })
             .arg("--data-dir")
             .arg(self.data_dir(id))
             .args(["--cluster-token", &self.credentials.cluster])

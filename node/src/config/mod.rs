@@ -27,6 +27,8 @@ pub use ec2::Ec2Args;
 pub enum ConfigError {
     #[error("--id {0} is not one of --peers")]
     NotAPeer(NodeId),
+    #[error("--launcher ec2 needs --peers (this node's own address among them), not --join")]
+    JoinEc2,
     /// A flag outside its range, or two flags that do not fit together.
     #[error("{0}")]
     Invalid(&'static str),
@@ -109,7 +111,7 @@ pub enum LogFormat {
 }
 
 /// The voters of the cluster: `1=127.0.0.1:7101,2=127.0.0.1:7102,...`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Peers(pub Vec<(NodeId, String)>);
 
 impl FromStr for Peers {
@@ -189,9 +191,20 @@ pub struct NodeArgs {
     /// route), so a firewall can open it to clients and keep --listen inside the cluster.
     #[arg(long, env = "HASHQ_CLIENT_LISTEN")]
     pub client_listen: Option<SocketAddr>,
-    /// Every voter as id=host:port, comma-separated: the addresses peers and workers use.
-    #[arg(long, env = "HASHQ_PEERS")]
-    pub peers: Peers,
+    /// Every founding voter as id=host:port, comma-separated: the addresses peers and
+    /// workers use. A node that joins an existing cluster gives --join instead.
+    #[arg(
+        long,
+        env = "HASHQ_PEERS",
+        required_unless_present = "join",
+        conflicts_with = "join"
+    )]
+    pub peers: Option<Peers>,
+    /// Join the existing cluster at this URL (any member) instead of forming one: the node
+    /// starts empty and waits until an operator adds it (`hashq cluster add --id ID --addr
+    /// HOST:PORT`), which brings it up to date as a learner before it votes.
+    #[arg(long, env = "HASHQ_JOIN", value_parser = join_url)]
+    pub join: Option<String>,
     /// Source address for this node's connections to its peers (a multi-homed host; the
     /// chaos tests use it to tell nodes apart).
     #[arg(long, env = "HASHQ_OUTBOUND_ADDR")]
@@ -640,13 +653,29 @@ impl Credentials {
     }
 }
 
+/// `--join`: an http(s) URL of a member.
+fn join_url(s: &str) -> Result<String, String> {
+    let rest = s
+        .strip_prefix("http://")
+        .or_else(|| s.strip_prefix("https://"))
+        .ok_or("--join must be a member's http(s) URL, e.g. http://10.0.0.1:7101")?;
+    let host = rest.trim_end_matches('/');
+    if host.is_empty() || host.contains('/') || host.chars().any(char::is_whitespace) {
+        return Err("--join must be a member's base URL, e.g. http://10.0.0.1:7101".into());
+    }
+    Ok(s.trim_end_matches('/').to_string())
+}
+
 /// A node's resolved configuration.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
     pub id: NodeId,
     pub listen: SocketAddr,
     pub client_listen: Option<SocketAddr>,
+    /// The founding voters; empty for a node started with `--join`.
     pub peers: Peers,
+    /// The cluster this node joins (`--join`): it never forms one.
+    pub join: Option<String>,
     pub outbound_addr: Option<std::net::IpAddr>,
     pub data_dir: PathBuf,
     pub credentials: Credentials,

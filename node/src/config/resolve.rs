@@ -10,8 +10,12 @@ impl NodeArgs {
     /// Checks the flags together and resolves them.
     pub fn into_config(self) -> Result<NodeConfig, ConfigError> {
         let bad = |why| Err(ConfigError::Invalid(why));
-        if !self.peers.0.iter().any(|(id, _)| *id == self.id) {
+        let peers = self.peers.unwrap_or_default();
+        if self.join.is_none() && !peers.0.iter().any(|(id, _)| *id == self.id) {
             return Err(ConfigError::NotAPeer(self.id));
+        }
+        if self.join.is_some() && self.launcher == LauncherKind::Ec2 {
+            return Err(ConfigError::JoinEc2);
         }
         if self.max_body_bytes == 0 || self.max_iterations == 0 || self.max_top == 0 {
             return bad("--max-body-bytes, --max-iterations and --max-top must be positive");
@@ -61,7 +65,8 @@ impl NodeArgs {
             id: self.id,
             listen: self.listen,
             client_listen: self.client_listen,
-            peers: self.peers,
+            peers,
+            join: self.join,
             outbound_addr: self.outbound_addr,
             data_dir: self.data_dir,
             credentials,

@@ -19,13 +19,14 @@ fn peers_parse_and_reject_nonsense() {
     }
 }
 
+#[derive(clap::Parser)]
+struct Cli {
+    #[command(flatten)]
+    node: NodeArgs,
+}
+
 /// `hashq node` with `flags` after the ones every node needs.
 fn parse(flags: &[&str]) -> NodeArgs {
-    #[derive(clap::Parser)]
-    struct Cli {
-        #[command(flatten)]
-        node: NodeArgs,
-    }
     let needed = [
         "hashq",
         "--id",
@@ -102,4 +103,32 @@ fn launcher_ec2_needs_a_build_with_the_ec2_feature() {
         assert!(matches!(err, ConfigError::NoEc2Build), "{err}");
         assert!(err.to_string().contains("--features ec2"), "{err}");
     }
+}
+
+#[test]
+fn a_node_either_founds_with_peers_or_joins() {
+    let base = ["hashq", "--id", "4", "--data-dir", "/tmp/x", "--insecure"];
+    let try_parse = |flags: &[&str]| {
+        <Cli as clap::Parser>::try_parse_from(base.iter().chain(flags)).map(|c| c.node)
+    };
+    let joined = try_parse(&["--join", "http://127.0.0.1:7101/"])
+        .expect("--join alone")
+        .into_config()
+        .expect("config");
+    assert_eq!(joined.join.as_deref(), Some("http://127.0.0.1:7101"));
+    assert!(joined.peers.0.is_empty());
+    assert!(try_parse(&[]).is_err(), "neither --peers nor --join");
+    assert!(
+        try_parse(&["--peers", "4=h:1", "--join", "http://h:1"]).is_err(),
+        "both"
+    );
+    for bad in ["127.0.0.1:7101", "ftp://h:1", "http://", "http://h:1/x"] {
+        assert!(try_parse(&["--join", bad]).is_err(), "--join {bad}");
+    }
+    let ec2 = try_parse(&["--join", "http://h:1", "--launcher", "ec2"])
+        .unwrap()
+        .into_config();
+    assert!(matches!(ec2, Err(ConfigError::JoinEc2)));
+    let stranger = try_parse(&["--peers", "1=h:1"]).unwrap().into_config();
+    assert!(matches!(stranger, Err(ConfigError::NotAPeer(4))));
 }

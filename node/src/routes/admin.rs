@@ -1,4 +1,5 @@
-//! Cluster administration (cluster token): the worker budget.
+//! Cluster administration (admin credential): the worker budget. Membership changes are
+//! in [`super::members`].
 
 use axum::body::Bytes;
 use axum::extract::State;

@@ -11,6 +11,7 @@ pub mod admin;
 pub mod assets;
 pub mod client;
 pub mod internal;
+pub mod members;
 pub mod observability;
 pub mod raft;
 pub mod worker;
@@ -72,7 +73,7 @@ pub fn router(node: Node) -> Router {
         Some(gates.bodies.clone()),
     );
     let admin = gated(
-        admin::router(),
+        admin::router().merge(members::router()),
         &node,
         Audience::Admin,
         ADMIN_BODY_LIMIT,

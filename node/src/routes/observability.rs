@@ -209,6 +209,9 @@ pub struct MemberView {
     pub role: String,
     /// The last log index the leader knows the member has (on the leader only).
     pub matched_index: Option<u64>,
+    /// Entries the member is behind the leader's log (on the leader only): a learner being
+    /// added is promoted once it has caught up.
+    pub lag: Option<u64>,
 }
 
 async fn status(State(node): State<Node>) -> Result<Json<StatusView>, ApiError> {
@@ -250,6 +253,7 @@ async fn status(State(node): State<Node>) -> Result<Json<StatusView>, ApiError> 
             state,
             role,
             matched_index: matched,
+            lag: matched.and_then(|at| m.last_log_index.map(|last| last.saturating_sub(at))),
         });
     }
     let c = &meta.counts;

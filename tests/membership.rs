@@ -1,0 +1,303 @@
+//! Membership changes end to end, through the CLI, under client load: grow 3 -> 5 (the new
+//! nodes join after the log was purged, so they catch up from a snapshot as learners before
+//! they vote), shrink 5 -> 3 removing the leader among others, then replace a SIGKILLed node
+//! with a new id and address. Nothing acknowledged is lost, and the clients see no error but
+//! retryable 503s (and refused connections from the nodes that were stopped).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::Output;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{payload, wait_for, Cluster, Options, ADMIN_TOKEN};
+use serde_json::Value;
+
+/// What the load client saw.
+#[derive(Default)]
+struct Seen {
+    /// key, payload length, work id.
+    acked: Vec<(String, usize, String)>,
+    /// Answers that were neither 200 nor 503.
+    bad: Vec<String>,
+    retries: u64,
+}
+
+/// Enqueues keyed items one after another on the nodes in `urls` (round robin), each
+/// retried with its key until acknowledged.
+async fn load(urls: Arc<Mutex<Vec<String>>>, seen: Arc<Mutex<Seen>>, stop: Arc<AtomicBool>) {
+    let http = reqwest::Client::new();
+    let mut n = 0usize;
+    while !stop.load(Ordering::SeqCst) {
+        n += 1;
+        let key = format!("m-{n}");
+        let body = payload(n as u64, 200 + n % 800);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut attempt = 0usize;
+        loop {
+            let url = {
+                let urls = urls.lock().unwrap();
+                urls[(n + attempt) % urls.len()].clone()
+            };
+            attempt += 1;
+            let answer = http
+                .put(format!("{url}/enqueue?iterations=1"))
+                .header("idempotency-key", &key)
+                .body(body.clone())
+                .timeout(Duration::from_secs(10))
+                .send()
+                .await;
+            match answer {
+                Ok(a) if a.status() == 200 => {
+                    let v: Value = a.json().await.unwrap();
+                    let id = v["work_id"].as_str().unwrap().to_string();
+                    seen.lock().unwrap().acked.push((key, body.len(), id));
+                    break;
+                }
+                Ok(a) if a.status() == 503 => {}
+                Ok(a) => {
+                    let status = a.status();
+                    let text = a.text().await.unwrap_or_default();
+                    seen.lock()
+                        .unwrap()
+                        .bad
+                        .push(format!("{key}: {status} {text}"));
+                }
+                // A node stopped by the test (its address leaves `urls` right after).
+                Err(_) => {}
+            }
+            assert!(Instant::now() < deadline, "{key} never acknowledged");
+            seen.lock().unwrap().retries += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn cli(cluster: &Cluster, args: &[&str]) -> Output {
+    std::process::Command::new(common::binary())
+        .args(["cluster", "--endpoints", &cluster.endpoints()])
+        .args(["--admin-token", ADMIN_TOKEN, "--timeout", "150s"])
+        .args(args)
+        .output()
+        .expect("run hashq cluster")
+}
+
+fn succeeded(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "hashq cluster failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON answer")
+}
+
+fn ids(v: &Value) -> BTreeSet<u64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
+}
+
+/// The voters as the leader sees them, once every running node agrees on a leader.
+async fn voters(cluster: &Cluster) -> BTreeSet<u64> {
+    let leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
+    let status = cluster.get_json(leader, "/status").await.unwrap();
+    status["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["voter"] == true)
+        .map(|m| m["id"].as_u64().unwrap())
+        .collect()
+}
+
+/// The URLs of every node but `gone`.
+fn remaining(cluster: &Cluster, gone: &[u64]) -> Vec<String> {
+    cluster
+        .ids()
+        .into_iter()
+        .filter(|id| !gone.contains(id))
+        .map(|id| cluster.url(id))
+        .collect()
+}
+
+/// Starts node `id` (a new slot) with `--join` and adds it through the CLI.
+async fn join(cluster: &mut Cluster, via: u64) -> u64 {
+    let id = cluster.add_slot().expect("a slot");
+    let url = cluster.url(via);
+    cluster.start_node_with(id, &["--join", &url]);
+    let addr = cluster.url(id).trim_start_matches("http://").to_string();
+    wait_for(
+        "the new node to answer",
+        Duration::from_secs(20),
+        || async { cluster.get_json(id, "/health").await.map(|_| ()) },
+    )
+    .await;
+    let members = succeeded(&cli(
+        cluster,
+        &["add", "--id", &id.to_string(), "--addr", &addr],
+    ));
+    assert!(ids(&members["voters"]).contains(&id), "{members}");
+    id
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grow_shrink_and_replace_under_load_lose_nothing() {
+    let options = Options {
+        node_args: ["--snapshot-every", "40"].map(String::from).to_vec(),
+        ..Options::default()
+    };
+    let mut cluster = Cluster::start(options).await;
+    let urls = Arc::new(Mutex::new(
+        cluster.ids().iter().map(|id| cluster.url(*id)).collect(),
+    ));
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = tokio::spawn(load(urls.clone(), seen.clone(), stop.clone()));
+    // Enough entries that the log is purged behind a snapshot before anyone joins.
+    wait_for(
+        "200 acknowledged enqueues",
+        Duration::from_secs(60),
+        || async { (seen.lock().unwrap().acked.len() >= 200).then_some(()) },
+    )
+    .await;
+
+    // Grow 3 -> 5: each newcomer catches up from a snapshot as a learner, then votes.
+    let four = join(&mut cluster, 1).await;
+    let five = join(&mut cluster, 2).await;
+    assert_eq!(
+        voters(&cluster).await,
+        BTreeSet::from([1, 2, 3, four, five])
+    );
+    for id in [four, five] {
+        // Its log says so (the line may land just after the leader counted it caught up).
+        let what = format!("node {id} to have installed a snapshot (was the log not purged?)");
+        wait_for(&what, Duration::from_secs(10), || async {
+            let log = std::fs::read_to_string(cluster.node_log(id)).ok()?;
+            log.contains("snapshot installed").then_some(())
+        })
+        .await;
+    }
+    urls.lock()
+        .unwrap()
+        .extend([four, five].map(|id| cluster.url(id)));
+
+    // Shrink 5 -> 3: the leader first, then a founding follower.
+    let leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
+    *urls.lock().unwrap() = remaining(&cluster, &[leader]);
+    succeeded(&cli(&cluster, &["remove", &leader.to_string()]));
+    cluster.stop_node(leader);
+    let follower = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap();
+    *urls.lock().unwrap() = remaining(&cluster, &[leader, follower]);
+    succeeded(&cli(&cluster, &["remove", &follower.to_string()]));
+    cluster.stop_node(follower);
+    let three: BTreeSet<u64> = cluster
+        .ids()
+        .into_iter()
+        .filter(|id| ![leader, follower].contains(id))
+        .collect();
+    assert_eq!(voters(&cluster).await, three);
+
+    // Refused: removing a voter when the others would not be a live majority.
+    let now_leading = cluster.wait_for_leader(Duration::from_secs(30)).await;
+    let dead = *three.iter().find(|id| **id != now_leading).unwrap();
+    cluster.kill_node(dead);
+    *urls.lock().unwrap() = remaining(&cluster, &[leader, follower, dead]);
+    let survivor = *three
+        .iter()
+        .find(|id| **id != dead && cluster.node_running(**id))
+        .unwrap();
+    let other = *three
+        .iter()
+        .find(|id| **id != dead && **id != survivor)
+        .unwrap();
+    wait_for(
+        "the leader to see the killed node down",
+        Duration::from_secs(20),
+        || async {
+            let leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
+            let status = cluster.get_json(leader, "/status").await?;
+            let down = status["members"]
+                .as_array()?
+                .iter()
+                .any(|m| m["id"].as_u64() == Some(dead) && m["state"] == "unreachable");
+            down.then_some(())
+        },
+    )
+    .await;
+    let refused = cli(&cluster, &["remove", &other.to_string()]);
+    assert!(
+        !refused.status.success(),
+        "a change leaving no live majority was accepted"
+    );
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("majority"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
+    // Replace the SIGKILLed node with a new id and address.
+    let six = cluster.add_slot().unwrap();
+    cluster.start_node_with(six, &["--join", &cluster.url(survivor)]);
+    let addr = cluster.url(six).trim_start_matches("http://").to_string();
+    wait_for("node 6 to answer", Duration::from_secs(20), || async {
+        cluster.get_json(six, "/health").await.map(|_| ())
+    })
+    .await;
+    let members = succeeded(&cli(
+        &cluster,
+        &[
+            "replace",
+            &dead.to_string(),
+            "--id",
+            &six.to_string(),
+            "--addr",
+            &addr,
+        ],
+    ));
+    let expected: BTreeSet<u64> = three
+        .iter()
+        .copied()
+        .filter(|id| *id != dead)
+        .chain([six])
+        .collect();
+    assert_eq!(ids(&members["voters"]), expected, "{members}");
+    urls.lock().unwrap().push(cluster.url(six));
+
+    // A little more load on the final membership, then check everything acknowledged.
+    let before = seen.lock().unwrap().acked.len();
+    wait_for(
+        "more acknowledged enqueues",
+        Duration::from_secs(30),
+        || async { (seen.lock().unwrap().acked.len() >= before + 50).then_some(()) },
+    )
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    client.await.unwrap();
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    assert!(
+        seen.bad.is_empty(),
+        "answers other than 200 and 503: {:?}",
+        seen.bad
+    );
+    let leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
+    let mut ids_seen = BTreeSet::new();
+    for (key, len, id) in &seen.acked {
+        assert!(ids_seen.insert(id.clone()), "{id} acknowledged twice");
+        let w = cluster
+            .get_json(leader, &format!("/work/{id}"))
+            .await
+            .unwrap();
+        assert_eq!(w["status"], "queued", "{key}: {w}");
+        assert_eq!(w["payload_bytes"].as_u64(), Some(*len as u64), "{key}: {w}");
+    }
+    eprintln!(
+        "membership: {} enqueues acknowledged, {} retried attempts",
+        seen.acked.len(),
+        seen.retries
+    );
+}
