@@ -9,6 +9,8 @@
 #   scripts/cluster.sh kill ID    SIGKILL node ID
 #   scripts/cluster.sh start ID   start node ID again (with its data)
 #   scripts/cluster.sh logs ID    print node ID's log (LINES=200 by default)
+#   scripts/cluster.sh add        start one more node (--join) and add it to the membership
+#   scripts/cluster.sh remove ID  remove node ID from the membership, then stop it
 #
 # Workers are launched by the nodes themselves (`--launcher local`) when work waits, within
 # the cluster-wide budget (HASHQ_MAX_WORKERS, default 4), and exit when idle.
@@ -25,17 +27,14 @@ bin=${HASHQ_BIN:-$root/target/release/hashq}
 die() { echo "cluster.sh: $*" >&2; exit 1; }
 port_of() { echo $((base_port + $1 - 1)); }
 size() { cat "$dir/size" 2>/dev/null || echo 3; }
+# Nodes added after the cluster formed: they start with --join, not --peers.
+joined() { grep -qx "$1" "$dir/joined" 2>/dev/null; }
+removed() { grep -qx "$1" "$dir/removed" 2>/dev/null; }
 token() { cat "$dir/$1-token"; }
 
 peers() {
   local n=$1 out="" i
   for ((i = 1; i <= n; i++)); do out+="${out:+,}$i=127.0.0.1:$(port_of "$i")"; done
-  echo "$out"
-}
-
-endpoints() {
-  local n=$1 out="" i
-  for ((i = 1; i <= n; i++)); do out+="${out:+,}http://127.0.0.1:$(port_of "$i")"; done
   echo "$out"
 }
 
@@ -45,14 +44,31 @@ start_node() {
   local id=$1 n
   n=$(size)
   alive "$dir/node-$id.pid" && { echo "node $id is already running"; return; }
+  removed "$id" && die "node $id was removed from the cluster"
   mkdir -p "$dir/$id"
+  local members=(--peers "$(peers "$(cat "$dir/founders" 2>/dev/null || echo "$n")")")
+  joined "$id" && members=(--join "http://127.0.0.1:$(port_of "$(any_member "$id")")")
   # shellcheck disable=SC2086
   HASHQ_CLUSTER_TOKEN=$(token peer) HASHQ_WORKER_TOKEN=$(token worker) HASHQ_ADMIN_TOKEN=$(token admin) \
-  nohup "$bin" node --id "$id" --listen "127.0.0.1:$(port_of "$id")" --peers "$(peers "$n")" \
+  nohup "$bin" node --id "$id" --listen "127.0.0.1:$(port_of "$id")" "${members[@]}" \
     --data-dir "$dir/$id" --launcher local \
     --max-workers "${HASHQ_MAX_WORKERS:-4}" ${HASHQ_NODE_ARGS:-} \
     >>"$dir/node-$id.log" 2>&1 &
   echo $! >"$dir/node-$id.pid"
+}
+
+# A running member other than $1, for --join and the CLI.
+any_member() {
+  local i
+  for ((i = 1; i <= $(size); i++)); do
+    [[ $i != "$1" ]] && ! removed "$i" && alive "$dir/node-$i.pid" && { echo "$i"; return; }
+  done
+  echo 1
+}
+
+admin_cli() {
+  HASHQ_ADMIN_TOKEN=$(token admin) "$bin" cluster --endpoints "http://127.0.0.1:$(port_of "$(any_member 0)")" \
+    --timeout 150s "$@"
 }
 
 leader_of() {
@@ -93,26 +109,28 @@ up)
   fi
   [[ -x $bin ]] || die "no binary at $bin"
   mkdir -p "$dir"
-  if [[ -f $dir/size && $(size) != "$n" ]]; then
-    die "$dir holds a $(size)-node cluster; run 'scripts/cluster.sh reset' first"
+  if [[ -f $dir/founders && $(cat "$dir/founders") != "$n" ]]; then
+    die "$dir holds a cluster founded by $(cat "$dir/founders") nodes; run 'scripts/cluster.sh reset' first"
   fi
-  echo "$n" >"$dir/size"
+  [[ -f $dir/founders ]] || echo "$n" >"$dir/founders"
+  [[ -f $dir/size ]] || echo "$n" >"$dir/size"
   # One credential per audience (peer, worker, admin), made once per cluster; the node reads
   # them from its environment, so they never show on a command line.
   for kind in peer worker admin; do
     [[ -f $dir/$kind-token ]] || (umask 077 && head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$dir/$kind-token")
   done
-  for ((i = 1; i <= n; i++)); do start_node "$i"; done
+  for ((i = 1; i <= $(size); i++)); do removed "$i" || start_node "$i"; done
   leader=$(wait_for_leader 60) || die "no leader after 60s; see scripts/cluster.sh logs 1"
   echo "hashq cluster of $n nodes is up; leader is node $leader"
-  echo "endpoints: $(endpoints "$n" | tr ',' ' ')"
+  echo "endpoints: $(for ((i = 1; i <= $(size); i++)); do removed "$i" || printf 'http://127.0.0.1:%s ' "$(port_of "$i")"; done)"
   echo "admin token (hashq cluster set-max-workers --admin-token ...): $dir/admin-token"
   ;;
 down)
   # Nodes stop their workers when they stop; workers of a node killed earlier are orphans.
   for f in "$dir"/node-*.pid; do [[ -e $f ]] && stop_pidfile "$f"; done
   if [[ -f $dir/size ]]; then
-    pattern="worker --endpoints $(endpoints "$(size)")( |$)"
+    ports=$(for ((i = 1; i <= $(size); i++)); do port_of "$i"; done | paste -sd'|')
+    pattern="worker --endpoints http://127\.0\.0\.1:($ports)"
     pkill -TERM -f -- "$pattern" 2>/dev/null || true
     for _ in $(seq 100); do pgrep -f -- "$pattern" >/dev/null || break; sleep 0.1; done
     pkill -KILL -f -- "$pattern" 2>/dev/null || true
@@ -129,7 +147,8 @@ status)
   for ((i = 1; i <= $(size); i++)); do
     if alive "$dir/node-$i.pid"; then
       s=$(curl -fsS --max-time 2 "http://127.0.0.1:$(port_of "$i")/status" 2>/dev/null || echo '{}')
-      state=$(echo "$s" | sed -n 's/.*"state":"\([a-z]*\)".*/\1/p' | tail -n 1)
+      # The node's own state is the first "state" of the document (members' follow).
+      state=$(echo "$s" | grep -o '"state":"[a-z]*"' | head -n 1 | cut -d'"' -f4)
       echo "node $i: pid $(cat "$dir/node-$i.pid"), http://127.0.0.1:$(port_of "$i"), ${state:-not answering}, leader $(leader_of "$i")"
     else
       echo "node $i: down"
@@ -152,12 +171,31 @@ start)
   start_node "$id"
   echo "node $id started"
   ;;
+add)
+  [[ -f $dir/size ]] || die "no cluster here; run 'scripts/cluster.sh up'"
+  [[ -x $bin ]] || die "no binary at $bin; run 'scripts/cluster.sh up' first"
+  id=$(($(size) + 1))
+  echo "$id" >>"$dir/joined"
+  echo "$id" >"$dir/size"
+  start_node "$id"
+  for _ in $(seq 100); do curl -fsS --max-time 1 "http://127.0.0.1:$(port_of "$id")/health" >/dev/null 2>&1 && break; sleep 0.2; done
+  admin_cli add --id "$id" --addr "127.0.0.1:$(port_of "$id")" >/dev/null || die "adding node $id failed; see scripts/cluster.sh logs $id"
+  echo "node $id added: http://127.0.0.1:$(port_of "$id")"
+  ;;
+remove)
+  id=${2:-}; [[ $id =~ ^[0-9]+$ && $id -ge 1 && $id -le $(size) ]] || die "remove takes a node id from 1 to $(size)"
+  removed "$id" && die "node $id is already removed"
+  admin_cli remove "$id" >/dev/null || die "removing node $id was refused (see the message above)"
+  echo "$id" >>"$dir/removed"
+  stop_pidfile "$dir/node-$id.pid"
+  echo "node $id removed and stopped"
+  ;;
 logs)
   id=${2:-}; [[ $id =~ ^[0-9]+$ ]] || die "logs takes a node id"
   tail -n "${LINES:-200}" "$dir/node-$id.log"
   ;;
 *)
-  sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
   [[ -z $cmd ]] || exit 2
   ;;
 esac
