@@ -1,6 +1,6 @@
-//! Chaos: a real cluster under client load while a seeded schedule kills, pauses, partitions
-//! and rewinds nodes and kills workers; then a checker proves nothing acknowledged was lost,
-//! duplicated or wrong.
+//! Chaos: a real cluster under client load while a seeded schedule kills, pauses, partitions,
+//! rewinds and replaces nodes, changes the membership and kills workers; then a checker
+//! proves nothing acknowledged was lost, duplicated or wrong.
 //!
 //! The nodes' data dirs live on `hashq-faultfs`, so the schedule also cuts the power: of every
 //! node at once (`power_cut_all`: whatever was not synced is gone), or of one node
@@ -109,17 +109,39 @@ struct Shared {
     max_processes: AtomicUsize,
 }
 
-/// What the clients need of the cluster: each node's own URL (never changes).
+/// What the clients need of the cluster: the endpoints that are members and their own URLs
+/// (membership faults change them).
 struct Nodes {
-    urls: Vec<String>,
+    urls: Mutex<BTreeMap<u64, String>>,
 }
 
 impl Nodes {
-    fn ids(&self) -> Vec<u64> {
-        (1..=self.urls.len() as u64).collect()
+    /// The member endpoints of `cluster` (witnesses take no client request).
+    fn of(cluster: &Cluster) -> Nodes {
+        let nodes = Nodes {
+            urls: Mutex::default(),
+        };
+        nodes.follow(cluster);
+        nodes
     }
-    fn url(&self, id: u64) -> &str {
-        &self.urls[id as usize - 1]
+
+    /// Takes the membership as it is now.
+    fn follow(&self, cluster: &Cluster) {
+        *self.urls.lock().unwrap() = cluster
+            .members()
+            .into_iter()
+            .filter(|id| !cluster.is_witness(*id))
+            .map(|id| (id, cluster.url(id)))
+            .collect();
+    }
+
+    fn ids(&self) -> Vec<u64> {
+        self.urls.lock().unwrap().keys().copied().collect()
+    }
+
+    /// Node `id`'s URL; `None` once it left the membership (or for a witness).
+    fn url(&self, id: u64) -> Option<String> {
+        self.urls.lock().unwrap().get(&id).cloned()
     }
 }
 
@@ -134,7 +156,7 @@ async fn attempt(
     body: Vec<u8>,
 ) -> Option<(u16, Value)> {
     let answer = http
-        .request(method, format!("{}{}", cluster.url(id), path))
+        .request(method, format!("{}{}", cluster.url(id)?, path))
         .header("idempotency-key", key)
         .body(body)
         .timeout(Duration::from_secs(4))
@@ -295,11 +317,8 @@ async fn minority_writer(cluster: &Nodes, shared: &Shared) {
     while !shared.stop.load(Ordering::SeqCst) {
         let isolated = shared.isolated.load(Ordering::SeqCst);
         // A cut-off witness takes no client request at all: nothing to send it.
-        let isolated = if isolated as usize > cluster.urls.len() {
-            0
-        } else {
-            isolated
-        };
+        let target = cluster.url(isolated);
+        let isolated = if target.is_none() { 0 } else { isolated };
         if isolated == 0 {
             // The partition healed: settle what was sent into it now, by key, while the key is
             // still remembered (a long run outlives the idempotency retention).
@@ -338,7 +357,7 @@ async fn minority_writer(cluster: &Nodes, shared: &Shared) {
         let answer = http
             .put(format!(
                 "{}/enqueue?iterations={iterations}",
-                cluster.url(isolated)
+                target.unwrap_or_default()
             ))
             .header("idempotency-key", &key)
             .body(payload(item_seed, len))
@@ -380,6 +399,10 @@ enum Fault {
     StaleRestart,
     PowerCutAll,
     PowerCutMinority,
+    /// A SIGKILLed endpoint replaced by a new node (`hashq cluster replace`).
+    Replace,
+    /// A new node added, then a member (the leader, at times) removed.
+    AddRemove,
 }
 
 impl Fault {
@@ -405,6 +428,8 @@ impl Fault {
             Fault::StaleRestart => "stale_restart",
             Fault::PowerCutAll => "power_cut_all",
             Fault::PowerCutMinority => "power_cut_minority",
+            Fault::Replace => "replace",
+            Fault::AddRemove => "add_remove",
         }
     }
 }
@@ -423,6 +448,10 @@ const FAULTS: [Fault; 12] = [
     Fault::PowerCutAll,
     Fault::PowerCutMinority,
 ];
+
+/// Membership faults, every sixth fault (from the third): the bounded profile's 20 faults
+/// hold at least 3. Nodes added join the cluster directly, not through the fault proxy.
+const MEMBERSHIP_FAULTS: [Fault; 2] = [Fault::Replace, Fault::AddRemove];
 
 /// Cuts `side` off from the rest of `all` for a while, then heals the network. A lone
 /// cut-off node is recorded: the clients check it acknowledges no write meanwhile.
@@ -450,7 +479,7 @@ async fn victim(cluster: &Cluster, rng: &mut StdRng, fault: Fault) -> u64 {
 async fn leader_and_follower(cluster: &Cluster, rng: &mut StdRng) -> (u64, u64) {
     let leader = cluster.wait_for_leader(Duration::from_secs(60)).await;
     let followers: Vec<u64> = cluster
-        .ids()
+        .members()
         .into_iter()
         .filter(|id| *id != leader)
         .collect();
@@ -484,8 +513,30 @@ async fn inject(
     fault: Fault,
     rng: &mut StdRng,
 ) {
-    let all = cluster.ids();
+    let all = cluster.members();
     match fault {
+        Fault::Replace => {
+            let (leader, _) = leader_and_follower(cluster, rng).await;
+            let endpoints: Vec<u64> = all
+                .iter()
+                .copied()
+                .filter(|id| *id != leader && !cluster.is_witness(*id))
+                .collect();
+            let old = endpoints[rng.random_range(0..endpoints.len())];
+            let new = cluster.replace_node(old).await;
+            eprintln!("           node {old} replaced by node {new}");
+        }
+        Fault::AddRemove => {
+            let new = cluster.join_node().await;
+            let endpoints: Vec<u64> = all
+                .iter()
+                .copied()
+                .filter(|id| !cluster.is_witness(*id))
+                .collect();
+            let gone = endpoints[rng.random_range(0..endpoints.len())];
+            cluster.remove_node(gone);
+            eprintln!("           node {new} added, node {gone} removed");
+        }
         Fault::PowerCutAll | Fault::PowerCutMinority => {
             let fs = fs.expect("power cuts need the power-cut file system");
             let victims = if fault == Fault::PowerCutAll {
@@ -587,7 +638,7 @@ async fn wait_healthy(cluster: &Cluster, timeout: Duration) {
         cluster.get_json(leader, "/status").await?["commit_index"].as_u64()
     })
     .await;
-    for id in cluster.ids() {
+    for id in cluster.members() {
         wait_for(
             &format!("node {id} to catch up to {target}"),
             timeout,
@@ -683,13 +734,7 @@ async fn run(p: Profile) {
     });
     let started = Instant::now();
     let mut rng = StdRng::seed_from_u64(p.seed);
-    let endpoints = cluster.ids().len() - usize::from(p.witness);
-    let nodes = Nodes {
-        urls: cluster.ids()[..endpoints]
-            .iter()
-            .map(|id| cluster.url(*id))
-            .collect(),
-    };
+    let nodes = Nodes::of(&cluster);
     let endpoints = cluster.endpoints();
     let budget = {
         let shared = shared.clone();
@@ -721,7 +766,11 @@ async fn run(p: Profile) {
             } else {
                 &FAULTS[..FAULTS.len() - 2]
             };
-            let fault = choices[rng.random_range(0..choices.len())];
+            let fault = if injected % 6 == 2 {
+                MEMBERSHIP_FAULTS[rng.random_range(0..MEMBERSHIP_FAULTS.len())]
+            } else {
+                choices[rng.random_range(0..choices.len())]
+            };
             eprintln!(
                 "[{:>6.1}s] fault {}: {}",
                 started.elapsed().as_secs_f64(),
@@ -729,6 +778,7 @@ async fn run(p: Profile) {
                 fault.name()
             );
             inject(&mut cluster, fs.as_mut(), &shared, fault, &mut rng).await;
+            nodes.follow(&cluster);
             *shared
                 .history
                 .lock()
@@ -858,7 +908,8 @@ async fn check(cluster: &Cluster, nodes: &Nodes, shared: &Shared, p: &Profile, s
     // Items the cluster reports dead are accounted for, with their attempts.
     let mut really_lost = Vec::new();
     for id in lost {
-        let w = cluster.get_json(1, &format!("/work/{id}")).await;
+        let leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
+        let w = cluster.get_json(leader, &format!("/work/{id}")).await;
         match w {
             Some(w) if w["status"] == "dead" => dead += 1,
             other => really_lost.push(format!("{id}: {other:?}")),

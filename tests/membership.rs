@@ -7,12 +7,11 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::process::Output;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{payload, wait_for, Cluster, Options, ADMIN_TOKEN};
+use common::{payload, wait_for, Cluster, Options};
 use serde_json::Value;
 
 /// What the load client saw.
@@ -76,32 +75,6 @@ async fn load(urls: Arc<Mutex<Vec<String>>>, seen: Arc<Mutex<Seen>>, stop: Arc<A
     }
 }
 
-fn cli(cluster: &Cluster, args: &[&str]) -> Output {
-    std::process::Command::new(common::binary())
-        .args(["cluster", "--endpoints", &cluster.endpoints()])
-        .args(["--admin-token", ADMIN_TOKEN, "--timeout", "150s"])
-        .args(args)
-        .output()
-        .expect("run hashq cluster")
-}
-
-fn succeeded(out: &Output) -> Value {
-    assert!(
-        out.status.success(),
-        "hashq cluster failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON answer")
-}
-
-fn ids(v: &Value) -> BTreeSet<u64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap())
-        .collect()
-}
-
 /// The voters as the leader sees them, once every running node agrees on a leader.
 async fn voters(cluster: &Cluster) -> BTreeSet<u64> {
     let leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
@@ -123,26 +96,6 @@ fn remaining(cluster: &Cluster, gone: &[u64]) -> Vec<String> {
         .filter(|id| !gone.contains(id))
         .map(|id| cluster.url(id))
         .collect()
-}
-
-/// Starts node `id` (a new slot) with `--join` and adds it through the CLI.
-async fn join(cluster: &mut Cluster, via: u64) -> u64 {
-    let id = cluster.add_slot().expect("a slot");
-    let url = cluster.url(via);
-    cluster.start_node_with(id, &["--join", &url]);
-    let addr = cluster.url(id).trim_start_matches("http://").to_string();
-    wait_for(
-        "the new node to answer",
-        Duration::from_secs(20),
-        || async { cluster.get_json(id, "/health").await.map(|_| ()) },
-    )
-    .await;
-    let members = succeeded(&cli(
-        cluster,
-        &["add", "--id", &id.to_string(), "--addr", &addr],
-    ));
-    assert!(ids(&members["voters"]).contains(&id), "{members}");
-    id
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -167,8 +120,8 @@ async fn grow_shrink_and_replace_under_load_lose_nothing() {
     .await;
 
     // Grow 3 -> 5: each newcomer catches up from a snapshot as a learner, then votes.
-    let four = join(&mut cluster, 1).await;
-    let five = join(&mut cluster, 2).await;
+    let four = cluster.join_node().await;
+    let five = cluster.join_node().await;
     assert_eq!(
         voters(&cluster).await,
         BTreeSet::from([1, 2, 3, four, five])
@@ -189,12 +142,10 @@ async fn grow_shrink_and_replace_under_load_lose_nothing() {
     // Shrink 5 -> 3: the leader first, then a founding follower.
     let leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
     *urls.lock().unwrap() = remaining(&cluster, &[leader]);
-    succeeded(&cli(&cluster, &["remove", &leader.to_string()]));
-    cluster.stop_node(leader);
+    cluster.remove_node(leader);
     let follower = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap();
     *urls.lock().unwrap() = remaining(&cluster, &[leader, follower]);
-    succeeded(&cli(&cluster, &["remove", &follower.to_string()]));
-    cluster.stop_node(follower);
+    cluster.remove_node(follower);
     let three: BTreeSet<u64> = cluster
         .ids()
         .into_iter()
@@ -229,7 +180,7 @@ async fn grow_shrink_and_replace_under_load_lose_nothing() {
         },
     )
     .await;
-    let refused = cli(&cluster, &["remove", &other.to_string()]);
+    let refused = cluster.admin_cli(&["remove", &other.to_string()]);
     assert!(
         !refused.status.success(),
         "a change leaving no live majority was accepted"
@@ -241,31 +192,14 @@ async fn grow_shrink_and_replace_under_load_lose_nothing() {
     );
 
     // Replace the SIGKILLed node with a new id and address.
-    let six = cluster.add_slot().unwrap();
-    cluster.start_node_with(six, &["--join", &cluster.url(survivor)]);
-    let addr = cluster.url(six).trim_start_matches("http://").to_string();
-    wait_for("node 6 to answer", Duration::from_secs(20), || async {
-        cluster.get_json(six, "/health").await.map(|_| ())
-    })
-    .await;
-    let members = succeeded(&cli(
-        &cluster,
-        &[
-            "replace",
-            &dead.to_string(),
-            "--id",
-            &six.to_string(),
-            "--addr",
-            &addr,
-        ],
-    ));
+    let six = cluster.replace_node(dead).await;
     let expected: BTreeSet<u64> = three
         .iter()
         .copied()
         .filter(|id| *id != dead)
         .chain([six])
         .collect();
-    assert_eq!(ids(&members["voters"]), expected, "{members}");
+    assert_eq!(voters(&cluster).await, expected);
     urls.lock().unwrap().push(cluster.url(six));
 
     // A little more load on the final membership, then check everything acknowledged.

@@ -120,16 +120,18 @@ impl Cluster {
         }
     }
 
-    /// A slot for one more node, on a free port: its id. Start it with `--join` (it then gets
-    /// no `--peers`) and add it to the cluster.
-    pub fn add_slot(&mut self) -> Result<u64, Error> {
-        let port = free_port().map_err(|e| Error::Spawn {
-            what: "a port for a new node".into(),
-            source: e,
-        })?;
+    /// A slot for one more node, listening on `port` and reached by its peers at
+    /// `advertised` (a proxy's port, say): its id. Start it with `--join` (it then gets no
+    /// `--peers`) and add it to the cluster.
+    pub fn add_slot(&mut self, port: u16, advertised: u16) -> u64 {
         self.ports.push(port);
-        self.advertised.push(port);
-        Ok(self.ports.len() as u64)
+        self.advertised.push(advertised);
+        self.ports.len() as u64
+    }
+
+    /// The address node `id`'s peers reach it at (`127.0.0.1:<advertised port>`).
+    pub fn peer_addr(&self, id: u64) -> String {
+        format!("127.0.0.1:{}", self.advertised[id as usize - 1])
     }
 
     /// The node ids, `1..=n`.

@@ -106,6 +106,8 @@ pub struct Cluster {
     /// Environment and flags given to particular nodes (see [`Cluster::start_with`]).
     node_env: Vec<(String, String)>,
     node_extra: HashMap<u64, Vec<String>>,
+    /// Nodes removed from the membership: never started again.
+    retired: std::collections::BTreeSet<u64>,
 }
 
 impl Deref for Cluster {
@@ -173,12 +175,113 @@ impl Cluster {
             options,
             node_env,
             node_extra,
+            retired: Default::default(),
         };
         for id in 1..=cluster.options.nodes as u64 {
             cluster.start_node(id);
         }
         cluster.wait_for_leader(Duration::from_secs(30)).await;
         cluster
+    }
+
+    /// The nodes still in the membership (every id but the retired ones).
+    pub fn members(&self) -> Vec<u64> {
+        self.ids()
+            .into_iter()
+            .filter(|id| !self.retired.contains(id))
+            .collect()
+    }
+
+    /// Whether node `id` was started with `--role witness`.
+    pub fn is_witness(&self, id: u64) -> bool {
+        self.node_extra
+            .get(&id)
+            .is_some_and(|flags| flags.iter().any(|f| f == "witness"))
+    }
+
+    /// Replaces member `old` with a new node through `hashq cluster replace`: kills `old`
+    /// (if it still runs), starts the new node with `--join`, and retires `old`. Returns the
+    /// new node's id.
+    pub async fn replace_node(&mut self, old: u64) -> u64 {
+        self.kill_node(old);
+        let (id, addr) = self.start_joining(old).await;
+        let id_arg = id.to_string();
+        self.admin_ok(&[
+            "replace",
+            &old.to_string(),
+            "--id",
+            &id_arg,
+            "--addr",
+            &addr,
+        ]);
+        self.retired.insert(old);
+        id
+    }
+
+    /// Starts a new node with `--join` and adds it through `hashq cluster add`: its id.
+    pub async fn join_node(&mut self) -> u64 {
+        let (id, addr) = self.start_joining(0).await;
+        self.admin_ok(&["add", "--id", &id.to_string(), "--addr", &addr]);
+        id
+    }
+
+    /// Removes member `id` through `hashq cluster remove`, then stops and retires it.
+    pub fn remove_node(&mut self, id: u64) {
+        self.admin_ok(&["remove", &id.to_string()]);
+        self.stop_node(id);
+        self.retired.insert(id);
+    }
+
+    /// Starts a node in a new slot with `--join` (through any member but `not_via`) and
+    /// waits until it answers: its id and peer address.
+    async fn start_joining(&mut self, not_via: u64) -> (u64, String) {
+        let port = free_port();
+        let id = match self.proxy.as_mut() {
+            // Behind the fault proxy like the others, so partitions cut it off too.
+            Some(proxy) => {
+                let advertised = free_port();
+                let id = self.processes.ids().len() as u64 + 1;
+                proxy.add(id, advertised, port).await;
+                self.processes.add_slot(port, advertised)
+            }
+            None => self.processes.add_slot(port, port),
+        };
+        let via = self
+            .members()
+            .into_iter()
+            .find(|m| *m != not_via && *m != id && self.node_running(*m))
+            .expect("a running member");
+        let url = self.url(via);
+        self.start_node_with(id, &["--join", &url]);
+        wait_for(
+            "the new node to answer",
+            Duration::from_secs(20),
+            || async { self.get_json(id, "/health").await.map(|_| ()) },
+        )
+        .await;
+        (id, self.peer_addr(id))
+    }
+
+    /// [`Cluster::admin_cli`], which must succeed.
+    fn admin_ok(&self, args: &[&str]) -> Value {
+        let out = self.admin_cli(args);
+        assert!(
+            out.status.success(),
+            "hashq cluster {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("JSON answer")
+    }
+
+    /// Runs `hashq cluster ARGS` against the members with the admin credential.
+    pub fn admin_cli(&self, args: &[&str]) -> std::process::Output {
+        let endpoints: Vec<String> = self.members().iter().map(|id| self.url(*id)).collect();
+        std::process::Command::new(binary())
+            .args(["cluster", "--endpoints", &endpoints.join(",")])
+            .args(["--admin-token", ADMIN_TOKEN, "--timeout", "150s"])
+            .args(args)
+            .output()
+            .expect("run hashq cluster")
     }
 
     /// Starts (or restarts) node `id` with its data directory.

@@ -43,41 +43,47 @@ pub struct Proxy {
 impl Proxy {
     /// Starts one listener per `(node, proxy port, node's real port)`.
     pub async fn start(routes: &[(u64, u16, u16)]) -> Proxy {
-        let state = Arc::new(Mutex::new(State::default()));
-        let mut listeners = Vec::new();
+        let mut proxy = Proxy {
+            state: Arc::new(Mutex::new(State::default())),
+            listeners: Vec::new(),
+        };
         for &(to, port, target) in routes {
-            let listener = TcpListener::bind(("127.0.0.1", port))
-                .await
-                .expect("bind proxy port");
-            let state = state.clone();
-            listeners.push(tokio::spawn(async move {
-                loop {
-                    let Ok((inbound, peer)) = listener.accept().await else {
-                        continue;
-                    };
-                    let from = source_node(peer.ip());
-                    if from.is_some_and(|f| state.lock().unwrap().blocked.contains(&(f, to))) {
-                        drop(inbound);
-                        continue;
-                    }
-                    let relay = tokio::spawn(async move {
-                        let _ = inbound.set_nodelay(true);
-                        if let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", target)).await {
-                            let _ = outbound.set_nodelay(true);
-                            let mut inbound = inbound;
-                            let _ =
-                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                        }
-                    });
-                    if let Some(from) = from {
-                        let mut s = state.lock().unwrap();
-                        s.open.retain(|(_, _, h)| !h.is_finished());
-                        s.open.push((from, to, relay.abort_handle()));
-                    }
-                }
-            }));
+            proxy.add(to, port, target).await;
         }
-        Proxy { state, listeners }
+        proxy
+    }
+
+    /// Puts node `to` (listening on `target`) behind the proxy port `port`.
+    pub async fn add(&mut self, to: u64, port: u16, target: u16) {
+        let listener = TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("bind proxy port");
+        let state = self.state.clone();
+        self.listeners.push(tokio::spawn(async move {
+            loop {
+                let Ok((inbound, peer)) = listener.accept().await else {
+                    continue;
+                };
+                let from = source_node(peer.ip());
+                if from.is_some_and(|f| state.lock().unwrap().blocked.contains(&(f, to))) {
+                    drop(inbound);
+                    continue;
+                }
+                let relay = tokio::spawn(async move {
+                    let _ = inbound.set_nodelay(true);
+                    if let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", target)).await {
+                        let _ = outbound.set_nodelay(true);
+                        let mut inbound = inbound;
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                if let Some(from) = from {
+                    let mut s = state.lock().unwrap();
+                    s.open.retain(|(_, _, h)| !h.is_finished());
+                    s.open.push((from, to, relay.abort_handle()));
+                }
+            }
+        }));
     }
 
     /// Cuts every link between `side` and the other nodes, both ways.
