@@ -39,6 +39,8 @@ enum Command {
     Bench(cli::BenchArgs),
     /// Convert a stopped node's data dir written by hashq 0.1 to the current format.
     Migrate(cli::MigrateArgs),
+    /// Make a stopped node the only voter of its cluster, when a majority is lost for good.
+    Recover(cli::RecoverArgs),
 }
 
 /// Runs `main` on a runtime whose threads all carry `name`, so every log line says which
@@ -90,6 +92,10 @@ fn main() -> anyhow::Result<()> {
         Command::Migrate(args) => {
             init_logging(LogFormat::Text);
             cli::migrate(args)
+        }
+        Command::Recover(args) => {
+            init_logging(LogFormat::Text);
+            run_named("hashq".into(), cli::recover(args))
         }
     }
 }

@@ -235,3 +235,75 @@ async fn grow_shrink_and_replace_under_load_lose_nothing() {
         seen.retries
     );
 }
+
+/// When a majority is lost for good, `hashq recover --force-new-cluster` makes the most
+/// complete survivor (here the leader) a one-voter cluster with everything it had, which then
+/// grows again with `hashq cluster add`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_survivor_of_a_lost_majority_is_recovered_into_a_new_cluster() {
+    let mut cluster = Cluster::start(Options::default()).await;
+    let leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
+    let mut acked = Vec::new();
+    for n in 0..20u64 {
+        let key = format!("r-{n}");
+        acked.push(cluster.enqueue(leader, payload(n, 300), 1, &key).await);
+    }
+    for id in cluster.ids() {
+        cluster.kill_node(id);
+    }
+    for id in cluster.ids().into_iter().filter(|id| *id != leader) {
+        std::fs::remove_dir_all(cluster.data_dir(id)).unwrap();
+    }
+    let recover = |confirm: bool| {
+        let mut cmd = std::process::Command::new(common::binary());
+        cmd.arg("recover")
+            .arg("--data-dir")
+            .arg(cluster.data_dir(leader))
+            .args([
+                "--id",
+                &leader.to_string(),
+                "--addr",
+                &cluster.peer_addr(leader),
+            ]);
+        if confirm {
+            cmd.arg("--force-new-cluster");
+        }
+        cmd.output().expect("run hashq recover")
+    };
+    assert!(
+        !recover(false).status.success(),
+        "recovered without --force-new-cluster"
+    );
+    let out = recover(true);
+    assert!(
+        out.status.success(),
+        "hashq recover: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        report["previous_members"],
+        serde_json::json!([1, 2, 3]),
+        "{report}"
+    );
+
+    cluster.start_node(leader);
+    assert_eq!(
+        cluster.wait_for_leader(Duration::from_secs(30)).await,
+        leader
+    );
+    assert_eq!(voters(&cluster).await, BTreeSet::from([leader]));
+    for id in &acked {
+        let w = cluster
+            .get_json(leader, &format!("/work/{id}"))
+            .await
+            .unwrap();
+        assert_eq!(w["status"], "queued", "{w}");
+    }
+    cluster
+        .enqueue(leader, b"after".to_vec(), 1, "r-after")
+        .await;
+    let a = cluster.join_node().await;
+    let b = cluster.join_node().await;
+    assert_eq!(voters(&cluster).await, BTreeSet::from([leader, a, b]));
+}

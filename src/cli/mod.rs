@@ -255,3 +255,51 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `hashq recover` flags.
+#[derive(clap::Args)]
+pub struct RecoverArgs {
+    /// The surviving node's data dir (the node must be stopped). Pick the survivor with the
+    /// most complete log: its log is all the new cluster will have.
+    #[arg(long, env = "HASHQ_DATA_DIR")]
+    pub data_dir: std::path::PathBuf,
+    /// The node's Raft id (its --id).
+    #[arg(long)]
+    pub id: u64,
+    /// HOST:PORT its peers will reach it at (its --listen address, as peers see it).
+    #[arg(long)]
+    pub addr: String,
+    /// Required: this cannot be undone, and the other old members must never run again with
+    /// their data.
+    #[arg(long)]
+    pub force_new_cluster: bool,
+}
+
+/// Makes a stopped node the only voter of its cluster (etcd's `--force-new-cluster`) and
+/// says what it did.
+pub async fn recover(args: RecoverArgs) -> anyhow::Result<()> {
+    if !args.force_new_cluster {
+        anyhow::bail!(
+            "hashq recover rewrites the membership of {}: pass --force-new-cluster to confirm \
+             (the node must be stopped, and the other old members must never run again)",
+            args.data_dir.display()
+        );
+    }
+    format!("{}={}", args.id, args.addr)
+        .parse::<hashq_node::config::Peers>()
+        .map_err(|e| anyhow::anyhow!("--id and --addr: {e}"))?;
+    let done =
+        hashq_storage::recover::force_new_cluster(&args.data_dir, args.id, &args.addr).await?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "data_dir": args.data_dir,
+            "only_voter": args.id,
+            "addr": args.addr,
+            "membership_entry": {"index": done.at.index, "term": done.at.leader_id.term},
+            "previous_members": done.previous,
+            "next": "start the node as before, then grow the cluster with `hashq cluster add`",
+        })
+    );
+    Ok(())
+}

@@ -77,6 +77,7 @@ mod log;
 pub mod migrate;
 pub mod pack;
 mod payloads;
+pub mod recover;
 mod sm;
 pub mod snapshot;
 

@@ -99,22 +99,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let entries: Vec<Entry> = entries.into_iter().collect();
-        let result = self
-            .write(move |inner, w| {
-                let locs = inner.append(w, &entries)?;
-                let mut index = lock(&inner.index);
-                for loc in &locs {
-                    index.note_written(loc);
-                }
-                index.entries.extend(locs);
-                let limit = inner.options.cache_bytes;
-                for entry in entries {
-                    index.cache_push(entry, limit);
-                }
-                Ok(())
-            })
-            .await;
+        let result = self.append_entries(entries.into_iter().collect()).await;
         match result {
             Ok(()) => {
                 callback.log_io_completed(Ok(()));

@@ -79,6 +79,25 @@ impl LogStore {
         .unwrap_or_else(|e| Err(fatal("log writer", &self.inner.dir)(io_err(e))))
     }
 
+    /// Appends `entries` durably (one write, one fdatasync) and indexes them: openraft's
+    /// `append`, and `hashq recover`'s membership entry.
+    pub async fn append_entries(&self, entries: Vec<Entry>) -> Result<(), Fatal> {
+        self.write(move |inner, w| {
+            let locs = inner.append(w, &entries)?;
+            let mut index = lock(&inner.index);
+            for loc in &locs {
+                index.note_written(loc);
+            }
+            index.entries.extend(locs);
+            let limit = inner.options.cache_bytes;
+            for entry in entries {
+                index.cache_push(entry, limit);
+            }
+            Ok(())
+        })
+        .await
+    }
+
     /// Tells the log the oldest index whose payloads are still needed; segments wholly
     /// before it (and purged) are deleted, on a blocking thread.
     pub fn set_payload_floor(&self, floor: u64) {
