@@ -11,18 +11,23 @@
 #   scripts/cluster.sh logs ID    print node ID's log (LINES=200 by default)
 #   scripts/cluster.sh add        start one more node (--join) and add it to the membership
 #   scripts/cluster.sh remove ID  remove node ID from the membership, then stop it
+#   scripts/cluster.sh rolling-restart [--bin NEW]
+#                                 restart the nodes one at a time, followers first, each once
+#                                 the others lead and it caught up; --bin upgrades to NEW
 #
 # Workers are launched by the nodes themselves (`--launcher local`) when work waits, within
 # the cluster-wide budget (HASHQ_MAX_WORKERS, default 4), and exit when idle.
 #
 # Environment: HASHQ_BASE_PORT (7101), HASHQ_BIN (skip the build and use this binary),
-# HASHQ_MAX_WORKERS (4), HASHQ_NODE_ARGS (extra `hashq node` flags).
+# HASHQ_MAX_WORKERS (4), HASHQ_NODE_ARGS (extra `hashq node` flags), HASHQ_CLUSTER_DIR
+# (.cluster in the repository).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-dir="$root/.cluster"
+dir=${HASHQ_CLUSTER_DIR:-$root/.cluster}
 base_port=${HASHQ_BASE_PORT:-7101}
-bin=${HASHQ_BIN:-$root/target/release/hashq}
+# A rolling upgrade records the binary it moved to: later starts use it too.
+bin=${HASHQ_BIN:-$(cat "$dir/bin" 2>/dev/null || echo "$root/target/release/hashq")}
 
 die() { echo "cluster.sh: $*" >&2; exit 1; }
 port_of() { echo $((base_port + $1 - 1)); }
@@ -190,12 +195,49 @@ remove)
   stop_pidfile "$dir/node-$id.pid"
   echo "node $id removed and stopped"
   ;;
+rolling-restart)
+  [[ -f $dir/size ]] || die "no cluster here; run 'scripts/cluster.sh up'"
+  if [[ ${2:-} == --bin ]]; then
+    [[ -x ${3:-} ]] || die "--bin needs an executable hashq"
+    bin=$(cd "$(dirname "$3")" && pwd)/$(basename "$3")
+  fi
+  [[ -x $bin ]] || die "no binary at $bin"
+  leader=$(wait_for_leader 60) || die "no leader to begin with"
+  order=()
+  for ((i = 1; i <= $(size); i++)); do
+    removed "$i" || [[ $i == "$leader" ]] || order+=("$i")
+  done
+  order+=("$leader")
+  for id in "${order[@]}"; do
+    stop_pidfile "$dir/node-$id.pid"
+    start_node "$id"
+    # Back when it answers, follows (or is) a leader, and has applied what that leader had
+    # committed when it came back.
+    deadline=$((SECONDS + 120)) ok=
+    while ((SECONDS < deadline)); do
+      l=$(leader_of "$id" || true)
+      if [[ -n $l ]]; then
+        target=$(curl -fsS --max-time 2 "http://127.0.0.1:$(port_of "$l")/status" 2>/dev/null |
+          grep -o '"commit_index":[0-9]*' | head -n 1 | cut -d: -f2 || true)
+        mine=$(curl -fsS --max-time 2 "http://127.0.0.1:$(port_of "$id")/status" 2>/dev/null |
+          grep -o '"commit_index":[0-9]*' | head -n 1 | cut -d: -f2 || true)
+        if [[ -n $target && -n $mine ]] && ((mine >= target)); then ok=1; break; fi
+      fi
+      sleep 0.2
+    done
+    [[ -n $ok ]] || die "node $id did not rejoin and catch up within 120s; see scripts/cluster.sh logs $id"
+    echo "node $id restarted ($(basename "$bin")) and caught up"
+  done
+  echo "$bin" >"$dir/bin"
+  leader=$(wait_for_leader 60) || die "no leader after the restarts"
+  echo "rolling restart done; leader is node $leader"
+  ;;
 logs)
   id=${2:-}; [[ $id =~ ^[0-9]+$ ]] || die "logs takes a node id"
   tail -n "${LINES:-200}" "$dir/node-$id.log"
   ;;
 *)
-  sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
   [[ -z $cmd ]] || exit 2
   ;;
 esac
