@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{payload, wait_for, Cluster, Options};
+use common::{enqueue_once, payload, wait_for, Attempt, Cluster, Options};
 use serde_json::Value;
 
 /// What the load client saw.
@@ -41,31 +41,15 @@ async fn load(urls: Arc<Mutex<Vec<String>>>, seen: Arc<Mutex<Seen>>, stop: Arc<A
                 urls[(n + attempt) % urls.len()].clone()
             };
             attempt += 1;
-            let answer = http
-                .put(format!("{url}/enqueue?iterations=1"))
-                .header("idempotency-key", &key)
-                .body(body.clone())
-                .timeout(Duration::from_secs(10))
-                .send()
-                .await;
-            match answer {
-                Ok(a) if a.status() == 200 => {
-                    let v: Value = a.json().await.unwrap();
-                    let id = v["work_id"].as_str().unwrap().to_string();
+            // A node stopped by the test refuses connections (its address leaves `urls`
+            // right after): a retry like a 503.
+            match enqueue_once(&http, &url, &key, &body).await {
+                Attempt::Acked(id) => {
                     seen.lock().unwrap().acked.push((key, body.len(), id));
                     break;
                 }
-                Ok(a) if a.status() == 503 => {}
-                Ok(a) => {
-                    let status = a.status();
-                    let text = a.text().await.unwrap_or_default();
-                    seen.lock()
-                        .unwrap()
-                        .bad
-                        .push(format!("{key}: {status} {text}"));
-                }
-                // A node stopped by the test (its address leaves `urls` right after).
-                Err(_) => {}
+                Attempt::Retry => {}
+                Attempt::Failed(why) => seen.lock().unwrap().bad.push(why),
             }
             assert!(Instant::now() < deadline, "{key} never acknowledged");
             seen.lock().unwrap().retries += 1;

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::payload;
+use common::{enqueue_once, payload, Attempt};
 use serde_json::Value;
 
 /// A cluster started by `scripts/cluster.sh` in its own directory and ports; `down` on drop.
@@ -85,26 +85,15 @@ async fn a_rolling_restart_under_load_fails_no_request() {
                 let key = format!("rr-{n}");
                 let deadline = Instant::now() + Duration::from_secs(30);
                 for attempt in 0.. {
-                    let answer = http
-                        .put(format!("{}/enqueue?iterations=1", urls[(n + attempt) % 3]))
-                        .header("idempotency-key", &key)
-                        .body(payload(n as u64, 100))
-                        .timeout(Duration::from_secs(10))
-                        .send()
-                        .await;
-                    match answer {
-                        Ok(a) if a.status() == 200 => {
-                            let v: Value = a.json().await.unwrap();
-                            acked
-                                .lock()
-                                .unwrap()
-                                .push(v["work_id"].as_str().unwrap().into());
+                    // A node restarting refuses connections: retry elsewhere.
+                    let url = &urls[(n + attempt) % 3];
+                    match enqueue_once(&http, url, &key, &payload(n as u64, 100)).await {
+                        Attempt::Acked(id) => {
+                            acked.lock().unwrap().push(id);
                             break;
                         }
-                        Ok(a) if a.status() == 503 => {}
-                        Ok(a) => bad.lock().unwrap().push(format!("{key}: {}", a.status())),
-                        // A node restarting refuses connections: retry elsewhere.
-                        Err(_) => {}
+                        Attempt::Retry => {}
+                        Attempt::Failed(why) => bad.lock().unwrap().push(why),
                     }
                     assert!(Instant::now() < deadline, "{key} never acknowledged");
                     tokio::time::sleep(Duration::from_millis(20)).await;

@@ -562,3 +562,39 @@ pub async fn worker_call<Req: serde::Serialize, Resp: serde::de::DeserializeOwne
     let bytes = answer.bytes().await.unwrap();
     hashq_proto::codec::decode("answer", &bytes).expect("postcard answer")
 }
+
+/// What one keyed `PUT /enqueue?iterations=1` attempt came to, for load clients that retry.
+pub enum Attempt {
+    Acked(String),
+    /// A 503, or no answer (a node stopped or restarting): retry with the same key.
+    Retry,
+    /// Any other answer: a failure the test reports.
+    Failed(String),
+}
+
+/// One keyed enqueue attempt on `url`.
+pub async fn enqueue_once(http: &reqwest::Client, url: &str, key: &str, body: &[u8]) -> Attempt {
+    let answer = http
+        .put(format!("{url}/enqueue?iterations=1"))
+        .header("idempotency-key", key)
+        .body(body.to_vec())
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await;
+    match answer {
+        Ok(a) if a.status() == 200 => match a.json::<Value>().await {
+            Ok(v) => match v["work_id"].as_str() {
+                Some(id) => Attempt::Acked(id.to_string()),
+                None => Attempt::Failed(format!("{key}: no work_id in {v}")),
+            },
+            Err(_) => Attempt::Retry,
+        },
+        Ok(a) if a.status() == 503 => Attempt::Retry,
+        Ok(a) => {
+            let status = a.status();
+            let text = a.text().await.unwrap_or_default();
+            Attempt::Failed(format!("{key}: {status} {text}"))
+        }
+        Err(_) => Attempt::Retry,
+    }
+}
