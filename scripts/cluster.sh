@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # A local hashq cluster on loopback, for trying it out and for scripts.
 #
-#   scripts/cluster.sh up [N]     build (release), start N nodes (default 3) on 127.0.0.1:7101..,
-#                                 wait for a leader, print the endpoint URLs
+#   scripts/cluster.sh up [N] [--tls]
+#                                 build (release), start N nodes (default 3) on 127.0.0.1:7101..,
+#                                 wait for a leader, print the endpoint URLs; --tls (first up
+#                                 only) creates a cluster CA and node certificates in
+#                                 .cluster/tls and runs every link over TLS
 #   scripts/cluster.sh down       stop every node and worker (data is kept in .cluster/)
 #   scripts/cluster.sh reset      down, then delete .cluster/
 #   scripts/cluster.sh status     each node's process and Raft state
@@ -36,6 +39,12 @@ size() { cat "$dir/size" 2>/dev/null || echo 3; }
 joined() { grep -qx "$1" "$dir/joined" 2>/dev/null; }
 removed() { grep -qx "$1" "$dir/removed" 2>/dev/null; }
 token() { cat "$dir/$1-token"; }
+# A cluster made with `up --tls` keeps its CA in $dir/tls and speaks https only.
+tls() { [[ -f $dir/tls/ca.pem ]]; }
+scheme() { if tls; then echo https; else echo http; fi; }
+url_of() { echo "$(scheme)://127.0.0.1:$(port_of "$1")"; }
+# curl that trusts the cluster CA (and nothing else) in a TLS cluster.
+hq_curl() { if tls; then curl --cacert "$dir/tls/ca.pem" "$@"; else curl "$@"; fi; }
 
 peers() {
   local n=$1 out="" i
@@ -52,9 +61,15 @@ start_node() {
   removed "$id" && die "node $id was removed from the cluster"
   mkdir -p "$dir/$id"
   local members=(--peers "$(peers "$(cat "$dir/founders" 2>/dev/null || echo "$n")")")
-  joined "$id" && members=(--join "http://127.0.0.1:$(port_of "$(any_member "$id")")")
+  joined "$id" && members=(--join "$(url_of "$(any_member "$id")")")
+  local tls_env=()
+  if tls; then
+    "$bin" tls --dir "$dir/tls" --name "node-$id" --host 127.0.0.1 --host localhost >/dev/null ||
+      die "cannot issue node $id's certificate"
+    tls_env=(HASHQ_TLS_CERT="$dir/tls/node-$id.pem" HASHQ_TLS_KEY="$dir/tls/node-$id-key.pem" HASHQ_TLS_CA="$dir/tls/ca.pem")
+  fi
   # shellcheck disable=SC2086
-  HASHQ_CLUSTER_TOKEN=$(token peer) HASHQ_WORKER_TOKEN=$(token worker) HASHQ_ADMIN_TOKEN=$(token admin) \
+  env "${tls_env[@]}" HASHQ_CLUSTER_TOKEN="$(token peer)" HASHQ_WORKER_TOKEN="$(token worker)" HASHQ_ADMIN_TOKEN="$(token admin)" \
   nohup "$bin" node --id "$id" --listen "127.0.0.1:$(port_of "$id")" "${members[@]}" \
     --data-dir "$dir/$id" --launcher local \
     --max-workers "${HASHQ_MAX_WORKERS:-4}" ${HASHQ_NODE_ARGS:-} \
@@ -72,12 +87,14 @@ any_member() {
 }
 
 admin_cli() {
-  HASHQ_ADMIN_TOKEN=$(token admin) "$bin" cluster --endpoints "http://127.0.0.1:$(port_of "$(any_member 0)")" \
-    --timeout 150s "$@"
+  local ca=()
+  tls && ca=(--tls-ca "$dir/tls/ca.pem")
+  HASHQ_ADMIN_TOKEN=$(token admin) "$bin" cluster --endpoints "$(url_of "$(any_member 0)")" \
+    --timeout 150s "${ca[@]}" "$@"
 }
 
 leader_of() {
-  curl -fsS --max-time 1 "http://127.0.0.1:$(port_of "$1")/health" 2>/dev/null |
+  hq_curl -fsS --max-time 1 "$(url_of "$1")/health" 2>/dev/null |
     sed -n 's/.*"leader":\([0-9][0-9]*\).*/\1/p'
 }
 
@@ -106,7 +123,14 @@ stop_pidfile() {
 cmd=${1:-}
 case $cmd in
 up)
-  n=${2:-3}
+  shift
+  n=3 want_tls=
+  for arg in "$@"; do
+    case $arg in
+    --tls) want_tls=1 ;;
+    *) n=$arg ;;
+    esac
+  done
   [[ $n =~ ^[0-9]+$ && $n -ge 1 ]] || die "up takes a node count, got '$n'"
   command -v curl >/dev/null || die "curl is needed"
   if [[ -z ${HASHQ_BIN:-} ]]; then
@@ -119,6 +143,10 @@ up)
   fi
   [[ -f $dir/founders ]] || echo "$n" >"$dir/founders"
   [[ -f $dir/size ]] || echo "$n" >"$dir/size"
+  if [[ -n $want_tls ]] && ! tls; then
+    [[ -f $dir/peer-token ]] && die "$dir holds a plaintext cluster; run 'scripts/cluster.sh reset' first"
+    "$bin" tls --dir "$dir/tls" --name client --host 127.0.0.1 >/dev/null || die "cannot create the cluster CA"
+  fi
   # One credential per audience (peer, worker, admin), made once per cluster; the node reads
   # them from its environment, so they never show on a command line.
   for kind in peer worker admin; do
@@ -127,15 +155,16 @@ up)
   for ((i = 1; i <= $(size); i++)); do removed "$i" || start_node "$i"; done
   leader=$(wait_for_leader 60) || die "no leader after 60s; see scripts/cluster.sh logs 1"
   echo "hashq cluster of $n nodes is up; leader is node $leader"
-  echo "endpoints: $(for ((i = 1; i <= $(size); i++)); do removed "$i" || printf 'http://127.0.0.1:%s ' "$(port_of "$i")"; done)"
+  echo "endpoints: $(for ((i = 1; i <= $(size); i++)); do removed "$i" || printf '%s ' "$(url_of "$i")"; done)"
   echo "admin token (hashq cluster set-max-workers --admin-token ...): $dir/admin-token"
+  if tls; then echo "cluster CA (hashq ... --tls-ca, curl --cacert): $dir/tls/ca.pem"; fi
   ;;
 down)
   # Nodes stop their workers when they stop; workers of a node killed earlier are orphans.
   for f in "$dir"/node-*.pid; do [[ -e $f ]] && stop_pidfile "$f"; done
   if [[ -f $dir/size ]]; then
     ports=$(for ((i = 1; i <= $(size); i++)); do port_of "$i"; done | paste -sd'|')
-    pattern="worker --endpoints http://127\.0\.0\.1:($ports)"
+    pattern="worker --endpoints https?://127\.0\.0\.1:($ports)"
     pkill -TERM -f -- "$pattern" 2>/dev/null || true
     for _ in $(seq 100); do pgrep -f -- "$pattern" >/dev/null || break; sleep 0.1; done
     pkill -KILL -f -- "$pattern" 2>/dev/null || true
@@ -151,15 +180,15 @@ status)
   [[ -f $dir/size ]] || die "no cluster here; run 'scripts/cluster.sh up'"
   for ((i = 1; i <= $(size); i++)); do
     if alive "$dir/node-$i.pid"; then
-      s=$(curl -fsS --max-time 2 "http://127.0.0.1:$(port_of "$i")/status" 2>/dev/null || echo '{}')
+      s=$(hq_curl -fsS --max-time 2 "$(url_of "$i")/status" 2>/dev/null || echo '{}')
       # The node's own state is the first "state" of the document (members' follow).
       state=$(echo "$s" | grep -o '"state":"[a-z]*"' | head -n 1 | cut -d'"' -f4)
-      echo "node $i: pid $(cat "$dir/node-$i.pid"), http://127.0.0.1:$(port_of "$i"), ${state:-not answering}, leader $(leader_of "$i")"
+      echo "node $i: pid $(cat "$dir/node-$i.pid"), $(url_of "$i"), ${state:-not answering}, leader $(leader_of "$i")"
     else
       echo "node $i: down"
     fi
   done
-  workers=$(curl -fsS --max-time 2 "http://127.0.0.1:$(port_of 1)/metrics" 2>/dev/null |
+  workers=$(hq_curl -fsS --max-time 2 "$(url_of 1)/metrics" 2>/dev/null |
     sed -n 's/^hashq_workers{.*state="running"} \([0-9]*\)$/\1/p')
   echo "workers running: ${workers:-unknown} (scripts/cluster.sh up launches them on demand)"
   ;;
@@ -183,9 +212,9 @@ add)
   echo "$id" >>"$dir/joined"
   echo "$id" >"$dir/size"
   start_node "$id"
-  for _ in $(seq 100); do curl -fsS --max-time 1 "http://127.0.0.1:$(port_of "$id")/health" >/dev/null 2>&1 && break; sleep 0.2; done
+  for _ in $(seq 100); do hq_curl -fsS --max-time 1 "$(url_of "$id")/health" >/dev/null 2>&1 && break; sleep 0.2; done
   admin_cli add --id "$id" --addr "127.0.0.1:$(port_of "$id")" >/dev/null || die "adding node $id failed; see scripts/cluster.sh logs $id"
-  echo "node $id added: http://127.0.0.1:$(port_of "$id")"
+  echo "node $id added: $(url_of "$id")"
   ;;
 remove)
   id=${2:-}; [[ $id =~ ^[0-9]+$ && $id -ge 1 && $id -le $(size) ]] || die "remove takes a node id from 1 to $(size)"
@@ -217,9 +246,9 @@ rolling-restart)
     while ((SECONDS < deadline)); do
       l=$(leader_of "$id" || true)
       if [[ -n $l ]]; then
-        target=$(curl -fsS --max-time 2 "http://127.0.0.1:$(port_of "$l")/status" 2>/dev/null |
+        target=$(hq_curl -fsS --max-time 2 "$(url_of "$l")/status" 2>/dev/null |
           grep -o '"commit_index":[0-9]*' | head -n 1 | cut -d: -f2 || true)
-        mine=$(curl -fsS --max-time 2 "http://127.0.0.1:$(port_of "$id")/status" 2>/dev/null |
+        mine=$(hq_curl -fsS --max-time 2 "$(url_of "$id")/status" 2>/dev/null |
           grep -o '"commit_index":[0-9]*' | head -n 1 | cut -d: -f2 || true)
         if [[ -n $target && -n $mine ]] && ((mine >= target)); then ok=1; break; fi
       fi

@@ -41,6 +41,8 @@ enum Command {
     Migrate(cli::MigrateArgs),
     /// Make a stopped node the only voter of its cluster, when a majority is lost for good.
     Recover(cli::RecoverArgs),
+    /// Create the cluster CA (once) and issue a node's certificate with it.
+    Tls(cli::TlsArgs),
 }
 
 /// Runs `main` on a runtime whose threads all carry `name`, so every log line says which
@@ -97,5 +99,6 @@ fn main() -> anyhow::Result<()> {
             init_logging(LogFormat::Text);
             run_named("hashq".into(), cli::recover(args))
         }
+        Command::Tls(args) => cli::tls(args),
     }
 }

@@ -16,6 +16,7 @@ fn options() -> Options {
         proxied: false,
         data_root: None,
         ports: None,
+        tls: false,
         node_args: [
             "--max-iterations",
             "100000",

@@ -41,6 +41,7 @@ fn options(max_workers: u32, extra: &[&str]) -> Options {
         proxied: false,
         data_root: None,
         ports: None,
+        tls: false,
     }
 }
 

@@ -721,6 +721,7 @@ async fn run(p: Profile) {
             proxied: true,
             data_root: fs.as_ref().map(|f| f.mountpoint().to_path_buf()),
             ports: None,
+            tls: false,
         },
         Vec::new(),
         witness,

@@ -89,6 +89,7 @@ async fn a_cluster_written_by_hashq_0_1_is_migrated_and_serves_every_item() {
     let mut cluster = Cluster::start(Options {
         data_root: Some(dir.path().to_path_buf()),
         ports: Some(ports),
+        tls: false,
         node_args: vec!["--max-iterations".into(), "200000000".into()],
         ..Options::default()
     })

@@ -73,9 +73,7 @@ pub async fn run(node: Node) {
         };
         launch_reserved(&node, &launcher, &workers, &mut attempted);
         // A witness leads only to hand over (`watch::hand_over`): it scales nothing.
-        if node.raft().metrics().borrow().state != ServerState::Leader
-            || node.config().role == crate::config::Role::Witness
-        {
+        if node.raft().metrics().borrow().state != ServerState::Leader || node.is_witness() {
             rate.last = None;
             continue;
         }
@@ -253,7 +251,7 @@ fn launch_reserved(
             endpoints: membership
                 .membership()
                 .nodes()
-                .map(|(_, n)| format!("http://{}", n.addr))
+                .map(|(_, n)| node.peers().url(&n.addr, ""))
                 .collect(),
             idle_timeout: node.config().scaling.worker_idle_timeout,
             orphan_timeout: node.config().scaling.worker_orphan_timeout,

@@ -13,18 +13,16 @@ use hashq_proto::api::InitState;
 use hashq_proto::routes::raft::INIT;
 use openraft::BasicNode;
 
-use crate::config::Role;
 use crate::node::Node;
 
 async fn probe(node: &Node, addr: &str) -> Option<InitState> {
-    let mut request = node
-        .http()
-        .get(format!("http://{addr}{INIT}"))
-        .timeout(Duration::from_millis(500));
-    if let Some(token) = &node.config().credentials.peer {
-        request = request.bearer_auth(token);
-    }
-    let answer = request.send().await.ok()?;
+    let answer = node
+        .peers()
+        .request(reqwest::Method::GET, addr, INIT)
+        .timeout(Duration::from_millis(500))
+        .send()
+        .await
+        .ok()?;
     if !answer.status().is_success() {
         tracing::warn!(%addr, status = %answer.status(), "peer refused the init probe (cluster token?)");
         return None;
@@ -60,7 +58,7 @@ pub async fn run(node: Node) {
         } else if answers.len() + 1 >= majority {
             // `initialize` makes the caller stand for election at once, and a witness leads
             // only when no endpoint can: the reachable endpoint with the lowest id does it.
-            let me = (node.config().role != Role::Witness).then_some(node.id());
+            let me = (!node.is_witness()).then_some(node.id());
             let lowest = answers
                 .iter()
                 .filter(|a| !a.witness)

@@ -19,6 +19,8 @@ pub enum ApiError {
     Unauthorized,
     #[error("admin routes are disabled: start the nodes with --admin-token")]
     AdminDisabled,
+    #[error("node-to-node routes need a client certificate from the cluster CA as well as the cluster token")]
+    NoPeerCertificate,
     #[error("{0}")]
     NotFound(String),
     #[error("method not allowed")]
@@ -92,6 +94,9 @@ impl ApiError {
             ApiError::InvalidInput { code, .. } => (StatusCode::BAD_REQUEST, code.as_str(), None),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized", None),
             ApiError::AdminDisabled => (StatusCode::FORBIDDEN, "admin_disabled", None),
+            ApiError::NoPeerCertificate => {
+                (StatusCode::UNAUTHORIZED, "peer_certificate_required", None)
+            }
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found", None),
             ApiError::MethodNotAllowed => {
                 (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", None)

@@ -31,9 +31,7 @@ pub async fn run(node: Node) {
     loop {
         interval.tick().await;
         // A witness leads only to hand over (`watch::hand_over`): no housekeeping meanwhile.
-        if node.raft().metrics().borrow().state != ServerState::Leader
-            || node.config().role == crate::config::Role::Witness
-        {
+        if node.raft().metrics().borrow().state != ServerState::Leader || node.is_witness() {
             continue;
         }
         if let Err(e) = duties(&node).await {

@@ -33,10 +33,12 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
+use hashq_tls::TlsAcceptor;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower::ServiceExt;
 
 use crate::error::ApiError;
 
@@ -77,11 +79,14 @@ impl Default for HttpLimits {
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// Serves `app` on `listener` until `shutdown` completes, then lets requests in progress
-/// finish (for at most `drain`).
+/// finish (for at most `drain`). With `tls`, every connection must complete a TLS handshake
+/// within the header timeout (plaintext is dropped), and each request carries whether its
+/// connection presented a certificate of the cluster CA ([`hashq_tls::PeerCertified`]).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: &HttpLimits,
+    tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -118,10 +123,34 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
-        let conn = builder.serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
+        let Some(tls) = tls.clone() else {
+            let service = TowerToHyperService::new(app.clone());
+            let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+            tokio::spawn(async move {
+                let _ = conn.await;
+                drop(permit);
+            });
+            continue;
+        };
+        let (app, builder) = (app.clone(), builder.clone());
+        let watcher = graceful.watcher();
+        let handshake_timeout = limits.header_timeout;
         tokio::spawn(async move {
+            let stream = match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "TLS handshake refused");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let certified = hashq_tls::peer_certified(&stream);
+            let app = app.map_request(move |mut request: hyper::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(certified);
+                request
+            });
+            let service = TowerToHyperService::new(app);
+            let conn = watcher.watch(builder.serve_connection(TokioIo::new(stream), service));
             let _ = conn.await;
             drop(permit);
         });

@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 
 use hashq_proto::api::Health;
 use hashq_proto::routes::observability::HEALTH;
+use hashq_raft::network::Peers;
 use hashq_raft::{NodeId, Raft};
 use hashq_storage::SmReader;
 
-use crate::config::NodeConfig;
+use crate::config::{NodeConfig, Role};
 use crate::http::{BodyBudget, Capacity};
 use crate::launcher::{LaunchError, Launcher};
 use crate::metrics::NodeMetrics;
@@ -121,7 +122,9 @@ pub struct Parts {
     pub raft: Raft,
     pub reader: SmReader,
     pub proposer: Proposer,
-    pub http: reqwest::Client,
+    pub peers: Peers,
+    /// The listeners' TLS (`--tls-cert`): every connection handshakes first.
+    pub tls: Option<hashq_tls::TlsAcceptor>,
     pub launcher: Arc<dyn Launcher>,
     pub metrics: Arc<NodeMetrics>,
     /// What the store found damaged at open, and the log index to repair up to.
@@ -189,7 +192,20 @@ impl Node {
 
     /// The client this node calls its peers with.
     pub fn http(&self) -> &reqwest::Client {
-        &self.state.parts.http
+        self.state.parts.peers.client()
+    }
+
+    /// Node-to-node calls: the scheme and the peer credential.
+    pub fn peers(&self) -> &Peers {
+        &self.state.parts.peers
+    }
+
+    pub fn tls_acceptor(&self) -> Option<&hashq_tls::TlsAcceptor> {
+        self.state.parts.tls.as_ref()
+    }
+
+    pub fn is_witness(&self) -> bool {
+        self.config().role == Role::Witness
     }
 
     pub fn launcher(&self) -> &Arc<dyn Launcher> {
@@ -258,7 +274,7 @@ impl Node {
     pub async fn probe_health(&self, addr: &str) -> Option<Health> {
         let answer = self
             .http()
-            .get(format!("http://{addr}{HEALTH}"))
+            .get(self.peers().url(addr, HEALTH))
             .timeout(Duration::from_millis(500))
             .send()
             .await

@@ -16,6 +16,7 @@ use hashq_proto::codec::POSTCARD;
 use hashq_proto::routes::internal::PROPOSE;
 use hashq_raft::command::{BatchSlot, Command, Request, Response, StoreLimits};
 use hashq_raft::kv::KvRead;
+use hashq_raft::network::Peers;
 use hashq_raft::{codec, machine, NodeId, Raft};
 use hashq_storage::SmReader;
 use openraft::error::{ClientWriteError, RaftError};
@@ -98,8 +99,7 @@ pub struct Links {
     pub id: NodeId,
     pub raft: Raft,
     pub reader: SmReader,
-    pub http: reqwest::Client,
-    pub token: Option<Arc<str>>,
+    pub peers: Peers,
 }
 
 /// How the proposer batches and what it stamps on the commands it proposes as leader.
@@ -484,17 +484,13 @@ async fn forward(
         // Became leader since the batch was queued.
         return propose(shared, requests).await;
     }
-    let mut builder = shared
+    let response = shared
         .links
-        .http
-        .post(format!("http://{addr}{PROPOSE}"))
+        .peers
+        .request(reqwest::Method::POST, &addr, PROPOSE)
         .header(reqwest::header::CONTENT_TYPE, POSTCARD)
         .timeout(shared.options.request_timeout)
-        .body(codec::encode(&requests));
-    if let Some(token) = &shared.links.token {
-        builder = builder.bearer_auth(token);
-    }
-    let response = builder
+        .body(codec::encode(&requests))
         .send()
         .await
         .map_err(|e| ApiError::Unavailable(format!("leader {leader} at {addr}: {e}")))?;

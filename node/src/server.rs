@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hashq_raft::command::StoreLimits;
-use hashq_raft::network::Network;
+use hashq_raft::network::{Network, Peers};
 use hashq_raft::{NodeId, Raft};
 use hashq_storage::StoreOptions;
 use openraft::SnapshotPolicy;
@@ -37,6 +37,8 @@ pub enum StartError {
     Http(String),
     #[error("launcher: {0}")]
     Launcher(String),
+    #[error("TLS: {0}")]
+    Tls(#[from] hashq_tls::TlsError),
 }
 
 /// A started node with its background loops.
@@ -98,15 +100,22 @@ impl Server {
         .validate()
         .map_err(|e| StartError::RaftConfig(e.to_string()))?;
 
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .pool_max_idle_per_host(64)
             .tcp_nodelay(true)
             .no_proxy()
-            .local_address(config.outbound_addr)
-            .build()
-            .map_err(|e| StartError::Http(e.to_string()))?;
+            .local_address(config.outbound_addr);
+        let mut acceptor = None;
+        if let Some(tls) = &config.tls {
+            // Peers see this node's certificate; this node trusts the cluster CA only.
+            let client = hashq_tls::client_config(&tls.ca, Some((&tls.cert, &tls.key)))?;
+            http = http.tls_backend_preconfigured(client);
+            acceptor = Some(hashq_tls::TlsAcceptor::from(hashq_tls::server_config(tls)?));
+        }
+        let http = http.build().map_err(|e| StartError::Http(e.to_string()))?;
         let token: Option<Arc<str>> = config.credentials.peer.as_deref().map(Arc::from);
-        let network = Network::new(http.clone(), token.clone());
+        let peers = Peers::new(http, config.tls.is_some(), token);
+        let network = Network::new(peers.clone());
         let raft = Raft::new(config.id, Arc::new(raft_config), network, log, sm)
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
@@ -116,8 +125,7 @@ impl Server {
                 id: config.id,
                 raft: raft.clone(),
                 reader: reader.clone(),
-                http: http.clone(),
-                token,
+                peers: peers.clone(),
             },
             ProposerOptions {
                 metrics: Some(metrics.clone()),
@@ -136,7 +144,8 @@ impl Server {
             raft,
             reader,
             proposer,
-            http,
+            peers,
+            tls: acceptor,
             launcher,
             metrics,
             repair: Repair {
@@ -159,7 +168,7 @@ impl Server {
                 crate::proposer::follow_clock_offset_file(path),
             );
         }
-        if node.config().role == Role::Witness {
+        if node.is_witness() {
             tasks.spawn("handover", watch::hand_over(node.clone()));
         }
         match node.config().join.clone() {
@@ -258,11 +267,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let limits = node.config().http.clone();
+    let tls = node.tls_acceptor().cloned();
     let router = match surface {
         Surface::Whole => routes::router(node),
         Surface::Client => routes::client_router(node),
     };
-    crate::http::serve(listener, router, &limits, shutdown).await
+    crate::http::serve(listener, router, &limits, tls, shutdown).await
 }
 
 /// Raises this process's open-file limit to its hard limit: every connection is a file, and

@@ -149,15 +149,12 @@ pub async fn hand_over(node: Node) {
             from: node.id(),
             term: m.current_term,
         };
-        let mut request = node
-            .http()
-            .post(format!("http://{addr}{ELECT}"))
+        let request = node
+            .peers()
+            .request(reqwest::Method::POST, &addr, ELECT)
             .header(reqwest::header::CONTENT_TYPE, POSTCARD)
             .timeout(period)
             .body(hashq_proto::codec::encode(&handover));
-        if let Some(token) = node.config().credentials.peer.as_deref() {
-            request = request.bearer_auth(token);
-        }
         match request.send().await {
             Ok(answer) if answer.status().is_success() => {
                 tracing::info!(heir, term = m.current_term, "witness hands leadership over")

@@ -1,6 +1,6 @@
 //! The Raft RPC client: openraft's network over HTTP with postcard bodies.
 //!
-//! Each RPC is `POST http://<node addr>/raft/{append,vote}` with the peer credential; the
+//! Each RPC is `POST http(s)://<node addr>/raft/{append,vote}` with the peer credential; the
 //! answer is a postcard `Result<response, RaftError>`. A snapshot is one streaming `POST
 //! /raft/snapshot`: a [`SnapshotHeader`] (the leader's vote and the snapshot's metadata),
 //! then the snapshot file as it is on disk, never held in memory; the receiver verifies the
@@ -41,16 +41,58 @@ pub struct SnapshotHeader {
 /// The receiver's answer to a snapshot: installed (with its vote), or why not.
 pub type SnapshotAnswer = Result<SnapshotResponse<NodeId>, String>;
 
-/// Builds connections to peers; shared by all of openraft's replication tasks.
+/// How a node reaches its peers: one HTTP client (which presents this node's certificate
+/// when the cluster runs TLS), the scheme, and the peer credential. Every node-to-node call
+/// goes through it, so none can forget the scheme or the credential.
 #[derive(Clone)]
-pub struct Network {
+pub struct Peers {
     client: reqwest::Client,
+    scheme: &'static str,
     token: Option<Arc<str>>,
 }
 
+impl Peers {
+    pub fn new(client: reqwest::Client, tls: bool, token: Option<Arc<str>>) -> Self {
+        Peers {
+            client,
+            scheme: if tls { "https" } else { "http" },
+            token,
+        }
+    }
+
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    /// `path` on the node at `addr` (`host:port`).
+    pub fn url(&self, addr: &str, path: &str) -> String {
+        format!("{}://{addr}{path}", self.scheme)
+    }
+
+    /// A call to a node-to-node route of the node at `addr`, with the peer credential.
+    pub fn request(
+        &self,
+        method: reqwest::Method,
+        addr: &str,
+        path: &str,
+    ) -> reqwest::RequestBuilder {
+        let request = self.client.request(method, self.url(addr, path));
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+}
+
+/// Builds connections to peers; shared by all of openraft's replication tasks.
+#[derive(Clone)]
+pub struct Network {
+    peers: Peers,
+}
+
 impl Network {
-    pub fn new(client: reqwest::Client, token: Option<Arc<str>>) -> Self {
-        Network { client, token }
+    pub fn new(peers: Peers) -> Self {
+        Network { peers }
     }
 }
 
@@ -60,9 +102,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Connection {
         Connection {
             target,
-            base: format!("http://{}", node.addr),
-            client: self.client.clone(),
-            token: self.token.clone(),
+            addr: node.addr.clone(),
+            peers: self.peers.clone(),
         }
     }
 }
@@ -70,9 +111,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 /// A connection to one peer (HTTP keep-alive underneath).
 pub struct Connection {
     target: NodeId,
-    base: String,
-    client: reqwest::Client,
-    token: Option<Arc<str>>,
+    addr: String,
+    peers: Peers,
 }
 
 /// Why an RPC did not get an answer from the peer's Raft.
@@ -92,22 +132,21 @@ impl Connection {
         Req: Serialize,
         Resp: DeserializeOwned,
     {
-        let mut builder = self
-            .client
-            .post(format!("{}{}", self.base, path))
+        let response = self
+            .peers
+            .request(reqwest::Method::POST, &self.addr, path)
             .header(reqwest::header::CONTENT_TYPE, POSTCARD)
             .timeout(option.hard_ttl())
-            .body(codec::encode(request));
-        if let Some(token) = &self.token {
-            builder = builder.bearer_auth(token);
-        }
-        let response = builder.send().await.map_err(|e| {
-            if e.is_connect() {
-                CallError::Unreachable(e)
-            } else {
-                CallError::Network(e.to_string())
-            }
-        })?;
+            .body(codec::encode(request))
+            .send()
+            .await
+            .map_err(|e| {
+                if e.is_connect() {
+                    CallError::Unreachable(e)
+                } else {
+                    CallError::Network(e.to_string())
+                }
+            })?;
         let status = response.status();
         let body = response
             .bytes()
@@ -183,22 +222,21 @@ impl Connection {
         let size = size + payloads.as_ref().map_or(0, |p| p.size_hint());
         let body = futures::StreamExt::chain(body, payload_stream(payloads));
         let timeout = option.hard_ttl() + Duration::from_secs(size / (10 << 20) + 30);
-        let mut builder = self
-            .client
-            .post(format!("{}{}", self.base, routes::SNAPSHOT))
+        let response = self
+            .peers
+            .request(reqwest::Method::POST, &self.addr, routes::SNAPSHOT)
             .header(reqwest::header::CONTENT_TYPE, SNAPSHOT_STREAM)
             .timeout(timeout)
-            .body(reqwest::Body::wrap_stream(body));
-        if let Some(token) = &self.token {
-            builder = builder.bearer_auth(token);
-        }
-        let response = builder.send().await.map_err(|e| {
-            if e.is_connect() {
-                StreamingError::Unreachable(Unreachable::new(&e))
-            } else {
-                StreamingError::Network(network_error(e.to_string()))
-            }
-        })?;
+            .body(reqwest::Body::wrap_stream(body))
+            .send()
+            .await
+            .map_err(|e| {
+                if e.is_connect() {
+                    StreamingError::Unreachable(Unreachable::new(&e))
+                } else {
+                    StreamingError::Network(network_error(e.to_string()))
+                }
+            })?;
         let status = response.status();
         let body = response
             .bytes()

@@ -34,6 +34,7 @@ fn start_cluster(nodes: usize, http: reqwest::Client) -> anyhow::Result<Cluster>
         node_log: "warn".into(),
         worker_log: "warn".into(),
         http,
+        tls: None,
     });
     let args = ["--launcher", "none", "--max-backlog", "10000000"].map(String::from);
     for id in cluster.ids() {

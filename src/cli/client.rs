@@ -28,8 +28,12 @@ impl Client {
         if target.endpoints.is_empty() {
             bail!("no endpoints given");
         }
+        let mut http = reqwest::Client::builder();
+        if let Some(ca) = &target.tls_ca {
+            http = http.tls_backend_preconfigured(hashq_tls::client_config(ca, None)?);
+        }
         Ok(Client {
-            http: reqwest::Client::builder().build()?,
+            http: http.build()?,
             target: Arc::new(target),
         })
     }

@@ -19,6 +19,9 @@ pub struct WorkerArgs {
     /// Endpoints to start from, comma-separated (the cluster tells the worker the rest).
     #[arg(long, env = "HASHQ_ENDPOINTS", value_delimiter = ',', required = true)]
     pub endpoints: Vec<String>,
+    /// The cluster CA (PEM) of a TLS cluster (`https://` endpoints).
+    #[arg(long, env = "HASHQ_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
     /// The worker credential (the nodes' --worker-token).
     #[arg(long, env = "HASHQ_WORKER_TOKEN", hide_env_values = true)]
     pub worker_token: Option<String>,
@@ -93,6 +96,9 @@ pub struct Target {
     /// The client token, if the cluster requires one.
     #[arg(long, env = "HASHQ_CLIENT_TOKEN", hide_env_values = true)]
     pub client_token: Option<String>,
+    /// The cluster CA (PEM) of a TLS cluster (`https://` endpoints): the only issuer trusted.
+    #[arg(long, env = "HASHQ_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
     /// Give up after this long (retries included).
     #[arg(long, default_value = "30s", value_parser = duration)]
     pub timeout: Duration,
@@ -251,6 +257,44 @@ pub fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
             "workers_dropped": done.workers_dropped,
             "discarded_entries": done.discarded_entries,
             "old_files_kept_in": done.kept_in,
+        })
+    );
+    Ok(())
+}
+
+/// `hashq tls` flags.
+#[derive(clap::Args)]
+pub struct TlsArgs {
+    /// The CA's directory: `ca.pem` and `ca-key.pem` are created here once, then reused;
+    /// certificates are written beside them as `<name>.pem` and `<name>-key.pem`.
+    #[arg(long)]
+    pub dir: std::path::PathBuf,
+    /// The certificate's name (its file names and common name), e.g. `node-1`.
+    #[arg(long)]
+    pub name: String,
+    /// An IP address or DNS name the node is reached at; repeat for several.
+    #[arg(long = "host", required = true)]
+    pub hosts: Vec<String>,
+}
+
+/// `hashq tls`: prints the paths of the node's certificate, key and the CA as JSON.
+pub fn tls(args: TlsArgs) -> anyhow::Result<()> {
+    if args.name.is_empty()
+        || !args
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        anyhow::bail!("--name must be letters, digits, '-' or '_' (it names files)");
+    }
+    let ca = hashq_tls::Ca::open_or_create(&args.dir)?;
+    let files = ca.issue(&args.name, &args.hosts)?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "cert": files.cert,
+            "key": files.key,
+            "ca": files.ca,
         })
     );
     Ok(())

@@ -29,6 +29,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     });
     let config = WorkerConfig {
         endpoints: args.endpoints,
+        tls_ca: args.tls_ca,
         worker_token: args.worker_token.filter(|t| !t.is_empty()),
         slot: args.worker_id.map(WorkerId),
         parent: args.parent,

@@ -14,6 +14,7 @@
 //! is free when it is picked, not necessarily when a node binds it.
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::fs::File;
 use std::future::Future;
 use std::io;
@@ -83,6 +84,9 @@ pub struct Spec {
     pub worker_log: String,
     /// The client every request of the harness goes through.
     pub http: reqwest::Client,
+    /// TLS: the cluster CA's directory ([`hashq_tls::Ca`]); each node gets a certificate
+    /// issued there when it starts, and every URL is `https`.
+    pub tls: Option<PathBuf>,
 }
 
 /// `hashq node` and `hashq worker` processes on loopback, killed on drop.
@@ -98,6 +102,7 @@ pub struct Cluster {
     node_log: String,
     worker_log: String,
     pub http: reqwest::Client,
+    tls: Option<PathBuf>,
     nodes: BTreeMap<u64, Child>,
     workers: Vec<Child>,
 }
@@ -115,6 +120,7 @@ impl Cluster {
             node_log: spec.node_log,
             worker_log: spec.worker_log,
             http: spec.http,
+            tls: spec.tls,
             nodes: BTreeMap::new(),
             workers: Vec::new(),
         }
@@ -149,16 +155,34 @@ impl Cluster {
             .join(",")
     }
 
+    /// `https` for a TLS cluster, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// The cluster CA's certificate, for a TLS cluster.
+    pub fn tls_ca(&self) -> Option<PathBuf> {
+        self.tls.as_deref().map(hashq_tls::Ca::cert_path)
+    }
+
     /// The base URL of node `id` (its own port, not the advertised one).
     pub fn url(&self, id: u64) -> String {
-        format!("http://127.0.0.1:{}", self.ports[id as usize - 1])
+        format!(
+            "{}://127.0.0.1:{}",
+            self.scheme(),
+            self.ports[id as usize - 1]
+        )
     }
 
     /// The endpoint list workers get (the advertised ports).
     pub fn endpoints(&self) -> String {
         self.advertised
             .iter()
-            .map(|p| format!("http://127.0.0.1:{p}"))
+            .map(|p| format!("{}://127.0.0.1:{p}", self.scheme()))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -209,6 +233,20 @@ impl Cluster {
         if let Some(admin) = &self.credentials.admin {
             cmd.args(["--admin-token", admin]);
         }
+        if let Some(dir) = &self.tls {
+            let files = hashq_tls::Ca::open_or_create(dir)
+                .and_then(|ca| ca.issue(&format!("node-{id}"), &["127.0.0.1".into()]))
+                .map_err(|e| Error::Spawn {
+                    what: what.clone(),
+                    source: io::Error::other(e.to_string()),
+                })?;
+            cmd.arg("--tls-cert")
+                .arg(files.cert)
+                .arg("--tls-key")
+                .arg(files.key)
+                .arg("--tls-ca")
+                .arg(files.ca);
+        }
         cmd.args(args)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", &self.node_log);
@@ -226,6 +264,11 @@ impl Cluster {
             .args(["--endpoints", &self.endpoints()])
             .args(["--worker-token", &self.credentials.worker])
             .args(["--idle-timeout", "1h"])
+            .args(
+                self.tls_ca()
+                    .iter()
+                    .flat_map(|ca| [OsStr::new("--tls-ca"), ca.as_os_str()]),
+            )
             .args(args)
             .env("RUST_LOG", &self.worker_log);
         let child = spawn_logged(cmd, &self.worker_log(k), &format!("worker {k}"))?;

@@ -80,6 +80,8 @@ pub struct Options {
     /// The nodes' ports, when they must be these (data dirs whose membership names them);
     /// default: free ports.
     pub ports: Option<Vec<u16>>,
+    /// TLS on every link: a cluster CA, a certificate per node, `https` everywhere.
+    pub tls: bool,
 }
 
 impl Default for Options {
@@ -91,6 +93,7 @@ impl Default for Options {
             proxied: false,
             data_root: None,
             ports: None,
+            tls: false,
         }
     }
 }
@@ -151,9 +154,17 @@ impl Cluster {
         } else {
             (None, None)
         };
+        let dir = tempfile::tempdir().expect("temp dir");
+        let tls = options.tls.then(|| dir.path().join("tls"));
+        let mut http = reqwest::Client::builder().timeout(Duration::from_secs(30));
+        if let Some(tls) = &tls {
+            hashq_tls::Ca::open_or_create(tls).expect("cluster CA");
+            let config = hashq_tls::client_config(&hashq_tls::Ca::cert_path(tls), None).unwrap();
+            http = http.tls_backend_preconfigured(config);
+        }
         let processes = hashq_testkit::Cluster::new(hashq_testkit::Spec {
             binary: binary(),
-            dir: tempfile::tempdir().expect("temp dir"),
+            dir,
             data_root: options.data_root.clone(),
             ports,
             advertised,
@@ -164,10 +175,8 @@ impl Cluster {
             },
             node_log: "info,openraft=warn".into(),
             worker_log: "info".into(),
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .unwrap(),
+            http: http.build().unwrap(),
+            tls,
         });
         let mut cluster = Cluster {
             processes,
@@ -279,9 +288,17 @@ impl Cluster {
         std::process::Command::new(binary())
             .args(["cluster", "--endpoints", &endpoints.join(",")])
             .args(["--admin-token", ADMIN_TOKEN, "--timeout", "150s"])
+            .args(self.tls_args())
             .args(args)
             .output()
             .expect("run hashq cluster")
+    }
+
+    /// `--tls-ca <the cluster CA>` for the CLI of a TLS cluster; nothing otherwise.
+    pub fn tls_args(&self) -> Vec<std::ffi::OsString> {
+        self.tls_ca()
+            .map(|ca| vec!["--tls-ca".into(), ca.into_os_string()])
+            .unwrap_or_default()
     }
 
     /// Starts (or restarts) node `id` with its data directory.

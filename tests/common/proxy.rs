@@ -33,6 +33,62 @@ struct State {
     blocked: HashSet<(u64, u64)>,
     /// Open connections: (from node, to node, the relay task).
     open: Vec<(u64, u64, AbortHandle)>,
+    /// Byte strings to look for in everything relayed ([`Proxy::watch_for`]), and those seen.
+    watched: Arc<Watched>,
+}
+
+#[derive(Default)]
+struct Watched {
+    needles: Mutex<Vec<Vec<u8>>>,
+    seen: Mutex<HashSet<Vec<u8>>>,
+}
+
+impl Watched {
+    fn active(&self) -> bool {
+        !self.needles.lock().unwrap().is_empty()
+    }
+
+    /// Notes every needle in `window` (a relayed chunk after the tail of the previous one).
+    fn scan(&self, window: &[u8]) {
+        for needle in self.needles.lock().unwrap().iter() {
+            if window.windows(needle.len()).any(|w| w == needle.as_slice()) {
+                self.seen.lock().unwrap().insert(needle.clone());
+            }
+        }
+    }
+}
+
+/// Copies `from` to `to`, scanning the bytes (across chunk boundaries) for the needles.
+async fn copy_watching(
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    mut to: impl tokio::io::AsyncWrite + Unpin,
+    watched: Arc<Watched>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let keep = watched
+        .needles
+        .lock()
+        .unwrap()
+        .iter()
+        .map(Vec::len)
+        .max()
+        .unwrap_or(1);
+    let mut window: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        window.extend_from_slice(&buf[..n]);
+        watched.scan(&window);
+        let cut = window.len().saturating_sub(keep);
+        window.drain(..cut);
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
 }
 
 pub struct Proxy {
@@ -69,12 +125,23 @@ impl Proxy {
                     drop(inbound);
                     continue;
                 }
+                let watched = state.lock().unwrap().watched.clone();
                 let relay = tokio::spawn(async move {
                     let _ = inbound.set_nodelay(true);
                     if let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", target)).await {
                         let _ = outbound.set_nodelay(true);
                         let mut inbound = inbound;
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        if watched.active() {
+                            let (in_read, in_write) = inbound.split();
+                            let (out_read, out_write) = outbound.split();
+                            tokio::join!(
+                                copy_watching(in_read, out_write, watched.clone()),
+                                copy_watching(out_read, in_write, watched),
+                            );
+                        } else {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
                     }
                 });
                 if let Some(from) = from {
@@ -104,6 +171,22 @@ impl Proxy {
                 true
             }
         });
+    }
+
+    /// From now on, looks for each of `needles` in every byte relayed either way (on new
+    /// connections); [`Proxy::seen`] tells which appeared in clear.
+    pub fn watch_for(&self, needles: &[&[u8]]) {
+        let s = self.state.lock().unwrap();
+        *s.watched.needles.lock().unwrap() = needles.iter().map(|n| n.to_vec()).collect();
+    }
+
+    /// The watched byte strings that crossed the proxy in clear, as text.
+    pub fn seen(&self) -> Vec<String> {
+        let s = self.state.lock().unwrap();
+        let seen = s.watched.seen.lock().unwrap();
+        seen.iter()
+            .map(|n| String::from_utf8_lossy(n).into_owned())
+            .collect()
     }
 
     /// Restores every link.

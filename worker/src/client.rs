@@ -110,12 +110,8 @@ pub fn normalize_endpoint(raw: &str) -> Result<String, String> {
         format!("http://{trimmed}")
     };
     let url = Url::parse(&with_scheme).map_err(|e| format!("{raw:?} is not a URL: {e}"))?;
-    // The workspace's reqwest is built without a TLS backend: an https endpoint would fail
-    // on every request and look like an endpoint that is down.
-    if url.scheme() != "http" {
-        return Err(format!(
-            "{raw:?}: only http endpoints are supported (this build has no TLS)"
-        ));
+    if url.scheme() != "http" && url.scheme() != "https" {
+        return Err(format!("{raw:?}: an endpoint URL is http:// or https://"));
     }
     if url.host_str().is_none_or(str::is_empty) {
         return Err(format!("{raw:?} has no host"));
@@ -306,11 +302,19 @@ impl EndpointClient {
             }
             None => None,
         };
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT.min(config.request_timeout))
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)
-            .no_proxy()
+            .no_proxy();
+        if let Some(ca) = &config.tls_ca {
+            // The cluster CA is the only issuer trusted; a worker presents no certificate
+            // (its credential is the worker token).
+            let tls = hashq_tls::client_config(ca, None)
+                .map_err(|e| ClientError::Setup(e.to_string()))?;
+            http = http.tls_backend_preconfigured(tls);
+        }
+        let http = http
             .build()
             .map_err(|e| ClientError::Setup(error_chain(&e)))?;
         Ok(EndpointClient {

@@ -47,8 +47,10 @@ pub struct Ec2Parent {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WorkerConfig {
     /// Base URLs of endpoints to start from, e.g. `http://127.0.0.1:7101`. A bare
-    /// `host:port` means `http://host:port`; `https` is refused (no TLS in this build).
+    /// `host:port` means `http://host:port`; a TLS cluster's are `https://`.
     pub endpoints: Vec<String>,
+    /// The cluster CA (PEM) to verify `https` endpoints with, and the only issuer trusted.
+    pub tls_ca: Option<std::path::PathBuf>,
     /// Sent as `Authorization: Bearer <token>` on every worker route.
     pub worker_token: Option<String>,
     /// The budget slot the launcher reserved (`--worker-id`); `None` for a worker started by
@@ -84,6 +86,7 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
             endpoints: Vec::new(),
+            tls_ca: None,
             worker_token: None,
             slot: None,
             parent: None,
@@ -112,7 +115,12 @@ impl WorkerConfig {
             return Err("endpoints: at least one endpoint URL is needed".into());
         }
         for endpoint in &self.endpoints {
-            normalize_endpoint(endpoint).map_err(|e| format!("endpoints: {e}"))?;
+            let url = normalize_endpoint(endpoint).map_err(|e| format!("endpoints: {e}"))?;
+            if url.starts_with("https://") != self.tls_ca.is_some() {
+                return Err(format!(
+                    "endpoints: {url}: https:// endpoints go with a cluster CA (--tls-ca), http:// ones without"
+                ));
+            }
         }
         if let Some(token) = &self.worker_token {
             if token.is_empty() {
@@ -225,6 +233,27 @@ mod tests {
         assert_eq!(d.capacity(), 2);
         assert_eq!(d.handle, format!("pid:{}", std::process::id()));
         assert_eq!(d.idle_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn https_endpoints_go_with_a_cluster_ca_and_http_ones_without() {
+        let tls = |endpoint: &str, ca: Option<&str>| WorkerConfig {
+            endpoints: vec![endpoint.into()],
+            tls_ca: ca.map(Into::into),
+            ..valid()
+        };
+        assert_eq!(
+            tls("https://10.0.0.1:7101", Some("/ca.pem")).validate(),
+            Ok(())
+        );
+        for refused in [
+            tls("https://10.0.0.1:7101", None),
+            tls("http://10.0.0.1:7101", Some("/ca.pem")),
+            tls("10.0.0.1:7101", Some("/ca.pem")),
+        ] {
+            let e = refused.validate().unwrap_err();
+            assert!(e.contains("--tls-ca"), "{e}");
+        }
     }
 
     #[test]

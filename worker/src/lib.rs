@@ -39,9 +39,8 @@
 //!
 //! # Caveats
 //!
-//! - The workspace's reqwest has no TLS backend, so endpoints are plain `http://` and the
-//!   worker credential crosses the network in clear: keep workers and endpoints on a private
-//!   network.
+//! - Without TLS (`https://` endpoints and `tls_ca`) the worker credential crosses the
+//!   network in clear: run a cluster that is not on a private network with TLS.
 //! - Results computed for leases the cluster has already reclaimed (the worker was declared
 //!   lost) are dropped; the items are recomputed by whoever leases them next.
 //! - The parent check has two flavours: locally the parent's `/health`, on EC2

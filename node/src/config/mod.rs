@@ -231,6 +231,17 @@ pub struct NodeArgs {
     /// who can reach the port. Only for a trusted, private network.
     #[arg(long, env = "HASHQ_INSECURE")]
     pub insecure: bool,
+    /// This node's TLS certificate chain (PEM). With --tls-key and --tls-ca, every listener
+    /// speaks TLS only, and this node presents the certificate to its peers.
+    #[arg(long, env = "HASHQ_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "HASHQ_TLS_KEY", requires_all = ["tls_cert", "tls_ca"])]
+    pub tls_key: Option<PathBuf>,
+    /// The cluster CA (PEM): the only issuer this node trusts, for its peers' certificates
+    /// (a peer must present one as well as the cluster token) and when it calls them.
+    #[arg(long, env = "HASHQ_TLS_CA", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
     /// The cluster's name (EC2 tag `hashq:cluster`); workers never mix clusters.
     #[arg(long, env = "HASHQ_CLUSTER_NAME", default_value = "hashq")]
     pub cluster_name: String,
@@ -679,6 +690,8 @@ pub struct NodeConfig {
     pub outbound_addr: Option<std::net::IpAddr>,
     pub data_dir: PathBuf,
     pub credentials: Credentials,
+    /// TLS on every listener and link (`--tls-cert`, `--tls-key`, `--tls-ca`).
+    pub tls: Option<hashq_tls::NodeTls>,
     pub cluster_name: String,
     pub role: Role,
     pub launcher: LauncherKind,

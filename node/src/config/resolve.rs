@@ -17,6 +17,16 @@ impl NodeArgs {
         if self.join.is_some() && self.launcher == LauncherKind::Ec2 {
             return Err(ConfigError::JoinEc2);
         }
+        let tls = match (self.tls_cert, self.tls_key, self.tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => Some(hashq_tls::NodeTls { cert, key, ca }),
+            (None, None, None) => None,
+            _ => return bad("--tls-cert, --tls-key and --tls-ca go together"),
+        };
+        if let Some(join) = &self.join {
+            if tls.is_some() != join.starts_with("https://") {
+                return bad("--join must be an https:// URL with TLS, and an http:// one without");
+            }
+        }
         if self.max_body_bytes == 0 || self.max_iterations == 0 || self.max_top == 0 {
             return bad("--max-body-bytes, --max-iterations and --max-top must be positive");
         }
@@ -70,6 +80,7 @@ impl NodeArgs {
             outbound_addr: self.outbound_addr,
             data_dir: self.data_dir,
             credentials,
+            tls,
             cluster_name: self.cluster_name,
             role: self.role,
             launcher: self.launcher,

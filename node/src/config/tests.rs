@@ -132,3 +132,48 @@ fn a_node_either_founds_with_peers_or_joins() {
     let stranger = try_parse(&["--peers", "1=h:1"]).unwrap().into_config();
     assert!(matches!(stranger, Err(ConfigError::NotAPeer(4))));
 }
+
+#[test]
+fn tls_flags_go_together_and_a_tls_node_joins_over_https() {
+    let base = ["hashq", "--id", "4", "--data-dir", "/tmp/x", "--insecure"];
+    let try_parse = |flags: &[&str]| {
+        <Cli as clap::Parser>::try_parse_from(base.iter().chain(flags)).map(|c| c.node)
+    };
+    let tls = [
+        "--tls-cert",
+        "/c.pem",
+        "--tls-key",
+        "/k.pem",
+        "--tls-ca",
+        "/ca.pem",
+    ];
+    let peers = ["--peers", "4=h:1"];
+    let config = try_parse(&[&peers[..], &tls[..]].concat())
+        .expect("all three")
+        .into_config()
+        .expect("config");
+    let files = config.tls.expect("TLS on");
+    assert_eq!(files.ca, std::path::PathBuf::from("/ca.pem"));
+    for partial in [&tls[..2], &tls[..4], &tls[2..]] {
+        assert!(
+            try_parse(&[&peers[..], partial].concat()).is_err(),
+            "{partial:?} alone"
+        );
+    }
+    let join = |url: &str, with_tls: bool| {
+        let mut flags = vec!["--join", url];
+        if with_tls {
+            flags.extend(tls);
+        }
+        try_parse(&flags).unwrap().into_config()
+    };
+    assert!(join("https://h:1", true).is_ok());
+    assert!(matches!(
+        join("http://h:1", true),
+        Err(ConfigError::Invalid(_))
+    ));
+    assert!(matches!(
+        join("https://h:1", false),
+        Err(ConfigError::Invalid(_))
+    ));
+}

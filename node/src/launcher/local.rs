@@ -7,6 +7,7 @@
 //! their leases back.
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -21,16 +22,24 @@ pub struct LocalLauncher {
     binary: PathBuf,
     log_dir: PathBuf,
     token: Option<String>,
+    /// The cluster CA the workers trust (`--tls-ca`), in a TLS cluster.
+    tls_ca: Option<PathBuf>,
     /// Live children by pid, so a graceful shutdown can stop them.
     children: Arc<Mutex<HashMap<u32, WorkerId>>>,
 }
 
 impl LocalLauncher {
-    pub fn new(binary: PathBuf, log_dir: PathBuf, token: Option<String>) -> Self {
+    pub fn new(
+        binary: PathBuf,
+        log_dir: PathBuf,
+        token: Option<String>,
+        tls_ca: Option<PathBuf>,
+    ) -> Self {
         LocalLauncher {
             binary,
             log_dir,
             token,
+            tls_ca,
             children: Arc::new(Mutex::new(HashMap::new())),
         }
     }
@@ -93,7 +102,14 @@ impl Launcher for LocalLauncher {
                     &humantime::format_duration(spec.orphan_timeout).to_string(),
                 ])
                 .args(["--threads", &spec.threads.to_string()])
+                .args(
+                    self.tls_ca
+                        .iter()
+                        .flat_map(|ca| [OsStr::new("--tls-ca"), ca.as_os_str()]),
+                )
                 .env_remove("HASHQ_CLUSTER_TOKEN")
+                .env_remove("HASHQ_TLS_CERT")
+                .env_remove("HASHQ_TLS_KEY")
                 .env_remove("HASHQ_ADMIN_TOKEN")
                 .env_remove("HASHQ_WORKER_TOKEN")
                 .stdin(Stdio::null())

@@ -22,7 +22,7 @@ use crate::config::{LauncherKind, NodeConfig};
 pub struct LaunchSpec {
     pub worker: WorkerId,
     pub parent: NodeId,
-    /// Client-API base URLs of the members (`http://host:port`).
+    /// Client-API base URLs of the members (`http(s)://host:port`).
     pub endpoints: Vec<String>,
     pub idle_timeout: Duration,
     /// Exit when no endpoint answers for this long.
@@ -103,19 +103,38 @@ pub async fn from_config(config: &NodeConfig) -> Result<Arc<dyn Launcher>, Strin
             config.worker_binary.clone(),
             config.data_dir.join("workers"),
             config.credentials.worker.clone(),
+            config.tls.as_ref().map(|t| t.ca.clone()),
         ))),
         #[cfg(not(feature = "ec2"))]
         LauncherKind::Ec2 => Err(crate::config::ConfigError::NoEc2Build.to_string()),
         #[cfg(feature = "ec2")]
-        LauncherKind::Ec2 => Ok(Arc::new(
-            ec2::Ec2Launcher::new(
-                &config.ec2,
-                &config.cluster_name,
-                config.credentials.worker.as_deref(),
-                config.peer_addr(config.id).map(|a| format!("http://{a}")),
-            )
-            .await
-            .map_err(|e| e.to_string())?,
-        )),
+        LauncherKind::Ec2 => {
+            // Workers on other machines get the cluster CA in their user data.
+            let ca_pem = match &config.tls {
+                Some(tls) => Some(
+                    std::fs::read_to_string(&tls.ca)
+                        .map_err(|e| format!("{}: {e}", tls.ca.display()))?,
+                ),
+                None => None,
+            };
+            let scheme = if config.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            Ok(Arc::new(
+                ec2::Ec2Launcher::new(
+                    &config.ec2,
+                    &config.cluster_name,
+                    config.credentials.worker.as_deref(),
+                    config
+                        .peer_addr(config.id)
+                        .map(|a| format!("{scheme}://{a}")),
+                    ca_pem,
+                )
+                .await
+                .map_err(|e| e.to_string())?,
+            ))
+        }
     }
 }

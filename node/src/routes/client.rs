@@ -225,7 +225,7 @@ async fn forward_read(node: &Node, path: &str, headers: &HeaderMap) -> Result<Re
     Stats::add(&node.stats().forwarded_reads, 1);
     let mut request = node
         .http()
-        .get(format!("http://{addr}{path}"))
+        .get(node.peers().url(&addr, path))
         .header(FORWARDED, node.id().to_string())
         .timeout(node.config().timing.request_timeout);
     if let Some(auth) = headers.get(header::AUTHORIZATION) {

@@ -15,7 +15,6 @@ use hashq_raft::command::Request;
 use tokio_util::io::ReaderStream;
 
 use super::Postcard;
-use crate::config::Role;
 use crate::error::ApiError;
 use crate::node::Node;
 use crate::proposer::Reply;
@@ -70,7 +69,7 @@ async fn propose(
     State(node): State<Node>,
     Postcard(requests): Postcard<Vec<Request>>,
 ) -> Postcard<Vec<Result<Reply, ApiError>>> {
-    if node.config().role == Role::Witness {
+    if node.is_witness() {
         // A witness leads only to hand over to an endpoint (`watch::hand_over`): the
         // forwarder retries until an endpoint leads.
         let handing_over = || {
@@ -90,7 +89,7 @@ async fn elect(
     State(node): State<Node>,
     Postcard(handover): Postcard<Handover>,
 ) -> Result<StatusCode, ApiError> {
-    if node.config().role == Role::Witness {
+    if node.is_witness() {
         return Err(ApiError::Witness);
     }
     if node.repair().until().is_some() {

@@ -146,27 +146,25 @@ async fn remove(
 /// Refuses a change that would leave `voters` without an endpoint that answers, or without
 /// a majority that answers.
 fn refuse_unless_serving(node: &Node, voters: &[NodeId]) -> Result<(), ApiError> {
-    let role_of = |id: NodeId| -> Option<String> {
-        if id == node.id() {
-            Some(node.config().role.as_str().to_string())
-        } else {
-            node.peer_health().get(id).map(|h| h.role)
-        }
-    };
-    let up: Vec<NodeId> = voters
+    // The voters that answer, with the role each says it has.
+    let up: Vec<(NodeId, String)> = voters
         .iter()
-        .copied()
-        .filter(|v| role_of(*v).is_some())
+        .filter_map(|&id| {
+            let role = if id == node.id() {
+                Some(node.config().role.as_str().to_string())
+            } else {
+                node.peer_health().get(id).map(|h| h.role)
+            };
+            role.map(|role| (id, role))
+        })
         .collect();
-    if !up
-        .iter()
-        .any(|v| role_of(*v).as_deref() == Some(Role::Endpoint.as_str()))
-    {
+    if !up.iter().any(|(_, role)| role == Role::Endpoint.as_str()) {
         return Err(ApiError::Conflict(format!(
             "refused: no endpoint that answers would be left among the voters {voters:?}"
         )));
     }
     if up.len() * 2 <= voters.len() {
+        let up: Vec<NodeId> = up.iter().map(|(id, _)| *id).collect();
         return Err(ApiError::Conflict(format!(
             "refused: of the voters left {voters:?} only {up:?} answer, not a majority"
         )));
@@ -184,7 +182,7 @@ async fn on_leader(
 ) -> Result<Option<Response>, ApiError> {
     let m = node.raft().metrics().borrow().clone();
     if m.state == ServerState::Leader {
-        if node.config().role == Role::Witness {
+        if node.is_witness() {
             return Err(ApiError::Unavailable(
                 "the leader is a witness handing over to an endpoint; retry".into(),
             ));
@@ -206,7 +204,7 @@ async fn on_leader(
     };
     let mut request = node
         .http()
-        .request(method, format!("http://{addr}{path}"))
+        .request(method, node.peers().url(&addr, path))
         .header(FORWARDED, "1")
         .header(header::CONTENT_TYPE, "application/json")
         .timeout(CATCH_UP + Duration::from_secs(10))

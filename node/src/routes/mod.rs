@@ -27,12 +27,12 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use hashq_proto::codec::{self, POSTCARD};
+use hashq_tls::PeerCertified;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use subtle::ConstantTimeEq;
 use tower_http::catch_panic::CatchPanicLayer;
 
-use crate::config::Role;
 use crate::error::{error_response, ApiError};
 use crate::http::{self, BodyBudget, BodyRules};
 use crate::node::{Node, Stats};
@@ -212,8 +212,20 @@ pub enum Audience {
     Client,
 }
 
-/// Whether `headers` carry the credential `audience` needs on this node.
-pub fn authorized(node: &Node, audience: Audience, headers: &HeaderMap) -> Result<(), ApiError> {
+/// Whether a request carries the credential `audience` needs on this node (and, for a peer
+/// of a TLS cluster, came over a connection that presented a certificate of the cluster CA).
+pub fn authorized(
+    node: &Node,
+    audience: Audience,
+    headers: &HeaderMap,
+    certified: Option<&PeerCertified>,
+) -> Result<(), ApiError> {
+    if audience == Audience::Peer
+        && node.config().tls.is_some()
+        && certified != Some(&PeerCertified(true))
+    {
+        return Err(ApiError::NoPeerCertificate);
+    }
     let credentials = &node.config().credentials;
     let expected = match audience {
         Audience::Peer => &credentials.peer,
@@ -238,7 +250,8 @@ async fn require(
     request: Request,
     next: Next,
 ) -> Response {
-    match authorized(&node, audience, request.headers()) {
+    let certified = request.extensions().get::<PeerCertified>();
+    match authorized(&node, audience, request.headers(), certified) {
         Ok(()) => next.run(request).await,
         Err(e) => e.into_response(),
     }
@@ -246,7 +259,7 @@ async fn require(
 
 /// Checks that this node serves the client API at all (a witness does not).
 pub fn serves_clients(node: &Node) -> Result<(), ApiError> {
-    if node.config().role == Role::Witness {
+    if node.is_witness() {
         return Err(ApiError::Witness);
     }
     Ok(())

@@ -193,6 +193,6 @@ async fn init_state(State(node): State<Node>) -> Json<InitState> {
     Json(InitState {
         node: node.id(),
         initialized: node.is_initialized().await,
-        witness: node.config().role == crate::config::Role::Witness,
+        witness: node.is_witness(),
     })
 }

@@ -17,7 +17,7 @@ use hashq_proto::WorkerSecret;
 use hashq_raft::command::{Request, Response as SmResponse};
 
 use super::Postcard;
-use crate::config::{millis, Role};
+use crate::config::millis;
 use crate::error::ApiError;
 use crate::node::Node;
 
@@ -31,7 +31,7 @@ pub fn router() -> Router<Node> {
 }
 
 fn serves_workers(node: &Node) -> Result<(), ApiError> {
-    if node.config().role == Role::Witness {
+    if node.is_witness() {
         return Err(ApiError::Witness);
     }
     Ok(())
@@ -59,7 +59,7 @@ async fn register(
     let endpoints = membership
         .membership()
         .nodes()
-        .map(|(id, n)| (*id, format!("http://{}", n.addr)))
+        .map(|(id, n)| (*id, node.peers().url(&n.addr, "")))
         .collect();
     let timing = &node.config().timing;
     tracing::info!(%worker, "worker registered");

@@ -16,11 +16,15 @@ fn endpoints_are_normalized() {
         normalize_endpoint("http://10.0.0.1:7101/prefix/").as_deref(),
         Ok("http://10.0.0.1:7101/prefix")
     );
+    assert_eq!(
+        normalize_endpoint("https://10.0.0.1:7101/").as_deref(),
+        Ok("https://10.0.0.1:7101")
+    );
     for bad in [
         "",
         "/",
         "ftp://host",
-        "https://h:1",
+        "https://",
         "http://",
         "http://h:1/?q=1",
     ] {

@@ -45,8 +45,10 @@ pub struct Ec2Launcher {
     args: Ec2Args,
     cluster: String,
     token: String,
-    /// This node's URL (`http://addr`): workers fetch the binary here first.
+    /// This node's URL (`http(s)://addr`): workers fetch the binary here first.
     node_url: Option<String>,
+    /// The cluster CA (PEM) of a TLS cluster, for the workers' user data.
+    ca_pem: Option<String>,
     /// This node's own instance id: the workers' `hashq:parent`.
     instance_id: String,
     /// The region and endpoint the SDK resolved: the workers use the same.
@@ -64,6 +66,7 @@ impl Ec2Launcher {
         cluster: &str,
         worker_token: Option<&str>,
         node_url: Option<String>,
+        ca_pem: Option<String>,
     ) -> Result<Self, Ec2Error> {
         let args = args.clone();
         let token = worker_token
@@ -97,6 +100,7 @@ impl Ec2Launcher {
         Ok(Ec2Launcher {
             client: aws_sdk_ec2::Client::new(&sdk),
             node_url,
+            ca_pem,
             cluster: cluster.to_owned(),
             token,
             instance_id,
@@ -133,6 +137,7 @@ impl Ec2Launcher {
             orphan_timeout: spec.orphan_timeout,
             parent_check_every: self.args.parent_check_every,
             region: &self.region,
+            ca_pem: self.ca_pem.as_deref(),
             endpoint_url: self.endpoint_url.as_deref(),
         })?;
         let tags = vec![
@@ -416,6 +421,7 @@ mod tests {
             cluster: "prod".into(),
             token: "s3cret-token".into(),
             node_url: Some("http://127.0.0.1:7101".into()),
+            ca_pem: None,
             instance_id: "i-0123456789abcdef0".into(),
             region: "us-east-1".into(),
             endpoint_url: Some(url.to_string()),

@@ -1,5 +1,5 @@
 //! A worker instance's user data: the shell script `worker-user-data.sh` (a `format!`
-//! template: `{worker}`, `{cluster}`, `{parent}`, `{parent_instance}`, `{token}`,
+//! template: `{worker}`, `{cluster}`, `{parent}`, `{parent_instance}`, `{token}`, `{tls}`,
 //! `{binary_urls}` and `{args}` are filled in) and the checks that keep every value in it one
 //! plain word, so no value can break out of its quoting.
 
@@ -41,6 +41,23 @@ pub struct WorkerBoot<'a> {
     pub region: &'a str,
     /// An EC2 API endpoint other than AWS's (an emulator).
     pub endpoint_url: Option<&'a str>,
+    /// The cluster CA (PEM) of a TLS cluster: written to `/etc/hashq/ca.pem`, trusted by
+    /// the binary download and by the worker (`HASHQ_TLS_CA`).
+    pub ca_pem: Option<&'a str>,
+}
+
+/// Whether `pem` is certificates and nothing else (so it cannot end its here-document).
+fn is_certificate_pem(pem: &str) -> bool {
+    let mut lines = 0;
+    let plain = pem.lines().all(|line| {
+        lines += 1;
+        line == "-----BEGIN CERTIFICATE-----"
+            || line == "-----END CERTIFICATE-----"
+            || line
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/' || b == b'=')
+    });
+    plain && lines >= 3 && pem.contains("-----BEGIN CERTIFICATE-----")
 }
 
 fn human(d: Duration) -> String {
@@ -70,6 +87,20 @@ pub fn worker_user_data(boot: &WorkerBoot<'_>) -> Result<String, LaunchError> {
             "the worker credential must be visible ASCII".into(),
         ));
     }
+    let tls = match boot.ca_pem {
+        Some(pem) if is_certificate_pem(pem) => format!(
+            "cat > /etc/hashq/ca.pem <<'HASHQ_CA'\n{}\nHASHQ_CA\nchmod 0644 /etc/hashq/ca.pem\n\
+             echo HASHQ_TLS_CA=/etc/hashq/ca.pem >> /etc/hashq/worker.env\n\
+             curl_tls=(--cacert /etc/hashq/ca.pem)\n",
+            pem.trim_end()
+        ),
+        Some(_) => {
+            return Err(LaunchError::Failed(
+                "the cluster CA file holds more than certificates".into(),
+            ))
+        }
+        None => String::new(),
+    };
     let mut args = format!(
         "worker --worker-id {} --parent {} --handle ${{HASHQ_HANDLE}} --endpoints {} \
          --idle-timeout {} --no-endpoint-exit-after {} --cluster-name {} \
@@ -94,6 +125,7 @@ pub fn worker_user_data(boot: &WorkerBoot<'_>) -> Result<String, LaunchError> {
         parent = boot.parent,
         parent_instance = boot.parent_instance,
         token = boot.token,
+        tls = tls,
         binary_urls = boot.binary_urls.join(" "),
         args = args,
     );
@@ -123,6 +155,7 @@ mod tests {
             orphan_timeout: Duration::from_secs(30),
             parent_check_every: Duration::from_secs(15),
             region: "eu-west-1",
+            ca_pem: None,
             endpoint_url: None,
         }
     }
@@ -172,5 +205,34 @@ mod tests {
         let mut b = boot(&endpoints, &urls);
         b.cluster = "x'; rm -rf /";
         assert!(worker_user_data(&b).is_err());
+    }
+
+    #[test]
+    fn a_tls_cluster_s_workers_trust_its_ca_and_nothing_breaks_out_of_it() {
+        let endpoints = vec!["https://10.0.0.1:7101".to_string()];
+        let urls = vec!["https://10.0.0.1:7101/internal/binary".to_string()];
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIBaz+/==\n-----END CERTIFICATE-----\n";
+        let mut b = boot(&endpoints, &urls);
+        b.ca_pem = Some(pem);
+        let script = worker_user_data(&b).unwrap();
+        assert!(script.contains(&format!(
+            "cat > /etc/hashq/ca.pem <<'HASHQ_CA'\n{}\nHASHQ_CA\n",
+            pem.trim_end()
+        )));
+        assert!(script.contains("echo HASHQ_TLS_CA=/etc/hashq/ca.pem >> /etc/hashq/worker.env"));
+        assert!(script.contains("curl_tls=(--cacert /etc/hashq/ca.pem)"));
+        assert!(script.contains("curl \"${curl_tls[@]}\" -fsS"));
+        // Without TLS the array stays empty and no CA is written.
+        let plain = worker_user_data(&boot(&endpoints, &urls)).unwrap();
+        assert!(!plain.contains("/etc/hashq/ca.pem"));
+        for bad in [
+            "HASHQ_CA\nrm -rf /\n",
+            "-----BEGIN CERTIFICATE-----\nHASHQ_CA\n-----END CERTIFICATE-----",
+            "-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----",
+        ] {
+            let mut b = boot(&endpoints, &urls);
+            b.ca_pem = Some(bad);
+            assert!(worker_user_data(&b).is_err(), "{bad:?} accepted");
+        }
     }
 }

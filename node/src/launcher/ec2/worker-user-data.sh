@@ -12,6 +12,9 @@ HASHQ_WORKER_TOKEN={token}
 HASHQ_LOG_FORMAT=json
 HASHQ_ENV
 
+# A TLS cluster: the cluster CA, the only issuer the worker and curl trust.
+curl_tls=()
+{tls}
 # The worker's handle is this instance's id (IMDSv2).
 imds_token=$(curl -fsS --retry 5 -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 300' http://169.254.169.254/latest/api/token)
 instance_id=$(curl -fsS --retry 5 -H "X-aws-ec2-metadata-token: $imds_token" http://169.254.169.254/latest/meta-data/instance-id)
@@ -25,7 +28,7 @@ sed -n 's/^HASHQ_WORKER_TOKEN=\(.*\)$/Authorization: Bearer \1/p' /etc/hashq/wor
 fetched=
 for round in 1 2 3 4 5 6 7 8 9 10; do
   for url in $binary_urls; do
-    if curl -fsS --connect-timeout 5 --max-time 600 -H @/etc/hashq/auth.header -o /usr/local/bin/hashq.part "$url"; then
+    if curl "${{curl_tls[@]}}" -fsS --connect-timeout 5 --max-time 600 -H @/etc/hashq/auth.header -o /usr/local/bin/hashq.part "$url"; then
       fetched=yes
       break 2
     fi
