@@ -41,6 +41,13 @@
 #   --worker-idle-timeout D  workers end after this long without work (default: 10m)
 #   --key-name NAME          an EC2 key pair for SSH; with --ssh-cidr CIDR, port 22 opens
 #   --state-dir DIR          where the credential files live (default: .hashq-ec2)
+#   --tls                    TLS on every link: a cluster CA in STATE_DIR/NAME.tls (kept there,
+#                            with its key) issues each node a certificate for its private IP
+#                            and the name node-ID.NAME.hashq; nodes get theirs in user data,
+#                            workers the CA. Clients use https://node-ID.NAME.hashq:PORT (map
+#                            the name to the address printed) with --tls-ca STATE_DIR/NAME.tls/ca.pem
+#   --hashq BIN              the local hashq that issues the certificates (default: hashq on
+#                            PATH, else target/release/hashq, else target/debug/hashq)
 #   --no-wait                do not wait for a leader
 #   --destroy                terminate every instance tagged hashq:cluster=NAME (workers
 #                            included), delete its security groups, roles and profiles
@@ -65,6 +72,8 @@ worker_idle_timeout=10m
 key_name=
 ssh_cidr=
 state_dir=.hashq-ec2
+tls=
+hashq_bin=
 wait_for_leader=yes
 destroy=
 
@@ -93,6 +102,8 @@ while [[ $# -gt 0 ]]; do
     --key-name) need "$@"; key_name=$2; shift 2 ;;
     --ssh-cidr) need "$@"; ssh_cidr=$2; shift 2 ;;
     --state-dir) need "$@"; state_dir=$2; shift 2 ;;
+    --tls) tls=yes; shift ;;
+    --hashq) need "$@"; hashq_bin=$2; shift 2 ;;
     --no-wait) wait_for_leader=; shift ;;
     --destroy) destroy=yes; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -122,6 +133,7 @@ awsq() {
 token_file="$state_dir/$name.token"
 worker_token_file="$state_dir/$name.worker-token"
 admin_token_file="$state_dir/$name.admin-token"
+tls_dir="$state_dir/$name.tls"
 tag_filter=(Name=tag:hashq:cluster,Values="$name")
 
 # ---------------------------------------------------------------------------------- destroy
@@ -197,6 +209,7 @@ if [[ -n $destroy ]]; then
   delete_groups
   delete_iam
   rm -f "$token_file" "$worker_token_file" "$admin_token_file"
+  rm -rf "$tls_dir"
   say "cluster $name is gone"
   exit 0
 fi
@@ -213,6 +226,16 @@ fi
 [[ $max_workers =~ ^[0-9]+$ ]] || die "--max-workers must be a whole number"
 [[ $port =~ ^[0-9]+$ && $client_port =~ ^[0-9]+$ && $port != "$client_port" ]] || die "--port and --client-port must be two different ports"
 voters=$((endpoints + witness))
+if [[ -n $tls ]]; then
+  root=$(cd "$(dirname "$0")/.." && pwd)
+  if [[ -z $hashq_bin ]]; then
+    for candidate in "$(command -v hashq || true)" "$root/target/release/hashq" "$root/target/debug/hashq"; do
+      [[ -n $candidate && -x $candidate ]] && { hashq_bin=$candidate; break; }
+    done
+  fi
+  [[ -n $hashq_bin && -x $hashq_bin ]] || die "--tls needs a local hashq to issue certificates (--hashq BIN)"
+  [[ -e $tls_dir/ca.pem ]] && die "$tls_dir exists (an earlier cluster $name?); remove it first"
+fi
 ((voters % 2 == 1)) || say "warning: $voters voters; an odd number tolerates as many failures with one machine less"
 
 if [[ -n $(instances_in pending running stopping stopped) ]] ||
@@ -363,6 +386,27 @@ admin_token=$(new_token)
 printf '%s\n' "$token" >"$token_file"
 printf '%s\n' "$worker_token" >"$worker_token_file"
 printf '%s\n' "$admin_token" >"$admin_token_file"
+if [[ -n $tls ]]; then
+  for ((k = 0; k < voters; k++)); do
+    "$hashq_bin" tls --dir "$tls_dir" --name "node-${ids[$k]}" --host "${ips[$k]}" \
+      --host "node-${ids[$k]}.$name.hashq" >/dev/null || die "cannot issue node ${ids[$k]}'s certificate"
+  done
+  say "cluster CA: $tls_dir/ca.pem (its key, ca-key.pem, issues node certificates: keep it safe)"
+fi
+
+# A node's TLS files, written where the service user can read them, and their variables.
+tls_user_data() { # id -> shell lines
+  local id=$1 file
+  [[ -n $tls ]] || return 0
+  echo 'install -d -o root -g hashq -m 0750 /etc/hashq-tls'
+  for file in ca node node-key; do
+    local src="$tls_dir/$file.pem"
+    [[ $file == node ]] && src="$tls_dir/node-$id.pem"
+    [[ $file == node-key ]] && src="$tls_dir/node-$id-key.pem"
+    printf "cat > /etc/hashq-tls/%s.pem <<'HASHQ_PEM'\n%s\nHASHQ_PEM\n" "$file" "$(cat "$src")"
+  done
+  echo 'chgrp hashq /etc/hashq-tls/*.pem && chmod 0640 /etc/hashq-tls/*.pem'
+}
 
 node_user_data() { # k -> user data of voter k (0-based)
   local id=${ids[$1]} role=${roles[$1]} subnet=${node_subnets[$1]}
@@ -393,7 +437,7 @@ HASHQ_EC2_INSTANCE_TYPE=$worker_instance_type
 HASHQ_EC2_SUBNET=$subnet
 HASHQ_EC2_SECURITY_GROUP=$cluster_sg
 HASHQ_EC2_INSTANCE_PROFILE=hashq-$name-worker$([[ -n $endpoint_url ]] && printf '\nHASHQ_EC2_ENDPOINT_URL=%s' "$endpoint_url")
-HASHQ_LOG_FORMAT=json
+HASHQ_LOG_FORMAT=json$([[ -n $tls ]] && printf '\nHASHQ_TLS_CERT=/etc/hashq-tls/node.pem\nHASHQ_TLS_KEY=/etc/hashq-tls/node-key.pem\nHASHQ_TLS_CA=/etc/hashq-tls/ca.pem')
 HASHQ_ENV
 
 curl -fsSL --retry 10 --retry-delay 3 --retry-all-errors -o /usr/local/bin/hashq.part '$binary_url'$([[ -n $binary_sha256 ]] && printf "\necho '%s  /usr/local/bin/hashq.part' | sha256sum -c -" "$binary_sha256")
@@ -402,6 +446,7 @@ mv /usr/local/bin/hashq.part /usr/local/bin/hashq
 
 id hashq >/dev/null 2>&1 || useradd --system --home-dir /var/lib/hashq --shell /sbin/nologin hashq
 install -d -o hashq -g hashq -m 0700 /var/lib/hashq
+$(tls_user_data "$id")
 cat > /etc/systemd/system/hashq-node.service <<'HASHQ_UNIT'
 [Unit]
 Description=hashq node $id of cluster $name
@@ -465,17 +510,27 @@ while read -r instance address; do
   [[ -n $instance ]] && public_of[$instance]=$address
 done <<<"$(awsq ec2 describe-instances --instance-ids "${launched[@]}" \
   --query 'Reservations[].Instances[].[InstanceId,PublicIpAddress]' | sed 's/\tNone$//')"
-urls=()
+urls=() shown=() curl_args=()
 for ((k = 0; k < voters; k++)); do
   [[ ${roles[$k]} == endpoint ]] || continue
-  address=${public_of[${launched[$k]}]:-}
-  urls+=("http://${address:-${ips[$k]}}:$client_port")
+  address=${public_of[${launched[$k]}]:-${ips[$k]}}
+  if [[ -n $tls ]]; then
+    # The certificate names the node, not its public address (unknown before launch).
+    host="node-${ids[$k]}.$name.hashq"
+    urls+=("https://$host:$client_port")
+    shown+=("https://$host:$client_port  (at $address: map the name to it in DNS or /etc/hosts)")
+    curl_args+=(--resolve "$host:$client_port:$address")
+  else
+    urls+=("http://$address:$client_port")
+    shown+=("http://$address:$client_port")
+  fi
 done
+if [[ -n $tls ]]; then curl_args+=(--cacert "$tls_dir/ca.pem"); fi
 
 leader_elected() {
   local url
   for url in "${urls[@]}"; do
-    if curl -fsS --max-time 3 "$url/health" 2>/dev/null | grep -q '"leader":[0-9]'; then
+    if curl "${curl_args[@]}" -fsS --max-time 3 "$url/health" 2>/dev/null | grep -q '"leader":[0-9]'; then
       return 0
     fi
   done
@@ -491,4 +546,5 @@ if [[ -n $wait_for_leader ]]; then
 fi
 
 echo "hashq cluster $name in $region (admin token in $admin_token_file):"
-printf '  %s\n' "${urls[@]}"
+printf '  %s\n' "${shown[@]}"
+if [[ -n $tls ]]; then echo "cluster CA (hashq ... --tls-ca): $tls_dir/ca.pem"; fi

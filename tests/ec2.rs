@@ -1358,6 +1358,88 @@ async fn the_deploy_script_creates_the_cluster_and_destroy_removes_all_of_it() {
     }
 }
 
+/// `deploy-ec2.sh --tls`: a cluster CA in the state dir, each node's certificate (for its
+/// private IP and its name) and the CA in its user data, https URLs, all gone on destroy.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_deploy_script_gives_every_node_a_certificate_of_one_cluster_ca() {
+    let moto = Moto::start().await;
+    let ec2 = moto.client();
+    let name = "tlsdeploy";
+    let state = tempfile::tempdir().unwrap();
+    let state_dir = state.path().to_str().unwrap().to_string();
+    let hashq = common::binary();
+    let output = deploy(
+        &moto,
+        &[
+            "--name",
+            name,
+            "--ami",
+            "ami-12345678",
+            "--binary-url",
+            "https://downloads.example.com/hashq-x86_64",
+            "--client-cidr",
+            "198.51.100.0/24",
+            "--endpoints",
+            "2",
+            "--witness",
+            "1",
+            "--state-dir",
+            &state_dir,
+            "--tls",
+            "--hashq",
+            hashq.to_str().unwrap(),
+            "--no-wait",
+        ],
+    );
+    let tls_dir = state.path().join(format!("{name}.tls"));
+    let ca = std::fs::read_to_string(tls_dir.join("ca.pem")).expect("the cluster CA");
+    let ca_key = tls_dir.join("ca-key.pem");
+    assert_eq!(
+        std::fs::metadata(&ca_key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(output.contains(&format!("https://node-1.{name}.hashq:8080")), "{output}");
+    assert!(!output.contains("http://"), "{output}");
+    let members = instances(&ec2, &[("hashq:cluster", name)]).await;
+    assert_eq!(members.len(), 3, "{members:?}");
+    for m in &members {
+        let id = &m.tags["hashq:node-id"];
+        let script = user_data(&ec2, &m.id).await;
+        let env: HashMap<&str, &str> = script
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .filter(|(k, _)| k.starts_with("HASHQ_"))
+            .collect();
+        assert_eq!(env["HASHQ_TLS_CERT"], "/etc/hashq-tls/node.pem");
+        assert_eq!(env["HASHQ_TLS_KEY"], "/etc/hashq-tls/node-key.pem");
+        assert_eq!(env["HASHQ_TLS_CA"], "/etc/hashq-tls/ca.pem");
+        let cert = std::fs::read_to_string(tls_dir.join(format!("node-{id}.pem"))).unwrap();
+        let key = std::fs::read_to_string(tls_dir.join(format!("node-{id}-key.pem"))).unwrap();
+        for (file, pem) in [("ca", &ca), ("node", &cert), ("node-key", &key)] {
+            let block = format!(
+                "cat > /etc/hashq-tls/{file}.pem <<'HASHQ_PEM'\n{}\nHASHQ_PEM\n",
+                pem.trim_end()
+            );
+            assert!(script.contains(&block), "node {id}: {file}.pem missing");
+        }
+        // Its own key only, and never the CA's.
+        assert!(!script.contains(std::fs::read_to_string(&ca_key).unwrap().trim()));
+        // The certificate is the CA's and names the node's address: a TLS server with it
+        // answers a client that trusts the CA only.
+        let files = hashq_tls::NodeTls {
+            cert: tls_dir.join(format!("node-{id}.pem")),
+            key: tls_dir.join(format!("node-{id}-key.pem")),
+            ca: tls_dir.join("ca.pem"),
+        };
+        hashq_tls::server_config(&files).expect("a usable node certificate");
+    }
+    deploy(
+        &moto,
+        &["--name", name, "--state-dir", &state_dir, "--destroy"],
+    );
+    assert!(!tls_dir.exists(), "the CA goes with the cluster");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_client_port_serves_the_client_api_and_nothing_else() {
     // The deploy script opens only this port to clients; the cluster's routes must not
