@@ -129,6 +129,12 @@ async fn bad_input_gets_a_clear_json_error_and_the_node_keeps_serving() {
         case(Method::GET, "/work/abc", 400, "invalid_work_id"),
         case(Method::GET, "/work/-1", 400, "invalid_work_id"),
         case(Method::GET, "/work/987654321", 404, "not_found"),
+        case(Method::GET, "/work/987654321?wait=1", 404, "not_found"),
+        case(Method::GET, "/work/1?wait=soon", 400, "invalid_wait"),
+        case(Method::GET, "/work/1?wait=-1", 400, "invalid_wait"),
+        case(Method::GET, "/work/1?wait=1.5s", 400, "invalid_wait"),
+        case(Method::GET, "/work/987654321?wait=99s", 404, "not_found"),
+        case(Method::GET, "/work/1?wait=1&wait=2", 400, "invalid_wait"),
         case(Method::POST, "/worker/lease", 401, "unauthorized"),
         case(Method::POST, "/raft/vote", 401, "unauthorized"),
         case(Method::POST, "/internal/propose", 401, "unauthorized"),
@@ -317,12 +323,53 @@ async fn idempotency_keys_hold_across_nodes_and_an_item_shows_its_whole_life() {
         assert!(work.get("value").is_none());
     }
 
+    // A long poll on an item nothing works on answers with its state when the wait ends.
+    let asked = std::time::Instant::now();
+    let work = cluster
+        .get_json(2, &format!("/work/{id}?wait=700ms"))
+        .await
+        .unwrap();
+    let waited = asked.elapsed();
+    assert_eq!(work["status"], "queued", "{work}");
+    assert!(
+        waited >= Duration::from_millis(700) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+    // Long polls on a follower (relayed to the leader) and on the leader answer once the
+    // item completes, within moments of it: woken by the apply, not by polling.
+    let long_poll = |node: u64| {
+        let http = cluster.http.clone();
+        let url = format!("{}/work/{id}?wait=25s", cluster.url(node));
+        tokio::spawn(async move {
+            let answer: Value = http.get(url).send().await.unwrap().json().await.unwrap();
+            (answer, std::time::Instant::now())
+        })
+    };
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).await;
+    let follower = cluster.ids().into_iter().find(|n| *n != leader).unwrap();
+    let polls = [long_poll(follower), long_poll(leader)];
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        polls.iter().all(|p| !p.is_finished()),
+        "a long poll answered early"
+    );
     cluster.start_worker(&[]);
     let work = wait_for("completion", Duration::from_secs(30), || async {
         let w = cluster.get_json(3, &format!("/work/{id}")).await?;
         (w["status"] == "completed").then_some(w)
     })
     .await;
+    let seen_completed = std::time::Instant::now();
+    for poll in polls {
+        let (answer, at) = poll.await.unwrap();
+        assert_eq!(answer["status"], "completed", "{answer}");
+        assert_eq!(answer["value"], reference(&data, 1000));
+        assert!(
+            at <= seen_completed + Duration::from_millis(200),
+            "the long poll answered {:?} after a plain read saw the completion",
+            at.saturating_duration_since(seen_completed)
+        );
+    }
     assert_eq!(work["attempts"], 1);
     assert_eq!(work["value"], reference(&data, 1000));
     wait_for("the other completion", Duration::from_secs(30), || async {

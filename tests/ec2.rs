@@ -1398,7 +1398,10 @@ async fn the_deploy_script_gives_every_node_a_certificate_of_one_cluster_ca() {
         std::fs::metadata(&ca_key).unwrap().permissions().mode() & 0o777,
         0o600
     );
-    assert!(output.contains(&format!("https://node-1.{name}.hashq:8080")), "{output}");
+    assert!(
+        output.contains(&format!("https://node-1.{name}.hashq:8080")),
+        "{output}"
+    );
     assert!(!output.contains("http://"), "{output}");
     let members = instances(&ec2, &[("hashq:cluster", name)]).await;
     assert_eq!(members.len(), 3, "{members:?}");

@@ -18,9 +18,17 @@ async fn schemathesis_finds_no_server_error_and_no_schema_mismatch() {
         "schemathesis is not installed: `python3 -m pip install schemathesis` (scripts/test.sh does it)"
     );
     let cluster = Cluster::start(Options {
-        node_args: ["--max-iterations", "1000", "--max-body-bytes", "65536"]
-            .map(String::from)
-            .to_vec(),
+        // Long polls (`GET /work/{id}?wait=`) last at most a second here.
+        node_args: [
+            "--max-iterations",
+            "1000",
+            "--max-body-bytes",
+            "65536",
+            "--max-wait",
+            "1s",
+        ]
+        .map(String::from)
+        .to_vec(),
         ..Options::default()
     })
     .await;

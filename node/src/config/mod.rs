@@ -291,6 +291,10 @@ pub struct NodeArgs {
     /// Largest `top` accepted by pullCompleted.
     #[arg(long, env = "HASHQ_MAX_TOP", default_value_t = Limits::default().max_top)]
     pub max_top: u32,
+    /// Longest long poll (`GET /work/{id}?wait=30s`); longer waits are cut to it. A waiting
+    /// request holds one client slot and no CPU.
+    #[arg(long, env = "HASHQ_MAX_WAIT", default_value = show_duration(Limits::default().max_wait), value_parser = duration)]
+    pub max_wait: Duration,
     /// Items stored (queued, running, completed but not pulled, dead) beyond which enqueue
     /// answers 429; enforced at apply, so concurrent enqueues never overshoot.
     #[arg(long, env = "HASHQ_MAX_BACKLOG", default_value_t = Limits::default().max_backlog)]
@@ -469,6 +473,8 @@ pub struct Limits {
     pub max_body_bytes: usize,
     pub max_iterations: u32,
     pub max_top: u32,
+    /// Longest long-poll (`wait=`) accepted.
+    pub max_wait: Duration,
     pub max_backlog: u64,
     pub max_backlog_bytes: u64,
     pub max_attempts: u32,
@@ -488,6 +494,7 @@ impl Default for Limits {
             max_body_bytes: 1 << 20,
             max_iterations: 10_000_000,
             max_top: 1000,
+            max_wait: Duration::from_secs(30),
             max_backlog: 1_000_000,
             max_backlog_bytes: 4 << 30,
             max_attempts: 5,

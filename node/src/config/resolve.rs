@@ -100,6 +100,7 @@ impl NodeArgs {
                 max_body_bytes: self.max_body_bytes,
                 max_iterations: self.max_iterations,
                 max_top: self.max_top,
+                max_wait: self.max_wait,
                 max_backlog: self.max_backlog,
                 max_backlog_bytes: self.max_backlog_bytes,
                 max_attempts: self.max_attempts,

@@ -32,7 +32,7 @@ async fn dashboard() -> Response {
 }
 
 /// The OpenAPI document of the client and admin routes, with this node's limits in it
-/// (`--max-iterations`, `--max-top`, `--max-body-bytes`), so a client or a fuzzer reading it
+/// (`--max-iterations`, `--max-top`, `--max-body-bytes`, `--max-wait`), so a client or a fuzzer reading it
 /// knows exactly what is accepted.
 async fn openapi(State(node): State<Node>) -> Response {
     let limits = &node.config().limits;
@@ -54,6 +54,10 @@ async fn openapi(State(node): State<Node>) -> Response {
     set(
         "/paths/~1pullCompleted/post/parameters/0/schema/maximum",
         json!(limits.max_top),
+    );
+    set(
+        "/paths/~1work~1{id}/get/parameters/1/schema/x-max-wait-ms",
+        json!(limits.max_wait.as_millis() as u64),
     );
     ([(header::CONTENT_TYPE, "application/json")], Json(doc)).into_response()
 }

@@ -3,6 +3,8 @@
 //! health are in [`super::observability`], the dashboard page and the OpenAPI document in
 //! [`super::assets`].
 
+use std::time::Duration;
+
 use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, RawQuery, State};
@@ -18,7 +20,7 @@ use hashq_raft::machine;
 use hashq_raft::types::{Item, Status};
 use hashq_raft::WorkId;
 
-use super::{count_param, query_pairs, serves_clients};
+use super::{count_param, query_pairs, serves_clients, wait_param};
 use crate::error::ApiError;
 use crate::node::{Node, Stats};
 
@@ -175,10 +177,15 @@ fn work_view(id: WorkId, item: Item) -> WorkView {
 async fn work(
     State(node): State<Node>,
     id: Result<Path<String>, PathRejection>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     serves_clients(&node)?;
     let work_id = parse_work_id(id)?;
+    let wait = wait_param(
+        &query_pairs(query.as_deref()),
+        node.config().limits.max_wait,
+    )?;
     // A linearizable read: on the leader after confirming leadership, else at the leader.
     let confirmed = tokio::time::timeout(
         node.config().timing.request_timeout,
@@ -190,14 +197,47 @@ async fn work(
     })?;
     match confirmed {
         Ok(_) => {
-            let item = machine::item(&node.reader().view(), work_id)?
-                .ok_or_else(|| ApiError::NotFound(format!("no work item {work_id}")))?;
+            let item = wait_for_final(&node, work_id, wait).await?;
             Ok(Json(work_view(work_id, item)).into_response())
         }
         Err(_) if headers.contains_key(FORWARDED) => Err(ApiError::NoLeader {
             reason: "leadership moved while the read was forwarded".into(),
         }),
-        Err(_) => forward_read(&node, &routes::work(work_id), &headers).await,
+        Err(_) => {
+            let path = match query.as_deref() {
+                Some(q) if wait > Duration::ZERO => format!("{}?{q}", routes::work(work_id)),
+                _ => routes::work(work_id),
+            };
+            forward_read(&node, &path, &headers, wait).await
+        }
+    }
+}
+
+/// The item as of now, or, when it is not final yet (`queued`, `running`), as soon as an
+/// apply makes it final or `wait` ends, whichever comes first. Woken by applies only: a
+/// waiting request costs no CPU between them. Once leadership was confirmed at the start,
+/// each later state this node applies is a committed one, so the answer stays a valid
+/// read of the item (at worst, after a leader change, one that is `wait` old).
+async fn wait_for_final(node: &Node, work_id: WorkId, wait: Duration) -> Result<Item, ApiError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut applied = node.reader().subscribe();
+    loop {
+        let item = machine::item(&node.reader().view(), work_id)?
+            .ok_or_else(|| ApiError::NotFound(format!("no work item {work_id}")))?;
+        if matches!(
+            item.status,
+            Status::Completed | Status::Pulled | Status::Dead
+        ) {
+            return Ok(item);
+        }
+        tokio::select! {
+            changed = applied.changed() => {
+                if changed.is_err() {
+                    return Ok(item);
+                }
+            }
+            () = tokio::time::sleep_until(deadline) => return Ok(item),
+        }
     }
 }
 
@@ -217,8 +257,14 @@ fn parse_work_id(id: Result<Path<String>, PathRejection>) -> Result<WorkId, ApiE
     id.parse().map_err(|_| bad(&id))
 }
 
-/// Relays a read to the leader and its answer back.
-async fn forward_read(node: &Node, path: &str, headers: &HeaderMap) -> Result<Response, ApiError> {
+/// Relays a read to the leader and its answer back; `wait` is how long the leader may hold
+/// it (a long poll) before its usual time.
+async fn forward_read(
+    node: &Node,
+    path: &str,
+    headers: &HeaderMap,
+    wait: Duration,
+) -> Result<Response, ApiError> {
     let (leader, addr) = node.proposer().leader().ok_or_else(|| ApiError::NoLeader {
         reason: "no leader to read from".into(),
     })?;
@@ -227,7 +273,7 @@ async fn forward_read(node: &Node, path: &str, headers: &HeaderMap) -> Result<Re
         .http()
         .get(node.peers().url(&addr, path))
         .header(FORWARDED, node.id().to_string())
-        .timeout(node.config().timing.request_timeout);
+        .timeout(node.config().timing.request_timeout + wait);
     if let Some(auth) = headers.get(header::AUTHORIZATION) {
         request = request.header(header::AUTHORIZATION, auth.clone());
     }

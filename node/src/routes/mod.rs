@@ -19,6 +19,7 @@ pub mod worker;
 use std::any::Any;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
@@ -295,6 +296,36 @@ pub fn query_pairs(raw: Option<&str>) -> Vec<(String, String)> {
             .collect()
     })
     .unwrap_or_default()
+}
+
+/// An optional `wait` query parameter: whole seconds (`10`, `10s`) or milliseconds
+/// (`500ms`), cut to `max` (`--max-wait`); absent means no wait.
+pub fn wait_param(pairs: &[(String, String)], max: Duration) -> Result<Duration, ApiError> {
+    let mut values = pairs.iter().filter(|(k, _)| k == "wait").map(|(_, v)| v);
+    let Some(raw) = values.next() else {
+        return Ok(Duration::ZERO);
+    };
+    let bad = |why: String| ApiError::invalid("invalid_wait", why);
+    if values.next().is_some() {
+        return Err(bad("query parameter `wait` is given more than once".into()));
+    }
+    let (digits, unit_ms) = if let Some(ms) = raw.strip_suffix("ms") {
+        (ms, 1)
+    } else {
+        (raw.strip_suffix('s').unwrap_or(raw), 1000)
+    };
+    let wait =
+        (!digits.is_empty() && digits.len() <= 9 && digits.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| digits.parse::<u64>().ok())
+            .flatten()
+            .map(|n| Duration::from_millis(n * unit_ms))
+            .ok_or_else(|| {
+                bad(format!(
+                    "`wait` is whole seconds (`10`, `10s`) or milliseconds (`500ms`), got `{}`",
+                    raw.chars().take(40).collect::<String>()
+                ))
+            })?;
+    Ok(wait.min(max))
 }
 
 /// A required whole-number query parameter in `1..=max`, with a clear error for each way it
