@@ -33,6 +33,8 @@ enum Command {
     Pull(cli::PullArgs),
     /// Show the cluster's status as one node sees it.
     Status(cli::StatusArgs),
+    /// Work items: `hashq work get ID [--wait 30s]`.
+    Work(cli::WorkArgs),
     /// Cluster administration.
     Cluster(cli::ClusterArgs),
     /// Start a cluster on loopback, run a fixed workload, print the figures as JSON.
@@ -89,6 +91,7 @@ fn main() -> anyhow::Result<()> {
         Command::Enqueue(args) => run_named("hashq".into(), cli::client::enqueue(args)),
         Command::Pull(args) => run_named("hashq".into(), cli::client::pull(args)),
         Command::Status(args) => run_named("hashq".into(), cli::client::status(args)),
+        Command::Work(args) => run_named("hashq".into(), cli::client::work(args)),
         Command::Cluster(args) => run_named("hashq".into(), cli::client::cluster(args)),
         Command::Bench(args) => run_named("bench".into(), cli::bench::run(args)),
         Command::Migrate(args) => {

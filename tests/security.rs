@@ -714,6 +714,21 @@ async fn a_tls_cluster_works_end_to_end_and_refuses_plaintext_and_strangers() {
         })
         .collect();
     assert_eq!(ids.len(), files.len());
+    // The CLI's long poll: answers once the workers the nodes launched completed the item.
+    let mut get: Vec<std::ffi::OsString> = vec!["work".into()];
+    get.extend(target.iter().cloned());
+    get.extend([
+        "get".into(),
+        ids[0].clone().into(),
+        "--wait".into(),
+        "25s".into(),
+    ]);
+    let item = cli_json(&get);
+    assert_eq!(item["status"], "completed", "{item}");
+    assert_eq!(
+        item["value"].as_str(),
+        Some(common::reference(&common::payload(0, 2000), 5000).as_str())
+    );
     let mut results = std::collections::HashMap::new();
     wait_for("every result over TLS", Duration::from_secs(90), || {
         let mut pull: Vec<std::ffi::OsString> = vec!["pull".into(), "--top".into(), "10".into()];

@@ -1,4 +1,4 @@
-//! The client commands: enqueue, pull, status, cluster.
+//! The client commands: enqueue, pull, status, work, cluster.
 //!
 //! Every write carries an `Idempotency-Key`, so the CLI retries through failovers (on the next
 //! endpoint when one is down) without enqueueing twice or losing a pulled result.
@@ -14,7 +14,9 @@ use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use tokio::sync::Semaphore;
 
-use super::{ClusterArgs, ClusterCommand, EnqueueArgs, PullArgs, StatusArgs, Target};
+use super::{
+    ClusterArgs, ClusterCommand, EnqueueArgs, PullArgs, StatusArgs, Target, WorkArgs, WorkCommand,
+};
 
 /// An HTTP client that fails over between endpoints and retries what is safe to retry.
 #[derive(Clone)]
@@ -199,6 +201,27 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         return Err(fail(status, &body));
     }
     println!("{}", serde_json::to_string_pretty(&body)?);
+    Ok(())
+}
+
+pub async fn work(args: WorkArgs) -> anyhow::Result<()> {
+    match args.command {
+        WorkCommand::Get { id, wait } => {
+            let mut target = args.target;
+            let mut path = api::work(hashq_proto::WorkId(id));
+            if let Some(wait) = wait {
+                // The answer may take the whole wait: on top of the usual deadline.
+                target.timeout += wait;
+                path = format!("{path}?wait={}ms", wait.as_millis());
+            }
+            let client = Client::new(target)?;
+            let (status, body) = client.send(Method::GET, &path, None, None).await?;
+            if !status.is_success() {
+                return Err(fail(status, &body));
+            }
+            println!("{}", serde_json::to_string_pretty(&body)?);
+        }
+    }
     Ok(())
 }
 

@@ -137,6 +137,28 @@ pub struct StatusArgs {
     pub target: Target,
 }
 
+/// `hashq work` flags.
+#[derive(clap::Args)]
+pub struct WorkArgs {
+    #[command(flatten)]
+    pub target: Target,
+    #[command(subcommand)]
+    pub command: WorkCommand,
+}
+
+#[derive(clap::Subcommand)]
+pub enum WorkCommand {
+    /// Show one item: status, iterations, attempts, and its value once completed.
+    Get {
+        /// The work id `hashq enqueue` printed.
+        id: u64,
+        /// Wait up to this long for the item to be completed, pulled or dead (a long poll;
+        /// the nodes cut it to their --max-wait, 30s by default).
+        #[arg(long, value_parser = duration)]
+        wait: Option<Duration>,
+    },
+}
+
 /// `hashq cluster` subcommands.
 #[derive(clap::Args)]
 pub struct ClusterArgs {
