@@ -66,6 +66,26 @@ fn text_of(dom: &str, id: &str) -> String {
     dom[open_end..close].trim().to_string()
 }
 
+/// The points of the polyline with `id` in a dumped DOM.
+fn points_of(dom: &str, id: &str) -> Vec<(f64, f64)> {
+    let start = dom
+        .find(&format!("id=\"{id}\""))
+        .unwrap_or_else(|| panic!("no #{id} in the page"));
+    let element = &dom[start..start + dom[start..].find('>').unwrap()];
+    let Some(at) = element.find("points=\"") else {
+        return Vec::new();
+    };
+    let points = &element[at + 8..];
+    let points = &points[..points.find('"').unwrap()];
+    points
+        .split_whitespace()
+        .map(|p| {
+            let (x, y) = p.split_once(',').expect("x,y");
+            (x.parse().unwrap(), y.parse().unwrap())
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_dashboard_shows_the_live_cluster_in_a_real_browser() {
     let mut cluster = Cluster::start(Options::default()).await;
@@ -115,6 +135,32 @@ async fn the_dashboard_shows_the_live_cluster_in_a_real_browser() {
     let members = &members[..members.find("</tbody>").unwrap()];
     assert_eq!(members.matches("<tr>").count(), 3, "{members}");
     assert!(members.contains("leader"));
+    // The charts carry points: one per poll (rates from the second poll on).
+    for (line, at_least) in [
+        ("line_queued", 3),
+        ("line_workers", 3),
+        ("line_budget", 3),
+        ("line_enq", 2),
+        ("line_done", 2),
+    ] {
+        let points = points_of(&dom, line);
+        assert!(
+            points.len() >= at_least,
+            "chart {line} has {} points: {points:?}",
+            points.len()
+        );
+        for (x, y) in &points {
+            assert!(
+                (0.0..=600.0).contains(x) && (0.0..=100.0).contains(y),
+                "{line}: ({x}, {y})"
+            );
+        }
+    }
+    // The budget line sits at the top of its chart (the largest value shown is 8).
+    assert_eq!(text_of(&dom, "max_workers"), "8");
+    assert!(points_of(&dom, "line_budget")
+        .iter()
+        .all(|(_, y)| *y < 10.0));
     // The worker list shows the hand-started worker.
     let workers = &dom[dom.find("id=\"worker_list\"").unwrap()..];
     let workers = &workers[..workers.find("</tbody>").unwrap()];
