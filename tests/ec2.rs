@@ -1138,6 +1138,39 @@ fn deploy(moto: &Moto, args: &[&str]) -> String {
     stdout
 }
 
+/// Deploys cluster `name` against moto: two endpoints and a witness, state in `state_dir`,
+/// no wait for a leader, then `extra` flags.
+fn deploy_three_voters(moto: &Moto, name: &str, state_dir: &str, extra: &[&str]) -> String {
+    let mut args = vec![
+        "--name",
+        name,
+        "--ami",
+        "ami-12345678",
+        "--binary-url",
+        "https://downloads.example.com/hashq-x86_64",
+        "--client-cidr",
+        "198.51.100.0/24",
+        "--endpoints",
+        "2",
+        "--witness",
+        "1",
+        "--state-dir",
+        state_dir,
+        "--no-wait",
+    ];
+    args.extend(extra);
+    deploy(moto, &args)
+}
+
+/// The `HASHQ_*` variables a node's user data sets.
+fn user_data_env(script: &str) -> HashMap<&str, &str> {
+    script
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .filter(|(k, _)| k.starts_with("HASHQ_"))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_deploy_script_creates_the_cluster_and_destroy_removes_all_of_it() {
     let moto = Moto::start().await;
@@ -1145,28 +1178,7 @@ async fn the_deploy_script_creates_the_cluster_and_destroy_removes_all_of_it() {
     let name = "deploytest";
     let state = tempfile::tempdir().unwrap();
     let state_dir = state.path().to_str().unwrap().to_string();
-    let output = deploy(
-        &moto,
-        &[
-            "--name",
-            name,
-            "--ami",
-            "ami-12345678",
-            "--binary-url",
-            "https://downloads.example.com/hashq-x86_64",
-            "--client-cidr",
-            "198.51.100.0/24",
-            "--endpoints",
-            "2",
-            "--witness",
-            "1",
-            "--max-workers",
-            "5",
-            "--state-dir",
-            &state_dir,
-            "--no-wait",
-        ],
-    );
+    let output = deploy_three_voters(&moto, name, &state_dir, &["--max-workers", "5"]);
 
     // Two groups: clients reach the client port from the chosen CIDR only; the cluster port
     // is open only to members of the cluster's own group.
@@ -1271,11 +1283,7 @@ async fn the_deploy_script_creates_the_cluster_and_destroy_removes_all_of_it() {
             }
         );
         let script = user_data(&ec2, &m.id).await;
-        let env: HashMap<&str, &str> = script
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .filter(|(k, _)| k.starts_with("HASHQ_"))
-            .collect();
+        let env = user_data_env(&script);
         assert_eq!(env["HASHQ_ID"], node_id);
         assert_eq!(env["HASHQ_ROLE"], role);
         assert_eq!(env["HASHQ_LAUNCHER"], "ec2");
@@ -1368,28 +1376,11 @@ async fn the_deploy_script_gives_every_node_a_certificate_of_one_cluster_ca() {
     let state = tempfile::tempdir().unwrap();
     let state_dir = state.path().to_str().unwrap().to_string();
     let hashq = common::binary();
-    let output = deploy(
+    let output = deploy_three_voters(
         &moto,
-        &[
-            "--name",
-            name,
-            "--ami",
-            "ami-12345678",
-            "--binary-url",
-            "https://downloads.example.com/hashq-x86_64",
-            "--client-cidr",
-            "198.51.100.0/24",
-            "--endpoints",
-            "2",
-            "--witness",
-            "1",
-            "--state-dir",
-            &state_dir,
-            "--tls",
-            "--hashq",
-            hashq.to_str().unwrap(),
-            "--no-wait",
-        ],
+        name,
+        &state_dir,
+        &["--tls", "--hashq", hashq.to_str().unwrap()],
     );
     let tls_dir = state.path().join(format!("{name}.tls"));
     let ca = std::fs::read_to_string(tls_dir.join("ca.pem")).expect("the cluster CA");
@@ -1408,11 +1399,7 @@ async fn the_deploy_script_gives_every_node_a_certificate_of_one_cluster_ca() {
     for m in &members {
         let id = &m.tags["hashq:node-id"];
         let script = user_data(&ec2, &m.id).await;
-        let env: HashMap<&str, &str> = script
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .filter(|(k, _)| k.starts_with("HASHQ_"))
-            .collect();
+        let env = user_data_env(&script);
         assert_eq!(env["HASHQ_TLS_CERT"], "/etc/hashq-tls/node.pem");
         assert_eq!(env["HASHQ_TLS_KEY"], "/etc/hashq-tls/node-key.pem");
         assert_eq!(env["HASHQ_TLS_CA"], "/etc/hashq-tls/ca.pem");

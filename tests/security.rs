@@ -622,25 +622,13 @@ async fn http_framing_edge_cases_get_deliberate_answers() {
     assert_eq!(answer.status().as_u16(), 200);
 }
 
-/// Runs `hashq ARGS` (a client command) and returns its answer: a JSON document, or the
-/// array of its JSON lines.
+/// Runs `hashq ARGS` (a client command), which must succeed, and returns its answer.
 fn cli_json(args: &[std::ffi::OsString]) -> Value {
     let out = std::process::Command::new(common::binary())
         .args(args)
         .output()
         .expect("run hashq");
-    assert!(
-        out.status.success(),
-        "hashq {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|line| serde_json::from_str::<Value>(line).expect("JSON lines"))
-            .collect::<Vec<Value>>()
-            .into()
-    })
+    common::json_answer(out, &format!("hashq {args:?}"))
 }
 
 /// A TLS cluster end to end: nodes talk to each other, workers (launched by the nodes) and

@@ -51,11 +51,20 @@ pub struct Peers {
     token: Option<Arc<str>>,
 }
 
+/// The URL scheme of a cluster with (`https`) or without TLS.
+pub fn scheme(tls: bool) -> &'static str {
+    if tls {
+        "https"
+    } else {
+        "http"
+    }
+}
+
 impl Peers {
     pub fn new(client: reqwest::Client, tls: bool, token: Option<Arc<str>>) -> Self {
         Peers {
             client,
-            scheme: if tls { "https" } else { "http" },
+            scheme: scheme(tls),
             token,
         }
     }

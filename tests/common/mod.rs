@@ -64,6 +64,23 @@ where
         .unwrap_or_else(|| panic!("timed out after {timeout:?} waiting for {what}"))
 }
 
+/// The answer of a `hashq` client command that must succeed: one JSON document, or the
+/// array of its JSON lines.
+pub fn json_answer(out: std::process::Output, what: &str) -> Value {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|line| serde_json::from_str::<Value>(line).expect("JSON lines"))
+            .collect::<Vec<Value>>()
+            .into()
+    })
+}
+
 /// Options for the nodes of a test cluster.
 #[derive(Clone)]
 pub struct Options {
@@ -273,13 +290,7 @@ impl Cluster {
 
     /// [`Cluster::admin_cli`], which must succeed.
     fn admin_ok(&self, args: &[&str]) -> Value {
-        let out = self.admin_cli(args);
-        assert!(
-            out.status.success(),
-            "hashq cluster {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("JSON answer")
+        json_answer(self.admin_cli(args), &format!("hashq cluster {args:?}"))
     }
 
     /// Runs `hashq cluster ARGS` against the members with the admin credential.
