@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{payload, reference, wait_for, worker_processes, Cluster, Options};
+use common::{copy_dir, payload, reference, wait_for, worker_processes, Cluster, Options};
 use hashq_faultfs::Mounted;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -488,22 +488,6 @@ async fn leader_and_follower(cluster: &Cluster, rng: &mut StdRng) -> (u64, u64) 
 
 fn hold(rng: &mut StdRng, min_ms: u64, max_ms: u64) -> Duration {
     Duration::from_millis(rng.random_range(min_ms..max_ms))
-}
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    let _ = std::fs::remove_dir_all(to);
-    let status = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap();
-    assert!(
-        status.success(),
-        "cp -a {} {}",
-        from.display(),
-        to.display()
-    );
 }
 
 async fn inject(

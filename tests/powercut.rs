@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{payload, reference, wait_for, Cluster, Options};
+use common::{copy_dir, payload, reference, wait_for, Cluster, Options};
 use hashq_faultfs::{Mounted, Op};
 use serde_json::Value;
 
@@ -472,6 +472,69 @@ async fn caught_up(cluster: &Cluster, id: u64) {
         (have >= want).then_some(())
     })
     .await;
+}
+
+/// A node trusts what it reads when it starts, so it must make that durable first: a data
+/// dir restored from a backup (`cp -a`, nothing synced) or left by a process that died
+/// between a write and its fsync is, until then, page cache only. Here a follower is restored
+/// from an older copy and catches up; anything that syncs the parent directory (a sibling
+/// node's data dir being created, say) then makes the restored directory's *name* durable,
+/// while its contents are not, unless the node synced them. After a power cut the follower
+/// must still hold every entry it reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restored_data_dir_is_made_durable_before_the_node_relies_on_it() {
+    let mut fs = mount();
+    let mut cluster = start_on(&fs, &[]).await;
+    let mut acked = Acked::default();
+    let leader = cluster.wait_for_leader(Duration::from_secs(60)).await;
+    enqueue_range(&cluster, leader, 0..10, &mut acked).await;
+    let follower = cluster.ids().into_iter().find(|id| *id != leader).unwrap();
+    caught_up(&cluster, follower).await;
+    cluster.kill_node(follower);
+    let backup = cluster.dir.path().join("backup");
+    copy_dir(&cluster.data_dir(follower), &backup);
+    enqueue_range(&cluster, leader, 10..20, &mut acked).await;
+    copy_dir(&backup, &cluster.data_dir(follower));
+    cluster.start_node(follower);
+    enqueue_range(&cluster, leader, 20..30, &mut acked).await;
+    caught_up(&cluster, follower).await;
+    let reported = status(&cluster, follower).await["last_log_index"]
+        .as_u64()
+        .unwrap();
+    std::fs::File::open(fs.mountpoint())
+        .and_then(|root| root.sync_all())
+        .unwrap();
+
+    fs.control().cut("").unwrap();
+    cluster.kill_all();
+    fs.control().revive("").unwrap();
+    // The follower alone first: what it holds is its own, not copied back from its peers.
+    cluster.start_node(follower);
+    // Its Raft reports what it holds once it has read its log (nothing, if it lost it all).
+    let after = hashq_testkit::poll_until(Duration::from_secs(10), || async {
+        cluster.get_json(follower, "/status").await?["last_log_index"].as_u64()
+    })
+    .await;
+    assert!(
+        after >= Some(reported),
+        "node {follower} reported its log up to {reported} before the power cut, and holds {after:?} after it"
+    );
+    for id in cluster.ids() {
+        if id != follower {
+            cluster.start_node(id);
+        }
+    }
+    check_nothing_lost(&cluster, &acked, "after the cut").await;
+}
+
+/// Enqueues 512-byte items `keys` through node `id`, recording them in `acked`.
+async fn enqueue_range(cluster: &Cluster, id: u64, keys: std::ops::Range<u64>, acked: &mut Acked) {
+    for k in keys {
+        let work_id = cluster
+            .enqueue(id, payload(k, 512), 1, &format!("r{k}"))
+            .await;
+        acked.enqueued.insert(work_id, (k, 512, 1));
+    }
 }
 
 /// The files under `dir` (relative to the mount), sorted.

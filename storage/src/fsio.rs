@@ -177,7 +177,8 @@ pub fn sync_tree(dir: &Path) -> Result<(), Fatal> {
     sync_dir(dir)
 }
 
-fn parent(path: &Path) -> &Path {
+/// The directory holding `path` (`.` for a bare name).
+pub fn parent(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),

@@ -626,3 +626,21 @@ pub async fn enqueue_once(http: &reqwest::Client, url: &str, key: &str, body: &[
         Err(_) => Attempt::Retry,
     }
 }
+
+/// `cp -a FROM TO` after removing TO: a restore from a backup, as an operator does it (nothing
+/// synced).
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    let _ = std::fs::remove_dir_all(to);
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "cp -a {} {}",
+        from.display(),
+        to.display()
+    );
+}
