@@ -135,7 +135,11 @@ up)
   [[ $n =~ ^[0-9]+$ && $n -ge 1 ]] || die "up takes a node count, got '$n'"
   command -v curl >/dev/null || die "curl is needed"
   if [[ -z ${HASHQ_BIN:-} ]]; then
-    (cd "$root" && cargo build --release --bin hashq) || die "build failed"
+    # TLS is a cargo feature (rustls, rcgen): built only for a TLS cluster, so that a plain
+    # first start compiles less.
+    features=()
+    if [[ -n $want_tls ]] || tls; then features=(--features tls); fi
+    (cd "$root" && cargo build --release --bin hashq "${features[@]}") || die "build failed"
   fi
   [[ -x $bin ]] || die "no binary at $bin"
   mkdir -p "$dir"

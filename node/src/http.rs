@@ -136,15 +136,16 @@ pub async fn serve(
         let watcher = graceful.watcher();
         let handshake_timeout = limits.header_timeout;
         tokio::spawn(async move {
-            let stream = match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
-                Ok(Ok(stream)) => stream,
+            let accepted = hashq_tls::accept(&tls, stream);
+            let (stream, certified) = match tokio::time::timeout(handshake_timeout, accepted).await
+            {
+                Ok(Ok(accepted)) => accepted,
                 Ok(Err(e)) => {
                     tracing::debug!(error = %e, "TLS handshake refused");
                     return;
                 }
                 Err(_) => return,
             };
-            let certified = hashq_tls::peer_certified(&stream);
             let app = app.map_request(move |mut request: hyper::Request<hyper::body::Incoming>| {
                 request.extensions_mut().insert(certified);
                 request

@@ -108,9 +108,8 @@ impl Server {
         let mut acceptor = None;
         if let Some(tls) = &config.tls {
             // Peers see this node's certificate; this node trusts the cluster CA only.
-            let client = hashq_tls::client_config(&tls.ca, Some((&tls.cert, &tls.key)))?;
-            http = http.tls_backend_preconfigured(client);
-            acceptor = Some(hashq_tls::TlsAcceptor::from(hashq_tls::server_config(tls)?));
+            http = hashq_tls::trust(http, &tls.ca, Some((&tls.cert, &tls.key)))?;
+            acceptor = Some(hashq_tls::acceptor(tls)?);
         }
         let http = http.build().map_err(|e| StartError::Http(e.to_string()))?;
         let token: Option<Arc<str>> = config.credentials.peer.as_deref().map(Arc::from);

@@ -32,7 +32,7 @@ impl Client {
         }
         let mut http = reqwest::Client::builder();
         if let Some(ca) = &target.tls_ca {
-            http = http.tls_backend_preconfigured(hashq_tls::client_config(ca, None)?);
+            http = hashq_tls::trust(http, ca, None)?;
         }
         Ok(Client {
             http: http.build()?,

@@ -1,30 +1,41 @@
-//! TLS for every hashq link, with rustls and AWS-LC (no OpenSSL).
+//! TLS for every hashq link, with rustls and AWS-LC (no OpenSSL), in builds with the `tls`
+//! cargo feature (`hashq`'s `tls`, which `ec2` includes). Without it, every entry point
+//! answers [`TlsError::NotBuilt`], which says how to get a build that has it: the local
+//! cluster's first build (`scripts/cluster.sh up`) skips rustls and rcgen.
 //!
 //! One model: a **cluster CA**. Each node has a certificate issued by it (for its listeners,
 //! and presented as a client certificate when it calls a peer); every node, worker and CLI
 //! trusts that CA alone, never the system's roots.
 //!
-//! - [`server_config`]: a listener's config. A client *may* present a certificate, and if
-//!   it does the certificate must chain to the cluster CA, or the handshake fails. Whether
-//!   one was presented is what the node's peer routes check ([`peer_certified`]), together
-//!   with the peer credential: a peer is a peer by its certificate as well as its token.
-//!   Workers and the CLI present none: they prove themselves with their credential.
-//! - [`client_config`]: what clients hand reqwest (`tls_backend_preconfigured`): the cluster
-//!   CA as the only root, and for nodes their own certificate.
+//! - [`acceptor`]: a listener's. A client *may* present a certificate, and if it does the
+//!   certificate must chain to the cluster CA, or the handshake fails. Whether one was
+//!   presented is what [`accept`] reports ([`PeerCertified`]) and the node's peer routes
+//!   check, together with the peer credential: a peer is a peer by its certificate as well
+//!   as its token. Workers and the CLI present none: they prove themselves with their
+//!   credential.
+//! - [`trust`]: a reqwest client builder with the cluster CA as the only root, and for nodes
+//!   their own certificate.
 //! - [`Ca`]: creates the CA and issues node certificates (rcgen), for `hashq tls`,
 //!   `scripts/cluster.sh up --tls` and `scripts/deploy-ec2.sh`.
 
 use std::io;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
 
-use rustls::crypto::CryptoProvider;
-use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+#[cfg(not(feature = "tls"))]
+mod off;
+#[cfg(feature = "tls")]
+mod on;
 
-pub use tokio_rustls::TlsAcceptor;
+#[cfg(not(feature = "tls"))]
+pub use off::{accept, acceptor, trust, Ca, TlsAcceptor, TlsStream};
+#[cfg(feature = "tls")]
+pub use on::{
+    accept, acceptor, client_config, load_certs, load_key, roots, server_config, trust, Ca,
+    TlsAcceptor, TlsStream,
+};
+
+/// Whether this build has TLS (the `tls` cargo feature).
+pub const BUILT: bool = cfg!(feature = "tls");
 
 /// Why a TLS file or config could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -37,58 +48,16 @@ pub enum TlsError {
     },
     #[error("{path}: {what}")]
     Pem { path: PathBuf, what: String },
+    #[cfg(feature = "tls")]
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
     #[error("client certificate verifier: {0}")]
     Verifier(String),
+    #[cfg(feature = "tls")]
     #[error("certificate generation: {0}")]
     Generate(#[from] rcgen::Error),
-}
-
-/// The one crypto provider every config uses.
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
-}
-
-fn io_error(path: &Path) -> impl FnOnce(io::Error) -> TlsError + '_ {
-    move |source| TlsError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-fn pem_error(path: &Path, what: impl std::fmt::Display) -> TlsError {
-    TlsError::Pem {
-        path: path.to_path_buf(),
-        what: what.to_string(),
-    }
-}
-
-/// Every certificate in a PEM file (at least one).
-pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = std::fs::read(path).map_err(io_error(path))?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pem_error(path, e))?;
-    if certs.is_empty() {
-        return Err(pem_error(path, "no CERTIFICATE block"));
-    }
-    Ok(certs)
-}
-
-/// The private key in a PEM file (PKCS#8, PKCS#1 or SEC1).
-pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let pem = std::fs::read(path).map_err(io_error(path))?;
-    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| pem_error(path, format!("private key: {e}")))
-}
-
-/// A root store holding the certificates of `ca` and nothing else.
-pub fn roots(ca: &Path) -> Result<RootCertStore, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for cert in load_certs(ca)? {
-        roots.add(cert).map_err(|e| pem_error(ca, e))?;
-    }
-    Ok(roots)
+    #[error("this hashq was built without TLS: build it with `cargo build --release --features tls` (`scripts/cluster.sh up --tls` does; the `ec2` feature includes it)")]
+    NotBuilt,
 }
 
 /// A node's TLS files: its certificate chain and key, and the cluster CA.
@@ -99,180 +68,7 @@ pub struct NodeTls {
     pub ca: PathBuf,
 }
 
-/// A listener's config: this node's certificate; client certificates optional, but verified
-/// against the cluster CA when presented; HTTP/1.1 only.
-pub fn server_config(tls: &NodeTls) -> Result<Arc<ServerConfig>, TlsError> {
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&tls.ca)?), provider())
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| TlsError::Verifier(e.to_string()))?;
-    let mut config = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(load_certs(&tls.cert)?, load_key(&tls.key)?)?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
-}
-
-/// A client's config: trusts the cluster CA `ca` only; presents `identity` (a node's
-/// certificate and key) when given.
-pub fn client_config(
-    ca: &Path,
-    identity: Option<(&Path, &Path)>,
-) -> Result<ClientConfig, TlsError> {
-    let builder = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots(ca)?);
-    let mut config = match identity {
-        Some((cert, key)) => builder.with_client_auth_cert(load_certs(cert)?, load_key(key)?)?,
-        None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
-}
-
 /// Whether the TLS connection under a request presented a client certificate. The server
 /// config verified it against the cluster CA during the handshake, so presence is proof.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PeerCertified(pub bool);
-
-/// What [`peer_certified`] reads from an accepted connection.
-pub fn peer_certified<IO>(stream: &tokio_rustls::server::TlsStream<IO>) -> PeerCertified {
-    PeerCertified(
-        stream
-            .get_ref()
-            .1
-            .peer_certificates()
-            .is_some_and(|c| !c.is_empty()),
-    )
-}
-
-/// A cluster CA in a directory: `ca.pem` (give it to every node, worker and client) and
-/// `ca-key.pem` (keep it private: it issues node certificates).
-pub struct Ca {
-    dir: PathBuf,
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
-}
-
-/// The CA's parameters, derived from its key alone so that a reopened CA issues exactly
-/// as the one that signed `ca.pem`. Its name carries the key's identifier: two clusters'
-/// CAs never share a name, so a certificate of the other one is an unknown issuer.
-fn ca_params(key: &rcgen::KeyPair) -> rcgen::CertificateParams {
-    let mut params = rcgen::CertificateParams::default();
-    let id: String = params.key_identifier(key)[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, format!("hashq cluster CA {id}"));
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
-    params.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::CrlSign,
-        rcgen::KeyUsagePurpose::DigitalSignature,
-    ];
-    params
-}
-
-/// Validity of what [`Ca`] creates: from a day ago (clock skew) for ten years.
-fn validity(params: &mut rcgen::CertificateParams) {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let year = 1970 + (now / 31_556_952) as i32;
-    params.not_before = rcgen::date_time_ymd(year - 1, 1, 1);
-    params.not_after = rcgen::date_time_ymd(year + 10, 1, 1);
-}
-
-/// Writes `contents` to `path` (mode 0600 when `secret`), durably: it is the only copy.
-fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), TlsError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(if secret { 0o600 } else { 0o644 })
-        .open(path)
-        .map_err(io_error(path))?;
-    file.write_all(contents.as_bytes())
-        .and_then(|()| file.sync_all())
-        .map_err(io_error(path))?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_error(dir))?;
-    }
-    Ok(())
-}
-
-impl Ca {
-    pub fn cert_path(dir: &Path) -> PathBuf {
-        dir.join("ca.pem")
-    }
-
-    fn key_path(dir: &Path) -> PathBuf {
-        dir.join("ca-key.pem")
-    }
-
-    /// Opens the CA in `dir`, creating it when the directory holds none.
-    pub fn open_or_create(dir: &Path) -> Result<Ca, TlsError> {
-        std::fs::create_dir_all(dir).map_err(io_error(dir))?;
-        let key_path = Self::key_path(dir);
-        let key = if key_path.exists() {
-            let pem = std::fs::read_to_string(&key_path).map_err(io_error(&key_path))?;
-            rcgen::KeyPair::from_pem(&pem).map_err(|e| pem_error(&key_path, e))?
-        } else {
-            let key = rcgen::KeyPair::generate()?;
-            let mut params = ca_params(&key);
-            validity(&mut params);
-            let cert = params.self_signed(&key)?;
-            write_file(&key_path, &key.serialize_pem(), true)?;
-            write_file(&Self::cert_path(dir), &cert.pem(), false)?;
-            key
-        };
-        Ok(Ca {
-            dir: dir.to_path_buf(),
-            issuer: rcgen::Issuer::new(ca_params(&key), key),
-        })
-    }
-
-    /// Issues a certificate for `name` valid for `hosts` (IP addresses or DNS names), for
-    /// both server and client use: `<name>.pem` and `<name>-key.pem` in the CA's directory.
-    /// An existing pair is kept as it is.
-    pub fn issue(&self, name: &str, hosts: &[String]) -> Result<NodeTls, TlsError> {
-        let files = NodeTls {
-            cert: self.dir.join(format!("{name}.pem")),
-            key: self.dir.join(format!("{name}-key.pem")),
-            ca: Self::cert_path(&self.dir),
-        };
-        if files.cert.exists() && files.key.exists() {
-            return Ok(files);
-        }
-        let mut params = rcgen::CertificateParams::new(hosts.to_vec())?;
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        params.key_usages = vec![
-            rcgen::KeyUsagePurpose::DigitalSignature,
-            rcgen::KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        validity(&mut params);
-        let key = rcgen::KeyPair::generate()?;
-        let cert = params.signed_by(&key, &self.issuer)?;
-        write_file(&files.key, &key.serialize_pem(), true)?;
-        write_file(&files.cert, &cert.pem(), false)?;
-        Ok(files)
-    }
-}
-
-#[cfg(test)]
-mod tests;

@@ -310,9 +310,8 @@ impl EndpointClient {
         if let Some(ca) = &config.tls_ca {
             // The cluster CA is the only issuer trusted; a worker presents no certificate
             // (its credential is the worker token).
-            let tls = hashq_tls::client_config(ca, None)
-                .map_err(|e| ClientError::Setup(e.to_string()))?;
-            http = http.tls_backend_preconfigured(tls);
+            http =
+                hashq_tls::trust(http, ca, None).map_err(|e| ClientError::Setup(e.to_string()))?;
         }
         let http = http
             .build()
