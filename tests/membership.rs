@@ -291,3 +291,121 @@ async fn a_survivor_of_a_lost_majority_is_recovered_into_a_new_cluster() {
     let b = cluster.join_node().await;
     assert_eq!(voters(&cluster).await, BTreeSet::from([leader, a, b]));
 }
+
+/// Every member's `/status` `cluster_version`, by node.
+async fn cluster_versions(cluster: &Cluster) -> Vec<(u64, Option<u64>)> {
+    let mut seen = Vec::new();
+    for id in cluster.members() {
+        let status = cluster.get_json(id, "/status").await;
+        seen.push((id, status.and_then(|s| s["cluster_version"].as_u64())));
+    }
+    seen
+}
+
+/// The cluster version (what a rolling upgrade may start writing) rises only once every
+/// member offers it: node 3 pinned to version 1 holds the cluster there while the others
+/// offer 2; restarted without the pin, the cluster moves to 2 on every node; from then on a
+/// node that offers only 1 is refused as a new member.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cluster_version_rises_once_every_member_offers_it_and_never_admits_an_older_node() {
+    let pin = || vec!["--cluster-version-max".to_string(), "1".to_string()];
+    let options = Options {
+        launch_workers: false,
+        ..Options::default()
+    };
+    let mut cluster =
+        Cluster::start_with(options, Vec::new(), [(3, pin())].into_iter().collect()).await;
+    // Every node has answered a probe of every other (the leader's status shows them all
+    // up) and a few housekeeping rounds have passed: still version 1 everywhere.
+    let leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
+    wait_for("every member seen up", Duration::from_secs(20), || async {
+        let status = cluster.get_json(leader, "/status").await?;
+        let members = status["members"].as_array()?;
+        members
+            .iter()
+            .all(|m| m["state"] != "unreachable" && m["cluster_version"].is_u64())
+            .then_some(())
+    })
+    .await;
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        for (id, version) in cluster_versions(&cluster).await {
+            assert!(
+                version.is_none() || version == Some(1),
+                "node {id} runs {version:?} while node 3 offers only 1"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let status = cluster.get_json(leader, "/status").await.unwrap();
+    let offers: Vec<(u64, u64)> = status["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["id"].as_u64().unwrap(),
+                m["cluster_version"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        offers,
+        [(1, 2), (2, 2), (3, 1)],
+        "the members' offers, as the leader sees them"
+    );
+
+    cluster.set_node_extra(3, Vec::new());
+    cluster.stop_node(3);
+    cluster.start_node(3);
+    wait_for(
+        "every member to run cluster version 2",
+        Duration::from_secs(30),
+        || async {
+            cluster_versions(&cluster)
+                .await
+                .iter()
+                .all(|(_, v)| *v == Some(2))
+                .then_some(())
+        },
+    )
+    .await;
+
+    let (id, addr) = cluster
+        .start_joining_with(0, &["--cluster-version-max", "1"])
+        .await;
+    let out = cluster.admin_cli(&["add", "--id", &id.to_string(), "--addr", &addr]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "an older node was admitted: {text}");
+    assert!(
+        text.contains("the cluster runs 2"),
+        "the refusal says why: {text}"
+    );
+    let status = cluster
+        .get_json(leader_now(&cluster).await, "/status")
+        .await
+        .unwrap();
+    let members: Vec<u64> = status["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        members,
+        [1, 2, 3],
+        "node {id} is no member, not even a learner"
+    );
+}
+
+/// The leader among the founding nodes (a refused joiner never follows one).
+async fn leader_now(cluster: &Cluster) -> u64 {
+    wait_for("a leader", Duration::from_secs(30), || async {
+        cluster.get_json(1, "/status").await?["leader"].as_u64()
+    })
+    .await
+}

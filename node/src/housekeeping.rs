@@ -72,6 +72,37 @@ async fn reconcile(node: &Node) -> Result<(), crate::error::ApiError> {
     Ok(())
 }
 
+/// Raises the cluster version to the latest that every member (voters and learners) offers
+/// in its last `/health` answer; a member that has not answered keeps it where it is.
+async fn raise_cluster_version(node: &Node) -> Result<(), crate::error::ApiError> {
+    let current = machine::cluster_version(&node.reader().view())?;
+    let mut offered = node.config().cluster_version_max;
+    if offered <= current {
+        return Ok(());
+    }
+    let membership = node.raft().metrics().borrow().membership_config.clone();
+    for (id, _) in membership.membership().nodes() {
+        if *id == node.id() {
+            continue;
+        }
+        match node.peer_health().get(*id) {
+            Some(health) => offered = offered.min(health.cluster_version),
+            None => return Ok(()),
+        }
+    }
+    if offered > current {
+        tracing::info!(
+            from = current,
+            to = offered,
+            "every member runs a later cluster version: raising it"
+        );
+        node.proposer()
+            .submit(Request::SetClusterVersion { version: offered })
+            .await?;
+    }
+    Ok(())
+}
+
 async fn duties(node: &Node) -> Result<(), crate::error::ApiError> {
     if node.proposer().idle_for() >= Duration::from_millis(machine::IDLE_ENTRY_MS) {
         // Keep state-machine time moving in small steps on an idle cluster.
@@ -86,6 +117,7 @@ async fn duties(node: &Node) -> Result<(), crate::error::ApiError> {
             })
             .await?;
     }
+    raise_cluster_version(node).await?;
     let params = tick_params(node);
     let now = node.sm_now(&machine::read_meta(&node.reader().view())?);
     if machine::tick_due(&node.reader().view(), now, &params)? {

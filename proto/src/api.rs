@@ -88,6 +88,14 @@ pub struct Health {
     /// Random per process start: a node that restarted has another one.
     #[serde(default)]
     pub incarnation: u64,
+    /// The latest cluster version this node can run (`hashq_raft::version`); builds before
+    /// versioning do not say, and run version 1.
+    #[serde(default = "base_cluster_version")]
+    pub cluster_version: u32,
+}
+
+fn base_cluster_version() -> u32 {
+    1
 }
 
 /// `GET /raft/init` (peer credential), for self-initialization: whether a node has Raft state

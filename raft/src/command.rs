@@ -234,6 +234,9 @@ pub enum Request {
         payload: Bytes,
         batch: BatchSlot,
     },
+    /// Raise the cluster version ([`crate::version`]) to `version`; a lower one changes
+    /// nothing. Proposed only once every member supports `version`.
+    SetClusterVersion { version: u32 },
 }
 
 impl Request {
@@ -328,6 +331,10 @@ impl fmt::Debug for Request {
                 .finish(),
             Request::Tick(p) => f.debug_tuple("Tick").field(p).finish(),
             Request::Noop => f.write_str("Noop"),
+            Request::SetClusterVersion { version } => f
+                .debug_struct("SetClusterVersion")
+                .field("version", version)
+                .finish(),
             Request::DiskAlarm { node, low } => f
                 .debug_struct("DiskAlarm")
                 .field("node", node)

@@ -11,6 +11,10 @@ pub const META: &[u8] = b"m";
 /// `s`: storage-owned records (last applied log id, membership), written by the store.
 pub const LAST_APPLIED: &[u8] = b"s:last_applied";
 pub const MEMBERSHIP: &[u8] = b"s:membership";
+/// `v`: the cluster version ([`crate::version`]), a big-endian `u32`; absent means
+/// [`crate::version::BASE`]. A key of its own, not a field of the meta record, so that the
+/// builds before it read the state (and snapshots) it is in.
+pub const CLUSTER_VERSION: &[u8] = b"v";
 
 /// Item metadata, by id.
 pub const ITEM: u8 = b'i';
@@ -370,6 +374,7 @@ mod tests {
             META,
             LAST_APPLIED,
             MEMBERSHIP,
+            CLUSTER_VERSION,
             &[][..],
             &[KEY_EXPIRY, 0][..],
         ] {

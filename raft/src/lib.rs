@@ -6,7 +6,8 @@
 //!   ([`kv`]), with its key layout in [`keys`];
 //! - [`TypeConfig`]: the openraft type configuration (snapshots are files, so a snapshot of a
 //!   large backlog streams from disk with flat memory);
-//! - [`network`]: the Raft RPC client (HTTP + postcard, guarded by the cluster token).
+//! - [`network`]: the Raft RPC client (HTTP + postcard, guarded by the cluster token);
+//! - [`version`]: the cluster version, which gates what a rolling upgrade may write.
 //!
 //! The ids, the codec and everything else a worker or client also sees are `hashq-proto`'s,
 //! re-exported here where the model uses them ([`types`], [`codec`]).
@@ -20,6 +21,7 @@ pub mod kv;
 pub mod machine;
 pub mod network;
 pub mod types;
+pub mod version;
 
 /// The codec is the wire's (`hashq-proto`): the Raft log and the state machine's records
 /// use the same postcard encoding.

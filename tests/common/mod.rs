@@ -176,8 +176,7 @@ impl Cluster {
         let mut http = reqwest::Client::builder().timeout(Duration::from_secs(30));
         if let Some(tls) = &tls {
             hashq_tls::Ca::open_or_create(tls).expect("cluster CA");
-            let config = hashq_tls::client_config(&hashq_tls::Ca::cert_path(tls), None).unwrap();
-            http = http.tls_backend_preconfigured(config);
+            http = hashq_tls::trust(http, &hashq_tls::Ca::cert_path(tls), None).unwrap();
         }
         let processes = hashq_testkit::Cluster::new(hashq_testkit::Spec {
             binary: binary(),
@@ -216,6 +215,11 @@ impl Cluster {
             .into_iter()
             .filter(|id| !self.retired.contains(id))
             .collect()
+    }
+
+    /// Replaces the extra flags node `id` gets at its next start.
+    pub fn set_node_extra(&mut self, id: u64, flags: Vec<String>) {
+        self.node_extra.insert(id, flags);
     }
 
     /// Whether node `id` was started with `--role witness`.
@@ -261,6 +265,11 @@ impl Cluster {
     /// Starts a node in a new slot with `--join` (through any member but `not_via`) and
     /// waits until it answers: its id and peer address.
     async fn start_joining(&mut self, not_via: u64) -> (u64, String) {
+        self.start_joining_with(not_via, &[]).await
+    }
+
+    /// [`Cluster::start_joining`] with `extra` flags for the new node.
+    pub async fn start_joining_with(&mut self, not_via: u64, extra: &[&str]) -> (u64, String) {
         let port = free_port();
         let id = match self.proxy.as_mut() {
             // Behind the fault proxy like the others, so partitions cut it off too.
@@ -278,7 +287,9 @@ impl Cluster {
             .find(|m| *m != not_via && *m != id && self.node_running(*m))
             .expect("a running member");
         let url = self.url(via);
-        self.start_node_with(id, &["--join", &url]);
+        let mut args = vec!["--join", url.as_str()];
+        args.extend_from_slice(extra);
+        self.start_node_with(id, &args);
         wait_for(
             "the new node to answer",
             Duration::from_secs(20),

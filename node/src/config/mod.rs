@@ -247,6 +247,11 @@ pub struct NodeArgs {
     pub cluster_name: String,
     #[arg(long, env = "HASHQ_ROLE", value_enum, default_value = "endpoint")]
     pub role: Role,
+    /// The latest cluster version this node offers (default: the latest its build runs).
+    /// The cluster moves to a version once every member offers it, and never back: pin it
+    /// lower while an upgrade may still be rolled back to the previous build.
+    #[arg(long, env = "HASHQ_CLUSTER_VERSION_MAX", default_value_t = hashq_raft::version::SUPPORTED)]
+    pub cluster_version_max: u32,
     /// How this node starts workers when the autoscaler asks it to.
     #[arg(long, env = "HASHQ_LAUNCHER", value_enum, default_value = "local")]
     pub launcher: LauncherKind,
@@ -701,6 +706,8 @@ pub struct NodeConfig {
     pub tls: Option<hashq_tls::NodeTls>,
     pub cluster_name: String,
     pub role: Role,
+    /// The latest cluster version this node offers ([`hashq_raft::version`]).
+    pub cluster_version_max: u32,
     pub launcher: LauncherKind,
     pub scaling: Scaling,
     pub worker_binary: PathBuf,

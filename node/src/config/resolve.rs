@@ -30,6 +30,14 @@ impl NodeArgs {
         if self.max_body_bytes == 0 || self.max_iterations == 0 || self.max_top == 0 {
             return bad("--max-body-bytes, --max-iterations and --max-top must be positive");
         }
+        let supported = hashq_raft::version::SUPPORTED;
+        if !(hashq_raft::version::BASE..=supported).contains(&self.cluster_version_max) {
+            return bad(if self.cluster_version_max > supported {
+                "--cluster-version-max is beyond what this build runs"
+            } else {
+                "--cluster-version-max must be at least 1"
+            });
+        }
         if self.max_attempts == 0 {
             return bad("--max-attempts must be at least 1");
         }
@@ -83,6 +91,7 @@ impl NodeArgs {
             tls,
             cluster_name: self.cluster_name,
             role: self.role,
+            cluster_version_max: self.cluster_version_max,
             launcher: self.launcher,
             scaling: Scaling {
                 scale_up_wait: self.scale_up_wait,

@@ -177,3 +177,24 @@ fn tls_flags_go_together_and_a_tls_node_joins_over_https() {
         Err(ConfigError::Invalid(_))
     ));
 }
+
+#[test]
+fn the_cluster_version_offered_is_within_what_the_build_runs() {
+    let offered = |flags: &[&str]| {
+        let mut args = vec!["--insecure"];
+        args.extend_from_slice(flags);
+        parse(&args).into_config().map(|c| c.cluster_version_max)
+    };
+    assert_eq!(offered(&[]).unwrap(), hashq_raft::version::SUPPORTED);
+    assert_eq!(offered(&["--cluster-version-max", "1"]).unwrap(), 1);
+    let beyond = (hashq_raft::version::SUPPORTED + 1).to_string();
+    for bad in ["0", beyond.as_str()] {
+        assert!(
+            matches!(
+                offered(&["--cluster-version-max", bad]),
+                Err(ConfigError::Invalid(_))
+            ),
+            "{bad}"
+        );
+    }
+}

@@ -72,7 +72,15 @@ async fn add(
     // The new node must be up and be who it says: a typo must not add a stranger (or an
     // absent node, which would count against the majority).
     match node.probe_health(&req.addr).await {
-        Some(h) if h.node == req.id => {}
+        Some(h) if h.node == req.id => {
+            let running = hashq_raft::machine::cluster_version(&node.reader().view())?;
+            if h.cluster_version < running {
+                return Err(ApiError::Conflict(format!(
+                    "node {} runs cluster versions up to {}, and the cluster runs {running}: start it with a build that supports {running}",
+                    req.id, h.cluster_version
+                )));
+            }
+        }
         Some(h) => {
             return Err(ApiError::invalid(
                 "invalid_member",

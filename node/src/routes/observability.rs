@@ -55,6 +55,7 @@ async fn health(State(node): State<Node>) -> Json<Health> {
         cluster: node.config().cluster_name.clone(),
         launcher: node.launcher().name().to_string(),
         incarnation: node.incarnation(),
+        cluster_version: node.config().cluster_version_max,
     })
 }
 
@@ -74,6 +75,10 @@ pub struct StatusView {
     pub snapshot_index: Option<u64>,
     pub purged_index: Option<u64>,
     pub cluster: String,
+    /// The version the cluster runs, as applied here, and the latest this node offers
+    /// (`hashq_raft::version`): they differ in the middle of a rolling upgrade.
+    pub cluster_version: u32,
+    pub cluster_version_offered: u32,
     pub uptime_s: u64,
     /// Set while damaged durable state is being repaired from the peers (no voting).
     pub repairing: Option<RepairingView>,
@@ -212,6 +217,9 @@ pub struct MemberView {
     /// Entries the member is behind the leader's log (on the leader only): a learner being
     /// added is promoted once it has caught up.
     pub lag: Option<u64>,
+    /// The latest cluster version the member offers (from its last health probe): in a
+    /// rolling upgrade, the members that hold the cluster at an older version.
+    pub cluster_version: Option<u32>,
 }
 
 async fn status(State(node): State<Node>) -> Result<Json<StatusView>, ApiError> {
@@ -254,6 +262,11 @@ async fn status(State(node): State<Node>) -> Result<Json<StatusView>, ApiError> 
             role,
             matched_index: matched,
             lag: matched.and_then(|at| m.last_log_index.map(|last| last.saturating_sub(at))),
+            cluster_version: match &health {
+                Some(h) => Some(h.cluster_version),
+                None if id == node.id() => Some(node.config().cluster_version_max),
+                None => None,
+            },
         });
     }
     let c = &meta.counts;
@@ -269,6 +282,8 @@ async fn status(State(node): State<Node>) -> Result<Json<StatusView>, ApiError> 
         snapshot_index: m.snapshot.map(|l| l.index),
         purged_index: m.purged.map(|l| l.index),
         cluster: node.config().cluster_name.clone(),
+        cluster_version: machine::cluster_version(&view)?,
+        cluster_version_offered: node.config().cluster_version_max,
         uptime_s: node.started().elapsed().as_secs(),
         repairing: node.repair().until().map(|until| RepairingView {
             until,

@@ -299,6 +299,15 @@ impl<K: Kv> Machine<'_, K> {
             }
             Request::Tick(params) => self.tick(params),
             Request::Noop => Ok(Response::Done),
+            Request::SetClusterVersion { version } => {
+                if *version > queries::cluster_version(self.kv)? {
+                    self.kv.put(
+                        keys::CLUSTER_VERSION.to_vec(),
+                        version.to_be_bytes().to_vec(),
+                    );
+                }
+                Ok(Response::Done)
+            }
             Request::DiskAlarm { node, low } => {
                 let alarms = &mut self.meta.disk_alarms;
                 alarms.retain(|n| n != node);
@@ -387,8 +396,8 @@ mod tick;
 mod workers;
 
 pub use queries::{
-    dead_items, decode_payload_record, item, live_payloads, oldest_queued, payload_floor,
-    read_meta, stored, workers,
+    cluster_version, dead_items, decode_payload_record, item, live_payloads, oldest_queued,
+    payload_floor, read_meta, stored, workers,
 };
 pub use tick::tick_due;
 

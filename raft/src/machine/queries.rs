@@ -7,6 +7,16 @@ pub fn read_meta(kv: &impl KvRead) -> Result<Meta, KvError> {
     Ok(get_t(kv, keys::META)?.unwrap_or_default())
 }
 
+/// The version the cluster runs ([`crate::version`]).
+pub fn cluster_version(kv: &impl KvRead) -> Result<u32, KvError> {
+    match kv.get(keys::CLUSTER_VERSION)? {
+        None => Ok(crate::version::BASE),
+        Some(bytes) => <[u8; 4]>::try_from(bytes.as_ref())
+            .map(u32::from_be_bytes)
+            .map_err(|_| corrupt(keys::CLUSTER_VERSION, "expected a 4-byte version")),
+    }
+}
+
 /// One item's metadata.
 pub fn item(kv: &impl KvRead, id: WorkId) -> Result<Option<Item>, KvError> {
     get_t(kv, &keys::item(id))

@@ -1743,3 +1743,20 @@ fn payloads_are_referenced_where_the_log_holds_them_and_the_floor_follows_the_ol
     assert_eq!(payload_floor(&kv).unwrap(), Some(later_at.index));
     check_invariants(&kv);
 }
+
+#[test]
+fn the_cluster_version_is_absent_until_raised_and_never_goes_down() {
+    let mut kv = MemKv::new();
+    enqueue(&mut kv, 1_000, 1, None);
+    assert_eq!(cluster_version(&kv).unwrap(), crate::version::BASE);
+    // A build that supports more writes nothing the previous one cannot read until then.
+    assert!(KvRead::get(&kv, keys::CLUSTER_VERSION).unwrap().is_none());
+    assert_eq!(
+        run(&mut kv, 1_001, Request::SetClusterVersion { version: 2 }),
+        Response::Done
+    );
+    assert_eq!(cluster_version(&kv).unwrap(), 2);
+    run(&mut kv, 1_002, Request::SetClusterVersion { version: 1 });
+    assert_eq!(cluster_version(&kv).unwrap(), 2);
+    check_invariants(&kv);
+}

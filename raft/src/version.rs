@@ -1,0 +1,23 @@
+//! The cluster version: which requests and records every member can apply.
+//!
+//! A build supports the versions up to [`SUPPORTED`]. The cluster runs one version, in the
+//! replicated state (the [`crate::keys::CLUSTER_VERSION`] record; absent means [`BASE`], what
+//! the builds before versioning speak). The leader raises it with
+//! [`Request::SetClusterVersion`](crate::command::Request::SetClusterVersion) once every
+//! member (voters and learners) reports in `/health` that it supports more; it never goes
+//! down. A request variant, state record or field that a version introduces is proposed or
+//! written only once the cluster runs that version, so in the middle of a rolling upgrade a
+//! node of the previous build never meets a log entry or a snapshot it cannot read, and a
+//! node of the new build speaks the old version until the last member is upgraded.
+//!
+//! A node can offer less than its build supports (`--cluster-version-max`): an operator pins
+//! the version while an upgrade may still be rolled back.
+
+/// The version of a cluster whose state holds none: every build can run it.
+pub const BASE: u32 = 1;
+
+/// The latest version this build can run.
+///
+/// - 1: everything before versioning.
+/// - 2: the cluster version itself (`SetClusterVersion` and its record).
+pub const SUPPORTED: u32 = 2;
