@@ -3,6 +3,10 @@
 #
 #   scripts/deploy-ec2.sh --binary-url URL --client-cidr CIDR [options]   deploy
 #   scripts/deploy-ec2.sh --destroy [--name NAME]                         remove it all
+#   scripts/deploy-ec2.sh --replace-endpoint ID --binary-url URL [options]
+#                                     a new endpoint instance for node ID (terminated first if
+#                                     it still runs), with a new node id: it joins through a
+#                                     surviving node and swaps itself in (`hashq cluster replace`)
 #
 # It creates, all tagged hashq:cluster=NAME:
 #   - two security groups: `cluster` (the cluster port, Raft + workers + internal routes, open
@@ -51,6 +55,12 @@
 #   --no-wait                do not wait for a leader
 #   --destroy                terminate every instance tagged hashq:cluster=NAME (workers
 #                            included), delete its security groups, roles and profiles
+#   --replace-endpoint ID    replace endpoint node ID (dead or alive) by a new instance: same
+#                            subnet, groups and profile, the image and type of a surviving
+#                            node unless --ami/--instance-type say otherwise, the next unused
+#                            node id, the credentials (and CA) kept in STATE_DIR. It joins with
+#                            --join through a surviving node and runs `hashq cluster replace
+#                            ID --id NEW` itself (the cluster port is not open to the operator)
 set -euo pipefail
 
 name=hashq
@@ -76,6 +86,8 @@ tls=
 hashq_bin=
 wait_for_leader=yes
 destroy=
+replace=
+instance_type_given=
 
 die() { echo "deploy-ec2.sh: $*" >&2; exit 1; }
 say() { echo "deploy-ec2.sh: $*" >&2; }
@@ -89,7 +101,7 @@ while [[ $# -gt 0 ]]; do
     --binary-url) need "$@"; binary_url=$2; shift 2 ;;
     --binary-sha256) need "$@"; binary_sha256=$2; shift 2 ;;
     --ami) need "$@"; ami=$2; shift 2 ;;
-    --instance-type) need "$@"; instance_type=$2; shift 2 ;;
+    --instance-type) need "$@"; instance_type=$2; instance_type_given=yes; shift 2 ;;
     --worker-instance-type) need "$@"; worker_instance_type=$2; shift 2 ;;
     --subnet) need "$@"; subnets+=("$2"); shift 2 ;;
     --client-cidr) need "$@"; client_cidr=$2; shift 2 ;;
@@ -106,6 +118,7 @@ while [[ $# -gt 0 ]]; do
     --hashq) need "$@"; hashq_bin=$2; shift 2 ;;
     --no-wait) wait_for_leader=; shift ;;
     --destroy) destroy=yes; shift ;;
+    --replace-endpoint) need "$@"; replace=$2; shift 2 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown option $1 (see --help)" ;;
   esac
@@ -214,10 +227,285 @@ if [[ -n $destroy ]]; then
   exit 0
 fi
 
+check_binary_flags() {
+  [[ -n $binary_url ]] || die "--binary-url is required: where the instances download hashq"
+  [[ $binary_url =~ ^https?://[^[:space:]\']+$ ]] || die "--binary-url must be an http(s) URL"
+  [[ -z $binary_sha256 || $binary_sha256 =~ ^[0-9a-fA-F]{64}$ ]] || die "--binary-sha256 must be 64 hex digits"
+}
+
+# The local hashq that issues TLS certificates.
+find_hashq() {
+  local root candidate
+  root=$(cd "$(dirname "$0")/.." && pwd)
+  if [[ -z $hashq_bin ]]; then
+    for candidate in "$(command -v hashq || true)" "$root/target/release/hashq" "$root/target/debug/hashq"; do
+      [[ -n $candidate && -x $candidate ]] && { hashq_bin=$candidate; break; }
+    done
+  fi
+  [[ -n $hashq_bin && -x $hashq_bin ]] || die "--tls needs a local hashq to issue certificates (--hashq BIN)"
+}
+
+# ---------------------------------------------------------------------------------- helpers
+# Private addresses: fixed, so the peers list is known before anything boots.
+ip_to_int() { local IFS=.; read -r a b c d <<<"$1"; echo $(((a << 24) + (b << 16) + (c << 8) + d)); }
+int_to_ip() { echo "$((($1 >> 24) & 255)).$((($1 >> 16) & 255)).$((($1 >> 8) & 255)).$(($1 & 255))"; }
+addresses_in_use() { # vpc -> " ip ip ... " (once; pick_ip adds what it picks)
+  echo " $(awsq ec2 describe-network-interfaces --filters "Name=vpc-id,Values=$1" \
+    --query 'NetworkInterfaces[].PrivateIpAddresses[].PrivateIpAddress' | tr '\t\n' '  ') "
+}
+declare -A cidr_of=()
+used=
+picked=
+pick_ip() { # subnet -> $picked, a free private address in it (then marked used)
+  local subnet=$1 cidr=${cidr_of[$1]} base size offset ip
+  base=$(ip_to_int "${cidr%/*}")
+  size=$((1 << (32 - ${cidr#*/})))
+  # AWS reserves the first four addresses and the last one of every subnet.
+  for ((offset = 10; offset < size - 1; offset++)); do
+    ip=$(int_to_ip $((base + offset)))
+    if [[ $used != *" $ip "* ]]; then
+      used+="$ip "
+      picked=$ip
+      return 0
+    fi
+  done
+  die "no free address in $subnet ($cidr)"
+}
+
+# A node's TLS files, written where the service user can read them, and their variables.
+tls_user_data() { # id -> shell lines
+  local id=$1 file
+  [[ -n $tls ]] || return 0
+  echo 'install -d -o root -g hashq -m 0750 /etc/hashq-tls'
+  for file in ca node node-key; do
+    local src="$tls_dir/$file.pem"
+    [[ $file == node ]] && src="$tls_dir/node-$id.pem"
+    [[ $file == node-key ]] && src="$tls_dir/node-$id-key.pem"
+    printf "cat > /etc/hashq-tls/%s.pem <<'HASHQ_PEM'\n%s\nHASHQ_PEM\n" "$file" "$(cat "$src")"
+  done
+  echo 'chgrp hashq /etc/hashq-tls/*.pem && chmod 0640 /etc/hashq-tls/*.pem'
+}
+
+# The user data of a node: ID ROLE SUBNET; $membership_env says how it finds the cluster
+# (HASHQ_PEERS=... for a founder, HASHQ_JOIN=URL for a newcomer), $after_start is shell run
+# once its service is started.
+node_user_data() {
+  local id=$1 role=$2 subnet=$3
+  cat <<EOF
+#!/bin/bash
+# hashq node $id ($role) of cluster $name, written by scripts/deploy-ec2.sh.
+# Installs hashq from the operator's URL and runs \`hashq node\` as a systemd service. No AWS
+# key is here: the node uses its instance profile.
+set -euo pipefail
+umask 077
+install -d -m 0700 /etc/hashq
+cat > /etc/hashq/node.env <<'HASHQ_ENV'
+HASHQ_ID=$id
+HASHQ_ROLE=$role
+HASHQ_LISTEN=0.0.0.0:$port$([[ $role == endpoint ]] && printf '\nHASHQ_CLIENT_LISTEN=0.0.0.0:%s' "$client_port")
+$membership_env
+HASHQ_DATA_DIR=/var/lib/hashq
+HASHQ_CLUSTER_NAME=$name
+HASHQ_CLUSTER_TOKEN=$token
+HASHQ_WORKER_TOKEN=$worker_token
+HASHQ_ADMIN_TOKEN=$admin_token
+HASHQ_LAUNCHER=ec2
+HASHQ_MAX_WORKERS=$max_workers
+HASHQ_WORKER_IDLE_TIMEOUT=$worker_idle_timeout
+HASHQ_EC2_REGION=$region
+HASHQ_EC2_AMI=$ami
+HASHQ_EC2_INSTANCE_TYPE=$worker_instance_type
+HASHQ_EC2_SUBNET=$subnet
+HASHQ_EC2_SECURITY_GROUP=$cluster_sg
+HASHQ_EC2_INSTANCE_PROFILE=hashq-$name-worker$([[ -n $endpoint_url ]] && printf '\nHASHQ_EC2_ENDPOINT_URL=%s' "$endpoint_url")
+HASHQ_LOG_FORMAT=json$([[ -n $tls ]] && printf '\nHASHQ_TLS_CERT=/etc/hashq-tls/node.pem\nHASHQ_TLS_KEY=/etc/hashq-tls/node-key.pem\nHASHQ_TLS_CA=/etc/hashq-tls/ca.pem')
+HASHQ_ENV
+
+curl -fsSL --retry 10 --retry-delay 3 --retry-all-errors -o /usr/local/bin/hashq.part '$binary_url'$([[ -n $binary_sha256 ]] && printf "\necho '%s  /usr/local/bin/hashq.part' | sha256sum -c -" "$binary_sha256")
+chmod 0755 /usr/local/bin/hashq.part
+mv /usr/local/bin/hashq.part /usr/local/bin/hashq
+
+id hashq >/dev/null 2>&1 || useradd --system --home-dir /var/lib/hashq --shell /sbin/nologin hashq
+install -d -o hashq -g hashq -m 0700 /var/lib/hashq
+$(tls_user_data "$id")
+cat > /etc/systemd/system/hashq-node.service <<'HASHQ_UNIT'
+[Unit]
+Description=hashq node $id of cluster $name
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+User=hashq
+EnvironmentFile=/etc/hashq/node.env
+ExecStart=/usr/local/bin/hashq node
+Restart=always
+RestartSec=2
+LimitNOFILE=65536
+ProtectSystem=strict
+ReadWritePaths=/var/lib/hashq
+ProtectHome=yes
+PrivateTmp=yes
+NoNewPrivileges=yes
+
+[Install]
+WantedBy=multi-user.target
+HASHQ_UNIT
+systemctl daemon-reload
+systemctl enable --now hashq-node.service
+$after_start
+EOF
+}
+
+# Launches node ID (ROLE) at IP in SUBNET with the user data in $user_data_file: its
+# instance id in $instance.
+instance=
+launch_node() {
+  local id=$1 role=$2 ip=$3 subnet=$4 attempt tags groups=("$cluster_sg") extra=()
+  [[ $role == endpoint ]] && groups+=("$client_sg")
+  tags="[{Key=Name,Value=hashq-$name-$id},{Key=hashq:cluster,Value=$name},{Key=hashq:role,Value=$role},{Key=hashq:node-id,Value=$id}]"
+  [[ -n $key_name ]] && extra+=(--key-name "$key_name")
+  # A new instance profile takes a few seconds to be usable by EC2: retry while it is not.
+  for attempt in 1 2 3 4 5 6 7 8 9 10; do
+    if instance=$(awsq ec2 run-instances --image-id "$ami" --instance-type "$instance_type" --count 1 \
+      --subnet-id "$subnet" --private-ip-address "$ip" \
+      --security-group-ids "${groups[@]}" --iam-instance-profile "Name=hashq-$name-node" \
+      --metadata-options HttpTokens=required,HttpEndpoint=enabled \
+      --user-data "file://$user_data_file" \
+      --tag-specifications "ResourceType=instance,Tags=$tags" "ResourceType=volume,Tags=$tags" \
+      "${extra[@]}" --query 'Instances[0].InstanceId' 2>"$user_data_file.err"); then
+      break
+    fi
+    if ((attempt == 10)) || ! grep -qi 'instance profile\|iamInstanceProfile' "$user_data_file.err"; then
+      cat "$user_data_file.err" >&2
+      exit 1
+    fi
+    sleep 5
+  done
+  say "node $id ($role): $instance at $ip in $subnet"
+}
+
+leader_elected() {
+  local url
+  for url in "${urls[@]}"; do
+    if curl "${curl_args[@]}" -fsS --max-time 3 "$url/health" 2>/dev/null | grep -q '"leader":[0-9]'; then
+      return 0
+    fi
+  done
+  return 1
+}
+
+wait_for_leader_at() { # urls... (with $curl_args)
+  urls=("$@")
+  say "waiting for the cluster to elect a leader (instances boot and download hashq first)"
+  local deadline=$((SECONDS + 900))
+  until leader_elected; do
+    ((SECONDS < deadline)) || die "no leader after 15 minutes; see /var/log/cloud-init-output.log on the instances"
+    sleep 5
+  done
+}
+
+# ------------------------------------------------------------------------ replace-endpoint
+if [[ -n $replace ]]; then
+  [[ $replace =~ ^[0-9]+$ ]] || die "--replace-endpoint takes a node id"
+  check_binary_flags
+  for file in "$token_file" "$worker_token_file" "$admin_token_file"; do
+    [[ -s $file ]] || die "$file is missing: the credentials stay in the --state-dir the cluster was deployed with"
+  done
+  token=$(<"$token_file") worker_token=$(<"$worker_token_file") admin_token=$(<"$admin_token_file")
+  # A cluster deployed with --tls keeps its CA here: the new node gets a certificate of it.
+  [[ -e $tls_dir/ca.pem ]] && tls=yes
+  [[ -z $tls || -e $tls_dir/ca.pem ]] || die "--tls, but cluster $name has no CA in $tls_dir"
+  [[ -n $tls ]] && find_hashq
+
+  # The cluster's nodes, in any state (a terminated one still shows for a while).
+  old_instance= old_subnet= old_role= via= via_ip= via_role= max_id=0
+  survivor_ami= survivor_type= survivor_subnet=
+  while IFS=$'\t' read -r id role state inst ip subnet image type; do
+    [[ $id =~ ^[0-9]+$ ]] || continue
+    ((id > max_id)) && max_id=$id
+    live=
+    [[ $state == pending || $state == running ]] && live=yes
+    if [[ $id == "$replace" ]]; then
+      old_role=$role
+      [[ $subnet != None ]] && old_subnet=$subnet
+      [[ -n $live ]] && old_instance=$inst
+    elif [[ -n $live ]]; then
+      # Join through a surviving endpoint (a witness will do if none is left).
+      if [[ -z $via || ($role == endpoint && $via_role != endpoint) ]]; then
+        via=$id via_ip=$ip via_role=$role
+      fi
+      survivor_ami=$image survivor_type=$type survivor_subnet=$subnet
+    fi
+  done <<<"$(awsq ec2 describe-instances --filters "${tag_filter[@]}" Name=tag:hashq:role,Values=endpoint,witness \
+    --query 'Reservations[].Instances[].[Tags[?Key==`hashq:node-id`]|[0].Value, Tags[?Key==`hashq:role`]|[0].Value, State.Name, InstanceId, PrivateIpAddress, SubnetId, ImageId, InstanceType]')"
+  [[ -n $old_role ]] || die "cluster $name has no node $replace"
+  [[ $old_role == endpoint ]] || die "node $replace is a $old_role, not an endpoint"
+  [[ -n $via ]] || die "no node of cluster $name is left running to join: a lost majority is recovered offline (README, \"Changing the membership\")"
+  # Node ids are never reused, even once a terminated instance no longer shows.
+  last_id_file="$state_dir/$name.last-id"
+  if [[ -s $last_id_file ]] && (($(<"$last_id_file") > max_id)); then max_id=$(<"$last_id_file"); fi
+  new_id=$((max_id + 1))
+  [[ -n $ami ]] || ami=$survivor_ami
+  [[ -n $instance_type_given ]] || instance_type=$survivor_type
+  subnet=${old_subnet:-$survivor_subnet}
+  cluster_sg=$(awsq ec2 describe-security-groups --filters "${tag_filter[@]}" Name=tag:hashq:role,Values=cluster --query 'SecurityGroups[0].GroupId')
+  client_sg=$(awsq ec2 describe-security-groups --filters "${tag_filter[@]}" Name=tag:hashq:role,Values=client --query 'SecurityGroups[0].GroupId')
+  [[ -n $cluster_sg && -n $client_sg ]] || die "cluster $name's security groups are gone"
+  read -r vpc cidr <<<"$(awsq ec2 describe-subnets --subnet-ids "$subnet" --query 'Subnets[0].[VpcId,CidrBlock]')"
+  cidr_of[$subnet]=$cidr
+  used=$(addresses_in_use "$vpc")
+  pick_ip "$subnet"
+  new_ip=$picked
+
+  umask 077
+  printf '%s\n' "$new_id" >"$last_id_file"
+  scheme=http ca_flag=
+  if [[ -n $tls ]]; then
+    scheme=https ca_flag=' --tls-ca /etc/hashq-tls/ca.pem'
+    "$hashq_bin" tls --dir "$tls_dir" --name "node-$new_id" --host "$new_ip" \
+      --host "node-$new_id.$name.hashq" >/dev/null || die "cannot issue node $new_id's certificate"
+  fi
+  join_url="$scheme://$via_ip:$port"
+  membership_env="HASHQ_JOIN=$join_url
+HASHQ_ADVERTISE=$new_ip:$port"
+  # The cluster port is open to members only: the new node swaps itself in, from inside.
+  after_start=$(cat <<EOF
+
+# Swap node $replace for this one (a learner first, promoted once caught up), until done.
+set -a; . /etc/hashq/node.env; set +a
+for attempt in \$(seq 1 120); do
+  if /usr/local/bin/hashq cluster --endpoints $join_url$ca_flag replace $replace --id $new_id --addr $new_ip:$port; then
+    break
+  fi
+  sleep 5
+done
+EOF
+  )
+  if [[ -n $old_instance ]]; then
+    awsq ec2 terminate-instances --instance-ids "$old_instance" --query 'TerminatingInstances[].InstanceId' >/dev/null
+    say "node $replace: terminated $old_instance"
+  fi
+  user_data_file=$(mktemp)
+  trap 'rm -f "$user_data_file" "$user_data_file.err"' EXIT
+  node_user_data "$new_id" endpoint "$subnet" >"$user_data_file"
+  launch_node "$new_id" endpoint "$new_ip" "$subnet"
+  address=$(awsq ec2 describe-instances --instance-ids "$instance" --query 'Reservations[0].Instances[0].PublicIpAddress')
+  address=${address:-$new_ip}
+  curl_args=()
+  if [[ -n $tls ]]; then
+    host="node-$new_id.$name.hashq"
+    url="https://$host:$client_port"
+    curl_args=(--resolve "$host:$client_port:$address" --cacert "$tls_dir/ca.pem")
+  else
+    url="http://$address:$client_port"
+  fi
+  if [[ -n $wait_for_leader ]]; then wait_for_leader_at "$url"; fi
+  echo "node $replace of cluster $name is replaced by node $new_id ($instance at $new_ip), joining through node $via: $url"
+  exit 0
+fi
+
 # ----------------------------------------------------------------------------------- deploy
-[[ -n $binary_url ]] || die "--binary-url is required: where the instances download hashq"
-[[ $binary_url =~ ^https?://[^[:space:]\']+$ ]] || die "--binary-url must be an http(s) URL"
-[[ -z $binary_sha256 || $binary_sha256 =~ ^[0-9a-fA-F]{64}$ ]] || die "--binary-sha256 must be 64 hex digits"
+check_binary_flags
 [[ -n $client_cidr ]] || die "--client-cidr is required: who may use the client API (e.g. 203.0.113.7/32)"
 [[ $client_cidr =~ ^[0-9.]+/[0-9]+$ ]] || die "--client-cidr must be an IPv4 CIDR"
 [[ -z $ssh_cidr || $ssh_cidr =~ ^[0-9.]+/[0-9]+$ ]] || die "--ssh-cidr must be an IPv4 CIDR"
@@ -227,13 +515,7 @@ fi
 [[ $port =~ ^[0-9]+$ && $client_port =~ ^[0-9]+$ && $port != "$client_port" ]] || die "--port and --client-port must be two different ports"
 voters=$((endpoints + witness))
 if [[ -n $tls ]]; then
-  root=$(cd "$(dirname "$0")/.." && pwd)
-  if [[ -z $hashq_bin ]]; then
-    for candidate in "$(command -v hashq || true)" "$root/target/release/hashq" "$root/target/debug/hashq"; do
-      [[ -n $candidate && -x $candidate ]] && { hashq_bin=$candidate; break; }
-    done
-  fi
-  [[ -n $hashq_bin && -x $hashq_bin ]] || die "--tls needs a local hashq to issue certificates (--hashq BIN)"
+  find_hashq
   [[ -e $tls_dir/ca.pem ]] && die "$tls_dir exists (an earlier cluster $name?); remove it first"
 fi
 ((voters % 2 == 1)) || say "warning: $voters voters; an odd number tolerates as many failures with one machine less"
@@ -257,7 +539,6 @@ trap on_exit EXIT
 
 # Subnets: as given, else the default VPC's (one per availability zone), with their VPC and
 # address range, in one call.
-declare -A cidr_of=()
 if [[ ${#subnets[@]} -eq 0 ]]; then
   subnet_query=(--filters Name=default-for-az,Values=true)
 else
@@ -343,27 +624,7 @@ done
 say "roles: $node_role_arn, $worker_role_arn"
 
 # --- private addresses: fixed, so the peers list is known before anything boots
-ip_to_int() { local IFS=.; read -r a b c d <<<"$1"; echo $(((a << 24) + (b << 16) + (c << 8) + d)); }
-int_to_ip() { echo "$((($1 >> 24) & 255)).$((($1 >> 16) & 255)).$((($1 >> 8) & 255)).$(($1 & 255))"; }
-# Addresses in use anywhere in the VPC, once.
-used=" $(awsq ec2 describe-network-interfaces --filters "Name=vpc-id,Values=$vpc" \
-  --query 'NetworkInterfaces[].PrivateIpAddresses[].PrivateIpAddress' | tr '\t\n' '  ') "
-picked=
-pick_ip() { # subnet -> $picked, a free private address in it (then marked used)
-  local subnet=$1 cidr=${cidr_of[$1]} base size offset ip
-  base=$(ip_to_int "${cidr%/*}")
-  size=$((1 << (32 - ${cidr#*/})))
-  # AWS reserves the first four addresses and the last one of every subnet.
-  for ((offset = 10; offset < size - 1; offset++)); do
-    ip=$(int_to_ip $((base + offset)))
-    if [[ $used != *" $ip "* ]]; then
-      used+="$ip "
-      picked=$ip
-      return 0
-    fi
-  done
-  die "no free address in $subnet ($cidr)"
-}
+used=$(addresses_in_use "$vpc")
 
 ids=() roles=() node_subnets=() ips=()
 for ((i = 1; i <= voters; i++)); do
@@ -394,113 +655,15 @@ if [[ -n $tls ]]; then
   say "cluster CA: $tls_dir/ca.pem (its key, ca-key.pem, issues node certificates: keep it safe)"
 fi
 
-# A node's TLS files, written where the service user can read them, and their variables.
-tls_user_data() { # id -> shell lines
-  local id=$1 file
-  [[ -n $tls ]] || return 0
-  echo 'install -d -o root -g hashq -m 0750 /etc/hashq-tls'
-  for file in ca node node-key; do
-    local src="$tls_dir/$file.pem"
-    [[ $file == node ]] && src="$tls_dir/node-$id.pem"
-    [[ $file == node-key ]] && src="$tls_dir/node-$id-key.pem"
-    printf "cat > /etc/hashq-tls/%s.pem <<'HASHQ_PEM'\n%s\nHASHQ_PEM\n" "$file" "$(cat "$src")"
-  done
-  echo 'chgrp hashq /etc/hashq-tls/*.pem && chmod 0640 /etc/hashq-tls/*.pem'
-}
 
-node_user_data() { # k -> user data of voter k (0-based)
-  local id=${ids[$1]} role=${roles[$1]} subnet=${node_subnets[$1]}
-  cat <<EOF
-#!/bin/bash
-# hashq node $id ($role) of cluster $name, written by scripts/deploy-ec2.sh.
-# Installs hashq from the operator's URL and runs \`hashq node\` as a systemd service. No AWS
-# key is here: the node uses its instance profile.
-set -euo pipefail
-umask 077
-install -d -m 0700 /etc/hashq
-cat > /etc/hashq/node.env <<'HASHQ_ENV'
-HASHQ_ID=$id
-HASHQ_ROLE=$role
-HASHQ_LISTEN=0.0.0.0:$port$([[ $role == endpoint ]] && printf '\nHASHQ_CLIENT_LISTEN=0.0.0.0:%s' "$client_port")
-HASHQ_PEERS=$peers
-HASHQ_DATA_DIR=/var/lib/hashq
-HASHQ_CLUSTER_NAME=$name
-HASHQ_CLUSTER_TOKEN=$token
-HASHQ_WORKER_TOKEN=$worker_token
-HASHQ_ADMIN_TOKEN=$admin_token
-HASHQ_LAUNCHER=ec2
-HASHQ_MAX_WORKERS=$max_workers
-HASHQ_WORKER_IDLE_TIMEOUT=$worker_idle_timeout
-HASHQ_EC2_REGION=$region
-HASHQ_EC2_AMI=$ami
-HASHQ_EC2_INSTANCE_TYPE=$worker_instance_type
-HASHQ_EC2_SUBNET=$subnet
-HASHQ_EC2_SECURITY_GROUP=$cluster_sg
-HASHQ_EC2_INSTANCE_PROFILE=hashq-$name-worker$([[ -n $endpoint_url ]] && printf '\nHASHQ_EC2_ENDPOINT_URL=%s' "$endpoint_url")
-HASHQ_LOG_FORMAT=json$([[ -n $tls ]] && printf '\nHASHQ_TLS_CERT=/etc/hashq-tls/node.pem\nHASHQ_TLS_KEY=/etc/hashq-tls/node-key.pem\nHASHQ_TLS_CA=/etc/hashq-tls/ca.pem')
-HASHQ_ENV
-
-curl -fsSL --retry 10 --retry-delay 3 --retry-all-errors -o /usr/local/bin/hashq.part '$binary_url'$([[ -n $binary_sha256 ]] && printf "\necho '%s  /usr/local/bin/hashq.part' | sha256sum -c -" "$binary_sha256")
-chmod 0755 /usr/local/bin/hashq.part
-mv /usr/local/bin/hashq.part /usr/local/bin/hashq
-
-id hashq >/dev/null 2>&1 || useradd --system --home-dir /var/lib/hashq --shell /sbin/nologin hashq
-install -d -o hashq -g hashq -m 0700 /var/lib/hashq
-$(tls_user_data "$id")
-cat > /etc/systemd/system/hashq-node.service <<'HASHQ_UNIT'
-[Unit]
-Description=hashq node $id of cluster $name
-Wants=network-online.target
-After=network-online.target
-
-[Service]
-User=hashq
-EnvironmentFile=/etc/hashq/node.env
-ExecStart=/usr/local/bin/hashq node
-Restart=always
-RestartSec=2
-LimitNOFILE=65536
-ProtectSystem=strict
-ReadWritePaths=/var/lib/hashq
-ProtectHome=yes
-PrivateTmp=yes
-NoNewPrivileges=yes
-
-[Install]
-WantedBy=multi-user.target
-HASHQ_UNIT
-systemctl daemon-reload
-systemctl enable --now hashq-node.service
-EOF
-}
 
 launched=()
+membership_env="HASHQ_PEERS=$peers"
+after_start=
 for ((k = 0; k < voters; k++)); do
-  node_user_data "$k" >"$user_data_file"
-  groups=("$cluster_sg")
-  [[ ${roles[$k]} == endpoint ]] && groups+=("$client_sg")
-  tags="[{Key=Name,Value=hashq-$name-${ids[$k]}},{Key=hashq:cluster,Value=$name},{Key=hashq:role,Value=${roles[$k]}},{Key=hashq:node-id,Value=${ids[$k]}}]"
-  extra=()
-  [[ -n $key_name ]] && extra+=(--key-name "$key_name")
-  # A new instance profile takes a few seconds to be usable by EC2: retry while it is not.
-  for attempt in 1 2 3 4 5 6 7 8 9 10; do
-    if instance=$(awsq ec2 run-instances --image-id "$ami" --instance-type "$instance_type" --count 1 \
-      --subnet-id "${node_subnets[$k]}" --private-ip-address "${ips[$k]}" \
-      --security-group-ids "${groups[@]}" --iam-instance-profile "Name=hashq-$name-node" \
-      --metadata-options HttpTokens=required,HttpEndpoint=enabled \
-      --user-data "file://$user_data_file" \
-      --tag-specifications "ResourceType=instance,Tags=$tags" "ResourceType=volume,Tags=$tags" \
-      "${extra[@]}" --query 'Instances[0].InstanceId' 2>"$user_data_file.err"); then
-      break
-    fi
-    if ((attempt == 10)) || ! grep -qi 'instance profile\|iamInstanceProfile' "$user_data_file.err"; then
-      cat "$user_data_file.err" >&2
-      exit 1
-    fi
-    sleep 5
-  done
+  node_user_data "${ids[$k]}" "${roles[$k]}" "${node_subnets[$k]}" >"$user_data_file"
+  launch_node "${ids[$k]}" "${roles[$k]}" "${ips[$k]}" "${node_subnets[$k]}"
   launched+=("$instance")
-  say "node ${ids[$k]} (${roles[$k]}): $instance at ${ips[$k]} in ${node_subnets[$k]}"
 done
 deployed=yes
 
@@ -527,22 +690,8 @@ for ((k = 0; k < voters; k++)); do
 done
 if [[ -n $tls ]]; then curl_args+=(--cacert "$tls_dir/ca.pem"); fi
 
-leader_elected() {
-  local url
-  for url in "${urls[@]}"; do
-    if curl "${curl_args[@]}" -fsS --max-time 3 "$url/health" 2>/dev/null | grep -q '"leader":[0-9]'; then
-      return 0
-    fi
-  done
-  return 1
-}
 if [[ -n $wait_for_leader ]]; then
-  say "waiting for the cluster to elect a leader (instances boot and download hashq first)"
-  deadline=$((SECONDS + 900))
-  until leader_elected; do
-    ((SECONDS < deadline)) || die "no leader after 15 minutes; see /var/log/cloud-init-output.log on the instances"
-    sleep 5
-  done
+  wait_for_leader_at "${urls[@]}"
 fi
 
 echo "hashq cluster $name in $region (admin token in $admin_token_file):"

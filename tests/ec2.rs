@@ -1120,15 +1120,20 @@ async fn a_refused_launch_frees_its_slot_and_shows_in_status() {
 }
 
 /// Runs `scripts/deploy-ec2.sh` against moto.
-fn deploy(moto: &Moto, args: &[&str]) -> String {
+fn deploy_output(moto: &Moto, args: &[&str]) -> std::process::Output {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/deploy-ec2.sh");
-    let out = Command::new("bash")
+    Command::new("bash")
         .arg(script)
         .args(["--endpoint-url", &moto.url, "--region", REGION])
         .args(args)
         .envs(aws_env())
         .output()
-        .expect("run deploy-ec2.sh");
+        .expect("run deploy-ec2.sh")
+}
+
+/// Runs `scripts/deploy-ec2.sh` against moto, which must succeed: its standard output.
+fn deploy(moto: &Moto, args: &[&str]) -> String {
+    let out = deploy_output(moto, args);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -1428,6 +1433,112 @@ async fn the_deploy_script_gives_every_node_a_certificate_of_one_cluster_ca() {
         &["--name", name, "--state-dir", &state_dir, "--destroy"],
     );
     assert!(!tls_dir.exists(), "the CA goes with the cluster");
+}
+
+/// `deploy-ec2.sh --replace-endpoint ID`: node ID's instance is terminated, and a new
+/// endpoint instance with the next unused node id joins through a surviving endpoint (over
+/// TLS, with a certificate of the cluster's CA) and swaps itself in with `hashq cluster
+/// replace`, with the cluster's credentials. A witness or an unknown node is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_deploy_script_replaces_an_endpoint_by_a_new_node_that_swaps_itself_in() {
+    let moto = Moto::start().await;
+    let ec2 = moto.client();
+    let name = "replacetest";
+    let state = tempfile::tempdir().unwrap();
+    let state_dir = state.path().to_str().unwrap().to_string();
+    let hashq = common::binary();
+    let hashq = hashq.to_str().unwrap();
+    deploy_three_voters(&moto, name, &state_dir, &["--tls", "--hashq", hashq]);
+    let live = |seen: &[Seen], id: &str| {
+        seen.iter()
+            .find(|m| m.live() && m.tags.get("hashq:node-id").map(String::as_str) == Some(id))
+            .cloned()
+    };
+    let before = instances(&ec2, &[("hashq:cluster", name)]).await;
+    let one = live(&before, "1").expect("node 1");
+    let old = live(&before, "2").expect("node 2");
+    let one_script = user_data(&ec2, &one.id).await;
+    let one_env = user_data_env(&one_script);
+    let one_addr = one_env["HASHQ_PEERS"]
+        .split(',')
+        .find_map(|p| p.strip_prefix("1="))
+        .expect("node 1's address")
+        .to_string();
+    let replace = |node: &'static str| {
+        [
+            "--name",
+            name,
+            "--state-dir",
+            &state_dir,
+            "--binary-url",
+            "https://downloads.example.com/hashq-x86_64",
+            "--hashq",
+            hashq,
+            "--no-wait",
+            "--replace-endpoint",
+            node,
+        ]
+        .map(String::from)
+    };
+    for (node, why) in [("3", "is a witness"), ("9", "has no node 9")] {
+        let args = replace(node);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = deploy_output(&moto, &args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(why),
+            "{node}: {stderr}"
+        );
+    }
+
+    let args = replace("2");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let output = deploy(&moto, &args);
+    assert!(output.contains("replaced by node 4"), "{output}");
+    let after = instances(&ec2, &[("hashq:cluster", name)]).await;
+    assert!(
+        !after.iter().any(|m| m.id == old.id && m.live()),
+        "node 2's instance is terminated"
+    );
+    let new = live(&after, "4").expect("node 4");
+    assert_eq!(new.tags["hashq:role"], "endpoint");
+    let script = user_data(&ec2, &new.id).await;
+    let env = user_data_env(&script);
+    assert_eq!(env["HASHQ_ID"], "4");
+    assert!(
+        !env.contains_key("HASHQ_PEERS"),
+        "a newcomer joins: {script}"
+    );
+    let join = format!("https://{one_addr}");
+    assert_eq!(env["HASHQ_JOIN"], join);
+    let advertise = env["HASHQ_ADVERTISE"];
+    assert!(!one_env["HASHQ_PEERS"].contains(advertise), "a new address");
+    for same in [
+        "HASHQ_CLUSTER_TOKEN",
+        "HASHQ_WORKER_TOKEN",
+        "HASHQ_ADMIN_TOKEN",
+        "HASHQ_LAUNCHER",
+        "HASHQ_EC2_SECURITY_GROUP",
+        "HASHQ_TLS_CA",
+    ] {
+        assert_eq!(env[same], one_env[same], "{same}");
+    }
+    let swap = format!(
+        "hashq cluster --endpoints {join} --tls-ca /etc/hashq-tls/ca.pem replace 2 --id 4 --addr {advertise}"
+    );
+    assert!(script.contains(&swap), "{script}");
+    let tls_dir = state.path().join(format!("{name}.tls"));
+    let cert = std::fs::read_to_string(tls_dir.join("node-4.pem")).expect("node 4's certificate");
+    assert!(script.contains(cert.trim_end()));
+
+    // Ids are never reused: the next replacement is node 5, whatever instances still show.
+    let args = replace("4");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    assert!(deploy(&moto, &args).contains("replaced by node 5"));
+    deploy(
+        &moto,
+        &["--name", name, "--state-dir", &state_dir, "--destroy"],
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -27,7 +27,7 @@ pub use ec2::Ec2Args;
 pub enum ConfigError {
     #[error("--id {0} is not one of --peers")]
     NotAPeer(NodeId),
-    #[error("--launcher ec2 needs --peers (this node's own address among them), not --join")]
+    #[error("--launcher ec2 with --join needs --advertise HOST:PORT (the address its workers reach it at)")]
     JoinEc2,
     /// A flag outside its range, or two flags that do not fit together.
     #[error("{0}")]
@@ -205,6 +205,11 @@ pub struct NodeArgs {
     /// HOST:PORT`), which brings it up to date as a learner before it votes.
     #[arg(long, env = "HASHQ_JOIN", value_parser = join_url)]
     pub join: Option<String>,
+    /// HOST:PORT that peers and workers reach this node at, for a node that joins (with
+    /// --peers it is this node's entry there). `--launcher ec2` needs it: workers on other
+    /// machines are told this address.
+    #[arg(long, env = "HASHQ_ADVERTISE", requires = "join")]
+    pub advertise: Option<String>,
     /// Source address for this node's connections to its peers (a multi-homed host; the
     /// chaos tests use it to tell nodes apart).
     #[arg(long, env = "HASHQ_OUTBOUND_ADDR")]
@@ -699,6 +704,8 @@ pub struct NodeConfig {
     pub peers: Peers,
     /// The cluster this node joins (`--join`): it never forms one.
     pub join: Option<String>,
+    /// The address a joining node is reached at (`--advertise`).
+    pub advertise: Option<String>,
     pub outbound_addr: Option<std::net::IpAddr>,
     pub data_dir: PathBuf,
     pub credentials: Credentials,
@@ -730,6 +737,14 @@ impl NodeConfig {
             .iter()
             .find(|(peer, _)| *peer == id)
             .map(|(_, addr)| addr.as_str())
+    }
+
+    /// The address peers and workers reach this node at: `--advertise`, else its entry in
+    /// `--peers`.
+    pub fn own_addr(&self) -> Option<&str> {
+        self.advertise
+            .as_deref()
+            .or_else(|| self.peer_addr(self.id))
     }
 }
 

@@ -14,8 +14,17 @@ impl NodeArgs {
         if self.join.is_none() && !peers.0.iter().any(|(id, _)| *id == self.id) {
             return Err(ConfigError::NotAPeer(self.id));
         }
-        if self.join.is_some() && self.launcher == LauncherKind::Ec2 {
+        if self.join.is_some() && self.launcher == LauncherKind::Ec2 && self.advertise.is_none() {
             return Err(ConfigError::JoinEc2);
+        }
+        if let Some(addr) = &self.advertise {
+            // The same rules as an entry of --peers.
+            if format!("{}={addr}", self.id)
+                .parse::<super::Peers>()
+                .is_err()
+            {
+                return bad("--advertise must be HOST:PORT");
+            }
         }
         let tls = match (self.tls_cert, self.tls_key, self.tls_ca) {
             (Some(cert), Some(key), Some(ca)) => Some(hashq_tls::NodeTls { cert, key, ca }),
@@ -85,6 +94,7 @@ impl NodeArgs {
             client_listen: self.client_listen,
             peers,
             join: self.join,
+            advertise: self.advertise,
             outbound_addr: self.outbound_addr,
             data_dir: self.data_dir,
             credentials,

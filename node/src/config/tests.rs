@@ -129,6 +129,26 @@ fn a_node_either_founds_with_peers_or_joins() {
         .unwrap()
         .into_config();
     assert!(matches!(ec2, Err(ConfigError::JoinEc2)));
+    let advertised = try_parse(&[
+        "--join",
+        "http://h:1",
+        "--launcher",
+        "ec2",
+        "--advertise",
+        "10.0.0.9:7101",
+    ])
+    .unwrap();
+    // (The EC2 settings themselves are checked when the launcher starts.)
+    assert_eq!(advertised.advertise.as_deref(), Some("10.0.0.9:7101"));
+    let config = try_parse(&["--join", "http://h:1", "--advertise", "10.0.0.9:7101"])
+        .unwrap()
+        .into_config()
+        .unwrap();
+    assert_eq!(config.own_addr(), Some("10.0.0.9:7101"));
+    let bad = try_parse(&["--join", "http://h:1", "--advertise", "nowhere"])
+        .unwrap()
+        .into_config();
+    assert!(matches!(bad, Err(ConfigError::Invalid(_))));
     let stranger = try_parse(&["--peers", "1=h:1"]).unwrap().into_config();
     assert!(matches!(stranger, Err(ConfigError::NotAPeer(4))));
 }

@@ -127,9 +127,7 @@ pub async fn from_config(config: &NodeConfig) -> Result<Arc<dyn Launcher>, Strin
                     &config.ec2,
                     &config.cluster_name,
                     config.credentials.worker.as_deref(),
-                    config
-                        .peer_addr(config.id)
-                        .map(|a| format!("{scheme}://{a}")),
+                    config.own_addr().map(|a| format!("{scheme}://{a}")),
                     ca_pem,
                 )
                 .await
