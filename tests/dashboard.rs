@@ -29,6 +29,18 @@ fn chromium() -> String {
 /// Loads `url` in headless Chromium, lets its scripts run for a few (virtual) seconds, and
 /// returns the DOM as it is then.
 fn rendered_dom(url: &str) -> String {
+    let output = headless(url, &["--dump-dom"]);
+    String::from_utf8(output.stdout).expect("utf-8 DOM")
+}
+
+/// Loads `url` the same way and saves what a 1280x1600 window shows as a PNG at `path`.
+fn screenshot(url: &str, path: &std::path::Path) {
+    let to = format!("--screenshot={}", path.display());
+    headless(url, &["--window-size=1280,1600", "--hide-scrollbars", &to]);
+}
+
+/// Runs headless Chromium on `url` with `extra` flags, which must succeed.
+fn headless(url: &str, extra: &[&str]) -> std::process::Output {
     let profile = tempfile::tempdir().unwrap();
     let output = Command::new(chromium())
         .args([
@@ -41,8 +53,8 @@ fn rendered_dom(url: &str) -> String {
             "--disable-component-update",
             "--disable-sync",
             "--virtual-time-budget=5000",
-            "--dump-dom",
         ])
+        .args(extra)
         .arg(format!("--user-data-dir={}", profile.path().display()))
         .arg(url)
         .output()
@@ -52,7 +64,14 @@ fn rendered_dom(url: &str) -> String {
         "chromium failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    String::from_utf8(output.stdout).expect("utf-8 DOM")
+    output
+}
+
+/// The width and height of a PNG file, from its header.
+fn png_size(png: &[u8]) -> (u32, u32) {
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
+    let be = |at: usize| u32::from_be_bytes(png[at..at + 4].try_into().unwrap());
+    (be(16), be(20))
 }
 
 /// The text content of the element with `id` in a dumped DOM.
@@ -155,6 +174,9 @@ async fn the_dashboard_shows_the_live_cluster_in_a_real_browser() {
                 "{line}: ({x}, {y})"
             );
         }
+        // A page just opened spans what it has polled, not ten empty minutes.
+        let first = points.iter().map(|(x, _)| *x).fold(600.0, f64::min);
+        assert!(first < 450.0, "{line} starts at x = {first}: {points:?}");
     }
     // The budget line sits at the top of its chart (the largest value shown is 8).
     assert_eq!(text_of(&dom, "max_workers"), "8");
@@ -165,6 +187,16 @@ async fn the_dashboard_shows_the_live_cluster_in_a_real_browser() {
     let workers = &dom[dom.find("id=\"worker_list\"").unwrap()..];
     let workers = &workers[..workers.find("</tbody>").unwrap()];
     assert_eq!(workers.matches("<tr>").count(), 1, "{workers}");
+
+    // What a reader sees: a screenshot, kept for humans (its path is printed). A blank or
+    // unstyled page compresses to a few KiB; the tables, charts and text take far more.
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
+    let _ = std::fs::remove_file(&shot);
+    screenshot(&format!("{}/", cluster.url(follower)), &shot);
+    let png = std::fs::read(&shot).expect("the screenshot");
+    assert_eq!(png_size(&png), (1280, 1600));
+    assert!(png.len() > 40_000, "a {} byte screenshot", png.len());
+    println!("dashboard screenshot: {}", shot.display());
 }
 
 #[tokio::test(flavor = "multi_thread")]
