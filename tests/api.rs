@@ -3,11 +3,11 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{payload, reference, wait_for, Cluster, Options, ADMIN_TOKEN, WORKER_TOKEN};
 use reqwest::Method;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 fn options() -> Options {
     Options {
@@ -135,6 +135,24 @@ async fn bad_input_gets_a_clear_json_error_and_the_node_keeps_serving() {
         case(Method::GET, "/work/1?wait=1.5s", 400, "invalid_wait"),
         case(Method::GET, "/work/987654321?wait=99s", 404, "not_found"),
         case(Method::GET, "/work/1?wait=1&wait=2", 400, "invalid_wait"),
+        case(
+            Method::POST,
+            "/pullCompleted?top=1&wait=1",
+            400,
+            "idempotency_key_required",
+        ),
+        case(
+            Method::POST,
+            "/pullCompleted?top=1&wait=soon",
+            400,
+            "invalid_wait",
+        ),
+        case(
+            Method::POST,
+            "/pullCompleted?top=1&wait=-5",
+            400,
+            "invalid_wait",
+        ),
         case(Method::POST, "/worker/lease", 401, "unauthorized"),
         case(Method::POST, "/raft/vote", 401, "unauthorized"),
         case(Method::POST, "/internal/propose", 401, "unauthorized"),
@@ -633,4 +651,193 @@ async fn a_witness_with_the_lowest_id_leaves_forming_and_leading_the_cluster_to_
         || async { cluster.leader().await.filter(|l| *l == survivor) },
     )
     .await;
+}
+
+/// `POST /pullCompleted?top=N&wait=W` with `key` on node `id`, within `timeout`: the items
+/// it answered, or `None` when the client gave up first.
+async fn waiting_pull(
+    cluster: &Cluster,
+    id: u64,
+    wait: &str,
+    key: &str,
+    timeout: Duration,
+) -> Option<Vec<(String, String)>> {
+    let answer = cluster
+        .http
+        .post(format!(
+            "{}/pullCompleted?top=100&wait={wait}",
+            cluster.url(id)
+        ))
+        .header("idempotency-key", key)
+        .timeout(timeout)
+        .send()
+        .await
+        .ok()?;
+    assert_eq!(answer.status(), 200, "waiting pull on node {id}");
+    Some(common::pulled_items(&answer.json().await.ok()?))
+}
+
+/// Wall-clock milliseconds, as state-machine times are stamped on this machine.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// Pulls waiting on the nodes, from their `hashq_pulls_waiting` gauges.
+async fn pulls_waiting(cluster: &Cluster) -> u64 {
+    let mut waiting = 0;
+    for id in cluster.ids() {
+        let metrics = cluster.metrics(id).await;
+        waiting += metrics
+            .lines()
+            .find(|l| l.starts_with("hashq_pulls_waiting{"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    waiting
+}
+
+/// Long polling a pull: a wait that ends takes nothing; pullers waiting on three nodes get
+/// each result once, as soon as it lands; a retry under the same key gets the same items
+/// even after newer results; a client that gives up takes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn waiting_pulls_answer_when_results_land_take_each_once_and_replay_under_their_key() {
+    let mut cluster = Cluster::start(options()).await;
+    let started = Instant::now();
+    let empty = waiting_pull(&cluster, 2, "400ms", "quiet", Duration::from_secs(10)).await;
+    assert_eq!(empty, Some(Vec::new()));
+    assert!(started.elapsed() >= Duration::from_millis(350));
+
+    // Three pullers, one per node, all waiting before anything is enqueued.
+    let pullers: Vec<_> = cluster
+        .ids()
+        .into_iter()
+        .map(|id| {
+            let http = cluster.http.clone();
+            let url = cluster.url(id);
+            tokio::spawn(async move {
+                let answer = http
+                    .post(format!("{url}/pullCompleted?top=100&wait=20s"))
+                    .header("idempotency-key", format!("waiter-{id}"))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(answer.status(), 200);
+                let items: Value = answer.json().await.unwrap();
+                let at = now_ms();
+                (id, items, at)
+            })
+        })
+        .collect();
+    wait_for("three waiting pulls", Duration::from_secs(10), || async {
+        (pulls_waiting(&cluster).await == 3).then_some(())
+    })
+    .await;
+    let mut enqueued = Vec::new();
+    for k in 0..3u64 {
+        let data = payload(k, 300);
+        let id = cluster
+            .enqueue(1, data.clone(), 5, &format!("lp-{k}"))
+            .await;
+        enqueued.push((id, reference(&data, 5)));
+    }
+    cluster.start_worker(&[]);
+    let mut taken: Vec<(String, String)> = Vec::new();
+    let mut first_answer = u64::MAX;
+    for puller in pullers {
+        let (id, items, at) = tokio::time::timeout(Duration::from_secs(30), puller)
+            .await
+            .expect("every waiting pull answers")
+            .unwrap();
+        first_answer = first_answer.min(at);
+        taken.extend(common::pulled_items(&items));
+        eprintln!("node {id}'s waiting pull took {items}");
+    }
+    // Anything a raced puller did not get is still there for a plain pull.
+    taken.extend(cluster.pull(1, 100, "after-waiters").await);
+    taken.sort();
+    let mut expected = enqueued.clone();
+    expected.sort();
+    assert_eq!(taken, expected, "each result once, with its value");
+    // The first answer came as soon as the first result landed, not at the end of a wait.
+    let mut completed_at = u64::MAX;
+    for (id, _) in &enqueued {
+        let work = cluster.get_json(1, &format!("/work/{id}")).await.unwrap();
+        completed_at = completed_at.min(work["completed_at_ms"].as_u64().unwrap());
+    }
+    eprintln!(
+        "first waiting answer {} ms after the first completion",
+        first_answer as i64 - completed_at as i64
+    );
+    assert!(
+        first_answer < completed_at + 1_000,
+        "answered {} ms after the first completion",
+        first_answer as i64 - completed_at as i64
+    );
+
+    // A retry under a key that took items gets the same items, even with a newer result.
+    let data = payload(10, 300);
+    let newer = cluster.enqueue(2, data.clone(), 5, "lp-newer").await;
+    let first = waiting_pull(&cluster, 3, "10s", "retried", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(first[0], (newer.clone(), reference(&data, 5)));
+    let newest = cluster.enqueue(2, payload(11, 300), 5, "lp-newest").await;
+    wait_for("the newest result", Duration::from_secs(30), || async {
+        let work = cluster.get_json(1, &format!("/work/{newest}")).await?;
+        (work["status"] == "completed").then_some(())
+    })
+    .await;
+    let again = waiting_pull(&cluster, 1, "10s", "retried", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(again, first, "the same items under the same key");
+
+    // A client that gives up while waiting takes nothing: its request ends with it.
+    assert_eq!(
+        cluster.pull(3, 100, "drain").await.len(),
+        1,
+        "the newest result"
+    );
+    let given_up = waiting_pull(&cluster, 2, "20s", "gone", Duration::from_millis(300)).await;
+    assert_eq!(given_up, None);
+    wait_for(
+        "the abandoned pull to end",
+        Duration::from_secs(10),
+        || async { (pulls_waiting(&cluster).await == 0).then_some(()) },
+    )
+    .await;
+    let data = payload(12, 300);
+    let last = cluster.enqueue(2, data.clone(), 5, "lp-last").await;
+    wait_for("the last result", Duration::from_secs(30), || async {
+        let work = cluster.get_json(1, &format!("/work/{last}")).await?;
+        (work["status"] == "completed").then_some(())
+    })
+    .await;
+    assert_eq!(
+        cluster.pull(3, 100, "last").await,
+        [(last, reference(&data, 5))],
+        "the result is there for the next pull"
+    );
+
+    // The CLI waits too: `[]` when nothing comes, the result when one does.
+    let cli_pull = |wait: &str| {
+        std::process::Command::new(common::binary())
+            .args(["pull", "--endpoints", &cluster.url(2), "--top", "5"])
+            .args(["--wait", wait])
+            .output()
+            .expect("run hashq pull")
+    };
+    assert_eq!(
+        common::json_answer(cli_pull("1s"), "hashq pull --wait"),
+        json!([])
+    );
+    let data = payload(13, 300);
+    let cli_item = cluster.enqueue(1, data.clone(), 5, "lp-cli").await;
+    let answer = common::json_answer(cli_pull("30s"), "hashq pull --wait");
+    assert_eq!(answer[0]["work_id"], cli_item.as_str());
+    assert_eq!(answer[0]["value"], reference(&data, 5).as_str());
 }

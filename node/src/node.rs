@@ -30,6 +30,8 @@ pub struct Stats {
     pub enqueued: AtomicU64,
     pub pulled: AtomicU64,
     pub forwarded_reads: AtomicU64,
+    /// Pulls waiting here for a result (`wait=`), now.
+    pub pulls_waiting: AtomicU64,
 }
 
 impl Stats {

@@ -174,17 +174,18 @@ pub async fn enqueue(args: EnqueueArgs) -> anyhow::Result<()> {
 }
 
 pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
-    let client = Client::new(args.target)?;
-    // One key for every retry: a retried pull returns the same items, so none is lost.
+    let mut target = args.target;
+    let mut path = format!("{}?top={}", api::PULL_COMPLETED, args.top);
+    if let Some(wait) = args.wait {
+        // The answer may take the whole wait: on top of the usual deadline.
+        target.timeout += wait;
+        path = format!("{path}&wait={}ms", wait.as_millis());
+    }
+    let client = Client::new(target)?;
+    // One key for every retry: a retried pull returns the same items, so none is lost (and
+    // a waiting pull needs one).
     let key = new_key();
-    let (status, body) = client
-        .send(
-            Method::POST,
-            &format!("{}?top={}", api::PULL_COMPLETED, args.top),
-            None,
-            Some(&key),
-        )
-        .await?;
+    let (status, body) = client.send(Method::POST, &path, None, Some(&key)).await?;
     if !status.is_success() {
         return Err(fail(status, &body));
     }

@@ -128,6 +128,10 @@ pub struct PullArgs {
     /// Most results to take.
     #[arg(long, default_value_t = 10)]
     pub top: u32,
+    /// When no result is ready, wait up to this long for one (a long poll; the nodes cut it
+    /// to their --max-wait, 30s by default); `[]` if none came.
+    #[arg(long, value_parser = duration)]
+    pub wait: Option<Duration>,
 }
 
 /// `hashq status` flags.

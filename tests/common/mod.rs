@@ -446,18 +446,7 @@ impl Cluster {
                 .await;
             if let Ok(a) = answer {
                 if a.status().is_success() {
-                    let v: Value = a.json().await.unwrap();
-                    return v
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|i| {
-                            (
-                                i["work_id"].as_str().unwrap().to_string(),
-                                i["value"].as_str().unwrap().to_string(),
-                            )
-                        })
-                        .collect();
+                    return pulled_items(&a.json().await.unwrap());
                 }
             }
             assert!(Instant::now() < deadline, "pull {key} never answered");
@@ -654,4 +643,19 @@ pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         from.display(),
         to.display()
     );
+}
+
+/// The (work id, value) pairs of a `pullCompleted` answer.
+pub fn pulled_items(answer: &Value) -> Vec<(String, String)> {
+    answer
+        .as_array()
+        .expect("a JSON array")
+        .iter()
+        .map(|i| {
+            (
+                i["work_id"].as_str().unwrap().to_string(),
+                i["value"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
 }

@@ -55,9 +55,11 @@ async fn openapi(State(node): State<Node>) -> Response {
         "/paths/~1pullCompleted/post/parameters/0/schema/maximum",
         json!(limits.max_top),
     );
-    set(
+    for pointer in [
         "/paths/~1work~1{id}/get/parameters/1/schema/x-max-wait-ms",
-        json!(limits.max_wait.as_millis() as u64),
-    );
+        "/paths/~1pullCompleted/post/parameters/2/schema/x-max-wait-ms",
+    ] {
+        set(pointer, json!(limits.max_wait.as_millis() as u64));
+    }
     ([(header::CONTENT_TYPE, "application/json")], Json(doc)).into_response()
 }

@@ -3,6 +3,7 @@
 //! health are in [`super::observability`], the dashboard page and the OpenAPI document in
 //! [`super::assets`].
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -125,15 +126,24 @@ async fn pull_completed(
     headers: HeaderMap,
 ) -> Result<Json<Vec<Pulled>>, ApiError> {
     serves_clients(&node)?;
-    let top = count_param(
-        &query_pairs(query.as_deref()),
-        "top",
-        node.config().limits.max_top,
-    )?;
+    let pairs = query_pairs(query.as_deref());
+    let top = count_param(&pairs, "top", node.config().limits.max_top)?;
+    let wait = wait_param(&pairs, node.config().limits.max_wait)?;
     let key = idempotency_key(&headers)?;
+    if wait > Duration::ZERO && key.is_none() {
+        return Err(ApiError::invalid(
+            "idempotency_key_required",
+            "a waiting pull (wait=...) needs an Idempotency-Key: a take whose answer is lost is recovered by retrying under its key",
+        ));
+    }
+    let dedup = dedup(&node, key, "pull");
+    if wait > Duration::ZERO && !ready_to_take(&node, &dedup.key, wait).await? {
+        // Nothing was taken: the wait ended first.
+        return Ok(Json(Vec::new()));
+    }
     let request = Request::Take {
         top,
-        dedup: Some(dedup(&node, key, "pull")),
+        dedup: Some(dedup),
     };
     match node.proposer().submit(request).await?.response {
         SmResponse::Taken { items, replay } => {
@@ -151,6 +161,52 @@ async fn pull_completed(
             ))
         }
         other => Err(ApiError::unexpected(other)),
+    }
+}
+
+/// Whether a waiting pull should take now: results are ready (as this node has applied), or
+/// its key was used already (a retry after a lost answer takes nothing new: it gets what the
+/// first call took). Otherwise it waits for an apply that makes it so, woken by applies
+/// only, and answers `false` when `wait` ends. If the client goes away meanwhile, the
+/// connection drops this request and nothing is proposed: a take happens only for a client
+/// still there to get its answer.
+async fn ready_to_take(node: &Node, dedup_key: &str, wait: Duration) -> Result<bool, ApiError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut applied = node.reader().subscribe();
+    let _waiting = Waiting::new(node);
+    loop {
+        {
+            let view = node.reader().view();
+            if machine::read_meta(&view)?.counts.completed > 0
+                || machine::take_key_used(&view, dedup_key)?
+            {
+                return Ok(true);
+            }
+        }
+        tokio::select! {
+            changed = applied.changed() => {
+                if changed.is_err() {
+                    return Ok(false);
+                }
+            }
+            () = tokio::time::sleep_until(deadline) => return Ok(false),
+        }
+    }
+}
+
+/// Counts a waiting pull in [`Stats::pulls_waiting`] while it lives.
+struct Waiting<'n>(&'n Node);
+
+impl<'n> Waiting<'n> {
+    fn new(node: &'n Node) -> Self {
+        node.stats().pulls_waiting.fetch_add(1, Ordering::Relaxed);
+        Waiting(node)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.stats().pulls_waiting.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -377,6 +377,12 @@ async fn metrics(State(node): State<Node>) -> Result<Response, ApiError> {
         &[("", c.payload_bytes)],
     );
     metric(
+        "hashq_pulls_waiting",
+        "gauge",
+        "Long-polling pulls (wait=) waiting on this node for a result, now.",
+        &[("", node.stats().pulls_waiting.load(Relaxed))],
+    );
+    metric(
         "hashq_enqueued_total",
         "counter",
         "Items ever enqueued (cluster-wide).",

@@ -397,7 +397,7 @@ mod workers;
 
 pub use queries::{
     cluster_version, dead_items, decode_payload_record, item, live_payloads, oldest_queued,
-    payload_floor, read_meta, stored, workers,
+    payload_floor, read_meta, stored, take_key_used, workers,
 };
 pub use tick::tick_due;
 

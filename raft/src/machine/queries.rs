@@ -17,6 +17,11 @@ pub fn cluster_version(kv: &impl KvRead) -> Result<u32, KvError> {
     }
 }
 
+/// Whether a take was applied under idempotency key `key` (still remembered).
+pub fn take_key_used(kv: &impl KvRead, key: &str) -> Result<bool, KvError> {
+    Ok(kv.get(&keys::idempotency(keys::TAKE_KEY, key))?.is_some())
+}
+
 /// One item's metadata.
 pub fn item(kv: &impl KvRead, id: WorkId) -> Result<Option<Item>, KvError> {
     get_t(kv, &keys::item(id))

@@ -1760,3 +1760,14 @@ fn the_cluster_version_is_absent_until_raised_and_never_goes_down() {
     assert_eq!(cluster_version(&kv).unwrap(), 2);
     check_invariants(&kv);
 }
+
+#[test]
+fn a_used_take_key_is_known_until_it_expires() {
+    let mut kv = MemKv::new();
+    assert!(!take_key_used(&kv, "k").unwrap());
+    take(&mut kv, 1_000, 10, Some("k"));
+    assert!(take_key_used(&kv, "k").unwrap());
+    assert!(!take_key_used(&kv, "other").unwrap());
+    tick(&mut kv, 1_000 + KEY_TTL_MS + 1);
+    assert!(!take_key_used(&kv, "k").unwrap());
+}
