@@ -200,10 +200,16 @@ fn applied(node: &Node) -> u64 {
 /// Waits until the leader's housekeeping has set the worker budget and `node` has applied
 /// its whole log: from then on an idle cluster appends nothing for a while (the next no-op
 /// comes after `machine::IDLE_ENTRY_MS`).
+/// Waits until the bootstrap entries are applied: the worker budget set, and the cluster
+/// version raised to this build's (every node here runs it).
 async fn settled(node: &Node) {
     wait_for("the cluster to settle", || async {
         let last = node.raft().metrics().borrow().last_log_index.unwrap_or(0);
-        (meta(node).max_workers.is_some() && applied(node) == last).then_some(())
+        let version = hashq_raft::machine::cluster_version(&node.reader().view()).ok()?;
+        (meta(node).max_workers.is_some()
+            && version == hashq_raft::version::SUPPORTED
+            && applied(node) == last)
+            .then_some(())
     })
     .await
 }
