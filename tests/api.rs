@@ -802,6 +802,16 @@ async fn waiting_pulls_answer_when_results_land_take_each_once_and_replay_under_
         1,
         "the newest result"
     );
+    // Node 2 has applied the drain (else it would see a result and take at once).
+    wait_for(
+        "node 2 to apply the drain",
+        Duration::from_secs(10),
+        || async {
+            let status = cluster.get_json(2, "/status").await?;
+            (status["counts"]["completed"] == 0).then_some(())
+        },
+    )
+    .await;
     let given_up = waiting_pull(&cluster, 2, "20s", "gone", Duration::from_millis(300)).await;
     assert_eq!(given_up, None);
     wait_for(
