@@ -318,16 +318,9 @@ async fn idempotency_keys_hold_across_nodes_and_an_item_shows_its_whole_life() {
     );
     let other = cluster.enqueue(3, data.clone(), 3, "another-key").await;
     assert_ne!(other, id);
-    // /status is each node's own applied view: a follower catches up within moments.
-    wait_for(
-        "two enqueues in node 2's status",
-        Duration::from_secs(10),
-        || async {
-            let status = cluster.get_json(2, "/status").await?;
-            (status["totals"]["enqueued"] == 2).then_some(())
-        },
-    )
-    .await;
+    cluster
+        .wait_for_status(2, "/totals/enqueued", json!(2))
+        .await;
 
     // Any node answers GET /work linearizably, right after the enqueue.
     for node in cluster.ids() {
@@ -372,11 +365,7 @@ async fn idempotency_keys_hold_across_nodes_and_an_item_shows_its_whole_life() {
         "a long poll answered early"
     );
     cluster.start_worker(&[]);
-    let work = wait_for("completion", Duration::from_secs(30), || async {
-        let w = cluster.get_json(3, &format!("/work/{id}")).await?;
-        (w["status"] == "completed").then_some(w)
-    })
-    .await;
+    let work = cluster.wait_for_completed(3, &id).await;
     let seen_completed = std::time::Instant::now();
     for poll in polls {
         let (answer, at) = poll.await.unwrap();
@@ -390,11 +379,7 @@ async fn idempotency_keys_hold_across_nodes_and_an_item_shows_its_whole_life() {
     }
     assert_eq!(work["attempts"], 1);
     assert_eq!(work["value"], reference(&data, 1000));
-    wait_for("the other completion", Duration::from_secs(30), || async {
-        let w = cluster.get_json(1, &format!("/work/{other}")).await?;
-        (w["status"] == "completed").then_some(())
-    })
-    .await;
+    cluster.wait_for_completed(1, &other).await;
 
     // A pull with a key, retried on other nodes, returns the same items; they are taken once.
     let first = cluster.pull(2, 10, "pull-key").await;
@@ -755,7 +740,12 @@ async fn waiting_pulls_answer_when_results_land_take_each_once_and_replay_under_
         taken.extend(common::pulled_items(&items));
         eprintln!("node {id}'s waiting pull took {items}");
     }
-    // Anything a raced puller did not get is still there for a plain pull.
+    // Anything a raced puller did not get is still there for a plain pull, once completed
+    // (the waiters answer as soon as the first results land).
+    cluster.wait_for_status(1, "/counts/queued", json!(0)).await;
+    cluster
+        .wait_for_status(1, "/counts/running", json!(0))
+        .await;
     taken.extend(cluster.pull(1, 100, "after-waiters").await);
     taken.sort();
     let mut expected = enqueued.clone();
@@ -786,11 +776,7 @@ async fn waiting_pulls_answer_when_results_land_take_each_once_and_replay_under_
     assert_eq!(first.len(), 1, "{first:?}");
     assert_eq!(first[0], (newer.clone(), reference(&data, 5)));
     let newest = cluster.enqueue(2, payload(11, 300), 5, "lp-newest").await;
-    wait_for("the newest result", Duration::from_secs(30), || async {
-        let work = cluster.get_json(1, &format!("/work/{newest}")).await?;
-        (work["status"] == "completed").then_some(())
-    })
-    .await;
+    cluster.wait_for_completed(1, &newest).await;
     let again = waiting_pull(&cluster, 1, "10s", "retried", Duration::from_secs(30))
         .await
         .unwrap();
@@ -803,15 +789,9 @@ async fn waiting_pulls_answer_when_results_land_take_each_once_and_replay_under_
         "the newest result"
     );
     // Node 2 has applied the drain (else it would see a result and take at once).
-    wait_for(
-        "node 2 to apply the drain",
-        Duration::from_secs(10),
-        || async {
-            let status = cluster.get_json(2, "/status").await?;
-            (status["counts"]["completed"] == 0).then_some(())
-        },
-    )
-    .await;
+    cluster
+        .wait_for_status(2, "/counts/completed", json!(0))
+        .await;
     let given_up = waiting_pull(&cluster, 2, "20s", "gone", Duration::from_millis(300)).await;
     assert_eq!(given_up, None);
     wait_for(
@@ -822,11 +802,7 @@ async fn waiting_pulls_answer_when_results_land_take_each_once_and_replay_under_
     .await;
     let data = payload(12, 300);
     let last = cluster.enqueue(2, data.clone(), 5, "lp-last").await;
-    wait_for("the last result", Duration::from_secs(30), || async {
-        let work = cluster.get_json(1, &format!("/work/{last}")).await?;
-        (work["status"] == "completed").then_some(())
-    })
-    .await;
+    cluster.wait_for_completed(1, &last).await;
     assert_eq!(
         cluster.pull(3, 100, "last").await,
         [(last, reference(&data, 5))],

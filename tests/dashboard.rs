@@ -5,7 +5,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{payload, wait_for, Cluster, Options};
+use common::{payload, Cluster, Options};
 use serde_json::Value;
 
 /// The Chromium binary: `HASHQ_CHROMIUM`, or the first of the usual names on PATH.
@@ -115,15 +115,9 @@ async fn the_dashboard_shows_the_live_cluster_in_a_real_browser() {
             .await;
     }
     cluster.start_worker(&[]);
-    wait_for(
-        "the worker to finish the five items",
-        Duration::from_secs(30),
-        || async {
-            let s = cluster.get_json(2, "/status").await?;
-            (s["counts"]["completed"] == 5).then_some(())
-        },
-    )
-    .await;
+    cluster
+        .wait_for_status(2, "/counts/completed", serde_json::json!(5))
+        .await;
     cluster
         .enqueue(3, payload(9, 100), 10_000_000, "long-one")
         .await;

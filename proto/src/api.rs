@@ -89,13 +89,16 @@ pub struct Health {
     #[serde(default)]
     pub incarnation: u64,
     /// The latest cluster version this node can run (`hashq_raft::version`); builds before
-    /// versioning do not say, and run version 1.
+    /// versioning do not say, and run [`BASE_CLUSTER_VERSION`].
     #[serde(default = "base_cluster_version")]
     pub cluster_version: u32,
 }
 
+/// The cluster version of the builds before versioning (`hashq_raft::version::BASE`).
+pub const BASE_CLUSTER_VERSION: u32 = 1;
+
 fn base_cluster_version() -> u32 {
-    1
+    BASE_CLUSTER_VERSION
 }
 
 /// `GET /raft/init` (peer credential), for self-initialization: whether a node has Raft state

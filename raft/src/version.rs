@@ -14,7 +14,7 @@
 //! the version while an upgrade may still be rolled back.
 
 /// The version of a cluster whose state holds none: every build can run it.
-pub const BASE: u32 = 1;
+pub const BASE: u32 = hashq_proto::api::BASE_CLUSTER_VERSION;
 
 /// The latest version this build can run.
 ///

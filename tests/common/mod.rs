@@ -397,6 +397,34 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// Waits (30 s at most) until work item `work_id`, read on node `id`, is completed: its
+    /// view then.
+    pub async fn wait_for_completed(&self, id: u64, work_id: &str) -> Value {
+        wait_for(
+            &format!("work item {work_id} to complete"),
+            Duration::from_secs(30),
+            || async {
+                let w = self.get_json(id, &format!("/work/{work_id}")).await?;
+                (w["status"] == "completed").then_some(w)
+            },
+        )
+        .await
+    }
+
+    /// Waits (30 s at most) until node `id`'s own `/status` holds `want` at JSON pointer `at`
+    /// (each node's status is its applied view: a follower catches up within moments).
+    pub async fn wait_for_status(&self, id: u64, at: &str, want: Value) {
+        wait_for(
+            &format!("{at} = {want} in node {id}'s status"),
+            Duration::from_secs(30),
+            || async {
+                let status = self.get_json(id, "/status").await?;
+                (status.pointer(at)? == &want).then_some(())
+            },
+        )
+        .await
+    }
+
     /// `PUT /enqueue` on node `id`, retried (same key) until it is acknowledged.
     pub async fn enqueue(&self, id: u64, payload: Vec<u8>, iterations: u32, key: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(60);

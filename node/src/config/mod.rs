@@ -114,6 +114,14 @@ pub enum LogFormat {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Peers(pub Vec<(NodeId, String)>);
 
+impl Peers {
+    /// Checks one member by the rules of an entry of `--peers` (`hashq cluster add`,
+    /// `--advertise`).
+    pub fn check_member(id: NodeId, addr: &str) -> Result<(), PeersError> {
+        format!("{id}={addr}").parse::<Peers>().map(drop)
+    }
+}
+
 impl FromStr for Peers {
     type Err = PeersError;
 

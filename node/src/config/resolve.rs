@@ -18,11 +18,7 @@ impl NodeArgs {
             return Err(ConfigError::JoinEc2);
         }
         if let Some(addr) = &self.advertise {
-            // The same rules as an entry of --peers.
-            if format!("{}={addr}", self.id)
-                .parse::<super::Peers>()
-                .is_err()
-            {
+            if super::Peers::check_member(self.id, addr).is_err() {
                 return bad("--advertise must be HOST:PORT");
             }
         }

@@ -183,14 +183,21 @@ async fn ready_to_take(node: &Node, dedup_key: &str, wait: Duration) -> Result<b
                 return Ok(true);
             }
         }
-        tokio::select! {
-            changed = applied.changed() => {
-                if changed.is_err() {
-                    return Ok(false);
-                }
-            }
-            () = tokio::time::sleep_until(deadline) => return Ok(false),
+        if !next_apply(&mut applied, deadline).await {
+            return Ok(false);
         }
+    }
+}
+
+/// Waits for this node's next apply: `false` if `deadline` comes first (or the node stops).
+/// What a waiting request waits on: it costs no CPU until then.
+async fn next_apply(
+    applied: &mut tokio::sync::watch::Receiver<hashq_storage::AppliedState>,
+    deadline: tokio::time::Instant,
+) -> bool {
+    tokio::select! {
+        changed = applied.changed() => changed.is_ok(),
+        () = tokio::time::sleep_until(deadline) => false,
     }
 }
 
@@ -286,13 +293,8 @@ async fn wait_for_final(node: &Node, work_id: WorkId, wait: Duration) -> Result<
         ) {
             return Ok(item);
         }
-        tokio::select! {
-            changed = applied.changed() => {
-                if changed.is_err() {
-                    return Ok(item);
-                }
-            }
-            () = tokio::time::sleep_until(deadline) => return Ok(item),
+        if !next_apply(&mut applied, deadline).await {
+            return Ok(item);
         }
     }
 }

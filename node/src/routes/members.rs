@@ -49,9 +49,7 @@ async fn add(
             format!("expected {{\"id\": N, \"addr\": \"HOST:PORT\"}}: {e}"),
         )
     })?;
-    // The same rules as one entry of --peers.
-    format!("{}={}", req.id, req.addr)
-        .parse::<Peers>()
+    Peers::check_member(req.id, &req.addr)
         .map_err(|e| ApiError::invalid("invalid_member", e.to_string()))?;
     if let Some(answer) = on_leader(&node, &headers, Method::POST, MEMBERS, body).await? {
         return Ok(answer);

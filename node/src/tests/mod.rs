@@ -197,11 +197,10 @@ fn applied(node: &Node) -> u64 {
     node.reader().subscribe().borrow().index
 }
 
-/// Waits until the leader's housekeeping has set the worker budget and `node` has applied
-/// its whole log: from then on an idle cluster appends nothing for a while (the next no-op
-/// comes after `machine::IDLE_ENTRY_MS`).
-/// Waits until the bootstrap entries are applied: the worker budget set, and the cluster
-/// version raised to this build's (every node here runs it).
+/// Waits until the leader's housekeeping has made its bootstrap entries (the worker budget,
+/// the cluster version raised to this build's: every node here runs it) and `node` has
+/// applied its whole log: from then on an idle cluster appends nothing for a while (the next
+/// no-op comes after `machine::IDLE_ENTRY_MS`).
 async fn settled(node: &Node) {
     wait_for("the cluster to settle", || async {
         let last = node.raft().metrics().borrow().last_log_index.unwrap_or(0);
