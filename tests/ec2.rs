@@ -1426,7 +1426,7 @@ async fn the_deploy_script_gives_every_node_a_certificate_of_one_cluster_ca() {
             key: tls_dir.join(format!("node-{id}-key.pem")),
             ca: tls_dir.join("ca.pem"),
         };
-        hashq_tls::server_config(&files).expect("a usable node certificate");
+        hashq_tls::acceptor(&files).expect("a usable node certificate");
     }
     deploy(
         &moto,

@@ -781,8 +781,8 @@ async fn a_tls_cluster_works_end_to_end_and_refuses_plaintext_and_strangers() {
     // issued is refused by the nodes even with the cluster token.
     let other = hashq_tls::Ca::open_or_create(&dir.path().join("other-ca")).unwrap();
     let stranger = other.issue("node-9", &["127.0.0.1".into()]).unwrap();
-    let trusts_other = reqwest::Client::builder()
-        .tls_backend_preconfigured(hashq_tls::client_config(&stranger.ca, None).unwrap())
+    let trusts_other = hashq_tls::trust(reqwest::Client::builder(), &stranger.ca, None)
+        .unwrap()
         .build()
         .unwrap();
     let answer = trusts_other
@@ -792,12 +792,14 @@ async fn a_tls_cluster_works_end_to_end_and_refuses_plaintext_and_strangers() {
         .await;
     assert!(answer.is_err(), "a client of another CA was answered");
     let ca = cluster.tls_ca().unwrap();
-    let impostor = reqwest::Client::builder()
-        .tls_backend_preconfigured(
-            hashq_tls::client_config(&ca, Some((&stranger.cert, &stranger.key))).unwrap(),
-        )
-        .build()
-        .unwrap();
+    let impostor = hashq_tls::trust(
+        reqwest::Client::builder(),
+        &ca,
+        Some((&stranger.cert, &stranger.key)),
+    )
+    .unwrap()
+    .build()
+    .unwrap();
     let answer = impostor
         .post(format!("{}/raft/vote", cluster.url(1)))
         .bearer_auth(TOKEN)

@@ -29,13 +29,7 @@ mod on;
 #[cfg(not(feature = "tls"))]
 pub use off::{accept, acceptor, trust, Ca, TlsAcceptor, TlsStream};
 #[cfg(feature = "tls")]
-pub use on::{
-    accept, acceptor, client_config, load_certs, load_key, roots, server_config, trust, Ca,
-    TlsAcceptor, TlsStream,
-};
-
-/// Whether this build has TLS (the `tls` cargo feature).
-pub const BUILT: bool = cfg!(feature = "tls");
+pub use on::{accept, acceptor, trust, Ca, TlsAcceptor, TlsStream};
 
 /// Why a TLS file or config could not be used.
 #[derive(Debug, thiserror::Error)]
