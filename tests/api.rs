@@ -54,6 +54,13 @@ fn case(method: Method, path: &'static str, status: u16, code: &'static str) -> 
 async fn bad_input_gets_a_clear_json_error_and_the_node_keeps_serving() {
     let cluster = Cluster::start(options()).await;
     let leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
+    // Cancel and retry answer 404 for a missing item once the cluster runs version 3 (409
+    // before).
+    for id in cluster.ids() {
+        cluster
+            .wait_for_status(id, "/cluster_version", json!(3))
+            .await;
+    }
     let follower = cluster.ids().into_iter().find(|id| *id != leader).unwrap();
 
     let mut cases = vec![
@@ -153,6 +160,45 @@ async fn bad_input_gets_a_clear_json_error_and_the_node_keeps_serving() {
             400,
             "invalid_wait",
         ),
+        case(Method::DELETE, "/work/abc", 400, "invalid_work_id"),
+        case(Method::DELETE, "/work/987654321", 404, "not_found"),
+        case(Method::POST, "/work/abc/retry", 400, "invalid_work_id"),
+        case(Method::POST, "/work/987654321/retry", 404, "not_found"),
+        case(Method::GET, "/work/1/retry", 405, "method_not_allowed"),
+        case(Method::PUT, "/work/1", 405, "method_not_allowed"),
+        case(Method::GET, "/work", 400, "missing_parameter"),
+        case(Method::GET, "/work?status=lost", 400, "invalid_status"),
+        case(
+            Method::GET,
+            "/work?status=dead&status=queued",
+            400,
+            "invalid_parameter",
+        ),
+        case(
+            Method::GET,
+            "/work?status=dead&after=x",
+            400,
+            "invalid_parameter",
+        ),
+        case(
+            Method::GET,
+            "/work?status=dead&after=-1",
+            400,
+            "invalid_parameter",
+        ),
+        case(
+            Method::GET,
+            "/work?status=dead&limit=0",
+            400,
+            "out_of_range",
+        ),
+        case(
+            Method::GET,
+            "/work?status=dead&limit=1001",
+            400,
+            "out_of_range",
+        ),
+        case(Method::POST, "/work", 405, "method_not_allowed"),
         case(Method::POST, "/worker/lease", 401, "unauthorized"),
         case(Method::POST, "/raft/vote", 401, "unauthorized"),
         case(Method::POST, "/internal/propose", 401, "unauthorized"),
@@ -826,4 +872,185 @@ async fn waiting_pulls_answer_when_results_land_take_each_once_and_replay_under_
     let answer = common::json_answer(cli_pull("30s"), "hashq pull --wait");
     assert_eq!(answer[0]["work_id"], cli_item.as_str());
     assert_eq!(answer[0]["value"], reference(&data, 5).as_str());
+}
+
+/// `GET path` on node `node`, `DELETE` or `POST` it: the status and the JSON body.
+async fn call(cluster: &Cluster, method: Method, node: u64, path: &str) -> (u16, Value) {
+    let answer = cluster
+        .http
+        .request(method, format!("{}{path}", cluster.url(node)))
+        .send()
+        .await
+        .unwrap();
+    let status = answer.status().as_u16();
+    (status, answer.json().await.unwrap())
+}
+
+/// Item `id` once it is final (a long poll of up to 20 s on node `node`).
+async fn final_state(cluster: &Cluster, node: u64, id: &str) -> Value {
+    let (status, work) = call(cluster, Method::GET, node, &format!("/work/{id}?wait=20s")).await;
+    assert_eq!(status, 200, "{work}");
+    work
+}
+
+/// Waits until item `id` has `status` (read at the leader through node 1).
+async fn wait_for_item(cluster: &Cluster, id: &str, status: &str) {
+    wait_for(
+        &format!("item {id} to be {status}"),
+        Duration::from_secs(20),
+        || async {
+            let w = cluster.get_json(1, &format!("/work/{id}")).await?;
+            (w["status"] == status).then_some(())
+        },
+    )
+    .await;
+}
+
+/// Cancel, retry and the listing by status, end to end with real workers. Leases of 3 s make
+/// workers heartbeat every second; one attempt per item makes a lease that runs out kill it.
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_stops_the_worker_at_its_next_heartbeat_and_retry_runs_dead_and_cancelled_items_again(
+) {
+    let mut base = options();
+    base.node_args = [
+        "--lease",
+        "3s",
+        "--max-attempts",
+        "1",
+        "--max-iterations",
+        "2000000000",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut cluster = Cluster::start(base).await;
+    for id in cluster.ids() {
+        cluster
+            .wait_for_status(id, "/cluster_version", json!(3))
+            .await;
+    }
+    // One item at a time, nothing leased ahead: a worker busy hashing takes nothing else.
+    let one_at_a_time = [
+        "--threads",
+        "1",
+        "--prefetch",
+        "0",
+        "--prefetch-window",
+        "0s",
+    ];
+
+    // An item dies: its worker is frozen while it hashes, and its one lease runs out.
+    let data = payload(21, 4096);
+    let doomed = cluster.enqueue(1, data.clone(), 3_000_000, "doomed").await;
+    let frozen = cluster.start_worker(&one_at_a_time);
+    wait_for_item(&cluster, &doomed, "running").await;
+    hashq_testkit::signal(cluster.worker_pid(frozen), "STOP");
+    let work = final_state(&cluster, 2, &doomed).await;
+    assert_eq!(work["status"], "dead", "{work}");
+    assert_eq!(work["attempts"], 1);
+    cluster.kill_worker(frozen);
+    let (status, body) = call(&cluster, Method::DELETE, 3, &format!("/work/{doomed}")).await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (409, &json!("not_cancellable")),
+        "{body}"
+    );
+    let (status, dead) = call(&cluster, Method::GET, 3, "/work?status=dead").await;
+    assert_eq!(status, 200, "{dead}");
+    assert_eq!(dead["items"][0]["work_id"], doomed.as_str(), "{dead}");
+    assert_eq!(dead["items"].as_array().unwrap().len(), 1, "{dead}");
+
+    // A running item is cancelled: its worker hears it on its next heartbeat (every second)
+    // and is free again, which the next item shows; no result is ever stored for it.
+    let long = cluster
+        .enqueue(2, payload(22, 100), 2_000_000_000, "long")
+        .await;
+    cluster.start_worker(&one_at_a_time);
+    wait_for_item(&cluster, &long, "running").await;
+    let cancelled_at = Instant::now();
+    let (status, body) = call(&cluster, Method::DELETE, 3, &format!("/work/{long}")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!({"work_id": long, "status": "cancelled"}));
+    let quick_data = payload(23, 50);
+    let quick = cluster.enqueue(1, quick_data.clone(), 10, "quick").await;
+    let work = final_state(&cluster, 2, &quick).await;
+    let freed_after = cancelled_at.elapsed();
+    assert_eq!(work["status"], "completed", "{work}");
+    assert_eq!(work["value"], reference(&quick_data, 10));
+    println!("the worker took the next item {freed_after:?} after the cancel");
+    assert!(
+        freed_after < Duration::from_secs(3),
+        "the worker went on hashing the cancelled item for {freed_after:?} (heartbeats every 1 s)"
+    );
+    // Idempotent; and still cancelled, with no value, after the worker moved on.
+    let (status, body) = call(&cluster, Method::DELETE, 1, &format!("/work/{long}")).await;
+    assert_eq!((status, &body["status"]), (200, &json!("cancelled")));
+    let work = cluster.get_json(1, &format!("/work/{long}")).await.unwrap();
+    assert_eq!(work["status"], "cancelled", "{work}");
+    assert!(work.get("value").is_none(), "{work}");
+    let (_, listed) = call(&cluster, Method::GET, 2, "/work?status=cancelled&limit=5").await;
+    assert_eq!(listed["items"][0]["work_id"], long.as_str(), "{listed}");
+    let (status, body) = call(&cluster, Method::DELETE, 1, &format!("/work/{quick}")).await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (409, &json!("not_cancellable")),
+        "{body}"
+    );
+
+    // The dead item is retried through the CLI and completes with the right value.
+    let out = std::process::Command::new(common::binary())
+        .args(["work", "--endpoints", &cluster.url(3), "retry", &doomed])
+        .output()
+        .expect("run hashq work retry");
+    let answer = common::json_answer(out, "hashq work retry");
+    assert!(
+        answer["status"] == "queued" || answer["status"] == "running",
+        "{answer}"
+    );
+    let work = final_state(&cluster, 2, &doomed).await;
+    assert_eq!(work["status"], "completed", "{work}");
+    assert_eq!(work["value"], reference(&data, 3_000_000));
+    assert_eq!(work["attempts"], 1, "attempts start again from 0");
+    let (status, body) = call(&cluster, Method::POST, 2, &format!("/work/{doomed}/retry")).await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (409, &json!("not_retryable")),
+        "{body}"
+    );
+
+    // The cancelled one runs again too; cancelled once more, it lists through the CLI.
+    let (status, body) = call(&cluster, Method::POST, 1, &format!("/work/{long}/retry")).await;
+    assert_eq!(status, 200, "{body}");
+    wait_for_item(&cluster, &long, "running").await;
+    let (status, _) = call(&cluster, Method::DELETE, 2, &format!("/work/{long}")).await;
+    assert_eq!(status, 200);
+    let out = std::process::Command::new(common::binary())
+        .args([
+            "work",
+            "--endpoints",
+            &cluster.url(1),
+            "list",
+            "--status",
+            "cancelled",
+        ])
+        .output()
+        .expect("run hashq work list");
+    assert!(out.status.success(), "{out:?}");
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["work_id"], long.as_str());
+    assert_eq!(lines[0]["attempts"], 1);
+
+    cluster
+        .wait_for_status(3, "/counts/cancelled", json!(1))
+        .await;
+    let status = cluster.get_json(3, "/status").await.unwrap();
+    assert_eq!(status["counts"]["dead"], 0, "{status}");
+    assert_eq!(status["totals"]["cancelled"], 2, "{status}");
+    assert_eq!(status["totals"]["retried"], 2, "{status}");
+    let metrics = cluster.metrics(3).await;
+    assert!(metrics.contains("status=\"cancelled\"} 1"), "{metrics}");
+    assert!(metrics.contains("hashq_retried_total"), "{metrics}");
 }

@@ -90,9 +90,22 @@ struct Enqueue {
     minority: bool,
 }
 
+/// The fate of one cancel (`DELETE /work/{id}`) as the client saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cancel {
+    /// 200: the item is cancelled, so it must never be pulled.
+    Done,
+    /// 409 `not_cancellable`: it had its result already, so it must be pulled.
+    Refused,
+    /// No answer came back: either fate is allowed.
+    Unknown,
+}
+
 #[derive(Default)]
 struct History {
     enqueues: Vec<Enqueue>,
+    /// Cancels the clients sent, by work id.
+    cancels: HashMap<String, Cancel>,
     pulled: HashMap<String, String>,
     duplicates: Vec<String>,
     minority_acks: Vec<String>,
@@ -261,6 +274,20 @@ async fn client(cluster: &Nodes, shared: &Shared, n: usize, seed: u64) {
                 Some(v) => Outcome::Acked(v["work_id"].as_str().expect("work_id").to_string()),
                 None => Outcome::Unknown,
             };
+            // Now and then the client changes its mind: a cancel, at once or a little later
+            // (the item may be queued, running or done by then).
+            if let (Outcome::Acked(id), 0) = (&outcome, rng.random_range(0..20)) {
+                if rng.random_bool(0.5) {
+                    tokio::time::sleep(Duration::from_millis(rng.random_range(10..300))).await;
+                }
+                let fate = cancel(&requester, &mut rng, id).await;
+                shared
+                    .history
+                    .lock()
+                    .unwrap()
+                    .cancels
+                    .insert(id.clone(), fate);
+            }
             shared.history.lock().unwrap().enqueues.push(Enqueue {
                 key,
                 seed: item_seed,
@@ -289,6 +316,38 @@ async fn client(cluster: &Nodes, shared: &Shared, n: usize, seed: u64) {
             record_pull(shared, answer.expect("pull answered"));
         }
         tokio::time::sleep(Duration::from_millis(rng.random_range(10..60))).await;
+    }
+}
+
+/// Cancels item `id` on random nodes until one answers for it or the run stops.
+async fn cancel(requester: &Requester<'_>, rng: &mut StdRng, id: &str) -> Cancel {
+    let ids = requester.nodes.ids();
+    loop {
+        let node = ids[rng.random_range(0..ids.len())];
+        requester.shared.history.lock().unwrap().requests += 1;
+        let answer = attempt(
+            requester.nodes,
+            &requester.http,
+            node,
+            reqwest::Method::DELETE,
+            &format!("/work/{id}"),
+            &format!("cancel-{id}"),
+            Vec::new(),
+        )
+        .await;
+        match answer {
+            Some((200, _)) => return Cancel::Done,
+            Some((409, v)) if v["error"]["code"] == "not_cancellable" => return Cancel::Refused,
+            // Unanswered, busy, or the cluster's version not raised yet (a fresh cluster's
+            // first moments): try again.
+            None | Some((503 | 429 | 409, _)) => {}
+            Some((other, v)) => panic!("DELETE /work/{id} answered {other}: {v}"),
+        }
+        if requester.shared.stop.load(Ordering::SeqCst) {
+            return Cancel::Unknown;
+        }
+        requester.shared.history.lock().unwrap().retries += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -860,9 +919,14 @@ async fn check(cluster: &Cluster, nodes: &Nodes, shared: &Shared, p: &Profile, s
         }
     }
 
-    let (enqueues, pulled, mut duplicated) = {
+    let (enqueues, pulled, mut duplicated, cancels) = {
         let h = shared.history.lock().unwrap();
-        (h.enqueues.clone(), h.pulled.clone(), h.duplicates.clone())
+        (
+            h.enqueues.clone(),
+            h.pulled.clone(),
+            h.duplicates.clone(),
+            h.cancels.clone(),
+        )
     };
     let mut expected: HashMap<String, &Enqueue> = HashMap::new();
     for e in &enqueues {
@@ -878,8 +942,13 @@ async fn check(cluster: &Cluster, nodes: &Nodes, shared: &Shared, p: &Profile, s
         }
     }
     let (mut ok, mut lost, mut wrong, mut dead) = (0, Vec::new(), Vec::new(), 0);
+    // A cancel answered 200 means no result is ever handed out.
+    let mut cancelled_but_pulled = Vec::new();
     for (id, e) in &expected {
         match pulled.get(id) {
+            Some(_) if cancels.get(id) == Some(&Cancel::Done) => {
+                cancelled_but_pulled.push(id.clone());
+            }
             Some(value) => {
                 if *value == reference(&payload(e.seed, e.len), e.iterations) {
                     ok += 1;
@@ -890,13 +959,20 @@ async fn check(cluster: &Cluster, nodes: &Nodes, shared: &Shared, p: &Profile, s
             None => lost.push(id.clone()),
         }
     }
-    // Items the cluster reports dead are accounted for, with their attempts.
-    let mut really_lost = Vec::new();
+    // Items the cluster reports dead are accounted for, with their attempts; cancelled ones
+    // only if a client cancelled them (and was not told they had their result).
+    let (mut really_lost, mut cancelled) = (Vec::new(), 0);
     for id in lost {
         let leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
         let w = cluster.get_json(leader, &format!("/work/{id}")).await;
         match w {
             Some(w) if w["status"] == "dead" => dead += 1,
+            Some(w)
+                if w["status"] == "cancelled"
+                    && matches!(cancels.get(&id), Some(Cancel::Done | Cancel::Unknown)) =>
+            {
+                cancelled += 1
+            }
             other => really_lost.push(format!("{id}: {other:?}")),
         }
     }
@@ -920,6 +996,9 @@ async fn check(cluster: &Cluster, nodes: &Nodes, shared: &Shared, p: &Profile, s
         "unknown_then_resolved": unknown_count,
         "ok": ok,
         "dead": dead,
+        "cancels": cancels.len(),
+        "cancelled": cancelled,
+        "cancel_refused": cancels.values().filter(|c| **c == Cancel::Refused).count(),
         "lost": really_lost.len(),
         "duplicated": duplicated.len(),
         "wrong": wrong.len(),
@@ -930,6 +1009,10 @@ async fn check(cluster: &Cluster, nodes: &Nodes, shared: &Shared, p: &Profile, s
     });
     println!("CHAOS SUMMARY {summary}");
     assert!(really_lost.is_empty(), "lost: {really_lost:?}");
+    assert!(
+        cancelled_but_pulled.is_empty(),
+        "cancelled (200) but pulled: {cancelled_but_pulled:?}"
+    );
     assert!(duplicated.is_empty(), "duplicated: {duplicated:?}");
     assert!(wrong.is_empty(), "wrong values: {wrong:?}");
     assert!(

@@ -121,6 +121,20 @@ async fn the_dashboard_shows_the_live_cluster_in_a_real_browser() {
     cluster
         .enqueue(3, payload(9, 100), 10_000_000, "long-one")
         .await;
+    // A cancelled item: listed with the command that retries it.
+    let cancelled = cluster
+        .enqueue(3, payload(10, 100), 10_000_000, "cancel-me")
+        .await;
+    cluster
+        .wait_for_status(leader, "/cluster_version", serde_json::json!(3))
+        .await;
+    let answer = cluster
+        .http
+        .delete(format!("{}/work/{cancelled}", cluster.url(leader)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
 
     let follower = cluster.ids().into_iter().find(|id| *id != leader).unwrap();
     let dom = rendered_dom(&format!("{}/", cluster.url(follower)));
@@ -135,6 +149,14 @@ async fn the_dashboard_shows_the_live_cluster_in_a_real_browser() {
     );
     assert_eq!(text_of(&dom, "completed"), "5");
     assert_eq!(text_of(&dom, "dead"), "0");
+    assert_eq!(text_of(&dom, "cancelled"), "1");
+    let given_up = &dom[dom.find("id=\"given_up\"").unwrap()..];
+    let given_up = &given_up[..given_up.find("</tbody>").unwrap()];
+    assert_eq!(given_up.matches("<tr>").count(), 1, "{given_up}");
+    assert!(
+        given_up.contains(&format!("hashq work retry {cancelled}")),
+        "{given_up}"
+    );
     assert_eq!(
         text_of(&dom, "workers"),
         "0",

@@ -304,7 +304,8 @@ async fn cluster_versions(cluster: &Cluster) -> Vec<(u64, Option<u64>)> {
 
 /// The cluster version (what a rolling upgrade may start writing) rises only once every
 /// member offers it: node 3 pinned to version 1 holds the cluster there while the others
-/// offer 2; restarted without the pin, the cluster moves to 2 on every node; from then on a
+/// offer this build's latest (and the requests of version 3, cancel and retry, are refused);
+/// restarted without the pin, the cluster moves to the latest on every node; from then on a
 /// node that offers only 1 is refused as a new member.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_cluster_version_rises_once_every_member_offers_it_and_never_admits_an_older_node() {
@@ -338,6 +339,8 @@ async fn the_cluster_version_rises_once_every_member_offers_it_and_never_admits_
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let status = cluster.get_json(leader, "/status").await.unwrap();
+    let latest = status["cluster_version_offered"].as_u64().unwrap();
+    assert!(latest >= 3, "this build offers {latest}");
     let offers: Vec<(u64, u64)> = status["members"]
         .as_array()
         .unwrap()
@@ -351,25 +354,48 @@ async fn the_cluster_version_rises_once_every_member_offers_it_and_never_admits_
         .collect();
     assert_eq!(
         offers,
-        [(1, 2), (2, 2), (3, 1)],
+        [(1, latest), (2, latest), (3, 1)],
         "the members' offers, as the leader sees them"
     );
+    // What version 3 brought is refused meanwhile: node 3 could not apply it.
+    let id = cluster.enqueue(1, b"kept".to_vec(), 1, "v-kept").await;
+    for (method, path) in [
+        (reqwest::Method::DELETE, format!("/work/{id}")),
+        (reqwest::Method::POST, format!("/work/{id}/retry")),
+    ] {
+        let answer = cluster
+            .http
+            .request(method, format!("{}{path}", cluster.url(2)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 409, "{path}");
+        let body: serde_json::Value = answer.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "cluster_version_too_old", "{body}");
+    }
 
     cluster.set_node_extra(3, Vec::new());
     cluster.stop_node(3);
     cluster.start_node(3);
     wait_for(
-        "every member to run cluster version 2",
+        "every member to run the latest cluster version",
         Duration::from_secs(30),
         || async {
             cluster_versions(&cluster)
                 .await
                 .iter()
-                .all(|(_, v)| *v == Some(2))
+                .all(|(_, v)| *v == Some(latest))
                 .then_some(())
         },
     )
     .await;
+    let answer = cluster
+        .http
+        .delete(format!("{}/work/{id}", cluster.url(2)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200, "cancel once the cluster runs 3");
 
     let (id, addr) = cluster
         .start_joining_with(0, &["--cluster-version-max", "1"])
@@ -382,7 +408,7 @@ async fn the_cluster_version_rises_once_every_member_offers_it_and_never_admits_
     );
     assert!(!out.status.success(), "an older node was admitted: {text}");
     assert!(
-        text.contains("the cluster runs 2"),
+        text.contains(&format!("the cluster runs {latest}")),
         "the refusal says why: {text}"
     );
     let status = cluster

@@ -45,6 +45,10 @@ async fn schemathesis_finds_no_server_error_and_no_schema_mismatch() {
                 "/tests/schemathesis.toml"
             ))
             .args(["run", &url, "--checks", "all", "--max-examples", "200"])
+            // `DELETE /work/{id}` cancels an item, it is not a REST delete: the item stays
+            // readable, as `cancelled`, so its client can see what became of it and retry it
+            // (as job queues do). The check that a deleted resource answers 404 is not ours.
+            .args(["--exclude-checks", "use_after_free"])
             .args(["--generation-database", "none", "--no-color"])
             .args(["--request-timeout", "15", "--workers", "2"])
             // The admin credential opens the admin route; the client routes are open (no

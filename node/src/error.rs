@@ -60,11 +60,22 @@ pub enum ApiError {
     /// The request no longer fits the state it was meant for (a stale handover).
     #[error("{0}")]
     Conflict(String),
+    /// The target is in a state that refuses the request (cancelling a completed item), or
+    /// the cluster does not run the version the request needs yet: 409 with its own code.
+    #[error("{message}")]
+    Refused { code: String, message: String },
 }
 
 impl ApiError {
     pub fn invalid(code: &str, message: impl Into<String>) -> Self {
         ApiError::InvalidInput {
+            code: code.to_string(),
+            message: message.into(),
+        }
+    }
+
+    pub fn refused(code: &str, message: impl Into<String>) -> Self {
+        ApiError::Refused {
             code: code.to_string(),
             message: message.into(),
         }
@@ -135,6 +146,7 @@ impl ApiError {
             ApiError::UnknownSlot(_) => (StatusCode::GONE, codes::UNKNOWN_SLOT, None),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", None),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict", None),
+            ApiError::Refused { code, .. } => (StatusCode::CONFLICT, code.as_str(), None),
         }
     }
 }

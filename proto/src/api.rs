@@ -24,7 +24,7 @@ pub struct Pulled {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct WorkView {
     pub work_id: String,
-    /// `queued`, `running`, `completed`, `pulled` or `dead`.
+    /// `queued`, `running`, `completed`, `pulled`, `dead` or `cancelled`.
     pub status: String,
     pub iterations: u32,
     pub attempts: u32,
@@ -41,6 +41,23 @@ pub struct WorkView {
     pub lease_deadline_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dead_reason: Option<String>,
+}
+
+/// The answer to a cancel (`DELETE /work/{id}`) or a retry (`POST /work/{id}/retry`): the
+/// item's status afterwards.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WorkStatus {
+    pub work_id: String,
+    pub status: String,
+}
+
+/// The answer to `GET /work?status=...`: one page of items, by id.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WorkList {
+    pub items: Vec<WorkView>,
+    /// Pass as `after` for the next page; absent once there is none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_after: Option<String>,
 }
 
 /// `POST /internal/elect`: the leading witness `from` hands leadership over. The endpoint

@@ -9,12 +9,22 @@ pub mod client {
     /// `POST /pullCompleted?top=N`: answers a list of [`crate::api::Pulled`].
     pub const PULL_COMPLETED: &str = "/pullCompleted";
     /// `GET /work/{id}` (the router's pattern): answers [`crate::api::WorkView`]. A concrete
-    /// path is [`work`].
+    /// path is [`work`]. `DELETE` cancels the item, answering [`crate::api::WorkStatus`].
     pub const WORK: &str = "/work/{id}";
+    /// `POST /work/{id}/retry`: puts a dead or cancelled item back in the queue, answering
+    /// [`crate::api::WorkStatus`].
+    pub const WORK_RETRY: &str = "/work/{id}/retry";
+    /// `GET /work?status=S&after=ID&limit=N`: items by status, [`crate::api::WorkList`].
+    pub const WORK_LIST: &str = "/work";
 
     /// The path of one item's status.
     pub fn work(id: crate::WorkId) -> String {
         format!("/work/{id}")
+    }
+
+    /// The path that retries one item.
+    pub fn work_retry(id: crate::WorkId) -> String {
+        format!("/work/{id}/retry")
     }
 }
 

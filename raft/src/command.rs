@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 pub use hashq_proto::worker::Completion;
 
-use crate::types::{Digest, Millis, NodeId, WorkId, WorkerId, WorkerSecret};
+use crate::types::{Digest, Millis, NodeId, Status, WorkId, WorkerId, WorkerSecret};
 
 /// One Raft log entry's application data.
 ///
@@ -237,6 +237,16 @@ pub enum Request {
     /// Raise the cluster version ([`crate::version`]) to `version`; a lower one changes
     /// nothing. Proposed only once every member supports `version`.
     SetClusterVersion { version: u32 },
+    /// Cancel an item (cluster version 3, [`crate::version::CANCEL`]): a queued or running
+    /// one becomes cancelled, its lease fenced (its worker hears it on its next heartbeat
+    /// and no result is stored for it). Answers [`Response::ItemStatus`]: `cancelled`, or
+    /// the status that kept it from being cancelled (completed, pulled, dead).
+    Cancel { id: WorkId },
+    /// Put a dead or cancelled item back in the queue with its attempts reset (cluster
+    /// version 3); a queued or running item is left as it is, so the request is idempotent.
+    /// Answers [`Response::ItemStatus`] with the item's status afterwards: `queued` or
+    /// `running`, or `completed`/`pulled` for an item that has its result.
+    Retry { id: WorkId },
 }
 
 impl Request {
@@ -335,6 +345,8 @@ impl fmt::Debug for Request {
                 .debug_struct("SetClusterVersion")
                 .field("version", version)
                 .finish(),
+            Request::Cancel { id } => f.debug_struct("Cancel").field("id", id).finish(),
+            Request::Retry { id } => f.debug_struct("Retry").field("id", id).finish(),
             Request::DiskAlarm { node, low } => f
                 .debug_struct("DiskAlarm")
                 .field("node", node)
@@ -427,6 +439,8 @@ pub enum Response {
     Done,
     /// The request was not applied; nothing changed.
     Rejected(Rejection),
+    /// An item's status after the request (`None`: there is no such item).
+    ItemStatus(Option<Status>),
 }
 
 /// Why a request was refused by the state machine.

@@ -15,6 +15,9 @@ pub const MEMBERSHIP: &[u8] = b"s:membership";
 /// [`crate::version::BASE`]. A key of its own, not a field of the meta record, so that the
 /// builds before it read the state (and snapshots) it is in.
 pub const CLUSTER_VERSION: &[u8] = b"v";
+/// `n`: the [`crate::types::Tallies`] of cluster version 3 (cancelled and retried items),
+/// absent until the first cancel or retry.
+pub const TALLIES: &[u8] = b"n";
 
 /// Item metadata, by id.
 pub const ITEM: u8 = b'i';
@@ -32,7 +35,7 @@ pub const OWNER: u8 = b'o';
 pub const COMPLETED: u8 = b'c';
 /// Pulled items kept for the retention window: (pulled_at, id).
 pub const PULLED: u8 = b'r';
-/// Dead items: (died_at, id), oldest first, for their retention.
+/// Dead and cancelled items: (died_at, id), oldest first, for their retention.
 pub const DEAD: u8 = b'd';
 /// Enqueue idempotency keys.
 pub const ENQUEUE_KEY: u8 = b'e';

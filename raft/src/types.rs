@@ -18,6 +18,10 @@ pub enum Status {
     Pulled,
     /// Its leases expired `max_attempts` times; kept, never silently dropped.
     Dead,
+    /// A client cancelled it while it was queued or running (cluster version 3): kept with
+    /// its payload, like a dead item, until a retry or the end of the dead retention.
+    /// New variants go last: postcard encodes a variant by its index.
+    Cancelled,
 }
 
 impl Status {
@@ -29,7 +33,28 @@ impl Status {
             Status::Completed => "completed",
             Status::Pulled => "pulled",
             Status::Dead => "dead",
+            Status::Cancelled => "cancelled",
         }
+    }
+
+    /// Parses [`Status::as_str`]'s names back.
+    pub fn parse(name: &str) -> Option<Status> {
+        [
+            Status::Queued,
+            Status::Running,
+            Status::Completed,
+            Status::Pulled,
+            Status::Dead,
+            Status::Cancelled,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == name)
+    }
+
+    /// Whether the item has stopped for good unless someone acts: its result is there
+    /// (`completed`, `pulled`) or it was given up (`dead`, `cancelled`).
+    pub fn is_final(self) -> bool {
+        !matches!(self, Status::Queued | Status::Running)
     }
 }
 
@@ -66,15 +91,17 @@ pub struct Item {
     /// When it last entered the queue (enqueue or requeue).
     pub queued_at: Millis,
     pub payload_len: u32,
-    /// Held while the item is queued, running or dead; a completed item's payload is gone.
+    /// Held while the item is queued, running, dead or cancelled; a completed item's payload
+    /// is gone.
     pub payload: PayloadRef,
     pub lease: Option<Lease>,
     pub completed_at: Option<Millis>,
     pub value: Option<Digest>,
     pub pulled_at: Option<Millis>,
-    /// Why it is dead, when it is.
+    /// Why it is dead or cancelled, when it is.
     pub dead_reason: Option<String>,
-    /// When it died (its retention counts from then).
+    /// When it died or was cancelled: its retention counts from then, and its key in the
+    /// dead index (which holds the cancelled items too) is made of it.
     pub dead_at: Option<Millis>,
 }
 
@@ -121,6 +148,18 @@ impl WorkerState {
             WorkerState::Running => "running",
         }
     }
+}
+
+/// The counts that cluster version 3 added, in a record of their own
+/// ([`crate::keys::TALLIES`]): the [`Counts`] in the meta record keep the encoding every
+/// earlier build reads. Absent means all zero.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Tallies {
+    /// Cancelled items still kept (they count in [`Counts::payload_bytes`] too).
+    pub cancelled: u64,
+    pub cancelled_total: u64,
+    /// Dead or cancelled items put back in the queue.
+    pub retried_total: u64,
 }
 
 /// Running totals kept by the state machine so `/status` costs one read.

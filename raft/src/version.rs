@@ -20,4 +20,9 @@ pub const BASE: u32 = hashq_proto::api::BASE_CLUSTER_VERSION;
 ///
 /// - 1: everything before versioning.
 /// - 2: the cluster version itself (`SetClusterVersion` and its record).
-pub const SUPPORTED: u32 = 2;
+/// - 3: cancel and retry (`Request::Cancel`, `Request::Retry`, the `cancelled` status, the
+///   tallies record).
+pub const SUPPORTED: u32 = 3;
+
+/// The version that brought cancel and retry.
+pub const CANCEL: u32 = 3;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use hashq_proto::api::{AddMember, Enqueued, MaxWorkers};
+use hashq_proto::api::{AddMember, Enqueued, MaxWorkers, WorkList};
 use hashq_proto::headers::IDEMPOTENCY_KEY;
 use hashq_proto::routes::{admin, client as api, observability};
 use reqwest::{Method, StatusCode};
@@ -206,21 +206,69 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
 }
 
 pub async fn work(args: WorkArgs) -> anyhow::Result<()> {
-    match args.command {
+    let mut target = args.target;
+    let (method, path) = match args.command {
         WorkCommand::Get { id, wait } => {
-            let mut target = args.target;
-            let mut path = api::work(hashq_proto::WorkId(id));
-            if let Some(wait) = wait {
-                // The answer may take the whole wait: on top of the usual deadline.
-                target.timeout += wait;
-                path = format!("{path}?wait={}ms", wait.as_millis());
+            let path = api::work(hashq_proto::WorkId(id));
+            match wait {
+                Some(wait) => {
+                    // The answer may take the whole wait: on top of the usual deadline.
+                    target.timeout += wait;
+                    (Method::GET, format!("{path}?wait={}ms", wait.as_millis()))
+                }
+                None => (Method::GET, path),
             }
-            let client = Client::new(target)?;
-            let (status, body) = client.send(Method::GET, &path, None, None).await?;
-            if !status.is_success() {
-                return Err(fail(status, &body));
-            }
-            println!("{}", serde_json::to_string_pretty(&body)?);
+        }
+        // Both are idempotent, so the client's retries are safe.
+        WorkCommand::Cancel { id } => (Method::DELETE, api::work(hashq_proto::WorkId(id))),
+        WorkCommand::Retry { id } => (Method::POST, api::work_retry(hashq_proto::WorkId(id))),
+        WorkCommand::List {
+            status,
+            after,
+            limit,
+        } => return list_work(Client::new(target)?, &status, after, limit).await,
+    };
+    let client = Client::new(target)?;
+    let (status, body) = client.send(method, &path, None, None).await?;
+    if !status.is_success() {
+        return Err(fail(status, &body));
+    }
+    println!("{}", serde_json::to_string_pretty(&body)?);
+    Ok(())
+}
+
+/// Prints the items with `status` as JSON lines, page after page, until `limit` or the end.
+async fn list_work(
+    client: Client,
+    status: &str,
+    mut after: Option<u64>,
+    limit: Option<u64>,
+) -> anyhow::Result<()> {
+    if status.is_empty() || !status.bytes().all(|b| b.is_ascii_lowercase()) {
+        bail!("--status is one of queued, running, completed, pulled, dead, cancelled");
+    }
+    let mut left = limit.unwrap_or(u64::MAX);
+    while left > 0 {
+        let mut path = format!(
+            "{}?status={status}&limit={}",
+            api::WORK_LIST,
+            left.min(1000)
+        );
+        if let Some(after) = after {
+            path.push_str(&format!("&after={after}"));
+        }
+        let (code, body) = client.send(Method::GET, &path, None, None).await?;
+        if !code.is_success() {
+            return Err(fail(code, &body));
+        }
+        let page: WorkList = serde_json::from_value(body)?;
+        for item in &page.items {
+            println!("{}", serde_json::to_string(item)?);
+        }
+        left = left.saturating_sub(page.items.len() as u64);
+        match page.next_after {
+            Some(next) => after = Some(next.parse()?),
+            None => break,
         }
     }
     Ok(())

@@ -161,6 +161,23 @@ pub enum WorkCommand {
         #[arg(long, value_parser = duration)]
         wait: Option<Duration>,
     },
+    /// Cancel a queued or running item (its worker stops at its next heartbeat; no result
+    /// is ever stored for it). Cancelling a cancelled item succeeds again.
+    Cancel { id: u64 },
+    /// Put a dead or cancelled item back in the queue, its attempts reset.
+    Retry { id: u64 },
+    /// List items with one status, by id, as JSON lines.
+    List {
+        /// queued, running, completed, pulled, dead or cancelled.
+        #[arg(long)]
+        status: String,
+        /// Start after this work id.
+        #[arg(long)]
+        after: Option<u64>,
+        /// At most this many items (all of them when absent).
+        #[arg(long)]
+        limit: Option<u64>,
+    },
 }
 
 /// `hashq cluster` subcommands.

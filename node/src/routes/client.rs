@@ -15,7 +15,9 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use hashq_proto::api::{Enqueued, Pulled, WorkView};
 use hashq_proto::headers::{FORWARDED, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
-use hashq_proto::routes::client::{self as routes, ENQUEUE, PULL_COMPLETED, WORK};
+use hashq_proto::routes::client::{
+    self as routes, ENQUEUE, PULL_COMPLETED, WORK, WORK_LIST, WORK_RETRY,
+};
 use hashq_raft::command::{Dedup, Request, Response as SmResponse};
 use hashq_raft::machine;
 use hashq_raft::types::{Item, Status};
@@ -33,7 +35,9 @@ pub fn router() -> Router<Node> {
     Router::new()
         .route(ENQUEUE, put(enqueue))
         .route(PULL_COMPLETED, post(pull_completed))
-        .route(WORK, get(work))
+        .route(WORK, get(work).delete(super::work::cancel))
+        .route(WORK_RETRY, post(super::work::retry))
+        .route(WORK_LIST, get(super::work::list))
 }
 
 /// The `Idempotency-Key` header, checked.
@@ -218,7 +222,7 @@ impl Drop for Waiting<'_> {
 }
 
 /// `GET /work/{id}` as the API shows it.
-fn work_view(id: WorkId, item: Item) -> WorkView {
+pub(super) fn work_view(id: WorkId, item: Item) -> WorkView {
     WorkView {
         work_id: id.to_string(),
         status: item.status.as_str().to_string(),
@@ -249,7 +253,26 @@ async fn work(
         &query_pairs(query.as_deref()),
         node.config().limits.max_wait,
     )?;
-    // A linearizable read: on the leader after confirming leadership, else at the leader.
+    let path = match query.as_deref() {
+        Some(q) if wait > Duration::ZERO => format!("{}?{q}", routes::work(work_id)),
+        _ => routes::work(work_id),
+    };
+    if let Some(relayed) = at_leader(&node, &headers, &path, wait).await? {
+        return Ok(relayed);
+    }
+    let item = wait_for_final(&node, work_id, wait).await?;
+    Ok(Json(work_view(work_id, item)).into_response())
+}
+
+/// Where a linearizable read is served: here once this node has confirmed it leads
+/// (`None`: read the local state now), else at the leader, whose answer to `path` is relayed
+/// (`wait`: how long the leader may hold it).
+pub(super) async fn at_leader(
+    node: &Node,
+    headers: &HeaderMap,
+    path: &str,
+    wait: Duration,
+) -> Result<Option<Response>, ApiError> {
     let confirmed = tokio::time::timeout(
         node.config().timing.request_timeout,
         node.raft().ensure_linearizable(),
@@ -259,20 +282,11 @@ async fn work(
         reason: "leadership could not be confirmed by a majority in time".into(),
     })?;
     match confirmed {
-        Ok(_) => {
-            let item = wait_for_final(&node, work_id, wait).await?;
-            Ok(Json(work_view(work_id, item)).into_response())
-        }
+        Ok(_) => Ok(None),
         Err(_) if headers.contains_key(FORWARDED) => Err(ApiError::NoLeader {
             reason: "leadership moved while the read was forwarded".into(),
         }),
-        Err(_) => {
-            let path = match query.as_deref() {
-                Some(q) if wait > Duration::ZERO => format!("{}?{q}", routes::work(work_id)),
-                _ => routes::work(work_id),
-            };
-            forward_read(&node, &path, &headers, wait).await
-        }
+        Err(_) => forward_read(node, path, headers, wait).await.map(Some),
     }
 }
 
@@ -287,10 +301,7 @@ async fn wait_for_final(node: &Node, work_id: WorkId, wait: Duration) -> Result<
     loop {
         let item = machine::item(&node.reader().view(), work_id)?
             .ok_or_else(|| ApiError::NotFound(format!("no work item {work_id}")))?;
-        if matches!(
-            item.status,
-            Status::Completed | Status::Pulled | Status::Dead
-        ) {
+        if item.status.is_final() {
             return Ok(item);
         }
         if !next_apply(&mut applied, deadline).await {
@@ -301,7 +312,7 @@ async fn wait_for_final(node: &Node, work_id: WorkId, wait: Duration) -> Result<
 
 /// A work id from the path: a decimal number. A path that is not even UTF-8 (`/work/%FF`)
 /// gets the same JSON error as any other bad id.
-fn parse_work_id(id: Result<Path<String>, PathRejection>) -> Result<WorkId, ApiError> {
+pub(super) fn parse_work_id(id: Result<Path<String>, PathRejection>) -> Result<WorkId, ApiError> {
     let bad = |shown: &str| {
         ApiError::invalid(
             "invalid_work_id",

@@ -14,6 +14,7 @@ pub mod internal;
 pub mod members;
 pub mod observability;
 pub mod raft;
+pub mod work;
 pub mod worker;
 
 use std::any::Any;

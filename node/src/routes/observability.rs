@@ -14,7 +14,7 @@ use axum::{Json, Router};
 use hashq_proto::api::Health;
 use hashq_proto::routes::observability::{HEALTH, METRICS, STATUS};
 use hashq_raft::machine;
-use hashq_raft::types::{Counts, WorkerRecord, WorkerState};
+use hashq_raft::types::{Counts, Tallies, WorkerRecord, WorkerState};
 use hashq_raft::NodeId;
 use openraft::ServerState;
 use serde::Serialize;
@@ -117,16 +117,18 @@ pub struct CountsView {
     pub completed: u64,
     pub pulled: u64,
     pub dead: u64,
+    pub cancelled: u64,
 }
 
-impl From<&Counts> for CountsView {
-    fn from(c: &Counts) -> Self {
+impl CountsView {
+    fn new(c: &Counts, t: &Tallies) -> Self {
         CountsView {
             queued: c.queued,
             running: c.running,
             completed: c.completed,
             pulled: c.pulled,
             dead: c.dead,
+            cancelled: t.cancelled,
         }
     }
 }
@@ -139,16 +141,21 @@ pub struct TotalsView {
     pub pulled: u64,
     pub expired_leases: u64,
     pub completed_iterations: u64,
+    pub cancelled: u64,
+    /// Dead or cancelled items put back in the queue.
+    pub retried: u64,
 }
 
-impl From<&Counts> for TotalsView {
-    fn from(c: &Counts) -> Self {
+impl TotalsView {
+    fn new(c: &Counts, t: &Tallies) -> Self {
         TotalsView {
             enqueued: c.enqueued_total,
             completed: c.completed_total,
             pulled: c.pulled_total,
             expired_leases: c.expired_total,
             completed_iterations: c.completed_iterations_total,
+            cancelled: t.cancelled_total,
+            retried: t.retried_total,
         }
     }
 }
@@ -270,6 +277,7 @@ async fn status(State(node): State<Node>) -> Result<Json<StatusView>, ApiError> 
         });
     }
     let c = &meta.counts;
+    let t = machine::tallies(&view)?;
     let count = |keep: &dyn Fn(&WorkerRecord) -> bool| workers.iter().filter(|w| keep(w)).count();
     Ok(Json(StatusView {
         node: node.id(),
@@ -295,10 +303,10 @@ async fn status(State(node): State<Node>) -> Result<Json<StatusView>, ApiError> 
             limit_bytes: node.config().limits.disk_free_limit,
             alarms: meta.disk_alarms.clone(),
         },
-        counts: CountsView::from(c),
+        counts: CountsView::new(c, &t),
         queued_iterations: c.queued_iterations,
         oldest_queued_age_ms: oldest.map(|t| now.saturating_sub(t)),
-        totals: TotalsView::from(c),
+        totals: TotalsView::new(c, &t),
         workers: WorkersView {
             running: count(&|w| w.managed && w.state == WorkerState::Running),
             launching: count(&|w| w.state == WorkerState::Launching),
@@ -318,6 +326,7 @@ async fn metrics(State(node): State<Node>) -> Result<Response, ApiError> {
     let meta = machine::read_meta(&view)?;
     let workers = machine::workers(&view)?;
     let c = &meta.counts;
+    let t = machine::tallies(&view)?;
     let id = node.id();
     let mut out = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
@@ -362,6 +371,7 @@ async fn metrics(State(node): State<Node>) -> Result<Response, ApiError> {
             ("status=\"completed\"", c.completed),
             ("status=\"pulled\"", c.pulled),
             ("status=\"dead\"", c.dead),
+            ("status=\"cancelled\"", t.cancelled),
         ],
     );
     metric(
@@ -405,6 +415,18 @@ async fn metrics(State(node): State<Node>) -> Result<Response, ApiError> {
         "counter",
         "Leases that ran out or whose worker was lost.",
         &[("", c.expired_total)],
+    );
+    metric(
+        "hashq_cancelled_total",
+        "counter",
+        "Items ever cancelled (cluster-wide).",
+        &[("", t.cancelled_total)],
+    );
+    metric(
+        "hashq_retried_total",
+        "counter",
+        "Dead or cancelled items ever put back in the queue (cluster-wide).",
+        &[("", t.retried_total)],
     );
     metric(
         "hashq_completed_iterations_total",

@@ -264,7 +264,12 @@ impl<K: Kv> Machine<'_, K> {
     }
 
     /// Removes a lease from the indexes and from its worker's count.
-    fn drop_lease(&mut self, id: WorkId, lease: &Lease, completed: bool) -> Result<(), KvError> {
+    pub(super) fn drop_lease(
+        &mut self,
+        id: WorkId,
+        lease: &Lease,
+        completed: bool,
+    ) -> Result<(), KvError> {
         self.kv.delete(keys::lease(lease.deadline, id));
         self.kv.delete(keys::owner(lease.worker, id));
         if let Some(mut record) = self.worker(lease.worker)? {

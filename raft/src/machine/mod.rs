@@ -7,7 +7,7 @@
 //!
 //! Invariants it keeps (checked by the tests below):
 //! - an item is in exactly one of: the queue, the lease index, the completed index, the pulled
-//!   index, the dead index; its `status` says which;
+//!   index, the dead index (dead and cancelled items); its `status` says which;
 //! - every lease has a fencing `attempt` that only grows; a completion counts only if it names
 //!   the current attempt of a running item, so there is exactly one result per work id;
 //! - the number of managed workers (launching + running) never exceeds `max_workers` through a
@@ -16,7 +16,8 @@
 //!
 //! Layout: this module holds the types, [`apply`] and the dispatch of each request; the
 //! requests themselves are in `items` (enqueue, take, idempotency records), `leases`,
-//! `workers` (budget and registration) and `tick` (housekeeping); `queries` holds the
+//! `workers` (budget and registration), `redrive` (cancel and retry) and `tick`
+//! (housekeeping); `queries` holds the
 //! read-only functions the node uses. Keys are typed by [`crate::keys::Key`].
 
 use serde::de::DeserializeOwned;
@@ -308,6 +309,8 @@ impl<K: Kv> Machine<'_, K> {
                 }
                 Ok(Response::Done)
             }
+            Request::Cancel { id } => self.cancel(*id),
+            Request::Retry { id } => self.retry(*id),
             Request::DiskAlarm { node, low } => {
                 let alarms = &mut self.meta.disk_alarms;
                 alarms.retain(|n| n != node);
@@ -392,12 +395,13 @@ fn put_t<T: Serialize>(kv: &mut impl Kv, key: Vec<u8>, value: &T) {
 mod items;
 mod leases;
 mod queries;
+mod redrive;
 mod tick;
 mod workers;
 
 pub use queries::{
-    cluster_version, dead_items, decode_payload_record, item, live_payloads, oldest_queued,
-    payload_floor, read_meta, stored, take_key_used, workers,
+    cluster_version, decode_payload_record, item, list_items, live_payloads, oldest_queued,
+    payload_floor, read_meta, stored, take_key_used, tallies, workers, ItemPage,
 };
 pub use tick::tick_due;
 

@@ -94,20 +94,71 @@ pub fn oldest_queued(kv: &impl KvRead, look: usize) -> Result<Option<Millis>, Kv
     Ok(oldest)
 }
 
-/// The ids of dead items, oldest first.
-pub fn dead_items(kv: &impl KvRead, limit: usize) -> Result<Vec<WorkId>, KvError> {
-    let (start, end) = keys::table(keys::DEAD);
-    kv.scan(&start, &end, false)
-        .take(limit)
-        .map(|r| {
-            let (k, _) = r?;
-            key_id(&k)
-        })
-        .collect()
+/// The counts of cluster version 3 (zero before the first cancel or retry).
+pub fn tallies(kv: &impl KvRead) -> Result<crate::types::Tallies, KvError> {
+    Ok(get_t(kv, keys::TALLIES)?.unwrap_or_default())
+}
+
+/// One page of [`list_items`].
+#[derive(Debug)]
+pub struct ItemPage {
+    pub items: Vec<(WorkId, Item)>,
+    /// Where the next page starts (pass it as `after`); `None` once the listing is done.
+    pub next_after: Option<WorkId>,
+}
+
+/// Items with `status`, by id, after `after`: at most `limit` of them, looking at no more
+/// than `budget` records (a page may then hold fewer, and says where to go on). Queued items
+/// come from the queue index; the others from the item table, which holds them all.
+pub fn list_items(
+    kv: &impl KvRead,
+    status: Status,
+    after: Option<WorkId>,
+    limit: usize,
+    budget: usize,
+) -> Result<ItemPage, KvError> {
+    let queued = status == Status::Queued;
+    let key_of = |id: u64| {
+        if queued {
+            keys::queue(WorkId(id))
+        } else {
+            keys::item(WorkId(id))
+        }
+    };
+    let end = keys::table(if queued { keys::QUEUE } else { keys::ITEM }).1;
+    let start = key_of(after.map_or(0, |id| id.0.saturating_add(1)));
+    let (mut items, mut last) = (Vec::new(), None);
+    for pair in kv.scan(&start, &end, false).take(budget.max(1)) {
+        let (k, v) = pair?;
+        let id = key_id(&k)?;
+        last = Some(id);
+        let found = if queued {
+            item(kv, id)?
+        } else {
+            Some(codec::decode("item", &v).map_err(|e| corrupt(&k, &e.to_string()))?)
+        };
+        if let Some(found) = found.filter(|i| i.status == status) {
+            items.push((id, found));
+            if items.len() >= limit {
+                break;
+            }
+        }
+    }
+    // A next page only if anything is left past the last record looked at.
+    let next_after = match last {
+        Some(id) if id.0 < u64::MAX => kv
+            .scan(&key_of(id.0 + 1), &end, false)
+            .next()
+            .transpose()?
+            .map(|_| id),
+        _ => None,
+    };
+    Ok(ItemPage { items, next_after })
 }
 
 /// What the queue stores, as [`StoreLimits`] counts it: (items, bytes).
 pub fn stored(c: &Counts) -> (u64, u64) {
+    // Cancelled items (in the tallies) count against the byte bound through their payloads.
     let items = c.queued + c.running + c.completed + c.dead;
     let bytes = c.payload_bytes + c.completed * RESULT_BYTES;
     (items, bytes)

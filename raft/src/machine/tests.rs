@@ -207,7 +207,7 @@ fn check_invariants(kv: &MemKv) {
             )
         })
         .collect();
-    let mut completed_index = 0;
+    let (mut completed_index, mut cancelled) = (0, 0);
     for (id, it) in &items {
         let in_queue = kv.contains_key(&keys::queue(*id));
         let in_dead = it
@@ -246,8 +246,15 @@ fn check_invariants(kv: &MemKv) {
                 counts.dead += 1;
                 assert!(in_dead && !in_queue && it.lease.is_none());
             }
+            Status::Cancelled => {
+                cancelled += 1;
+                assert!(in_dead && !in_queue && it.lease.is_none());
+            }
         }
-        if matches!(it.status, Status::Queued | Status::Running | Status::Dead) {
+        if matches!(
+            it.status,
+            Status::Queued | Status::Running | Status::Dead | Status::Cancelled
+        ) {
             assert!(has_payload, "payload of {id} kept until completion");
             counts.payload_bytes += u64::from(it.payload_len);
         }
@@ -255,7 +262,11 @@ fn check_invariants(kv: &MemKv) {
     let (s, e) = keys::table(keys::COMPLETED);
     assert_eq!(kv.scan(&s, &e, false).count(), completed_index);
     let (s, e) = keys::table(keys::DEAD);
-    assert_eq!(kv.scan(&s, &e, false).count() as u64, counts.dead);
+    assert_eq!(
+        kv.scan(&s, &e, false).count() as u64,
+        counts.dead + cancelled
+    );
+    assert_eq!(tallies(kv).unwrap().cancelled, cancelled);
     let (s, e) = keys::table(keys::LEASE);
     assert_eq!(kv.scan(&s, &e, false).count() as u64, counts.running);
     let (s, e) = keys::table(keys::OWNER);
@@ -444,7 +455,11 @@ fn item_dies_after_max_attempts_and_stays_visible() {
     let it = item(&kv, id).unwrap().unwrap();
     assert_eq!((it.status, it.attempts), (Status::Dead, 3));
     assert!(it.dead_reason.is_some());
-    assert_eq!(dead_items(&kv, 10).unwrap(), vec![id]);
+    let dead = list_items(&kv, Status::Dead, None, 10, 100).unwrap();
+    assert_eq!(
+        dead.items.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+        vec![id]
+    );
     assert!(
         lease(&mut kv, now, w, 1, 9).is_empty(),
         "dead items are not leased"
@@ -1094,6 +1109,8 @@ fn random_log(seed: u64, len: usize) -> Vec<Command> {
     let mut log = Vec::new();
     let mut now = 0;
     let mut leased: Vec<(WorkerId, WorkId, u32)> = Vec::new();
+    // Dead and cancelled items, for retries that apply.
+    let mut given_up: Vec<WorkId> = Vec::new();
     for i in 0..len {
         now += rng.next() % 400;
         let mut requests = Vec::new();
@@ -1175,7 +1192,16 @@ fn random_log(seed: u64, len: usize) -> Vec<Command> {
                     lease_ms: 500,
                     parent: Some(1 + rng.next() % 3),
                 },
-                _ => match rng.next() % 3 {
+                _ => match rng.next() % 5 {
+                    3 => Request::Cancel {
+                        id: WorkId(rng.next() % 20),
+                    },
+                    4 => Request::Retry {
+                        id: given_up
+                            .get((rng.next() as usize) % given_up.len().max(1))
+                            .copied()
+                            .unwrap_or(WorkId(rng.next() % 20)),
+                    },
                     0 => Request::SetMaxWorkers {
                         max: (rng.next() % 3) as u32,
                         only_if_unset: false,
@@ -1213,6 +1239,14 @@ fn random_log(seed: u64, len: usize) -> Vec<Command> {
             }
         }
         leased.truncate(64);
+        let (start, end) = keys::table(keys::DEAD);
+        given_up = scratch
+            .scan(&start, &end, false)
+            .filter_map(|r| match Key::decode(&r.unwrap().0) {
+                Some(Key::Dead { id, .. }) => Some(id),
+                _ => None,
+            })
+            .collect();
     }
     log
 }
@@ -1220,6 +1254,7 @@ fn random_log(seed: u64, len: usize) -> Vec<Command> {
 #[test]
 fn the_same_log_gives_byte_identical_state_and_answers() {
     let mut totals = Counts::default();
+    let mut redriven = crate::types::Tallies::default();
     for seed in 1..=5 {
         let log = random_log(seed, 120);
         let mut a = MemKv::new();
@@ -1252,10 +1287,14 @@ fn the_same_log_gives_byte_identical_state_and_answers() {
         totals.completed_total += meta.counts.completed_total;
         totals.pulled_total += meta.counts.pulled_total;
         totals.expired_total += meta.counts.expired_total;
+        let t = tallies(&a).unwrap();
+        redriven.cancelled_total += t.cancelled_total;
+        redriven.retried_total += t.retried_total;
     }
     // The generated logs reach every part of the life cycle.
-    eprintln!("random logs: {totals:?}");
+    eprintln!("random logs: {totals:?} {redriven:?}");
     assert!(totals.completed_total > 0 && totals.pulled_total > 0 && totals.expired_total > 0);
+    assert!(redriven.cancelled_total > 0 && redriven.retried_total > 0);
 }
 
 #[test]
@@ -1770,4 +1809,184 @@ fn a_used_take_key_is_known_until_it_expires() {
     assert!(!take_key_used(&kv, "other").unwrap());
     tick(&mut kv, 1_000 + KEY_TTL_MS + 1);
     assert!(!take_key_used(&kv, "k").unwrap());
+}
+
+fn item_status(kv: &mut MemKv, now: Millis, request: Request) -> Option<Status> {
+    match run(kv, now, request) {
+        Response::ItemStatus(status) => status,
+        other => panic!("answered {other:?}"),
+    }
+}
+
+fn cancel(kv: &mut MemKv, now: Millis, id: WorkId) -> Option<Status> {
+    item_status(kv, now, Request::Cancel { id })
+}
+
+fn retry(kv: &mut MemKv, now: Millis, id: WorkId) -> Option<Status> {
+    item_status(kv, now, Request::Retry { id })
+}
+
+#[test]
+fn cancel_stops_queued_and_running_items_fences_their_lease_and_keeps_them_for_a_retry() {
+    let mut kv = MemKv::new();
+    let queued = enqueue(&mut kv, 1, 10, None);
+    let running = enqueue(&mut kv, 1, 20, None);
+    let done = enqueue(&mut kv, 1, 30, None);
+    let w = register(&mut kv, 1);
+    // `queued` goes back to the queue, so the lease takes `running` and `done` in order.
+    let granted = lease(&mut kv, 2, w, 3, 1);
+    assert_eq!(granted.len(), 3);
+    assert_eq!(
+        run(
+            &mut kv,
+            2,
+            Request::Release {
+                worker: w,
+                secret: SECRET,
+                items: vec![(queued, granted[0].attempt)],
+            }
+        ),
+        Response::Released { count: 1 }
+    );
+    complete(&mut kv, 3, w, done, granted[2].attempt, 3);
+    check_invariants(&kv);
+
+    assert_eq!(cancel(&mut kv, 4, queued), Some(Status::Cancelled));
+    assert_eq!(cancel(&mut kv, 4, running), Some(Status::Cancelled));
+    assert_eq!(
+        cancel(&mut kv, 5, running),
+        Some(Status::Cancelled),
+        "idempotent"
+    );
+    assert_eq!(
+        cancel(&mut kv, 5, done),
+        Some(Status::Completed),
+        "a result stays"
+    );
+    assert_eq!(cancel(&mut kv, 5, WorkId(99)), None);
+    check_invariants(&kv);
+    assert_eq!(status(&kv, done), Status::Completed);
+    let c = read_meta(&kv).unwrap().counts;
+    assert_eq!((c.queued, c.running, c.completed), (0, 0, 1));
+    assert_eq!(tallies(&kv).unwrap().cancelled, 2);
+
+    // The worker hears on its heartbeat that it lost the cancelled item, and its result
+    // is never stored.
+    match run(
+        &mut kv,
+        6,
+        Request::Heartbeat {
+            worker: w,
+            secret: SECRET,
+            items: vec![(running, granted[1].attempt)],
+            lease_ms: LEASE_MS,
+            parent: None,
+        },
+    ) {
+        Response::HeartbeatAck { valid, lost } => {
+            assert!(valid.is_empty());
+            assert_eq!(lost, vec![running]);
+        }
+        other => panic!("heartbeat answered {other:?}"),
+    }
+    assert_eq!(
+        complete(&mut kv, 7, w, running, granted[1].attempt, 2),
+        (0, 1)
+    );
+    assert_eq!(status(&kv, running), Status::Cancelled);
+    assert_eq!(item(&kv, running).unwrap().unwrap().value, None);
+    assert_eq!(workers(&kv).unwrap()[0].leased, 0);
+    // Cancelled items are not in the queue: a lease finds nothing.
+    assert!(lease(&mut kv, 8, w, 5, 2).is_empty());
+    check_invariants(&kv);
+
+    // A retry puts one back with its attempts reset; it completes like any other item.
+    assert_eq!(retry(&mut kv, 9, running), Some(Status::Queued));
+    let it = item(&kv, running).unwrap().unwrap();
+    assert_eq!((it.attempts, it.dead_at, it.dead_reason), (0, None, None));
+    check_invariants(&kv);
+    let again = lease(&mut kv, 10, w, 5, 3);
+    assert_eq!(
+        again.iter().map(|l| l.id).collect::<Vec<_>>(),
+        vec![running]
+    );
+    assert_eq!(again[0].attempt, 1);
+    assert_eq!(complete(&mut kv, 11, w, running, 1, 2), (1, 0));
+    assert_eq!(status(&kv, running), Status::Completed);
+    let t = tallies(&kv).unwrap();
+    assert_eq!((t.cancelled, t.cancelled_total, t.retried_total), (1, 2, 1));
+    check_invariants(&kv);
+}
+
+#[test]
+fn a_retry_revives_a_dead_item_once_and_leaves_a_live_one_alone() {
+    let mut kv = MemKv::new();
+    let p = params();
+    let doomed = enqueue(&mut kv, 1, 1, None);
+    let w = register(&mut kv, 1);
+    let mut now = 10;
+    for request_id in 1..=u64::from(p.max_attempts) {
+        lease(&mut kv, now, w, 1, request_id);
+        now += LEASE_MS + 1;
+        tick_with(&mut kv, now, p);
+    }
+    assert_eq!(status(&kv, doomed), Status::Dead);
+    assert_eq!(retry(&mut kv, now, WorkId(77)), None);
+    assert_eq!(
+        cancel(&mut kv, now, doomed),
+        Some(Status::Dead),
+        "dead is not cancelled"
+    );
+
+    assert_eq!(retry(&mut kv, now + 1, doomed), Some(Status::Queued));
+    let c = read_meta(&kv).unwrap().counts;
+    assert_eq!((c.dead, c.queued), (0, 1));
+    // The same proposal applied again (a retry after a lost answer) changes nothing, even
+    // once the item is running again.
+    let granted = lease(&mut kv, now + 2, w, 1, 100);
+    assert_eq!(granted[0].attempt, 1, "attempts start again");
+    assert_eq!(retry(&mut kv, now + 3, doomed), Some(Status::Running));
+    assert_eq!(tallies(&kv).unwrap().retried_total, 1);
+    check_invariants(&kv);
+    assert_eq!(complete(&mut kv, now + 4, w, doomed, 1, 5), (1, 0));
+    assert_eq!(take(&mut kv, now + 5, 10, None), vec![(doomed, digest(5))]);
+    check_invariants(&kv);
+}
+
+#[test]
+fn cancelled_items_are_dropped_with_the_dead_retention_and_listed_by_status() {
+    let mut kv = MemKv::new();
+    // Within one entry's largest time step (MAX_TIME_STEP_MS).
+    let p = TickParams {
+        dead_retention_ms: 200_000,
+        ..params()
+    };
+    let ids: Vec<WorkId> = (0..6).map(|_| enqueue(&mut kv, 1, 1, None)).collect();
+    for id in &ids[..4] {
+        cancel(&mut kv, 2, *id);
+    }
+    // Listing by status pages through the ids in order, within the budget of records.
+    let page = list_items(&kv, Status::Cancelled, None, 3, 100).unwrap();
+    let got: Vec<WorkId> = page.items.iter().map(|(id, _)| *id).collect();
+    assert_eq!(got, ids[..3]);
+    assert_eq!(page.next_after, Some(ids[2]));
+    let page = list_items(&kv, Status::Cancelled, page.next_after, 3, 100).unwrap();
+    assert_eq!(page.items.len(), 1);
+    assert_eq!(page.items[0].0, ids[3]);
+    assert_eq!(page.next_after, None, "every record was looked at");
+    // A small budget ends a page early and says where to go on.
+    let page = list_items(&kv, Status::Queued, None, 10, 1).unwrap();
+    assert_eq!(page.items[0].0, ids[4]);
+    assert_eq!(page.next_after, Some(ids[4]));
+
+    let later = 2 + p.dead_retention_ms + 1;
+    assert!(tick_due(&kv, later, &p).unwrap());
+    assert_eq!(tick_with(&mut kv, later, p).forgotten, 4);
+    assert_eq!(tallies(&kv).unwrap().cancelled, 0);
+    let c = read_meta(&kv).unwrap().counts;
+    assert_eq!(
+        (c.queued, c.payload_bytes > 0, c.dropped_total),
+        (2, true, 4)
+    );
+    check_invariants(&kv);
 }

@@ -98,7 +98,8 @@ impl<K: Kv> Machine<'_, K> {
         Ok(dropped)
     }
 
-    /// Drops dead items (and their payloads) past their retention, oldest first.
+    /// Drops dead and cancelled items (and their payloads) past their retention, oldest
+    /// first.
     fn drop_expired_dead(&mut self, p: &TickParams, limit: usize) -> Result<u32, KvError> {
         let (start, _) = keys::table(keys::DEAD);
         let end = keys::dead(self.now.saturating_sub(p.dead_retention_ms) + 1, WorkId(0));
@@ -113,8 +114,12 @@ impl<K: Kv> Machine<'_, K> {
             self.kv.delete(dkey.clone());
             self.kv.delete(keys::item(id));
             self.kv.delete(keys::payload(&item.payload));
+            if item.status == Status::Cancelled {
+                self.forget_cancelled()?;
+            } else {
+                self.meta.counts.dead -= 1;
+            }
             let c = &mut self.meta.counts;
-            c.dead -= 1;
             c.payload_bytes -= u64::from(item.payload_len);
             c.dropped_total += 1;
         }
