@@ -893,6 +893,15 @@ async fn final_state(cluster: &Cluster, node: u64, id: &str) -> Value {
     work
 }
 
+/// The JSON lines a `hashq` command that must succeed printed.
+fn json_lines(out: std::process::Output) -> Vec<Value> {
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 /// Waits until item `id` has `status` (read at the leader through node 1).
 async fn wait_for_item(cluster: &Cluster, id: &str, status: &str) {
     wait_for(
@@ -1034,11 +1043,7 @@ async fn cancel_stops_the_worker_at_its_next_heartbeat_and_retry_runs_dead_and_c
         ])
         .output()
         .expect("run hashq work list");
-    assert!(out.status.success(), "{out:?}");
-    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = json_lines(out);
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert_eq!(lines[0]["work_id"], long.as_str());
     assert_eq!(lines[0]["attempts"], 1);
@@ -1053,4 +1058,82 @@ async fn cancel_stops_the_worker_at_its_next_heartbeat_and_retry_runs_dead_and_c
     let metrics = cluster.metrics(3).await;
     assert!(metrics.contains("status=\"cancelled\"} 1"), "{metrics}");
     assert!(metrics.contains("hashq_retried_total"), "{metrics}");
+}
+
+/// The CLI that waits: `hashq enqueue --wait` prints each result as it completes, and
+/// `hashq pull --follow --out DIR` writes each result it takes to a file, taking a take that
+/// an earlier run left unwritten again under its key.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_waits_for_results_and_follows_pulls_into_a_directory() {
+    let mut cluster = Cluster::start(options()).await;
+    cluster.start_worker(&[]);
+    let files = tempfile::tempdir().unwrap();
+    let mut expected = std::collections::BTreeMap::new();
+    let mut paths = Vec::new();
+    for i in 0..3u64 {
+        let data = payload(40 + i, 700);
+        let path = files.path().join(format!("f{i}.bin"));
+        std::fs::write(&path, &data).unwrap();
+        expected.insert(path.display().to_string(), reference(&data, 1000));
+        paths.push(path);
+    }
+    let out = std::process::Command::new(common::binary())
+        .args([
+            "enqueue",
+            "--endpoints",
+            &cluster.url(2),
+            "--iterations",
+            "1000",
+        ])
+        .arg("--wait")
+        .args(&paths)
+        .output()
+        .expect("run hashq enqueue --wait");
+    let lines = json_lines(out);
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    let mut ids = Vec::new();
+    for line in &lines {
+        assert_eq!(line["status"], "completed", "{line}");
+        assert_eq!(
+            line["value"].as_str(),
+            expected
+                .get(line["file"].as_str().unwrap())
+                .map(String::as_str),
+            "{line}"
+        );
+        ids.push(line["work_id"].as_str().unwrap().to_string());
+    }
+
+    // Follow until three results are taken, each written to its file.
+    let dir = tempfile::tempdir().unwrap();
+    let follow = |count: &str| {
+        let mut command = std::process::Command::new(common::binary());
+        command
+            .args(["pull", "--endpoints", &cluster.url(3), "--top", "2"])
+            .args(["--follow", "--count", count, "--out"])
+            .arg(dir.path());
+        common::output_within(command, Duration::from_secs(20))
+    };
+    let out = follow("3");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 3);
+    for (id, line) in ids.iter().zip(&lines) {
+        let written = std::fs::read_to_string(dir.path().join(format!("{id}.sha512"))).unwrap();
+        assert_eq!(written.trim_end(), line["value"].as_str().unwrap());
+    }
+    assert!(!dir.path().join(".pull-key").exists());
+
+    // A run that took results and died before writing them left its key behind: the next
+    // run takes them again under it.
+    let data = payload(50, 300);
+    let id = cluster.enqueue(1, data.clone(), 5, "crashed").await;
+    cluster.wait_for_completed(1, &id).await;
+    std::fs::write(dir.path().join(".pull-key"), "cli-crashed-take").unwrap();
+    let taken = cluster.pull(2, 10, "cli-crashed-take").await;
+    assert_eq!(taken, [(id.clone(), reference(&data, 5))]);
+    let out = follow("1");
+    assert!(out.status.success(), "{out:?}");
+    let written = std::fs::read_to_string(dir.path().join(format!("{id}.sha512"))).unwrap();
+    assert_eq!(written.trim_end(), reference(&data, 5));
+    assert!(!dir.path().join(".pull-key").exists());
 }

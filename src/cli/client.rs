@@ -49,7 +49,20 @@ impl Client {
         body: Option<Vec<u8>>,
         idempotency_key: Option<&str>,
     ) -> anyhow::Result<(StatusCode, Value)> {
-        let deadline = Instant::now() + self.target.timeout;
+        self.send_within(method, path, body, idempotency_key, Duration::ZERO)
+            .await
+    }
+
+    /// [`Client::send`] for a request the node may hold `extra` longer (a long poll).
+    async fn send_within(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        idempotency_key: Option<&str>,
+        extra: Duration,
+    ) -> anyhow::Result<(StatusCode, Value)> {
+        let deadline = Instant::now() + self.target.timeout + extra;
         let mut delay = Duration::from_millis(100);
         let mut last_error = anyhow!("no endpoint tried");
         for attempt in 0usize.. {
@@ -127,14 +140,25 @@ pub async fn enqueue(args: EnqueueArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let permits = Arc::new(Semaphore::new(args.concurrency.max(1)));
+    // Waits for results (long polls) have their own permits, so that enqueueing goes on.
+    let waits = Arc::new(Semaphore::new(args.concurrency.max(1)));
+    if args.wait {
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} done, {msg} ({per_sec}, eta {eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+    }
+    let enqueued = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut tasks = Vec::new();
     for file in args.files {
         let permit = permits.clone().acquire_owned().await?;
         let client = client.clone();
         let bar = bar.clone();
         let iterations = args.iterations;
+        let (wait, waits, enqueued) = (args.wait, waits.clone(), enqueued.clone());
         tasks.push(tokio::spawn(async move {
-            let _permit = permit;
             let payload = tokio::fs::read(&file)
                 .await
                 .with_context(|| format!("reading {}", file.display()))?;
@@ -143,20 +167,43 @@ pub async fn enqueue(args: EnqueueArgs) -> anyhow::Result<()> {
             let (status, body) = client
                 .send(Method::PUT, &path, Some(payload), Some(&key))
                 .await?;
-            bar.inc(1);
+            drop(permit);
             if !status.is_success() {
+                bar.inc(1);
                 return Err(fail(status, &body).context(format!("enqueueing {}", file.display())));
             }
             let id = serde_json::from_value::<Enqueued>(body)
                 .map(|e| e.work_id)
                 .unwrap_or_default();
+            let file = file.display().to_string();
+            if !wait {
+                bar.inc(1);
+                bar.suspend(|| println!("{}", serde_json::json!({"file": file, "work_id": id})));
+                return Ok(());
+            }
+            let n = enqueued.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            bar.set_message(format!("{n} enqueued"));
+            let _wait = waits.acquire_owned().await?;
+            let work = wait_until_final(&client, &id).await?;
+            bar.inc(1);
             bar.suspend(|| {
                 println!(
                     "{}",
-                    serde_json::json!({"file": file.display().to_string(), "work_id": id})
+                    serde_json::json!({
+                        "file": file,
+                        "work_id": id,
+                        "status": work["status"],
+                        "value": work["value"],
+                    })
                 );
             });
-            Ok(())
+            match work["status"].as_str() {
+                Some("completed" | "pulled") => Ok(()),
+                other => Err(anyhow!(
+                    "{file} (work {id}) ended {}",
+                    other.unwrap_or("unknown")
+                )),
+            }
         }));
     }
     let mut failed = 0;
@@ -168,12 +215,39 @@ pub async fn enqueue(args: EnqueueArgs) -> anyhow::Result<()> {
     }
     bar.finish_and_clear();
     if failed > 0 {
-        bail!("{failed} file(s) were not enqueued");
+        bail!("{failed} file(s) were not enqueued or did not complete");
     }
     Ok(())
 }
 
+/// How long one long poll of [`wait_until_final`] asks the node to hold it.
+const LONG_POLL: Duration = Duration::from_secs(30);
+
+/// Item `id` once it is final (completed, pulled, dead, cancelled): long polls, one after
+/// another, for as long as it takes.
+async fn wait_until_final(client: &Client, id: &str) -> anyhow::Result<Value> {
+    let path = format!(
+        "{}?wait={}ms",
+        api::work(hashq_proto::WorkId(id.parse()?)),
+        LONG_POLL.as_millis()
+    );
+    loop {
+        let (status, work) = client
+            .send_within(Method::GET, &path, None, None, LONG_POLL)
+            .await?;
+        if !status.is_success() {
+            return Err(fail(status, &work).context(format!("waiting for work {id}")));
+        }
+        if !matches!(work["status"].as_str(), Some("queued" | "running")) {
+            return Ok(work);
+        }
+    }
+}
+
 pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
+    if args.follow {
+        return follow(args).await;
+    }
     let mut target = args.target;
     let mut path = format!("{}?top={}", api::PULL_COMPLETED, args.top);
     if let Some(wait) = args.wait {
@@ -191,6 +265,81 @@ pub async fn pull(args: PullArgs) -> anyhow::Result<()> {
     }
     println!("{}", serde_json::to_string_pretty(&body)?);
     Ok(())
+}
+
+/// `hashq pull --follow`: waiting pulls, one after another, each result printed (and, with
+/// `--out`, written to its file) as it is taken.
+async fn follow(args: PullArgs) -> anyhow::Result<()> {
+    let client = Client::new(args.target)?;
+    let pending = args.out.as_ref().map(|dir| dir.join(".pull-key"));
+    if let Some(dir) = &args.out {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut taken = 0u64;
+    while args.count.is_none_or(|n| taken < n) {
+        let top = args.count.map_or(u64::from(args.top), |n| {
+            (n - taken).min(u64::from(args.top))
+        });
+        let path = format!(
+            "{}?top={top}&wait={}ms",
+            api::PULL_COMPLETED,
+            LONG_POLL.as_millis()
+        );
+        // A take left unwritten by an earlier run is taken again under its key first: the
+        // cluster answers a retried key with the same items.
+        let key = match &pending {
+            Some(file) => match tokio::fs::read_to_string(file).await {
+                Ok(key) if !key.trim().is_empty() => key.trim().to_string(),
+                _ => {
+                    let key = new_key();
+                    write_durably(file, key.as_bytes()).await?;
+                    key
+                }
+            },
+            None => new_key(),
+        };
+        let (status, body) = client
+            .send_within(Method::POST, &path, None, Some(&key), LONG_POLL)
+            .await?;
+        if !status.is_success() {
+            return Err(fail(status, &body));
+        }
+        let items: Vec<hashq_proto::api::Pulled> = serde_json::from_value(body)?;
+        for item in &items {
+            if let Some(dir) = &args.out {
+                let file = dir.join(format!("{}.sha512", item.work_id));
+                write_durably(&file, format!("{}\n", item.value).as_bytes()).await?;
+            }
+            println!("{}", serde_json::to_string(item)?);
+        }
+        taken += items.len() as u64;
+        if let Some(file) = &pending {
+            tokio::fs::remove_file(file)
+                .await
+                .with_context(|| format!("removing {}", file.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes `path` through a temporary file, synced and renamed into place, and syncs its
+/// directory: after a crash it holds either nothing or all of `data`.
+async fn write_durably(path: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {
+    let (path, data) = (path.to_path_buf(), data.to_vec());
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        use std::io::Write;
+        let dir = path.parent().unwrap_or(std::path::Path::new("."));
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+        tmp.write_all(&data)?;
+        tmp.as_file().sync_data()?;
+        tmp.persist(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(())
+    })
+    .await?
 }
 
 pub async fn status(args: StatusArgs) -> anyhow::Result<()> {

@@ -118,6 +118,11 @@ pub struct EnqueueArgs {
     /// Requests in flight at once.
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
+    /// Then wait for each item's result and print it as it comes (one JSON line per item:
+    /// file, work id, status, value). The results stay for pullCompleted, as ever. Fails
+    /// when an item ends dead or cancelled.
+    #[arg(long)]
+    pub wait: bool,
 }
 
 /// `hashq pull` flags.
@@ -132,6 +137,18 @@ pub struct PullArgs {
     /// to their --max-wait, 30s by default); `[]` if none came.
     #[arg(long, value_parser = duration)]
     pub wait: Option<Duration>,
+    /// Keep pulling, with waiting pulls, and print each result as a JSON line as it is taken
+    /// (until interrupted, or `--count` results).
+    #[arg(long, conflicts_with = "wait")]
+    pub follow: bool,
+    /// With --follow: also write each result to `DIR/<work_id>.sha512` (its hex digest). A
+    /// take's key is kept in `DIR/.pull-key` until its results are written, so a `pull`
+    /// killed in between gets the same results again when it is started again on `DIR`.
+    #[arg(long, requires = "follow")]
+    pub out: Option<std::path::PathBuf>,
+    /// With --follow: stop after this many results.
+    #[arg(long, requires = "follow")]
+    pub count: Option<u64>,
 }
 
 /// `hashq status` flags.

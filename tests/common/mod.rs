@@ -64,6 +64,30 @@ where
         .unwrap_or_else(|| panic!("timed out after {timeout:?} waiting for {what}"))
 }
 
+/// Runs `command` to its end, with its output; kills it and panics if it has not ended
+/// within `limit` (a command that would run forever fails the test instead of hanging it).
+pub fn output_within(mut command: std::process::Command, limit: Duration) -> std::process::Output {
+    use std::process::Stdio;
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the command");
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().expect("poll the command").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("reap the command");
+            panic!(
+                "{command:?} still ran after {limit:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("the command's output")
+}
+
 /// The answer of a `hashq` client command that must succeed: one JSON document, or the
 /// array of its JSON lines.
 pub fn json_answer(out: std::process::Output, what: &str) -> Value {
