@@ -173,8 +173,8 @@ pub enum WorkCommand {
     Get {
         /// The work id `hashq enqueue` printed.
         id: u64,
-        /// Wait up to this long for the item to be completed, pulled or dead (a long poll;
-        /// the nodes cut it to their --max-wait, 30s by default).
+        /// Wait up to this long for the item to be completed, pulled, dead or cancelled (a
+        /// long poll; the nodes cut it to their --max-wait, 30s by default).
         #[arg(long, value_parser = duration)]
         wait: Option<Duration>,
     },
