@@ -37,26 +37,19 @@ pub async fn cancel(
     State(node): State<Node>,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<WorkStatus>, ApiError> {
-    serves_clients(&node)?;
-    let id = parse_work_id(id)?;
-    require_version(&node, "cancel")?;
-    match node
-        .proposer()
-        .submit(Request::Cancel { id })
-        .await?
-        .response
-    {
-        SmResponse::ItemStatus(Some(Status::Cancelled)) => Ok(answer(id, Status::Cancelled)),
-        SmResponse::ItemStatus(Some(other)) => Err(ApiError::refused(
-            "not_cancellable",
-            format!(
-                "work {id} is {}: only queued or running work can be cancelled",
-                other.as_str()
-            ),
-        )),
-        SmResponse::ItemStatus(None) => Err(missing(id)),
-        other => Err(ApiError::unexpected(other)),
-    }
+    change(
+        &node,
+        "cancel",
+        id,
+        |id| Request::Cancel { id },
+        |s| {
+            (s == Status::Cancelled).then_some(()).ok_or((
+                "not_cancellable",
+                "only queued or running work can be cancelled",
+            ))
+        },
+    )
+    .await
 }
 
 /// `POST /work/{id}/retry`: a dead or cancelled item goes back in the queue with its
@@ -65,25 +58,44 @@ pub async fn retry(
     State(node): State<Node>,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<WorkStatus>, ApiError> {
-    serves_clients(&node)?;
+    change(
+        &node,
+        "retry",
+        id,
+        |id| Request::Retry { id },
+        |s| {
+            matches!(s, Status::Queued | Status::Running)
+                .then_some(())
+                .ok_or((
+                    "not_retryable",
+                    "it has its result, there is nothing to retry",
+                ))
+        },
+    )
+    .await
+}
+
+/// Proposes the request `what` that `request` makes for the item in the path, and answers
+/// with the item's status after it, or with 409 `(code, why)` when `accept` refuses that
+/// status.
+async fn change(
+    node: &Node,
+    what: &str,
+    id: Result<Path<String>, PathRejection>,
+    request: impl FnOnce(WorkId) -> Request,
+    accept: impl Fn(Status) -> Result<(), (&'static str, &'static str)>,
+) -> Result<Json<WorkStatus>, ApiError> {
+    serves_clients(node)?;
     let id = parse_work_id(id)?;
-    require_version(&node, "retry")?;
-    match node
-        .proposer()
-        .submit(Request::Retry { id })
-        .await?
-        .response
-    {
-        SmResponse::ItemStatus(Some(status @ (Status::Queued | Status::Running))) => {
-            Ok(answer(id, status))
-        }
-        SmResponse::ItemStatus(Some(other)) => Err(ApiError::refused(
-            "not_retryable",
-            format!(
-                "work {id} is {}: it has its result, there is nothing to retry",
-                other.as_str()
-            ),
-        )),
+    require_version(node, what)?;
+    match node.proposer().submit(request(id)).await?.response {
+        SmResponse::ItemStatus(Some(status)) => match accept(status) {
+            Ok(()) => Ok(answer(id, status)),
+            Err((code, why)) => Err(ApiError::refused(
+                code,
+                format!("work {id} is {}: {why}", status.as_str()),
+            )),
+        },
         SmResponse::ItemStatus(None) => Err(missing(id)),
         other => Err(ApiError::unexpected(other)),
     }

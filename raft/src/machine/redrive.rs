@@ -36,10 +36,10 @@ impl<K: Kv> Machine<'_, K> {
         item.dead_at = Some(self.now);
         self.kv.put(keys::dead(self.now, id), Vec::new());
         put_t(self.kv, keys::item(id), &item);
-        let mut t = self.tallies()?;
-        t.cancelled += 1;
-        t.cancelled_total += 1;
-        put_t(self.kv, keys::TALLIES.to_vec(), &t);
+        self.tally(|t| {
+            t.cancelled += 1;
+            t.cancelled_total += 1;
+        })?;
         Ok(Response::ItemStatus(Some(Status::Cancelled)))
     }
 
@@ -54,14 +54,14 @@ impl<K: Kv> Machine<'_, K> {
             return Ok(Response::ItemStatus(Some(item.status)));
         };
         self.kv.delete(keys::dead(died, id));
-        let mut t = self.tallies()?;
-        if item.status == Status::Cancelled {
-            t.cancelled -= 1;
-        } else {
+        let was_cancelled = item.status == Status::Cancelled;
+        if !was_cancelled {
             self.meta.counts.dead -= 1;
         }
-        t.retried_total += 1;
-        put_t(self.kv, keys::TALLIES.to_vec(), &t);
+        self.tally(|t| {
+            t.cancelled -= u64::from(was_cancelled);
+            t.retried_total += 1;
+        })?;
         // Attempts start again from zero. The fencing stays sound: a lease names its worker
         // as well as its attempt, every earlier lease was dropped when the item died or was
         // cancelled, and a worker that still computes a stale attempt of it computes the same
@@ -82,13 +82,14 @@ impl<K: Kv> Machine<'_, K> {
     /// Drops a cancelled item past the dead retention from the tallies (the caller removes
     /// its records).
     pub(super) fn forget_cancelled(&mut self) -> Result<(), KvError> {
-        let mut t = self.tallies()?;
-        t.cancelled -= 1;
-        put_t(self.kv, keys::TALLIES.to_vec(), &t);
-        Ok(())
+        self.tally(|t| t.cancelled -= 1)
     }
 
-    fn tallies(&self) -> Result<Tallies, KvError> {
-        queries::tallies(self.kv)
+    /// Changes the [`Tallies`] record: its one writer.
+    fn tally(&mut self, change: impl FnOnce(&mut Tallies)) -> Result<(), KvError> {
+        let mut t = queries::tallies(self.kv)?;
+        change(&mut t);
+        put_t(self.kv, keys::TALLIES.to_vec(), &t);
+        Ok(())
     }
 }
