@@ -24,6 +24,10 @@ fn options() -> Options {
             "65536",
             "--max-top",
             "1000",
+            "--max-batch-items",
+            "4",
+            "--max-batch-bytes",
+            "1024",
         ]
         .map(String::from)
         .to_vec(),
@@ -50,15 +54,33 @@ fn case(method: Method, path: &'static str, status: u16, code: &'static str) -> 
     }
 }
 
+const BOUNDARY: &str = "hashq-test-boundary";
+
+/// A `multipart/form-data` body of `parts` (name, file name, bytes), as curl -F sends it.
+fn multipart_body(parts: &[(&str, Option<&str>, &[u8])]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (name, file_name, bytes) in parts {
+        body.extend_from_slice(format!("--{BOUNDARY}\r\n").as_bytes());
+        let file = file_name.map_or(String::new(), |f| format!("; filename=\"{f}\""));
+        body.extend_from_slice(
+            format!("Content-Disposition: form-data; name=\"{name}\"{file}\r\n\r\n").as_bytes(),
+        );
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
+    body
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_gets_a_clear_json_error_and_the_node_keeps_serving() {
     let cluster = Cluster::start(options()).await;
     let leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
-    // Cancel and retry answer 404 for a missing item once the cluster runs version 3 (409
-    // before).
+    // Cancel and retry answer 404 for a missing item once the cluster runs version 3, and
+    // batches are taken from version 4 (409 before).
     for id in cluster.ids() {
         cluster
-            .wait_for_status(id, "/cluster_version", json!(3))
+            .wait_for_status(id, "/cluster_version", json!(4))
             .await;
     }
     let follower = cluster.ids().into_iter().find(|id| *id != leader).unwrap();
@@ -241,6 +263,99 @@ async fn bad_input_gets_a_clear_json_error_and_the_node_keeps_serving() {
         body: vec![0xff],
         ..case(Method::POST, "/worker/lease", 400, "invalid_body")
     });
+
+    // Batches: the body must be multipart, each part needs iterations, within the limits
+    // (4 items, 1 KiB of payloads here).
+    let form = |parts: &[(&str, Option<&str>, &[u8])]| Case {
+        headers: vec![(
+            "content-type",
+            format!("multipart/form-data; boundary={BOUNDARY}"),
+        )],
+        body: multipart_body(parts),
+        ..case(Method::POST, "/enqueue/batch", 0, "")
+    };
+    let file = |bytes: &'static [u8]| ("f", Some("a.bin"), bytes);
+    for (query, parts, status, code) in [
+        ("", vec![file(b"x")], 400, "missing_parameter"),
+        ("?iterations=0", vec![file(b"x")], 400, "out_of_range"),
+        ("?iterations=x", vec![file(b"x")], 400, "invalid_parameter"),
+        ("?iterations=1", vec![], 400, "empty_batch"),
+        (
+            "?iterations=1",
+            vec![("iterations", None, &b"lots"[..]), file(b"x")],
+            400,
+            "invalid_parameter",
+        ),
+        (
+            "",
+            vec![("iterations", None, &b"100001"[..]), file(b"x")],
+            400,
+            "out_of_range",
+        ),
+        ("?iterations=1", vec![file(b"x"); 5], 413, "batch_too_large"),
+        (
+            "?iterations=1",
+            vec![("iteration", None, &b"5"[..]), file(b"x")],
+            400,
+            "unknown_part",
+        ),
+        (
+            "?iterations=1",
+            vec![file(&[1u8; 600]), file(&[2u8; 600])],
+            413,
+            "batch_too_large",
+        ),
+    ] {
+        let path: &'static str = format!("/enqueue/batch{query}").leak();
+        cases.push(Case {
+            path,
+            status,
+            code,
+            ..form(&parts)
+        });
+    }
+    cases.push(case(
+        Method::POST,
+        "/enqueue/batch?iterations=1",
+        415,
+        "unsupported_media_type",
+    ));
+    cases.push(Case {
+        headers: vec![("content-type", "text/plain".into())],
+        body: b"hello".to_vec(),
+        ..case(
+            Method::POST,
+            "/enqueue/batch?iterations=1",
+            415,
+            "unsupported_media_type",
+        )
+    });
+    cases.push(Case {
+        body: b"--nope\r\nthis is not a part".to_vec(),
+        path: "/enqueue/batch?iterations=1",
+        status: 400,
+        code: "invalid_multipart",
+        ..form(&[])
+    });
+    cases.push(Case {
+        body: vec![7u8; 100 << 10],
+        path: "/enqueue/batch?iterations=1",
+        status: 413,
+        code: "payload_too_large",
+        ..form(&[])
+    });
+    let mut keyed = form(&[file(b"x")]);
+    keyed.path = "/enqueue/batch?iterations=1";
+    keyed.headers.push(("idempotency-key", "k".repeat(300)));
+    keyed.status = 400;
+    keyed.code = "invalid_idempotency_key";
+    cases.push(keyed);
+    cases.push(case(
+        Method::GET,
+        "/enqueue/batch",
+        405,
+        "method_not_allowed",
+    ));
 
     // Membership changes: bad bodies and ids, unknown members, a node that is not up.
     let admin = || vec![("authorization", format!("Bearer {ADMIN_TOKEN}"))];
@@ -934,7 +1049,7 @@ async fn cancel_stops_the_worker_at_its_next_heartbeat_and_retry_runs_dead_and_c
     let mut cluster = Cluster::start(base).await;
     for id in cluster.ids() {
         cluster
-            .wait_for_status(id, "/cluster_version", json!(3))
+            .wait_for_status(id, "/cluster_version", json!(4))
             .await;
     }
     // One item at a time, nothing leased ahead: a worker busy hashing takes nothing else.
@@ -1136,4 +1251,174 @@ async fn the_cli_waits_for_results_and_follows_pulls_into_a_directory() {
     let written = std::fs::read_to_string(dir.path().join(format!("{id}.sha512"))).unwrap();
     assert_eq!(written.trim_end(), reference(&data, 5));
     assert!(!dir.path().join(".pull-key").exists());
+
+    // Many files go in batches once the cluster takes them (version 4): ids in file order,
+    // each item with its own file's payload. (The three files above, 2,100 bytes, are over
+    // this cluster's --max-batch-bytes: they went one by one.)
+    cluster
+        .wait_for_status(2, "/cluster_version", json!(4))
+        .await;
+    let mut small = Vec::new();
+    for i in 0..6u64 {
+        let path = files.path().join(format!("small-{i}.bin"));
+        std::fs::write(&path, payload(60 + i, 100)).unwrap();
+        small.push(path);
+    }
+    let out = std::process::Command::new(common::binary())
+        .args(["enqueue", "--endpoints", &cluster.url(2)])
+        .args(["--iterations", "3", "--batch", "4"])
+        .args(&small)
+        .output()
+        .expect("run hashq enqueue");
+    let lines = json_lines(out);
+    assert_eq!(lines.len(), 6, "{lines:?}");
+    for (i, path) in small.iter().enumerate() {
+        let line = lines
+            .iter()
+            .find(|l| l["file"] == path.display().to_string())
+            .unwrap_or_else(|| panic!("no line for {}", path.display()));
+        let id = line["work_id"].as_str().unwrap();
+        let work = cluster.wait_for_completed(2, id).await;
+        assert_eq!(
+            work["value"],
+            json!(reference(&payload(60 + i as u64, 100), 3))
+        );
+    }
+}
+
+/// The iterations of item `i` of the batch test: they change every 100 parts, through a
+/// text part `iterations` (the query gives the first 100 theirs).
+fn batch_iterations(i: usize) -> u32 {
+    (i / 100 % 3 + 1) as u32
+}
+
+/// `POST /enqueue/batch` of 500 items under `key` on `node`: the answer's status, body and
+/// whether it was a replay; `None` when no answer came (the node died meanwhile).
+async fn send_batch(http: &reqwest::Client, url: &str, key: &str) -> Option<(u16, Value, bool)> {
+    let mut form = reqwest::multipart::Form::new();
+    for i in 0..500usize {
+        if i % 100 == 0 && i > 0 {
+            form = form.text("iterations", batch_iterations(i).to_string());
+        }
+        form = form.part(
+            "f",
+            reqwest::multipart::Part::bytes(payload(i as u64, 40)).file_name(format!("{i}.bin")),
+        );
+    }
+    let answer = http
+        .post(format!(
+            "{url}/enqueue/batch?iterations={}",
+            batch_iterations(0)
+        ))
+        .header("idempotency-key", key)
+        .multipart(form)
+        .send()
+        .await
+        .ok()?;
+    let status = answer.status().as_u16();
+    let replayed = answer.headers().contains_key("idempotent-replayed");
+    Some((status, answer.json().await.unwrap_or(Value::Null), replayed))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_of_500_is_all_or_nothing_when_its_leader_is_killed_and_its_key_replays_its_ids() {
+    let mut cluster = Cluster::start(Options {
+        node_args: Vec::new(),
+        ..options()
+    })
+    .await;
+    let leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
+    for id in cluster.ids() {
+        cluster
+            .wait_for_status(id, "/cluster_version", json!(4))
+            .await;
+    }
+    // The batch goes to the leader, which is SIGKILLed a moment later: before, during or
+    // after its proposal, whichever it is, a retry under the key must find every item of
+    // the batch or none.
+    let http = cluster.http.clone();
+    let url = cluster.url(leader);
+    let first = tokio::spawn(async move { send_batch(&http, &url, "batch-of-500").await });
+    tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 120)).await;
+    cluster.kill_node(leader);
+    let first = first.await.unwrap();
+    eprintln!(
+        "the batch's first answer, from the killed leader: {:?}",
+        first.as_ref().map(|(status, _, _)| status)
+    );
+    let others: Vec<u64> = cluster.ids().into_iter().filter(|i| *i != leader).collect();
+    let (ids, replayed) = wait_for(
+        "the batch to be acknowledged under its key",
+        Duration::from_secs(60),
+        || async {
+            for &node in &others {
+                if let Some((200, body, replayed)) =
+                    send_batch(&cluster.http, &cluster.url(node), "batch-of-500").await
+                {
+                    return Some((body["work_ids"].clone(), replayed));
+                }
+            }
+            None
+        },
+    )
+    .await;
+    let ids: Vec<u64> = ids
+        .as_array()
+        .expect("work_ids")
+        .iter()
+        .map(|v| v.as_str().unwrap().parse().unwrap())
+        .collect();
+    eprintln!("the retry under the key was a replay (the first call was committed): {replayed}");
+    assert_eq!(ids.len(), 500, "first answer: {first:?}");
+    assert!(
+        ids.windows(2).all(|w| w[1] == w[0] + 1),
+        "the ids are consecutive, in part order"
+    );
+    if let Some((200, body, _)) = &first {
+        assert_eq!(
+            body["work_ids"][0].as_str(),
+            Some(ids[0].to_string().as_str())
+        );
+    }
+    // Exactly the batch is stored: not a part of it, not twice.
+    let now_leading = cluster.wait_for_leader(Duration::from_secs(30)).await;
+    cluster
+        .wait_for_status(now_leading, "/counts/queued", json!(500))
+        .await;
+    let replay = send_batch(&cluster.http, &cluster.url(now_leading), "batch-of-500")
+        .await
+        .expect("an answer");
+    assert_eq!(replay.0, 200);
+    assert!(replay.2, "a retry under the key is a replay");
+    assert_eq!(replay.1["work_ids"][499], json!(ids[499].to_string()));
+
+    // Every item runs with its own payload and iterations.
+    cluster.start_node(leader);
+    cluster.start_worker(&[]);
+    let mut results = std::collections::HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for attempt in 0.. {
+        if results.len() == 500 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of 500 results pulled",
+            results.len()
+        );
+        // A key of its own per take: a key that took nothing replays nothing.
+        let key = format!("batch-pull-{attempt}");
+        results.extend(cluster.pull(others[0], 1000, &key).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(
+            results[&id.to_string()],
+            reference(&payload(i as u64, 40), batch_iterations(i)),
+            "item {i} (work {id})"
+        );
+    }
+    cluster
+        .wait_for_status(others[0], "/counts/queued", json!(0))
+        .await;
 }

@@ -126,7 +126,7 @@ async fn the_dashboard_shows_the_live_cluster_in_a_real_browser() {
         .enqueue(3, payload(10, 100), 10_000_000, "cancel-me")
         .await;
     cluster
-        .wait_for_status(leader, "/cluster_version", serde_json::json!(3))
+        .wait_for_status(leader, "/cluster_version", serde_json::json!(4))
         .await;
     let answer = cluster
         .http
@@ -229,7 +229,11 @@ async fn the_openapi_document_describes_every_client_route() {
     assert_eq!(doc["openapi"], "3.0.3");
     for (path, method) in [
         ("/enqueue", "put"),
+        ("/enqueue/batch", "post"),
         ("/pullCompleted", "post"),
+        ("/work/{id}", "delete"),
+        ("/work/{id}/retry", "post"),
+        ("/work", "get"),
         ("/work/{id}", "get"),
         ("/status", "get"),
         ("/metrics", "get"),
@@ -248,6 +252,19 @@ async fn the_openapi_document_describes_every_client_route() {
             "enqueue's {status} is not documented"
         );
     }
+    let batch = &doc["paths"]["/enqueue/batch"]["post"];
+    for status in ["200", "400", "409", "413", "415", "429", "503"] {
+        assert!(
+            batch["responses"][status].is_object(),
+            "the batch's {status} is not documented"
+        );
+    }
+    assert_eq!(
+        batch["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]["f"]
+            ["x-max-items"],
+        1000,
+        "the batch's limit is this node's --max-batch-items"
+    );
     // The routes it documents answer as documented.
     let metrics = cluster.metrics(1).await;
     assert!(

@@ -357,7 +357,7 @@ async fn the_cluster_version_rises_once_every_member_offers_it_and_never_admits_
         [(1, latest), (2, latest), (3, 1)],
         "the members' offers, as the leader sees them"
     );
-    // What version 3 brought is refused meanwhile: node 3 could not apply it.
+    // What versions 3 and 4 brought is refused meanwhile: node 3 could not apply it.
     let id = cluster.enqueue(1, b"kept".to_vec(), 1, "v-kept").await;
     for (method, path) in [
         (reqwest::Method::DELETE, format!("/work/{id}")),
@@ -373,6 +373,21 @@ async fn the_cluster_version_rises_once_every_member_offers_it_and_never_admits_
         let body: serde_json::Value = answer.json().await.unwrap();
         assert_eq!(body["error"]["code"], "cluster_version_too_old", "{body}");
     }
+    // So is a batch (version 4).
+    let (http, batch_url) = (
+        cluster.http.clone(),
+        format!("{}/enqueue/batch?iterations=1", cluster.url(2)),
+    );
+    let batch = || {
+        let form = reqwest::multipart::Form::new()
+            .part("f", reqwest::multipart::Part::bytes(b"one".to_vec()))
+            .part("f", reqwest::multipart::Part::bytes(b"two".to_vec()));
+        http.post(&batch_url).multipart(form).send()
+    };
+    let answer = batch().await.unwrap();
+    assert_eq!(answer.status(), 409);
+    let body: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "cluster_version_too_old", "{body}");
 
     cluster.set_node_extra(3, Vec::new());
     cluster.stop_node(3);
@@ -396,6 +411,8 @@ async fn the_cluster_version_rises_once_every_member_offers_it_and_never_admits_
         .await
         .unwrap();
     assert_eq!(answer.status(), 200, "cancel once the cluster runs 3");
+    let answer = batch().await.unwrap();
+    assert_eq!(answer.status(), 200, "a batch once the cluster runs 4");
 
     let (id, addr) = cluster
         .start_joining_with(0, &["--cluster-version-max", "1"])

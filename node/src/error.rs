@@ -27,6 +27,13 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("request body larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// The body is within bounds but what it holds is not (a batch's items or bytes): 413
+    /// with its own code.
+    #[error("{message}")]
+    TooLarge { code: String, message: String },
+    /// The body is not of the media type the route takes.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     /// The body did not arrive in time (too slow, or stalled).
     #[error("{0}")]
     BodyTimeout(String),
@@ -115,6 +122,12 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", None)
             }
+            ApiError::TooLarge { code, .. } => (StatusCode::PAYLOAD_TOO_LARGE, code.as_str(), None),
+            ApiError::UnsupportedMediaType(_) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                None,
+            ),
             ApiError::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "body_timeout", None),
             ApiError::Busy(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -286,7 +286,7 @@ fn stamped(request: Request, batch: BatchSlot) -> Request {
 }
 
 fn request_bytes(r: &Request) -> usize {
-    r.payload().map_or(64, |p| p.len() + 64)
+    r.size_hint()
 }
 
 /// Gathers whatever requests are waiting into one batch, up to the limits, and sends it off;

@@ -12,6 +12,12 @@ pub struct Enqueued {
     pub work_id: String,
 }
 
+/// The answer to `POST /enqueue/batch`: the items' ids, in part order.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EnqueuedBatch {
+    pub work_ids: Vec<String>,
+}
+
 /// One result in the answer to `POST /pullCompleted`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Pulled {

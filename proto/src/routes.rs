@@ -6,6 +6,9 @@ pub mod client {
     /// `PUT /enqueue?iterations=N`, the payload as the body: answers
     /// [`crate::api::Enqueued`].
     pub const ENQUEUE: &str = "/enqueue";
+    /// `POST /enqueue/batch?iterations=N`, a `multipart/form-data` body of one item per part:
+    /// answers [`crate::api::EnqueuedBatch`].
+    pub const ENQUEUE_BATCH: &str = "/enqueue/batch";
     /// `POST /pullCompleted?top=N`: answers a list of [`crate::api::Pulled`].
     pub const PULL_COMPLETED: &str = "/pullCompleted";
     /// `GET /work/{id}` (the router's pattern): answers [`crate::api::WorkView`]. A concrete

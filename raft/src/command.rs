@@ -247,18 +247,54 @@ pub enum Request {
     /// Answers [`Response::ItemStatus`] with the item's status afterwards: `queued` or
     /// `running`, or `completed`/`pulled` for an item that has its result.
     Retry { id: WorkId },
+    /// Add many items at once (cluster version 4, [`crate::version::BATCH`]): all of them or,
+    /// when one is invalid or the store cannot hold them all, none. Their payloads stay in
+    /// this entry, part `k` at ordinal [`crate::types::PayloadRef::ordinal`]`(request, k)`.
+    /// The key (the client's, or one the node drew) makes a retry answer the first call's
+    /// ids; the ids are consecutive, in part order.
+    EnqueueBatch { items: Vec<BatchItem>, dedup: Dedup },
+}
+
+/// One item of a [`Request::EnqueueBatch`].
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchItem {
+    pub iterations: u32,
+    pub payload: Bytes,
 }
 
 impl Request {
-    /// The payload of an enqueue: written once, in the log entry, and read back from there by
-    /// the request's ordinal.
-    pub fn payload(&self) -> Option<&Bytes> {
+    /// Payload `part` of an enqueue (its only one is part 0) or of a batch: written once, in
+    /// the log entry, and read back from there by its ordinal ([`Command::payload`]).
+    pub fn payload(&self, part: usize) -> Option<&Bytes> {
         match self {
             Request::Enqueue { payload, .. } | Request::EnqueueInBatch { payload, .. } => {
-                Some(payload)
+                (part == 0).then_some(payload)
             }
+            Request::EnqueueBatch { items, .. } => items.get(part).map(|i| &i.payload),
             _ => None,
         }
+    }
+
+    /// Roughly what the request takes in a log entry, in memory and on the wire: its
+    /// payloads plus a little for the rest.
+    pub fn size_hint(&self) -> usize {
+        match self {
+            Request::Enqueue { payload, .. } | Request::EnqueueInBatch { payload, .. } => {
+                payload.len() + 64
+            }
+            Request::EnqueueBatch { items, .. } => {
+                items.iter().map(|i| i.payload.len() + 16).sum::<usize>() + 64
+            }
+            _ => 64,
+        }
+    }
+}
+
+impl Command {
+    /// The payload at `ordinal` ([`crate::types::PayloadRef::ordinal`]) of this entry.
+    pub fn payload(&self, ordinal: u32) -> Option<&Bytes> {
+        let (request, part) = crate::types::PayloadRef::split(ordinal);
+        self.requests.get(request)?.payload(part)
     }
 }
 
@@ -347,6 +383,15 @@ impl fmt::Debug for Request {
                 .finish(),
             Request::Cancel { id } => f.debug_struct("Cancel").field("id", id).finish(),
             Request::Retry { id } => f.debug_struct("Retry").field("id", id).finish(),
+            Request::EnqueueBatch { items, dedup } => f
+                .debug_struct("EnqueueBatch")
+                .field("items", &items.len())
+                .field(
+                    "payload_bytes",
+                    &items.iter().map(|i| i.payload.len()).sum::<usize>(),
+                )
+                .field("dedup", dedup)
+                .finish(),
             Request::DiskAlarm { node, low } => f
                 .debug_struct("DiskAlarm")
                 .field("node", node)
@@ -441,6 +486,12 @@ pub enum Response {
     Rejected(Rejection),
     /// An item's status after the request (`None`: there is no such item).
     ItemStatus(Option<Status>),
+    /// A batch's work ids, in part order (cluster version 4).
+    EnqueuedBatch {
+        ids: Vec<WorkId>,
+        /// True when the key matched an earlier batch: these are its ids, nothing was added.
+        duplicate: bool,
+    },
 }
 
 /// Why a request was refused by the state machine.

@@ -14,8 +14,8 @@ use std::future::Future;
 use std::time::Duration;
 
 use openraft::error::{
-    Fatal, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed, StreamingError,
-    Unreachable,
+    Fatal, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, ReplicationClosed,
+    StreamingError, Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -28,6 +28,7 @@ use serde::Serialize;
 use hashq_proto::codec::{POSTCARD, SNAPSHOT_STREAM};
 use hashq_proto::routes::raft as routes;
 
+use crate::command::Request;
 use crate::{codec, NodeId, SnapshotMeta, TypeConfig};
 
 /// What precedes a snapshot file on the wire: `u32` length (little-endian), then this in
@@ -311,6 +312,11 @@ impl RaftNetwork<TypeConfig> for Connection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        if let Some(fit) = entries_that_fit(&rpc.entries, MAX_APPEND_BYTES) {
+            // openraft sends fewer entries at once (a batch enqueue's entry can be tens of
+            // MiB, and up to 8 of them could outgrow the peer routes' body limit).
+            return Err(PayloadTooLarge::new_entries_hint(fit).into());
+        }
         self.rpc(routes::APPEND, &rpc, &option).await
     }
 
@@ -333,5 +339,60 @@ impl RaftNetwork<TypeConfig> for Connection {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         self.rpc(routes::VOTE, &rpc, &option).await
+    }
+}
+
+/// Most bytes of entries one append sends when it has more than one (a single entry goes
+/// alone whatever its size).
+pub const MAX_APPEND_BYTES: usize = 8 << 20;
+
+/// How many of `entries` fit in `max` bytes (at least one), when not all of them do.
+fn entries_that_fit(entries: &[crate::Entry], max: usize) -> Option<u64> {
+    let mut total = 0;
+    for (n, entry) in entries.iter().enumerate() {
+        total += match &entry.payload {
+            openraft::EntryPayload::Normal(c) => {
+                c.requests.iter().map(Request::size_hint).sum::<usize>()
+            }
+            _ => 256,
+        };
+        if total > max && entries.len() > 1 {
+            return Some(n.max(1) as u64);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::{Command, StoreLimits};
+
+    fn entry(index: u64, payload_len: usize) -> crate::Entry {
+        crate::Entry {
+            log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: openraft::EntryPayload::Normal(Command {
+                now: 0,
+                mono: 0,
+                limits: StoreLimits::UNLIMITED,
+                requests: vec![Request::Enqueue {
+                    iterations: 1,
+                    payload: bytes::Bytes::from(vec![0u8; payload_len]),
+                    dedup: None,
+                }],
+            }),
+        }
+    }
+
+    #[test]
+    fn an_append_of_large_entries_is_cut_to_what_fits_and_one_entry_goes_alone() {
+        let mib = 1 << 20;
+        let small: Vec<_> = (1..=8).map(|i| entry(i, mib / 2)).collect();
+        assert_eq!(entries_that_fit(&small, 8 * mib), None);
+        let large: Vec<_> = (1..=8).map(|i| entry(i, 3 * mib)).collect();
+        assert_eq!(entries_that_fit(&large, 8 * mib), Some(2));
+        let huge = vec![entry(1, 40 * mib), entry(2, 1)];
+        assert_eq!(entries_that_fit(&huge, 8 * mib), Some(1));
+        assert_eq!(entries_that_fit(&huge[..1], 8 * mib), None);
     }
 }

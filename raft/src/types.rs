@@ -76,7 +76,31 @@ pub struct Lease {
 pub struct PayloadRef {
     pub term: u64,
     pub index: u64,
+    /// The request's position in the entry (low 16 bits) and the payload's position in the
+    /// request (high 16 bits: a batch's part, [`PayloadRef::ordinal`]).
     pub ordinal: u32,
+}
+
+impl PayloadRef {
+    /// Most requests one log entry holds, and most parts one batch holds: what the halves of
+    /// an ordinal can name.
+    pub const MAX_PARTS: usize = 1 << 16;
+
+    /// The ordinal of part `part` of request `request` of an entry. Every payload of the
+    /// builds before batches is part 0, whose ordinal is the request's position as it always
+    /// was; `None` beyond [`PayloadRef::MAX_PARTS`].
+    pub fn ordinal(request: usize, part: usize) -> Option<u32> {
+        if request < Self::MAX_PARTS && part < Self::MAX_PARTS {
+            Some((part as u32) << 16 | request as u32)
+        } else {
+            None
+        }
+    }
+
+    /// The request's position and the part's, from an ordinal.
+    pub fn split(ordinal: u32) -> (usize, usize) {
+        ((ordinal & 0xffff) as usize, (ordinal >> 16) as usize)
+    }
 }
 
 /// Everything the state machine knows about one item; its payload is elsewhere

@@ -22,7 +22,12 @@ pub const BASE: u32 = hashq_proto::api::BASE_CLUSTER_VERSION;
 /// - 2: the cluster version itself (`SetClusterVersion` and its record).
 /// - 3: cancel and retry (`Request::Cancel`, `Request::Retry`, the `cancelled` status, the
 ///   tallies record).
-pub const SUPPORTED: u32 = 3;
+/// - 4: batch enqueue (`Request::EnqueueBatch`, `Response::EnqueuedBatch`, payloads at
+///   ordinals past 65,535).
+pub const SUPPORTED: u32 = 4;
 
 /// The version that brought cancel and retry.
 pub const CANCEL: u32 = 3;
+
+/// The version that brought batch enqueue.
+pub const BATCH: u32 = 4;

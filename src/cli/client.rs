@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use hashq_proto::api::{AddMember, Enqueued, MaxWorkers, WorkList};
+use hashq_proto::api::{AddMember, Enqueued, EnqueuedBatch, MaxWorkers, WorkList};
 use hashq_proto::headers::IDEMPOTENCY_KEY;
 use hashq_proto::routes::{admin, client as api, observability};
 use reqwest::{Method, StatusCode};
@@ -53,6 +53,24 @@ impl Client {
             .await
     }
 
+    /// [`Client::send`] of a body of its own media type.
+    async fn send_typed(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+        content_type: &str,
+        idempotency_key: &str,
+    ) -> anyhow::Result<(StatusCode, Value)> {
+        let request = Send {
+            body: Some(body),
+            content_type: Some(content_type),
+            idempotency_key: Some(idempotency_key),
+            extra: Duration::ZERO,
+        };
+        self.send_request(method, path, request).await
+    }
+
     /// [`Client::send`] for a request the node may hold `extra` longer (a long poll).
     async fn send_within(
         &self,
@@ -61,6 +79,26 @@ impl Client {
         body: Option<Vec<u8>>,
         idempotency_key: Option<&str>,
         extra: Duration,
+    ) -> anyhow::Result<(StatusCode, Value)> {
+        let request = Send {
+            body,
+            content_type: None,
+            idempotency_key,
+            extra,
+        };
+        self.send_request(method, path, request).await
+    }
+
+    async fn send_request(
+        &self,
+        method: Method,
+        path: &str,
+        Send {
+            body,
+            content_type,
+            idempotency_key,
+            extra,
+        }: Send<'_>,
     ) -> anyhow::Result<(StatusCode, Value)> {
         let deadline = Instant::now() + self.target.timeout + extra;
         let mut delay = Duration::from_millis(100);
@@ -83,6 +121,9 @@ impl Client {
                 );
             if let Some(body) = &body {
                 request = request.body(body.clone());
+            }
+            if let Some(content_type) = content_type {
+                request = request.header(reqwest::header::CONTENT_TYPE, content_type);
             }
             if let Some(key) = idempotency_key {
                 request = request.header(IDEMPOTENCY_KEY, key);
@@ -114,6 +155,15 @@ impl Client {
     }
 }
 
+/// What one request of [`Client`] carries besides its method and path.
+struct Send<'a> {
+    body: Option<Vec<u8>>,
+    content_type: Option<&'a str>,
+    idempotency_key: Option<&'a str>,
+    /// How much longer than usual the node may hold it (a long poll).
+    extra: Duration,
+}
+
 fn fail(status: StatusCode, body: &Value) -> anyhow::Error {
     let message = body
         .pointer("/error/message")
@@ -133,91 +183,200 @@ pub async fn enqueue(args: EnqueueArgs) -> anyhow::Result<()> {
     if args.files.len() < 2 {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
+    let template = if args.wait {
+        "{bar:40} {pos}/{len} done, {msg} ({per_sec}, eta {eta})"
+    } else {
+        "{bar:40} {pos}/{len} enqueued ({per_sec}, eta {eta})"
+    };
     bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:40} {pos}/{len} enqueued ({per_sec}, eta {eta})",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let permits = Arc::new(Semaphore::new(args.concurrency.max(1)));
     // Waits for results (long polls) have their own permits, so that enqueueing goes on.
     let waits = Arc::new(Semaphore::new(args.concurrency.max(1)));
-    if args.wait {
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:40} {pos}/{len} done, {msg} ({per_sec}, eta {eta})",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-    }
     let enqueued = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut tasks = Vec::new();
-    for file in args.files {
+    for files in batches(args.files, args.batch as usize) {
         let permit = permits.clone().acquire_owned().await?;
-        let client = client.clone();
-        let bar = bar.clone();
+        let (client, bar) = (client.clone(), bar.clone());
         let iterations = args.iterations;
         let (wait, waits, enqueued) = (args.wait, waits.clone(), enqueued.clone());
         tasks.push(tokio::spawn(async move {
-            let payload = tokio::fs::read(&file)
-                .await
-                .with_context(|| format!("reading {}", file.display()))?;
-            let key = new_key();
-            let path = format!("{}?iterations={iterations}", api::ENQUEUE);
-            let (status, body) = client
-                .send(Method::PUT, &path, Some(payload), Some(&key))
-                .await?;
+            let ids = enqueue_files(&client, iterations, &files).await;
             drop(permit);
-            if !status.is_success() {
-                bar.inc(1);
-                return Err(fail(status, &body).context(format!("enqueueing {}", file.display())));
+            let ids = match ids {
+                Ok(ids) => ids,
+                Err(e) => {
+                    bar.inc(files.len() as u64);
+                    eprintln!("error: {e:#}");
+                    return files.len();
+                }
+            };
+            let mut waiting = Vec::new();
+            for (file, id) in files.into_iter().zip(ids) {
+                let file = file.display().to_string();
+                if !wait {
+                    bar.inc(1);
+                    bar.suspend(|| {
+                        println!("{}", serde_json::json!({"file": file, "work_id": id}))
+                    });
+                    continue;
+                }
+                let n = enqueued.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                bar.set_message(format!("{n} enqueued"));
+                let (client, bar, waits) = (client.clone(), bar.clone(), waits.clone());
+                waiting.push(tokio::spawn(async move {
+                    let _wait = waits.acquire_owned().await?;
+                    let work = wait_until_final(&client, &id).await?;
+                    bar.inc(1);
+                    bar.suspend(|| {
+                        println!(
+                            "{}",
+                            serde_json::json!({
+                                "file": file,
+                                "work_id": id,
+                                "status": work["status"],
+                                "value": work["value"],
+                            })
+                        );
+                    });
+                    match work["status"].as_str() {
+                        Some("completed" | "pulled") => Ok(()),
+                        other => Err(anyhow!(
+                            "{file} (work {id}) ended {}",
+                            other.unwrap_or("unknown")
+                        )),
+                    }
+                }));
             }
-            let id = serde_json::from_value::<Enqueued>(body)
-                .map(|e| e.work_id)
-                .unwrap_or_default();
-            let file = file.display().to_string();
-            if !wait {
-                bar.inc(1);
-                bar.suspend(|| println!("{}", serde_json::json!({"file": file, "work_id": id})));
-                return Ok(());
+            let mut failed = 0;
+            for w in waiting {
+                if let Err(e) = w.await.map_err(anyhow::Error::from).and_then(|r| r) {
+                    eprintln!("error: {e:#}");
+                    failed += 1;
+                }
             }
-            let n = enqueued.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-            bar.set_message(format!("{n} enqueued"));
-            let _wait = waits.acquire_owned().await?;
-            let work = wait_until_final(&client, &id).await?;
-            bar.inc(1);
-            bar.suspend(|| {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "file": file,
-                        "work_id": id,
-                        "status": work["status"],
-                        "value": work["value"],
-                    })
-                );
-            });
-            match work["status"].as_str() {
-                Some("completed" | "pulled") => Ok(()),
-                other => Err(anyhow!(
-                    "{file} (work {id}) ended {}",
-                    other.unwrap_or("unknown")
-                )),
-            }
+            failed
         }));
     }
     let mut failed = 0;
     for task in tasks {
-        if let Err(e) = task.await? {
-            eprintln!("error: {e:#}");
-            failed += 1;
-        }
+        failed += task.await?;
     }
     bar.finish_and_clear();
     if failed > 0 {
         bail!("{failed} file(s) were not enqueued or did not complete");
     }
     Ok(())
+}
+
+/// Most bytes of files [`batches`] puts in one request.
+const BATCH_BYTES: u64 = 4 << 20;
+
+/// `files` in runs of at most `size` files and [`BATCH_BYTES`] (a larger file goes alone).
+fn batches(files: Vec<std::path::PathBuf>, size: usize) -> Vec<Vec<std::path::PathBuf>> {
+    let mut out: Vec<Vec<std::path::PathBuf>> = Vec::new();
+    let mut bytes = 0;
+    for file in files {
+        let len = std::fs::metadata(&file).map_or(0, |m| m.len());
+        match out.last_mut() {
+            Some(run) if run.len() < size && bytes + len <= BATCH_BYTES => {
+                bytes += len;
+                run.push(file);
+            }
+            _ => {
+                bytes = len;
+                out.push(vec![file]);
+            }
+        }
+    }
+    out
+}
+
+/// Enqueues `files`, one item each, in one batch when there are several: their work ids in
+/// order. A cluster that takes no batch (its version predates them, or the batch is over
+/// its limits) gets them one by one.
+async fn enqueue_files(
+    client: &Client,
+    iterations: u32,
+    files: &[std::path::PathBuf],
+) -> anyhow::Result<Vec<String>> {
+    let mut payloads = Vec::with_capacity(files.len());
+    for file in files {
+        payloads.push(
+            tokio::fs::read(file)
+                .await
+                .with_context(|| format!("reading {}", file.display()))?,
+        );
+    }
+    if files.len() > 1 {
+        let boundary = format!("hashq-{:032x}", rand::random::<u128>());
+        let mut body = Vec::new();
+        for (file, payload) in files.iter().zip(&payloads) {
+            let name = file
+                .file_name()
+                .map(|n| n.to_string_lossy().replace(['"', '\r', '\n'], "_"))
+                .unwrap_or_default();
+            body.extend_from_slice(
+                format!(
+                    "--{boundary}\r\nContent-Disposition: form-data; name=\"f\"; filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+                )
+                .as_bytes(),
+            );
+            body.extend_from_slice(payload);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+        let path = format!("{}?iterations={iterations}", api::ENQUEUE_BATCH);
+        let content_type = format!("multipart/form-data; boundary={boundary}");
+        let (status, answer) = client
+            .send_typed(Method::POST, &path, body, &content_type, &new_key())
+            .await?;
+        if status.is_success() {
+            let ids = serde_json::from_value::<EnqueuedBatch>(answer)
+                .map_err(|e| anyhow!("an unexpected answer to a batch: {e}"))?
+                .work_ids;
+            if ids.len() != files.len() {
+                bail!(
+                    "{} work ids for a batch of {} files",
+                    ids.len(),
+                    files.len()
+                );
+            }
+            return Ok(ids);
+        }
+        let code = answer.pointer("/error/code").and_then(Value::as_str);
+        let one_by_one = matches!(
+            (status.as_u16(), code),
+            (409, Some("cluster_version_too_old"))
+                | (404 | 405, _)
+                | (413, Some("batch_too_large" | "payload_too_large"))
+        );
+        if !one_by_one {
+            return Err(fail(status, &answer).context(format!(
+                "enqueueing {} files from {}",
+                files.len(),
+                files[0].display()
+            )));
+        }
+    }
+    let mut ids = Vec::with_capacity(files.len());
+    for (file, payload) in files.iter().zip(payloads) {
+        let path = format!("{}?iterations={iterations}", api::ENQUEUE);
+        let (status, body) = client
+            .send(Method::PUT, &path, Some(payload), Some(&new_key()))
+            .await?;
+        if !status.is_success() {
+            return Err(fail(status, &body).context(format!("enqueueing {}", file.display())));
+        }
+        ids.push(
+            serde_json::from_value::<Enqueued>(body)
+                .map(|e| e.work_id)
+                .unwrap_or_default(),
+        );
+    }
+    Ok(ids)
 }
 
 /// How long one long poll of [`wait_until_final`] asks the node to hold it.

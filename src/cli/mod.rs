@@ -118,6 +118,11 @@ pub struct EnqueueArgs {
     /// Requests in flight at once.
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
+    /// Files per request: up to this many go in one `POST /enqueue/batch` (all of them
+    /// stored or none; 4 MiB of files at most per request). 1 sends each on its own
+    /// (`PUT /enqueue`), as does a cluster whose version predates batches.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub batch: u32,
     /// Then wait for each item's result and print it as it comes (one JSON line per item:
     /// file, work id, status, value). The results stay for pullCompleted, as ever. Fails
     /// when an item ends dead or cancelled.

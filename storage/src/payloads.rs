@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use hashq_raft::command::Request;
 use hashq_raft::types::PayloadRef;
 use hashq_raft::{keys, machine, Entry, PayloadSection};
 
@@ -217,11 +216,7 @@ impl Section {
         }
         if let Some(entry) = last.as_ref().filter(|e| e.log_id.leader_id.term == at.term) {
             if let openraft::EntryPayload::Normal(c) = &entry.payload {
-                if let Some(payload) = c
-                    .requests
-                    .get(at.ordinal as usize)
-                    .and_then(Request::payload)
-                {
+                if let Some(payload) = c.payload(at.ordinal) {
                     return Ok(payload.clone());
                 }
             }

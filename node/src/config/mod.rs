@@ -303,6 +303,14 @@ pub struct NodeArgs {
     /// Largest request body, in bytes (413 above).
     #[arg(long, env = "HASHQ_MAX_BODY_BYTES", default_value_t = Limits::default().max_body_bytes)]
     pub max_body_bytes: usize,
+    /// Most items one `POST /enqueue/batch` holds (at most 65,536).
+    #[arg(long, env = "HASHQ_MAX_BATCH_ITEMS", default_value_t = Limits::default().max_batch_items)]
+    pub max_batch_items: usize,
+    /// Most payload bytes one `POST /enqueue/batch` holds, all parts together (at most
+    /// 48 MiB, so that a leader can forward it and replicate it in one message). Accepts
+    /// KiB, MiB.
+    #[arg(long, env = "HASHQ_MAX_BATCH_BYTES", default_value = show_bytes(Limits::default().max_batch_bytes as u64), value_parser = byte_size)]
+    pub max_batch_bytes: u64,
     /// Largest `iterations` accepted.
     #[arg(long, env = "HASHQ_MAX_ITERATIONS", default_value_t = Limits::default().max_iterations)]
     pub max_iterations: u32,
@@ -489,6 +497,9 @@ impl Timing {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Limits {
     pub max_body_bytes: usize,
+    /// Most items, and payload bytes, of one batch enqueue.
+    pub max_batch_items: usize,
+    pub max_batch_bytes: usize,
     pub max_iterations: u32,
     pub max_top: u32,
     /// Longest long-poll (`wait=`) accepted.
@@ -510,6 +521,8 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_body_bytes: 1 << 20,
+            max_batch_items: 1000,
+            max_batch_bytes: 16 << 20,
             max_iterations: 10_000_000,
             max_top: 1000,
             max_wait: Duration::from_secs(30),

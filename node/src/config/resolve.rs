@@ -6,6 +6,10 @@ use super::{
     Scaling, Storage, Timing,
 };
 
+/// Largest `--max-batch-bytes`: a batch is one log entry, forwarded to the leader and
+/// replicated in one message each, under the peer routes' body limit (64 MiB).
+const MAX_BATCH_BYTES: u64 = 48 << 20;
+
 impl NodeArgs {
     /// Checks the flags together and resolves them.
     pub fn into_config(self) -> Result<NodeConfig, ConfigError> {
@@ -34,6 +38,12 @@ impl NodeArgs {
         }
         if self.max_body_bytes == 0 || self.max_iterations == 0 || self.max_top == 0 {
             return bad("--max-body-bytes, --max-iterations and --max-top must be positive");
+        }
+        if !(1..=hashq_raft::types::PayloadRef::MAX_PARTS).contains(&self.max_batch_items) {
+            return bad("--max-batch-items must be 1 to 65536");
+        }
+        if !(1..=MAX_BATCH_BYTES).contains(&self.max_batch_bytes) {
+            return bad("--max-batch-bytes must be positive and at most 48MiB");
         }
         let supported = hashq_raft::version::SUPPORTED;
         if !(hashq_raft::version::BASE..=supported).contains(&self.cluster_version_max) {
@@ -113,6 +123,8 @@ impl NodeArgs {
             ec2: self.ec2,
             limits: Limits {
                 max_body_bytes: self.max_body_bytes,
+                max_batch_items: self.max_batch_items,
+                max_batch_bytes: self.max_batch_bytes as usize,
                 max_iterations: self.max_iterations,
                 max_top: self.max_top,
                 max_wait: self.max_wait,
@@ -134,7 +146,8 @@ impl NodeArgs {
                 max_open_connections: self.max_open_connections.max(16),
                 max_body_bytes_in_flight: usize::try_from(self.max_body_bytes_in_flight)
                     .unwrap_or(usize::MAX)
-                    .max(self.max_body_bytes),
+                    .max(self.max_body_bytes)
+                    .max(self.max_batch_bytes as usize),
                 queue_timeout: self.queue_timeout,
                 ..HttpLimits::default()
             },

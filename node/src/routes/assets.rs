@@ -32,7 +32,8 @@ async fn dashboard() -> Response {
 }
 
 /// The OpenAPI document of the client and admin routes, with this node's limits in it
-/// (`--max-iterations`, `--max-top`, `--max-body-bytes`, `--max-wait`), so a client or a fuzzer reading it
+/// (`--max-iterations`, `--max-top`, `--max-body-bytes`, `--max-wait`,
+/// `--max-batch-items`), so a client or a fuzzer reading it
 /// knows exactly what is accepted.
 async fn openapi(State(node): State<Node>) -> Response {
     let limits = &node.config().limits;
@@ -50,6 +51,14 @@ async fn openapi(State(node): State<Node>) -> Response {
     set(
         "/paths/~1enqueue/put/requestBody/content/application~1octet-stream/schema/maxLength",
         json!(limits.max_body_bytes),
+    );
+    set(
+        "/paths/~1enqueue~1batch/post/parameters/0/schema/maximum",
+        json!(limits.max_iterations),
+    );
+    set(
+        "/paths/~1enqueue~1batch/post/requestBody/content/multipart~1form-data/schema/properties/f/x-max-items",
+        json!(limits.max_batch_items),
     );
     set(
         "/paths/~1pullCompleted/post/parameters/0/schema/maximum",

@@ -41,7 +41,7 @@ pub fn router() -> Router<Node> {
 }
 
 /// The `Idempotency-Key` header, checked.
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+pub(super) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get(IDEMPOTENCY_KEY) else {
         return Ok(None);
     };
@@ -60,8 +60,25 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     Ok(Some(key.to_string()))
 }
 
+/// A fast answer when the backlog is clearly full or a disk is short; the state machine
+/// decides exactly, at apply, so concurrent enqueues never overshoot.
+pub(super) fn refuse_when_full(node: &Node) -> Result<(), ApiError> {
+    let limits = &node.config().limits;
+    let meta = machine::read_meta(&node.reader().view())?;
+    if !meta.disk_alarms.is_empty() {
+        return Err(ApiError::DiskFull {
+            nodes: meta.disk_alarms,
+        });
+    }
+    let (items, bytes) = machine::stored(&meta.counts);
+    if items >= limits.max_backlog || bytes >= limits.max_backlog_bytes {
+        return Err(ApiError::BacklogFull { items, bytes });
+    }
+    Ok(())
+}
+
 /// The dedup record for a proposal: the client's key, or one of our own so retries are safe.
-fn dedup(node: &Node, client_key: Option<String>, kind: &str) -> Dedup {
+pub(super) fn dedup(node: &Node, client_key: Option<String>, kind: &str) -> Dedup {
     match client_key {
         Some(k) => Dedup {
             key: format!("c:{kind}:{k}"),
@@ -88,18 +105,7 @@ async fn enqueue(
         limits.max_iterations,
     )?;
     let key = idempotency_key(&headers)?;
-    // A fast answer when the backlog is clearly full; the state machine decides exactly, at
-    // apply, so concurrent enqueues never overshoot.
-    let meta = machine::read_meta(&node.reader().view())?;
-    if !meta.disk_alarms.is_empty() {
-        return Err(ApiError::DiskFull {
-            nodes: meta.disk_alarms,
-        });
-    }
-    let (items, bytes) = machine::stored(&meta.counts);
-    if items >= limits.max_backlog || bytes >= limits.max_backlog_bytes {
-        return Err(ApiError::BacklogFull { items, bytes });
-    }
+    refuse_when_full(&node)?;
     let request = Request::Enqueue {
         iterations,
         payload,
@@ -109,19 +115,25 @@ async fn enqueue(
     match node.proposer().submit(request).await?.response {
         SmResponse::Enqueued { id, duplicate } => {
             Stats::add(&node.stats().enqueued, u64::from(!duplicate));
-            let mut response = Json(Enqueued {
+            let answer = Enqueued {
                 work_id: id.to_string(),
-            })
-            .into_response();
-            if duplicate {
-                response
-                    .headers_mut()
-                    .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
-            }
-            Ok(response)
+            };
+            Ok(replayable(answer, duplicate))
         }
         other => Err(ApiError::unexpected(other)),
     }
+}
+
+/// `answer` as JSON, marked `Idempotent-Replayed: true` when its key matched an earlier
+/// request (`duplicate`).
+pub(super) fn replayable(answer: impl serde::Serialize, duplicate: bool) -> Response {
+    let mut response = Json(answer).into_response();
+    if duplicate {
+        response
+            .headers_mut()
+            .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    }
+    response
 }
 
 async fn pull_completed(

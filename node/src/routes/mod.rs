@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod assets;
+pub mod batch;
 pub mod client;
 pub mod internal;
 pub mod members;
@@ -104,13 +105,21 @@ fn client_routes(node: &Node) -> Router<Node> {
         node.config().limits.max_body_bytes,
         Some(node.gates().bodies.clone()),
     );
+    // Batches have a body limit of their own (`--max-batch-bytes`).
+    let batch = gated(
+        batch::router(),
+        node,
+        Audience::Client,
+        batch::body_limit(&node.config().limits),
+        Some(node.gates().bodies.clone()),
+    );
     let public = observability::public_router()
         .merge(assets::router())
         .route_layer(middleware::from_fn_with_state(
             node.gates().public.clone(),
             http::limit,
         ));
-    api.merge(public)
+    api.merge(batch).merge(public)
 }
 
 /// `routes` behind the audience's credential (checked first, before any body byte is read),

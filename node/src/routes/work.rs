@@ -87,7 +87,7 @@ async fn change(
 ) -> Result<Json<WorkStatus>, ApiError> {
     serves_clients(node)?;
     let id = parse_work_id(id)?;
-    require_version(node, what)?;
+    require_version(node, what, version::CANCEL)?;
     match node.proposer().submit(request(id)).await?.response {
         SmResponse::ItemStatus(Some(status)) => match accept(status) {
             Ok(()) => Ok(answer(id, status)),
@@ -185,14 +185,15 @@ fn one<'p>(pairs: &'p [(String, String)], name: &str) -> Result<Option<&'p str>,
 
 /// Refuses `what` until the cluster runs the version that brought it: a node of an older
 /// build could not apply it.
-fn require_version(node: &Node, what: &str) -> Result<(), ApiError> {
+/// 409 `cluster_version_too_old` unless the cluster runs version `needed` or later: what
+/// it brought would reach a member that cannot apply it.
+pub(super) fn require_version(node: &Node, what: &str, needed: u32) -> Result<(), ApiError> {
     let runs = machine::cluster_version(&node.reader().view())?;
-    if runs < version::CANCEL {
+    if runs < needed {
         return Err(ApiError::refused(
             "cluster_version_too_old",
             format!(
-                "{what} needs cluster version {}; the cluster runs {runs} until every member runs a build that supports it (see members[].cluster_version in /status)",
-                version::CANCEL
+                "{what} needs cluster version {needed}; the cluster runs {runs} until every member runs a build that supports it (see members[].cluster_version in /status)"
             ),
         ));
     }

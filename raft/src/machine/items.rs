@@ -52,6 +52,14 @@ impl BatchRecords {
     }
 }
 
+/// What a batch's key remembers: its ids, in part order. Under the enqueue table like the
+/// others; a node prefixes batch keys (`c:batch:`, or a key of its own) so that no key is
+/// both an [`EnqueueKey`] and a [`BatchKey`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct BatchKey {
+    ids: Vec<WorkId>,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct TakeKey {
     items: Vec<(WorkId, crate::types::Digest)>,
@@ -115,26 +123,100 @@ impl<K: Kv> Machine<'_, K> {
         Ok(response)
     }
 
+    /// A batch: every item added, with consecutive ids, or none (the first refusal is the
+    /// answer). Its key answers a retry with the first call's ids.
+    pub(super) fn enqueue_batch(
+        &mut self,
+        batch: &[BatchItem],
+        dedup: &Dedup,
+    ) -> Result<Response, KvError> {
+        match self.remembered::<BatchKey>(keys::ENQUEUE_KEY, Some(dedup))? {
+            Remembered::Invalid(r) => return Ok(r),
+            Remembered::Seen(prev) => {
+                return Ok(Response::EnqueuedBatch {
+                    ids: prev.ids,
+                    duplicate: true,
+                })
+            }
+            Remembered::New => {}
+        }
+        if batch.is_empty() {
+            return Ok(invalid("a batch needs at least one item"));
+        }
+        let (request, _) = PayloadRef::split(self.here.ordinal);
+        let mut refs = Vec::with_capacity(batch.len());
+        for part in 0..batch.len() {
+            match PayloadRef::ordinal(request, part) {
+                Some(ordinal) => refs.push(PayloadRef {
+                    ordinal,
+                    ..self.here
+                }),
+                None => {
+                    return Ok(invalid(&format!(
+                        "a batch holds at most {} items",
+                        PayloadRef::MAX_PARTS
+                    )))
+                }
+            }
+        }
+        let mut bytes = 0u64;
+        for item in batch {
+            if let Some(refused) = check_item(item.iterations, item.payload.len()) {
+                return Ok(refused);
+            }
+            bytes += item.payload.len() as u64;
+        }
+        if let Some(refused) = self.admit(batch.len() as u64, bytes) {
+            return Ok(refused);
+        }
+        let ids: Vec<WorkId> = batch
+            .iter()
+            .zip(refs)
+            .map(|(item, at)| self.insert_item(item.iterations, item.payload.len() as u32, at))
+            .collect();
+        self.remember_key(keys::ENQUEUE_KEY, dedup, &BatchKey { ids: ids.clone() });
+        Ok(Response::EnqueuedBatch {
+            ids,
+            duplicate: false,
+        })
+    }
+
     /// A new queued item whose payload is the request being applied, within the store's
     /// bounds.
     fn add_item(&mut self, iterations: u32, payload_len: usize) -> Result<Response, KvError> {
-        if iterations == 0 {
-            return Ok(invalid("iterations must be at least 1"));
+        if let Some(refused) = check_item(iterations, payload_len) {
+            return Ok(refused);
         }
-        let Ok(payload_len) = u32::try_from(payload_len) else {
-            return Ok(invalid("payload too large"));
-        };
+        if let Some(refused) = self.admit(1, payload_len as u64) {
+            return Ok(refused);
+        }
+        let id = self.insert_item(iterations, payload_len as u32, self.here);
+        Ok(Response::Enqueued {
+            id,
+            duplicate: false,
+        })
+    }
+
+    /// Why `count` more items of `bytes` payload in all cannot be stored now, if they cannot:
+    /// a disk alarm, or the store's bounds.
+    fn admit(&self, count: u64, bytes: u64) -> Option<Response> {
         if !self.meta.disk_alarms.is_empty() {
-            return Ok(Response::Rejected(Rejection::DiskFull {
+            return Some(Response::Rejected(Rejection::DiskFull {
                 nodes: self.meta.disk_alarms.clone(),
             }));
         }
-        let (items, bytes) = stored(&self.meta.counts);
-        if items >= self.limits.max_items
-            || bytes.saturating_add(u64::from(payload_len)) > self.limits.max_bytes
-        {
-            return Ok(Response::Rejected(Rejection::BacklogFull { items, bytes }));
-        }
+        let (items, stored_bytes) = stored(&self.meta.counts);
+        (items.saturating_add(count) > self.limits.max_items
+            || stored_bytes.saturating_add(bytes) > self.limits.max_bytes)
+            .then_some(Response::Rejected(Rejection::BacklogFull {
+                items,
+                bytes: stored_bytes,
+            }))
+    }
+
+    /// Stores a new queued item whose payload is at `at`; the caller checked it and the
+    /// store's bounds.
+    fn insert_item(&mut self, iterations: u32, payload_len: u32, at: PayloadRef) -> WorkId {
         let id = WorkId(self.meta.next_id);
         self.meta.next_id += 1;
         let item = Item {
@@ -144,7 +226,7 @@ impl<K: Kv> Machine<'_, K> {
             enqueued_at: self.now,
             queued_at: self.now,
             payload_len,
-            payload: self.here,
+            payload: at,
             lease: None,
             completed_at: None,
             value: None,
@@ -153,20 +235,15 @@ impl<K: Kv> Machine<'_, K> {
             dead_at: None,
         };
         put_t(self.kv, keys::item(id), &item);
-        self.kv.put(
-            keys::payload(&self.here),
-            queries::payload_record(&self.here, id),
-        );
+        self.kv
+            .put(keys::payload(&at), queries::payload_record(&at, id));
         self.kv.put(keys::queue(id), Vec::new());
         let c = &mut self.meta.counts;
         c.queued += 1;
         c.queued_iterations += u64::from(iterations);
         c.payload_bytes += u64::from(payload_len);
         c.enqueued_total += 1;
-        Ok(Response::Enqueued {
-            id,
-            duplicate: false,
-        })
+        id
     }
 
     pub(super) fn take(&mut self, top: u32, dedup: Option<&Dedup>) -> Result<Response, KvError> {
@@ -252,6 +329,16 @@ impl<K: Kv> Machine<'_, K> {
         self.kv
             .put(keys::key_expiry(expires_at, table, key), Vec::new());
     }
+}
+
+/// Why one item cannot be enqueued whatever the store holds, if it cannot.
+fn check_item(iterations: u32, payload_len: usize) -> Option<Response> {
+    if iterations == 0 {
+        return Some(invalid("iterations must be at least 1"));
+    }
+    u32::try_from(payload_len)
+        .is_err()
+        .then(|| invalid("payload too large"))
 }
 
 /// The answer to a request whose idempotency key is longer than [`MAX_IDEMPOTENCY_KEY`].

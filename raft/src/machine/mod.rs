@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec;
 use crate::command::{
-    BatchSlot, Command, CommandResponse, Completion, Dedup, LeasedItem, Rejection, Request,
-    Response, StoreLimits, TickParams, TickReport, RESULT_BYTES,
+    BatchItem, BatchSlot, Command, CommandResponse, Completion, Dedup, LeasedItem, Rejection,
+    Request, Response, StoreLimits, TickParams, TickReport, RESULT_BYTES,
 };
 use crate::keys::{self, Key};
 use crate::kv::{Kv, KvError, KvRead, Overlay};
@@ -153,6 +153,12 @@ pub fn apply<K: Kv>(kv: &mut K, cmd: &Command, at: At) -> Result<CommandResponse
             // Anything else may read or expire a batch record: it sees them as written.
             batches.write(kv);
         }
+        // An ordinal names a request in 16 bits (`PayloadRef::ordinal`); proposers send
+        // entries of at most 1,024 requests.
+        let Some(ordinal) = PayloadRef::ordinal(ordinal, 0) else {
+            out.push(invalid("a log entry holds at most 65,536 requests"));
+            continue;
+        };
         let mut child = Overlay::new(&*kv);
         let mut m = Machine {
             kv: &mut child,
@@ -162,7 +168,7 @@ pub fn apply<K: Kv>(kv: &mut K, cmd: &Command, at: At) -> Result<CommandResponse
             here: PayloadRef {
                 term: at.term,
                 index: at.index,
-                ordinal: ordinal as u32,
+                ordinal,
             },
             batches: &mut batches,
             batch_slot: None,
@@ -230,6 +236,7 @@ impl<K: Kv> Machine<'_, K> {
                 payload,
                 batch,
             } => self.enqueue_in_batch(*iterations, payload.len(), batch),
+            Request::EnqueueBatch { items, dedup } => self.enqueue_batch(items, dedup),
             Request::Take { top, dedup } => self.take(*top, dedup.as_ref()),
             Request::Register {
                 slot,

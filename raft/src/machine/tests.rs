@@ -1,7 +1,7 @@
 //! Scenario tests of the queue state machine: no network, no disk, no clock.
 
 use super::*;
-use crate::command::Dedup;
+use crate::command::{BatchItem, Dedup};
 use crate::kv::{MemKv, Overlay};
 use crate::types::Digest;
 use bytes::Bytes;
@@ -1126,6 +1126,18 @@ fn random_log(seed: u64, len: usize) -> Vec<Command> {
                         ttl_ms: 4_000,
                     },
                 },
+                1 if rng.next().is_multiple_of(3) => Request::EnqueueBatch {
+                    items: (0..1 + rng.next() % 5)
+                        .map(|_| BatchItem {
+                            iterations: 1 + (rng.next() % 100) as u32,
+                            payload: Bytes::from(vec![(i % 251) as u8; (rng.next() % 64) as usize]),
+                        })
+                        .collect(),
+                    dedup: Dedup {
+                        key: format!("bk{}", rng.next() % 30),
+                        ttl_ms: 4_000,
+                    },
+                },
                 0..=2 => Request::Enqueue {
                     iterations: 1 + (rng.next() % 100) as u32,
                     payload: Bytes::from(vec![(i % 251) as u8; (rng.next() % 64) as usize]),
@@ -1988,5 +2000,146 @@ fn cancelled_items_are_dropped_with_the_dead_retention_and_listed_by_status() {
         (c.queued, c.payload_bytes > 0, c.dropped_total),
         (2, true, 4)
     );
+    check_invariants(&kv);
+}
+
+fn batch_request(key: &str, sizes: &[usize], iterations: u32) -> Request {
+    Request::EnqueueBatch {
+        items: sizes
+            .iter()
+            .enumerate()
+            .map(|(k, len)| BatchItem {
+                iterations,
+                payload: Bytes::from(vec![k as u8; *len]),
+            })
+            .collect(),
+        dedup: Dedup {
+            key: key.to_string(),
+            ttl_ms: KEY_TTL_MS,
+        },
+    }
+}
+
+#[test]
+fn a_batch_adds_all_its_items_or_none_and_its_key_replays_its_ids() {
+    let mut kv = MemKv::new();
+    // Its items are consecutive, in part order; each payload is found at its own ordinal
+    // of the entry, after the requests before the batch.
+    let cmd = Command {
+        now: 1,
+        mono: 1,
+        limits: StoreLimits::UNLIMITED,
+        requests: vec![Request::Noop, batch_request("b1", &[3, 4, 5], 2)],
+    };
+    let answers = apply(&mut kv, &cmd, At { term: 2, index: 7 }).unwrap();
+    let Response::EnqueuedBatch { ids, duplicate } = answers[1].clone() else {
+        panic!("the batch answered {:?}", answers[1]);
+    };
+    assert!(!duplicate);
+    assert_eq!(ids, vec![WorkId(0), WorkId(1), WorkId(2)]);
+    for (k, id) in ids.iter().enumerate() {
+        let it = item(&kv, *id).unwrap().unwrap();
+        assert_eq!((it.iterations, it.payload_len), (2, 3 + k as u32));
+        assert_eq!(
+            it.payload,
+            PayloadRef {
+                term: 2,
+                index: 7,
+                ordinal: PayloadRef::ordinal(1, k).unwrap()
+            }
+        );
+        assert_eq!(
+            cmd.payload(it.payload.ordinal).unwrap(),
+            &Bytes::from(vec![k as u8; 3 + k])
+        );
+    }
+    // An ordinary enqueue's ordinal is its request's position, as before batches.
+    assert_eq!(PayloadRef::ordinal(5, 0), Some(5));
+    assert_eq!(
+        PayloadRef::split(PayloadRef::ordinal(5, 9).unwrap()),
+        (5, 9)
+    );
+    assert_eq!(PayloadRef::ordinal(PayloadRef::MAX_PARTS, 0), None);
+    check_invariants(&kv);
+
+    // A retry under the same key answers the same ids and adds nothing.
+    let before = read_meta(&kv).unwrap();
+    assert_eq!(
+        run(&mut kv, 2, batch_request("b1", &[9, 9], 1)),
+        Response::EnqueuedBatch {
+            ids: ids.clone(),
+            duplicate: true
+        }
+    );
+    assert_eq!(read_meta(&kv).unwrap().counts, before.counts);
+
+    // One bad item, an empty batch, or a batch the store cannot hold whole: nothing added.
+    let mut bad = batch_request("b2", &[1, 1, 1], 1);
+    if let Request::EnqueueBatch { items, .. } = &mut bad {
+        items[2].iterations = 0;
+    }
+    assert!(matches!(
+        run(&mut kv, 3, bad),
+        Response::Rejected(Rejection::Invalid(_))
+    ));
+    assert!(matches!(
+        run(&mut kv, 3, batch_request("b3", &[], 1)),
+        Response::Rejected(Rejection::Invalid(_))
+    ));
+    let room_for_two = StoreLimits {
+        max_items: 5,
+        max_bytes: u64::MAX,
+    };
+    let answers = run_limited(
+        &mut kv,
+        4,
+        room_for_two,
+        vec![batch_request("b4", &[1, 1, 1], 1)],
+    );
+    assert_eq!(
+        answers[0],
+        Response::Rejected(Rejection::BacklogFull {
+            items: 3,
+            bytes: 12
+        })
+    );
+    let little_room = StoreLimits {
+        max_items: u64::MAX,
+        max_bytes: 20,
+    };
+    let answers = run_limited(
+        &mut kv,
+        4,
+        little_room,
+        vec![batch_request("b5", &[4, 5], 1)],
+    );
+    assert!(matches!(
+        answers[0],
+        Response::Rejected(Rejection::BacklogFull { .. })
+    ));
+    let after = read_meta(&kv).unwrap();
+    assert_eq!(after.counts, before.counts);
+    assert_eq!(after.next_id, before.next_id);
+    // A refused batch's key is not used: the same key goes through once there is room.
+    let answers = run_limited(
+        &mut kv,
+        5,
+        StoreLimits::UNLIMITED,
+        vec![batch_request("b4", &[1, 1, 1], 1)],
+    );
+    assert!(matches!(
+        &answers[0],
+        Response::EnqueuedBatch { ids, duplicate: false } if ids.len() == 3
+    ));
+
+    // Batch items lease, complete and pull like any other.
+    let w = register(&mut kv, 6);
+    let granted = lease(&mut kv, 7, w, 10, 1);
+    assert_eq!(granted.len(), 6);
+    assert_eq!(granted[0].id, ids[0]);
+    for g in &granted {
+        complete(&mut kv, 8, w, g.id, g.attempt, 1);
+    }
+    assert_eq!(take(&mut kv, 9, 100, None).len(), 6);
     check_invariants(&kv);
 }

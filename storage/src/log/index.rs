@@ -131,7 +131,7 @@ pub(super) fn entry_bytes(entry: &Entry) -> usize {
         openraft::EntryPayload::Normal(c) => c
             .requests
             .iter()
-            .map(|r| r.payload().map_or(64, |p| p.len() + 64))
+            .map(hashq_raft::command::Request::size_hint)
             .sum(),
         _ => 256,
     }

@@ -7,7 +7,6 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use hashq_raft::command::Request;
 use hashq_raft::types::PayloadRef;
 use hashq_raft::Entry;
 
@@ -86,11 +85,7 @@ impl LogStore {
                 if r.term != term {
                     continue;
                 }
-                if let Some(payload) = command
-                    .requests
-                    .get(r.ordinal as usize)
-                    .and_then(Request::payload)
-                {
+                if let Some(payload) = command.payload(r.ordinal) {
                     out[slot] = Some(payload.clone());
                 }
             }
