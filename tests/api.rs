@@ -131,6 +131,24 @@ async fn bad_input_gets_a_clear_json_error_and_the_node_keeps_serving() {
             400,
             "invalid_parameter",
         ),
+        case(
+            Method::PUT,
+            "/enqueue?iterations=1&priority=10",
+            400,
+            "out_of_range",
+        ),
+        case(
+            Method::PUT,
+            "/enqueue?iterations=1&priority=high",
+            400,
+            "invalid_parameter",
+        ),
+        case(
+            Method::PUT,
+            "/enqueue?iterations=1&priority=1&priority=2",
+            400,
+            "invalid_parameter",
+        ),
         case(Method::POST, "/pullCompleted", 400, "missing_parameter"),
         case(Method::POST, "/pullCompleted?top=0", 400, "out_of_range"),
         case(Method::POST, "/pullCompleted?top=-1", 400, "out_of_range"),
@@ -293,6 +311,18 @@ async fn bad_input_gets_a_clear_json_error_and_the_node_keeps_serving() {
             "out_of_range",
         ),
         ("?iterations=1", vec![file(b"x"); 5], 413, "batch_too_large"),
+        (
+            "?iterations=1&priority=-1",
+            vec![file(b"x")],
+            400,
+            "out_of_range",
+        ),
+        (
+            "?iterations=1",
+            vec![("priority", None, &b"urgent"[..]), file(b"x")],
+            400,
+            "invalid_parameter",
+        ),
         (
             "?iterations=1",
             vec![("iteration", None, &b"5"[..]), file(b"x")],
@@ -1266,7 +1296,7 @@ async fn the_cli_waits_for_results_and_follows_pulls_into_a_directory() {
     }
     let out = std::process::Command::new(common::binary())
         .args(["enqueue", "--endpoints", &cluster.url(2)])
-        .args(["--iterations", "3", "--batch", "4"])
+        .args(["--iterations", "3", "--batch", "4", "--priority", "7"])
         .args(&small)
         .output()
         .expect("run hashq enqueue");
@@ -1283,6 +1313,7 @@ async fn the_cli_waits_for_results_and_follows_pulls_into_a_directory() {
             work["value"],
             json!(reference(&payload(60 + i as u64, 100), 3))
         );
+        assert_eq!(work["priority"], 7, "{work}");
     }
 }
 
@@ -1421,4 +1452,104 @@ async fn a_batch_of_500_is_all_or_nothing_when_its_leader_is_killed_and_its_key_
     cluster
         .wait_for_status(others[0], "/counts/queued", json!(0))
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_worker_runs_high_priority_items_before_the_low_ones_queued_before_them() {
+    let mut cluster = Cluster::start(Options {
+        node_args: Vec::new(),
+        ..options()
+    })
+    .await;
+    for id in cluster.ids() {
+        cluster
+            .wait_for_status(id, "/cluster_version", json!(4))
+            .await;
+    }
+    // 100 low (0) in one batch, then 10 high (9) one by one, before any worker runs.
+    let mut form = reqwest::multipart::Form::new();
+    for i in 0..100u64 {
+        form = form.part(
+            "f",
+            reqwest::multipart::Part::bytes(payload(i, 32)).file_name(format!("{i}")),
+        );
+    }
+    let answer: Value = cluster
+        .http
+        .post(format!(
+            "{}/enqueue/batch?iterations=20000&priority=0",
+            cluster.url(1)
+        ))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let low: Vec<String> = answer["work_ids"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{answer}"))
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    let mut high = Vec::new();
+    for i in 0..10u64 {
+        let answer: Value = cluster
+            .http
+            .put(format!(
+                "{}/enqueue?iterations=20000&priority=9",
+                cluster.url(2)
+            ))
+            .body(payload(1000 + i, 32))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        high.push(answer["work_id"].as_str().unwrap().to_string());
+    }
+    cluster
+        .wait_for_status(3, "/counts/queued_by_priority", json!({"9": 10, "0": 100}))
+        .await;
+    let metrics = cluster.metrics(3).await;
+    assert!(
+        metrics.contains("hashq_queued_by_priority{node=\"3\",priority=\"9\"} 10"),
+        "{metrics}"
+    );
+
+    // One worker, with its prefetch: the high ones first.
+    cluster.start_worker(&[]);
+    cluster
+        .wait_for_status(1, "/counts/completed", json!(110))
+        .await;
+    let completed_at = |ids: &[String]| {
+        let cluster = &cluster;
+        let ids = ids.to_vec();
+        async move {
+            let mut at = Vec::new();
+            for id in ids {
+                let w = cluster.wait_for_completed(1, &id).await;
+                at.push(w["completed_at_ms"].as_u64().unwrap());
+            }
+            at
+        }
+    };
+    let high_done = completed_at(&high).await;
+    let last_low = completed_at(&low[50..]).await;
+    let (latest_high, earliest_low) = (
+        *high_done.iter().max().unwrap(),
+        *last_low.iter().min().unwrap(),
+    );
+    assert!(
+        latest_high <= earliest_low,
+        "the last high item completed at {latest_high}, one of the last 50 low ones at {earliest_low}"
+    );
+    assert!(
+        cluster.get_json(1, "/status").await.unwrap()["counts"]["queued_by_priority"]
+            .as_object()
+            .unwrap()
+            .is_empty()
+    );
 }

@@ -12,6 +12,10 @@ pub struct Enqueued {
     pub work_id: String,
 }
 
+fn default_priority() -> u8 {
+    5
+}
+
 /// The answer to `POST /enqueue/batch`: the items' ids, in part order.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EnqueuedBatch {
@@ -33,6 +37,9 @@ pub struct WorkView {
     /// `queued`, `running`, `completed`, `pulled`, `dead` or `cancelled`.
     pub status: String,
     pub iterations: u32,
+    /// 0 to 9, higher first (5 unless it was enqueued with another).
+    #[serde(default = "default_priority")]
+    pub priority: u8,
     pub attempts: u32,
     /// The digest in lowercase hex, once completed.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -247,7 +247,9 @@ pub enum Request {
     /// Answers [`Response::ItemStatus`] with the item's status afterwards: `queued` or
     /// `running`, or `completed`/`pulled` for an item that has its result.
     Retry { id: WorkId },
-    /// Add many items at once (cluster version 4, [`crate::version::BATCH`]): all of them or,
+    /// Add many items at once, each with its priority (cluster version 4,
+    /// [`crate::version::BATCH`]; also how one item of a priority other than the default is
+    /// enqueued): all of them or,
     /// when one is invalid or the store cannot hold them all, none. Their payloads stay in
     /// this entry, part `k` at ordinal [`crate::types::PayloadRef::ordinal`]`(request, k)`.
     /// The key (the client's, or one the node drew) makes a retry answer the first call's
@@ -259,6 +261,9 @@ pub enum Request {
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchItem {
     pub iterations: u32,
+    /// 0 to [`crate::types::MAX_PRIORITY`], higher first
+    /// ([`crate::types::DEFAULT_PRIORITY`] for an item without one).
+    pub priority: u8,
     pub payload: Bytes,
 }
 

@@ -19,14 +19,23 @@ pub const CLUSTER_VERSION: &[u8] = b"v";
 /// absent until the first cancel or retry.
 pub const TALLIES: &[u8] = b"n";
 
+/// `k`: the [`crate::types::QueuedByPriority`] record of cluster version 4 (how many
+/// queued items each priority other than the default holds), absent until the first one.
+pub const QUEUED_BY_PRIORITY: &[u8] = b"k";
+
 /// Item metadata, by id.
 pub const ITEM: u8 = b'i';
 /// Live payloads, by where they are: (log index, ordinal) -> (term, id), present while the
 /// item holds its payload (queued, running, dead). The first key is the oldest log entry
 /// whose payloads are still needed: the log keeps its segments from there on.
 pub const PAYLOAD: u8 = b'p';
-/// The FIFO queue: queued item ids.
+/// The FIFO queue of the default priority: queued item ids.
 pub const QUEUE: u8 = b'q';
+/// The FIFO queues of the other priorities (cluster version 4): (rank, id), rank being
+/// `9 - priority`, so higher priorities come first.
+pub const PRIORITY_QUEUE: u8 = b'u';
+/// An item's priority, when it is not the default (cluster version 4): id -> priority byte.
+pub const PRIORITY: u8 = b'y';
 /// Lease deadlines: (deadline, id), for the reaper.
 pub const LEASE: u8 = b'l';
 /// Lease owners: (worker, id) -> attempt, for heartbeats and reclaiming a lost worker.
@@ -58,6 +67,11 @@ pub enum Key {
         ordinal: u32,
     },
     Queue(WorkId),
+    PriorityQueue {
+        rank: u8,
+        id: WorkId,
+    },
+    Priority(WorkId),
     Lease {
         deadline: Millis,
         id: WorkId,
@@ -98,7 +112,8 @@ impl Key {
         match self {
             Key::Item(id) => n(id.0),
             Key::Payload { index, .. } => n(*index),
-            Key::Queue(id) => n(id.0),
+            Key::Queue(id) | Key::Priority(id) => n(id.0),
+            Key::PriorityQueue { .. } => {}
             Key::Lease { deadline, id } => {
                 n(*deadline);
                 n(id.0);
@@ -118,6 +133,10 @@ impl Key {
         }
         match self {
             Key::Payload { ordinal, .. } => k.extend_from_slice(&ordinal.to_be_bytes()),
+            Key::PriorityQueue { rank, id } => {
+                k.push(*rank);
+                k.extend_from_slice(&id.0.to_be_bytes());
+            }
             Key::Idempotency { key, .. } => k.extend_from_slice(key.as_bytes()),
             Key::KeyExpiry { table, key, .. } => {
                 k.push(*table);
@@ -134,6 +153,8 @@ impl Key {
             Key::Item(_) => ITEM,
             Key::Payload { .. } => PAYLOAD,
             Key::Queue(_) => QUEUE,
+            Key::PriorityQueue { .. } => PRIORITY_QUEUE,
+            Key::Priority(_) => PRIORITY,
             Key::Lease { .. } => LEASE,
             Key::Owner { .. } => OWNER,
             Key::Completed(_) => COMPLETED,
@@ -157,6 +178,11 @@ impl Key {
                 ordinal: r.u32()?,
             },
             QUEUE => Key::Queue(WorkId(r.u64()?)),
+            PRIORITY_QUEUE => Key::PriorityQueue {
+                rank: r.u8()?,
+                id: WorkId(r.u64()?),
+            },
+            PRIORITY => Key::Priority(WorkId(r.u64()?)),
             LEASE => Key::Lease {
                 deadline: r.u64()?,
                 id: WorkId(r.u64()?),
@@ -192,7 +218,8 @@ impl Key {
     /// The work id a key names, for the tables keyed by item.
     pub fn work_id(&self) -> Option<WorkId> {
         match self {
-            Key::Item(id) | Key::Queue(id) => Some(*id),
+            Key::Item(id) | Key::Queue(id) | Key::Priority(id) => Some(*id),
+            Key::PriorityQueue { id, .. } => Some(*id),
             Key::Lease { id, .. }
             | Key::Owner { id, .. }
             | Key::Pulled { id, .. }
@@ -239,6 +266,32 @@ pub fn payload(at: &PayloadRef) -> Vec<u8> {
 }
 pub fn queue(id: WorkId) -> Vec<u8> {
     Key::Queue(id).encode()
+}
+/// Where a queued item of `priority` waits: the default priority's queue or another's.
+pub fn queue_of(priority: u8, id: WorkId) -> Vec<u8> {
+    if priority == crate::types::DEFAULT_PRIORITY {
+        queue(id)
+    } else {
+        Key::PriorityQueue {
+            rank: crate::types::MAX_PRIORITY - priority.min(crate::types::MAX_PRIORITY),
+            id,
+        }
+        .encode()
+    }
+}
+/// The range of one priority's queue.
+pub fn queue_range(priority: u8) -> (Vec<u8>, Vec<u8>) {
+    if priority == crate::types::DEFAULT_PRIORITY {
+        table(QUEUE)
+    } else {
+        prefix_range(&[
+            PRIORITY_QUEUE,
+            crate::types::MAX_PRIORITY - priority.min(crate::types::MAX_PRIORITY),
+        ])
+    }
+}
+pub fn priority(id: WorkId) -> Vec<u8> {
+    Key::Priority(id).encode()
 }
 pub fn lease(deadline: Millis, id: WorkId) -> Vec<u8> {
     Key::Lease { deadline, id }.encode()
@@ -325,6 +378,11 @@ mod tests {
                 ordinal: 3,
             },
             Key::Queue(WorkId(u64::MAX)),
+            Key::PriorityQueue {
+                rank: 2,
+                id: WorkId(6),
+            },
+            Key::Priority(WorkId(8)),
             Key::Lease {
                 deadline: 1_000,
                 id: WorkId(2),

@@ -103,6 +103,19 @@ impl PayloadRef {
     }
 }
 
+/// The priority of an item enqueued without one (cluster version 4): 0 to
+/// [`MAX_PRIORITY`], higher first, FIFO within a priority.
+pub const DEFAULT_PRIORITY: u8 = 5;
+pub const MAX_PRIORITY: u8 = 9;
+
+/// How many queued items each priority holds, by priority (index 0 to 9); the default
+/// priority's entry stays 0 (its count is the rest of [`Counts::queued`]). Its own record
+/// (`k`, cluster version 4), absent until an item of another priority is queued.
+#[derive(Clone, Default, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct QueuedByPriority {
+    pub queued: Vec<u64>,
+}
+
 /// Everything the state machine knows about one item; its payload is elsewhere
 /// ([`PayloadRef`]).
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]

@@ -22,12 +22,12 @@ pub const BASE: u32 = hashq_proto::api::BASE_CLUSTER_VERSION;
 /// - 2: the cluster version itself (`SetClusterVersion` and its record).
 /// - 3: cancel and retry (`Request::Cancel`, `Request::Retry`, the `cancelled` status, the
 ///   tallies record).
-/// - 4: batch enqueue (`Request::EnqueueBatch`, `Response::EnqueuedBatch`, payloads at
-///   ordinals past 65,535).
+/// - 4: batch enqueue and priorities (`Request::EnqueueBatch`, `Response::EnqueuedBatch`,
+///   payloads at ordinals past 65,535, the priority queues and records `u`, `y`, `k`).
 pub const SUPPORTED: u32 = 4;
 
 /// The version that brought cancel and retry.
 pub const CANCEL: u32 = 3;
 
-/// The version that brought batch enqueue.
+/// The version that brought batch enqueue and priorities.
 pub const BATCH: u32 = 4;

@@ -200,10 +200,13 @@ pub async fn enqueue(args: EnqueueArgs) -> anyhow::Result<()> {
     for files in batches(args.files, args.batch as usize) {
         let permit = permits.clone().acquire_owned().await?;
         let (client, bar) = (client.clone(), bar.clone());
-        let iterations = args.iterations;
+        let query = match args.priority {
+            Some(p) => format!("iterations={}&priority={p}", args.iterations),
+            None => format!("iterations={}", args.iterations),
+        };
         let (wait, waits, enqueued) = (args.wait, waits.clone(), enqueued.clone());
         tasks.push(tokio::spawn(async move {
-            let ids = enqueue_files(&client, iterations, &files).await;
+            let ids = enqueue_files(&client, &query, &files).await;
             drop(permit);
             let ids = match ids {
                 Ok(ids) => ids,
@@ -294,12 +297,12 @@ fn batches(files: Vec<std::path::PathBuf>, size: usize) -> Vec<Vec<std::path::Pa
     out
 }
 
-/// Enqueues `files`, one item each, in one batch when there are several: their work ids in
-/// order. A cluster that takes no batch (its version predates them, or the batch is over
-/// its limits) gets them one by one.
+/// Enqueues `files`, one item each (`query`: their iterations and priority), in one batch
+/// when there are several: their work ids in order. A cluster that takes no batch (its
+/// version predates them, or the batch is over its limits) gets them one by one.
 async fn enqueue_files(
     client: &Client,
-    iterations: u32,
+    query: &str,
     files: &[std::path::PathBuf],
 ) -> anyhow::Result<Vec<String>> {
     let mut payloads = Vec::with_capacity(files.len());
@@ -328,7 +331,7 @@ async fn enqueue_files(
             body.extend_from_slice(b"\r\n");
         }
         body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
-        let path = format!("{}?iterations={iterations}", api::ENQUEUE_BATCH);
+        let path = format!("{}?{query}", api::ENQUEUE_BATCH);
         let content_type = format!("multipart/form-data; boundary={boundary}");
         let (status, answer) = client
             .send_typed(Method::POST, &path, body, &content_type, &new_key())
@@ -363,7 +366,7 @@ async fn enqueue_files(
     }
     let mut ids = Vec::with_capacity(files.len());
     for (file, payload) in files.iter().zip(payloads) {
-        let path = format!("{}?iterations={iterations}", api::ENQUEUE);
+        let path = format!("{}?{query}", api::ENQUEUE);
         let (status, body) = client
             .send(Method::PUT, &path, Some(payload), Some(&new_key()))
             .await?;

@@ -118,6 +118,10 @@ pub struct EnqueueArgs {
     /// Requests in flight at once.
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
+    /// Priority of every file's item, 0 to 9: workers take the highest first (FIFO within
+    /// one). Default 5.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=9))]
+    pub priority: Option<u8>,
     /// Files per request: up to this many go in one `POST /enqueue/batch` (all of them
     /// stored or none; 4 MiB of files at most per request). 1 sends each on its own
     /// (`PUT /enqueue`), as does a cluster whose version predates batches.

@@ -466,6 +466,8 @@ fn batch_entry(index: u64, parts: usize, len: usize) -> Entry {
                     items: (0..parts)
                         .map(|k| hashq_raft::command::BatchItem {
                             iterations: 1,
+                            // Every priority: their queues and records travel too.
+                            priority: (k % 10) as u8,
                             payload: Bytes::from(vec![k as u8; len + k]),
                         })
                         .collect(),

@@ -4,7 +4,8 @@
 //! The body is `multipart/form-data`, what `curl -F f=@a.bin -F f=@b.bin` sends: every file
 //! part (whatever its name) and every part named `f` is one item, its bytes the payload, in
 //! order. A text part named `iterations` sets the iterations of the parts after it
-//! (`-F iterations=5 -F f=@a.bin`); the query's `iterations` is the default before any. Any
+//! (`-F iterations=5 -F f=@a.bin`), one named `priority` their priority; the query's
+//! `iterations` and `priority` (default 5) are the defaults before any. Any
 //! other part is refused (`unknown_part`): a mistyped setting is never taken for an item. The answer lists the work ids in part order; an
 //! `Idempotency-Key` covers the whole batch, so a retry after a lost answer gets the same
 //! ids and adds nothing. Bounded by `--max-batch-items` and `--max-batch-bytes` (payloads
@@ -19,17 +20,20 @@ use axum::Router;
 use hashq_proto::api::EnqueuedBatch;
 use hashq_proto::routes::client::ENQUEUE_BATCH;
 use hashq_raft::command::{BatchItem, Request, Response as SmResponse};
+use hashq_raft::types::DEFAULT_PRIORITY;
 use hashq_raft::version;
 
 use super::client::{dedup, idempotency_key, refuse_when_full, replayable};
 use super::work::require_version;
-use super::{count_param, query_pairs, serves_clients};
+use super::{count_param, priority_param, priority_value, query_pairs, serves_clients};
 use crate::config::Limits;
 use crate::error::ApiError;
 use crate::node::{Node, Stats};
 
 /// The name of a text part that sets the iterations of the parts after it.
 const ITERATIONS_FIELD: &str = "iterations";
+/// The name of a text part that sets the priority of the parts after it.
+const PRIORITY_FIELD: &str = "priority";
 /// The name of an item's part when it is not a file (a file's part may have any name).
 const ITEM_FIELD: &str = "f";
 
@@ -59,13 +63,14 @@ async fn enqueue_batch(
         )?),
         false => None,
     };
+    let priority = priority_param(&pairs)?.unwrap_or(DEFAULT_PRIORITY);
     let key = idempotency_key(&headers)?;
     let body = body.map_err(|e| {
         ApiError::UnsupportedMediaType(format!(
             "the body must be multipart/form-data with a boundary (curl -F f=@FILE ...): {e}"
         ))
     })?;
-    let items = parts(body, default, limits).await?;
+    let items = parts(body, default, priority, limits).await?;
     require_version(&node, "batch enqueue", version::BATCH)?;
     refuse_when_full(&node)?;
     let count = items.len();
@@ -91,6 +96,7 @@ async fn enqueue_batch(
 async fn parts(
     mut body: Multipart,
     mut iterations: Option<u32>,
+    mut priority: u8,
     limits: &Limits,
 ) -> Result<Vec<BatchItem>, ApiError> {
     let bad = |why: String| ApiError::invalid("invalid_multipart", why);
@@ -103,12 +109,12 @@ async fn parts(
     {
         let name = field.name().unwrap_or("").to_string();
         let file = field.file_name().is_some();
-        let setting = name == ITERATIONS_FIELD && !file;
+        let setting = (name == ITERATIONS_FIELD || name == PRIORITY_FIELD) && !file;
         if !setting && !file && name != ITEM_FIELD {
             return Err(ApiError::invalid(
                 "unknown_part",
                 format!(
-                    "part `{}` is neither a file, nor `{ITEM_FIELD}`, nor `{ITERATIONS_FIELD}`: send items as files (-F f=@FILE) or as parts named `{ITEM_FIELD}`",
+                    "part `{}` is neither a file, nor `{ITEM_FIELD}`, `{ITERATIONS_FIELD}` or `{PRIORITY_FIELD}`: send items as files (-F f=@FILE) or as parts named `{ITEM_FIELD}`",
                     name.chars().take(40).collect::<String>()
                 ),
             ));
@@ -118,13 +124,17 @@ async fn parts(
             .await
             .map_err(|e| bad(format!("the multipart body is malformed: {e}")))?;
         if setting {
-            let value = std::str::from_utf8(&data).unwrap_or("");
-            let pairs = [(ITERATIONS_FIELD.to_string(), value.trim().to_string())];
-            iterations = Some(count_param(
-                &pairs,
-                ITERATIONS_FIELD,
-                limits.max_iterations,
-            )?);
+            let value = std::str::from_utf8(&data).unwrap_or("").trim();
+            if name == PRIORITY_FIELD {
+                priority = priority_value(value)?;
+            } else {
+                let pairs = [(ITERATIONS_FIELD.to_string(), value.to_string())];
+                iterations = Some(count_param(
+                    &pairs,
+                    ITERATIONS_FIELD,
+                    limits.max_iterations,
+                )?);
+            }
             continue;
         }
         let Some(iterations) = iterations else {
@@ -148,6 +158,7 @@ async fn parts(
         }
         items.push(BatchItem {
             iterations,
+            priority,
             payload: data,
         });
     }

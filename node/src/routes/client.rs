@@ -18,12 +18,13 @@ use hashq_proto::headers::{FORWARDED, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
 use hashq_proto::routes::client::{
     self as routes, ENQUEUE, PULL_COMPLETED, WORK, WORK_LIST, WORK_RETRY,
 };
-use hashq_raft::command::{Dedup, Request, Response as SmResponse};
+use hashq_raft::command::{BatchItem, Dedup, Request, Response as SmResponse};
 use hashq_raft::machine;
-use hashq_raft::types::{Item, Status};
+use hashq_raft::types::{Item, Status, DEFAULT_PRIORITY};
+use hashq_raft::version;
 use hashq_raft::WorkId;
 
-use super::{count_param, query_pairs, serves_clients, wait_param};
+use super::{count_param, priority_param, query_pairs, serves_clients, wait_param};
 use crate::error::ApiError;
 use crate::node::{Node, Stats};
 
@@ -105,7 +106,30 @@ async fn enqueue(
         limits.max_iterations,
     )?;
     let key = idempotency_key(&headers)?;
+    let priority = priority_param(&query_pairs(query.as_deref()))?;
     refuse_when_full(&node)?;
+    if let Some(priority) = priority.filter(|p| *p != DEFAULT_PRIORITY) {
+        // An item of another priority is a batch of one (cluster version 4).
+        super::work::require_version(&node, "priority", version::BATCH)?;
+        let request = Request::EnqueueBatch {
+            items: vec![BatchItem {
+                iterations,
+                priority,
+                payload,
+            }],
+            dedup: dedup(&node, key, "batch"),
+        };
+        return match node.proposer().submit(request).await?.response {
+            SmResponse::EnqueuedBatch { ids, duplicate } if ids.len() == 1 => {
+                Stats::add(&node.stats().enqueued, u64::from(!duplicate));
+                let answer = Enqueued {
+                    work_id: ids[0].to_string(),
+                };
+                Ok(replayable(answer, duplicate))
+            }
+            other => Err(ApiError::unexpected(other)),
+        };
+    }
     let request = Request::Enqueue {
         iterations,
         payload,
@@ -234,11 +258,16 @@ impl Drop for Waiting<'_> {
 }
 
 /// `GET /work/{id}` as the API shows it.
-pub(super) fn work_view(id: WorkId, item: Item) -> WorkView {
-    WorkView {
+pub(super) fn work_view(
+    view: &impl hashq_raft::kv::KvRead,
+    id: WorkId,
+    item: Item,
+) -> Result<WorkView, ApiError> {
+    Ok(WorkView {
         work_id: id.to_string(),
         status: item.status.as_str().to_string(),
         iterations: item.iterations,
+        priority: machine::priority(view, id)?,
         attempts: item.attempts,
         value: item.value.map(|v| hex::encode(v.as_slice())),
         payload_bytes: item.payload_len,
@@ -250,7 +279,7 @@ pub(super) fn work_view(id: WorkId, item: Item) -> WorkView {
             .filter(|_| item.status == Status::Running)
             .map(|l| l.deadline),
         dead_reason: item.dead_reason,
-    }
+    })
 }
 
 async fn work(
@@ -273,7 +302,7 @@ async fn work(
         return Ok(relayed);
     }
     let item = wait_for_final(&node, work_id, wait).await?;
-    Ok(Json(work_view(work_id, item)).into_response())
+    Ok(Json(work_view(&node.reader().view(), work_id, item)?).into_response())
 }
 
 /// Where a linearizable read is served: here once this node has confirmed it leads

@@ -308,6 +308,43 @@ pub fn query_pairs(raw: Option<&str>) -> Vec<(String, String)> {
     .unwrap_or_default()
 }
 
+/// An optional `priority` query parameter: 0 to 9 (higher first).
+pub fn priority_param(pairs: &[(String, String)]) -> Result<Option<u8>, ApiError> {
+    let mut values = pairs
+        .iter()
+        .filter(|(k, _)| k == "priority")
+        .map(|(_, v)| v.as_str());
+    let Some(raw) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ApiError::invalid(
+            "invalid_parameter",
+            "query parameter `priority` is given more than once",
+        ));
+    }
+    priority_value(raw).map(Some)
+}
+
+/// A priority as a client wrote it: 0 to 9.
+pub fn priority_value(raw: &str) -> Result<u8, ApiError> {
+    let max = hashq_raft::types::MAX_PRIORITY;
+    match raw.trim().parse::<i64>() {
+        Ok(p) if (0..=i64::from(max)).contains(&p) => Ok(p as u8),
+        Ok(_) => Err(ApiError::invalid(
+            "out_of_range",
+            format!("`priority` is 0 to {max} (higher first); got {raw}"),
+        )),
+        Err(_) => Err(ApiError::invalid(
+            "invalid_parameter",
+            format!(
+                "`priority` is a whole number from 0 to {max}; got `{}`",
+                raw.chars().take(40).collect::<String>()
+            ),
+        )),
+    }
+}
+
 /// An optional `wait` query parameter: whole seconds (`10`, `10s`) or milliseconds
 /// (`500ms`), cut to `max` (`--max-wait`); absent means no wait.
 pub fn wait_param(pairs: &[(String, String)], max: Duration) -> Result<Duration, ApiError> {

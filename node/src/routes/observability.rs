@@ -118,10 +118,12 @@ pub struct CountsView {
     pub pulled: u64,
     pub dead: u64,
     pub cancelled: u64,
+    /// The queued items by priority ("0" to "9"), for the priorities that have any.
+    pub queued_by_priority: std::collections::BTreeMap<String, u64>,
 }
 
 impl CountsView {
-    fn new(c: &Counts, t: &Tallies) -> Self {
+    fn new(c: &Counts, t: &Tallies, by_priority: &[(u8, u64)]) -> Self {
         CountsView {
             queued: c.queued,
             running: c.running,
@@ -129,6 +131,10 @@ impl CountsView {
             pulled: c.pulled,
             dead: c.dead,
             cancelled: t.cancelled,
+            queued_by_priority: by_priority
+                .iter()
+                .map(|(p, n)| (p.to_string(), *n))
+                .collect(),
         }
     }
 }
@@ -303,7 +309,7 @@ async fn status(State(node): State<Node>) -> Result<Json<StatusView>, ApiError> 
             limit_bytes: node.config().limits.disk_free_limit,
             alarms: meta.disk_alarms.clone(),
         },
-        counts: CountsView::new(c, &t),
+        counts: CountsView::new(c, &t, &machine::queued_by_priority(&view)?),
         queued_iterations: c.queued_iterations,
         oldest_queued_age_ms: oldest.map(|t| now.saturating_sub(t)),
         totals: TotalsView::new(c, &t),
@@ -373,6 +379,22 @@ async fn metrics(State(node): State<Node>) -> Result<Response, ApiError> {
             ("status=\"dead\"", c.dead),
             ("status=\"cancelled\"", t.cancelled),
         ],
+    );
+    let by_priority = machine::queued_by_priority(&view)?;
+    let labels: Vec<String> = by_priority
+        .iter()
+        .map(|(p, _)| format!("priority=\"{p}\""))
+        .collect();
+    let samples: Vec<(&str, u64)> = labels
+        .iter()
+        .zip(&by_priority)
+        .map(|(l, (_, n))| (l.as_str(), *n))
+        .collect();
+    metric(
+        "hashq_queued_by_priority",
+        "gauge",
+        "Queued items by priority (0 to 9, higher first; the priorities that have any).",
+        &samples,
     );
     metric(
         "hashq_queued_iterations",

@@ -152,19 +152,14 @@ pub async fn list(
     if let Some(relayed) = at_leader(&node, &headers, &path, Duration::ZERO).await? {
         return Ok(relayed);
     }
-    let page = machine::list_items(
-        &node.reader().view(),
-        status,
-        after,
-        limit as usize,
-        LIST_BUDGET,
-    )?;
+    let view = node.reader().view();
+    let page = machine::list_items(&view, status, after, limit as usize, LIST_BUDGET)?;
     Ok(Json(WorkList {
         items: page
             .items
             .into_iter()
-            .map(|(id, item)| work_view(id, item))
-            .collect(),
+            .map(|(id, item)| work_view(&view, id, item))
+            .collect::<Result<_, _>>()?,
         next_after: page.next_after.map(|id| id.to_string()),
     })
     .into_response())

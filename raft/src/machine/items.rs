@@ -164,6 +164,9 @@ impl<K: Kv> Machine<'_, K> {
             if let Some(refused) = check_item(item.iterations, item.payload.len()) {
                 return Ok(refused);
             }
+            if item.priority > crate::types::MAX_PRIORITY {
+                return Ok(invalid("priority must be 0 to 9"));
+            }
             bytes += item.payload.len() as u64;
         }
         if let Some(refused) = self.admit(batch.len() as u64, bytes) {
@@ -172,8 +175,11 @@ impl<K: Kv> Machine<'_, K> {
         let ids: Vec<WorkId> = batch
             .iter()
             .zip(refs)
-            .map(|(item, at)| self.insert_item(item.iterations, item.payload.len() as u32, at))
-            .collect();
+            .map(|(item, at)| {
+                let len = item.payload.len() as u32;
+                self.insert_item(item.iterations, len, at, item.priority)
+            })
+            .collect::<Result<_, _>>()?;
         self.remember_key(keys::ENQUEUE_KEY, dedup, &BatchKey { ids: ids.clone() });
         Ok(Response::EnqueuedBatch {
             ids,
@@ -190,7 +196,12 @@ impl<K: Kv> Machine<'_, K> {
         if let Some(refused) = self.admit(1, payload_len as u64) {
             return Ok(refused);
         }
-        let id = self.insert_item(iterations, payload_len as u32, self.here);
+        let id = self.insert_item(
+            iterations,
+            payload_len as u32,
+            self.here,
+            crate::types::DEFAULT_PRIORITY,
+        )?;
         Ok(Response::Enqueued {
             id,
             duplicate: false,
@@ -216,7 +227,13 @@ impl<K: Kv> Machine<'_, K> {
 
     /// Stores a new queued item whose payload is at `at`; the caller checked it and the
     /// store's bounds.
-    fn insert_item(&mut self, iterations: u32, payload_len: u32, at: PayloadRef) -> WorkId {
+    fn insert_item(
+        &mut self,
+        iterations: u32,
+        payload_len: u32,
+        at: PayloadRef,
+        priority: u8,
+    ) -> Result<WorkId, KvError> {
         let id = WorkId(self.meta.next_id);
         self.meta.next_id += 1;
         let item = Item {
@@ -237,13 +254,14 @@ impl<K: Kv> Machine<'_, K> {
         put_t(self.kv, keys::item(id), &item);
         self.kv
             .put(keys::payload(&at), queries::payload_record(&at, id));
-        self.kv.put(keys::queue(id), Vec::new());
+        self.set_priority(id, priority);
+        self.push_queue(id, priority)?;
         let c = &mut self.meta.counts;
         c.queued += 1;
         c.queued_iterations += u64::from(iterations);
         c.payload_bytes += u64::from(payload_len);
         c.enqueued_total += 1;
-        id
+        Ok(id)
     }
 
     pub(super) fn take(&mut self, top: u32, dedup: Option<&Dedup>) -> Result<Response, KvError> {

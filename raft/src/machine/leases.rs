@@ -59,17 +59,13 @@ impl<K: Kv> Machine<'_, K> {
                 return Ok(Response::Leased { items });
             }
         }
-        let (start, end) = keys::table(keys::QUEUE);
-        let head: Vec<(Vec<u8>, Vec<u8>)> = self
-            .kv
-            .scan(&start, &end, false)
+        let head: Vec<(Vec<u8>, WorkId, u8)> = priority::in_lease_order(self.kv)
             .take(grant.max.min(MAX_LEASE_BATCH) as usize)
             .collect::<Result<_, _>>()?;
         let deadline = self.now + lease_ms;
         let mut items = Vec::with_capacity(head.len());
         let (mut bytes, mut iterations) = (0u64, 0u64);
-        for (qkey, _) in head {
-            let id = key_id(&qkey)?;
+        for (_, id, priority) in head {
             let mut item = self.item(id)?;
             bytes += u64::from(item.payload_len);
             iterations += u64::from(item.iterations);
@@ -86,7 +82,7 @@ impl<K: Kv> Machine<'_, K> {
                 attempt: item.attempts,
                 deadline,
             });
-            self.kv.delete(qkey);
+            self.pop_queue(id, priority)?;
             self.kv.put(keys::lease(deadline, id), Vec::new());
             self.kv.put(
                 keys::owner(worker, id),
@@ -255,7 +251,8 @@ impl<K: Kv> Machine<'_, K> {
         } else {
             item.status = Status::Queued;
             item.queued_at = self.now;
-            self.kv.put(keys::queue(id), Vec::new());
+            let priority = self.priority_of(id)?;
+            self.push_queue(id, priority)?;
             self.meta.counts.queued += 1;
             self.meta.counts.queued_iterations += u64::from(item.iterations);
         }

@@ -401,11 +401,13 @@ fn put_t<T: Serialize>(kv: &mut impl Kv, key: Vec<u8>, value: &T) {
 
 mod items;
 mod leases;
+mod priority;
 mod queries;
 mod redrive;
 mod tick;
 mod workers;
 
+pub use priority::{priority, queued_by_priority};
 pub use queries::{
     cluster_version, decode_payload_record, item, list_items, live_payloads, oldest_queued,
     payload_floor, read_meta, stored, take_key_used, tallies, workers, ItemPage,

@@ -80,15 +80,19 @@ pub fn workers(kv: &impl KvRead) -> Result<Vec<WorkerRecord>, KvError> {
         .collect()
 }
 
-/// The oldest `queued_at` among the first `look` items of the queue.
+/// The oldest `queued_at` among the first `look` items of each priority's queue: how long
+/// the longest waiting item has waited, whatever its priority (the autoscaler's signal, so
+/// that low priorities are never starved of workers).
 pub fn oldest_queued(kv: &impl KvRead, look: usize) -> Result<Option<Millis>, KvError> {
-    let (start, end) = keys::table(keys::QUEUE);
     let mut oldest = None;
-    for pair in kv.scan(&start, &end, false).take(look) {
-        let (k, _) = pair?;
-        let id = key_id(&k)?;
-        if let Some(item) = item(kv, id)? {
-            oldest = Some(oldest.map_or(item.queued_at, |o: Millis| o.min(item.queued_at)));
+    for priority in 0..=crate::types::MAX_PRIORITY {
+        let (start, end) = keys::queue_range(priority);
+        for pair in kv.scan(&start, &end, false).take(look) {
+            let (k, _) = pair?;
+            let id = key_id(&k)?;
+            if let Some(item) = item(kv, id)? {
+                oldest = Some(oldest.map_or(item.queued_at, |o: Millis| o.min(item.queued_at)));
+            }
         }
     }
     Ok(oldest)
@@ -108,8 +112,9 @@ pub struct ItemPage {
 }
 
 /// Items with `status`, by id, after `after`: at most `limit` of them, looking at no more
-/// than `budget` records (a page may then hold fewer, and says where to go on). Queued items
-/// come from the queue index; the others from the item table, which holds them all.
+/// than `budget` records (a page may then hold fewer, and says where to go on), from the
+/// item table, which holds them all (the queued ones too: they are in as many queues as
+/// there are priorities).
 pub fn list_items(
     kv: &impl KvRead,
     status: Status,
@@ -117,27 +122,16 @@ pub fn list_items(
     limit: usize,
     budget: usize,
 ) -> Result<ItemPage, KvError> {
-    let queued = status == Status::Queued;
-    let key_of = |id: u64| {
-        if queued {
-            keys::queue(WorkId(id))
-        } else {
-            keys::item(WorkId(id))
-        }
-    };
-    let end = keys::table(if queued { keys::QUEUE } else { keys::ITEM }).1;
+    let key_of = |id: u64| keys::item(WorkId(id));
+    let end = keys::table(keys::ITEM).1;
     let start = key_of(after.map_or(0, |id| id.0.saturating_add(1)));
     let (mut items, mut last) = (Vec::new(), None);
     for pair in kv.scan(&start, &end, false).take(budget.max(1)) {
         let (k, v) = pair?;
         let id = key_id(&k)?;
         last = Some(id);
-        let found = if queued {
-            item(kv, id)?
-        } else {
-            Some(codec::decode("item", &v).map_err(|e| corrupt(&k, &e.to_string()))?)
-        };
-        if let Some(found) = found.filter(|i| i.status == status) {
+        let found: Item = codec::decode("item", &v).map_err(|e| corrupt(&k, &e.to_string()))?;
+        if found.status == status {
             items.push((id, found));
             if items.len() >= limit {
                 break;

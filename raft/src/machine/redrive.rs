@@ -15,7 +15,8 @@ impl<K: Kv> Machine<'_, K> {
         };
         match item.status {
             Status::Queued => {
-                self.kv.delete(keys::queue(id));
+                let priority = self.priority_of(id)?;
+                self.pop_queue(id, priority)?;
                 let c = &mut self.meta.counts;
                 c.queued -= 1;
                 c.queued_iterations -= u64::from(item.iterations);
@@ -72,7 +73,8 @@ impl<K: Kv> Machine<'_, K> {
         item.dead_reason = None;
         item.dead_at = None;
         put_t(self.kv, keys::item(id), &item);
-        self.kv.put(keys::queue(id), Vec::new());
+        let priority = self.priority_of(id)?;
+        self.push_queue(id, priority)?;
         let c = &mut self.meta.counts;
         c.queued += 1;
         c.queued_iterations += u64::from(item.iterations);

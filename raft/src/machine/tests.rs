@@ -208,8 +208,19 @@ fn check_invariants(kv: &MemKv) {
         })
         .collect();
     let (mut completed_index, mut cancelled) = (0, 0);
+    let mut by_priority = [0u64; 10];
     for (id, it) in &items {
-        let in_queue = kv.contains_key(&keys::queue(*id));
+        let priority = match KvRead::get(kv, &keys::priority(*id)).unwrap() {
+            Some(p) => {
+                assert_ne!(p[0], crate::types::DEFAULT_PRIORITY, "{id}: default kept");
+                p[0]
+            }
+            None => crate::types::DEFAULT_PRIORITY,
+        };
+        let in_queue = kv.contains_key(&keys::queue_of(priority, *id));
+        if it.status == Status::Queued {
+            by_priority[usize::from(priority)] += 1;
+        }
         let in_dead = it
             .dead_at
             .is_some_and(|at| kv.contains_key(&keys::dead(at, *id)));
@@ -259,6 +270,23 @@ fn check_invariants(kv: &MemKv) {
             counts.payload_bytes += u64::from(it.payload_len);
         }
     }
+    // Every queued item is in exactly its priority's queue, and each queue counts right.
+    let queues: u64 = [keys::QUEUE, keys::PRIORITY_QUEUE]
+        .iter()
+        .map(|t| {
+            let (s, e) = keys::table(*t);
+            kv.scan(&s, &e, false).count() as u64
+        })
+        .sum();
+    assert_eq!(queues, counts.queued, "queue entries");
+    let (s, e) = keys::table(keys::PRIORITY);
+    assert!(kv.scan(&s, &e, false).count() <= items.len());
+    let want: Vec<(u8, u64)> = (0..10u8)
+        .rev()
+        .map(|p| (p, by_priority[usize::from(p)]))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    assert_eq!(queued_by_priority(kv).unwrap(), want);
     let (s, e) = keys::table(keys::COMPLETED);
     assert_eq!(kv.scan(&s, &e, false).count(), completed_index);
     let (s, e) = keys::table(keys::DEAD);
@@ -1130,6 +1158,7 @@ fn random_log(seed: u64, len: usize) -> Vec<Command> {
                     items: (0..1 + rng.next() % 5)
                         .map(|_| BatchItem {
                             iterations: 1 + (rng.next() % 100) as u32,
+                            priority: (rng.next() % 10) as u8,
                             payload: Bytes::from(vec![(i % 251) as u8; (rng.next() % 64) as usize]),
                         })
                         .collect(),
@@ -1988,6 +2017,9 @@ fn cancelled_items_are_dropped_with_the_dead_retention_and_listed_by_status() {
     assert_eq!(page.next_after, None, "every record was looked at");
     // A small budget ends a page early and says where to go on.
     let page = list_items(&kv, Status::Queued, None, 10, 1).unwrap();
+    assert!(page.items.is_empty());
+    assert_eq!(page.next_after, Some(ids[0]));
+    let page = list_items(&kv, Status::Queued, Some(ids[3]), 10, 1).unwrap();
     assert_eq!(page.items[0].0, ids[4]);
     assert_eq!(page.next_after, Some(ids[4]));
 
@@ -2010,6 +2042,7 @@ fn batch_request(key: &str, sizes: &[usize], iterations: u32) -> Request {
             .enumerate()
             .map(|(k, len)| BatchItem {
                 iterations,
+                priority: crate::types::DEFAULT_PRIORITY,
                 payload: Bytes::from(vec![k as u8; *len]),
             })
             .collect(),
@@ -2141,5 +2174,83 @@ fn a_batch_adds_all_its_items_or_none_and_its_key_replays_its_ids() {
         complete(&mut kv, 8, w, g.id, g.attempt, 1);
     }
     assert_eq!(take(&mut kv, 9, 100, None).len(), 6);
+    check_invariants(&kv);
+}
+
+fn with_priorities(key: &str, priorities: &[u8]) -> Request {
+    Request::EnqueueBatch {
+        items: priorities
+            .iter()
+            .map(|p| BatchItem {
+                iterations: 1,
+                priority: *p,
+                payload: Bytes::from(vec![*p; 4]),
+            })
+            .collect(),
+        dedup: Dedup {
+            key: key.to_string(),
+            ttl_ms: KEY_TTL_MS,
+        },
+    }
+}
+
+fn batch_ids(response: Response) -> Vec<WorkId> {
+    match response {
+        Response::EnqueuedBatch { ids, .. } => ids,
+        other => panic!("the batch answered {other:?}"),
+    }
+}
+
+#[test]
+fn workers_lease_the_highest_priority_first_fifo_within_one_and_an_item_keeps_its_priority() {
+    let mut kv = MemKv::new();
+    let low = batch_ids(run(&mut kv, 1, with_priorities("low", &[1, 1, 1])));
+    let default = enqueue(&mut kv, 2, 1, None);
+    let high = batch_ids(run(&mut kv, 3, with_priorities("high", &[9, 7, 9])));
+    check_invariants(&kv);
+    assert_eq!(
+        queued_by_priority(&kv).unwrap(),
+        vec![(9, 2), (7, 1), (5, 1), (1, 3)]
+    );
+    assert!(matches!(
+        run(&mut kv, 3, with_priorities("bad", &[10])),
+        Response::Rejected(Rejection::Invalid(_))
+    ));
+
+    // One lease of four: the two 9s in FIFO order, the 7, then the default one.
+    let w = register(&mut kv, 4);
+    let first: Vec<WorkId> = lease(&mut kv, 5, w, 4, 1).iter().map(|l| l.id).collect();
+    assert_eq!(first, vec![high[0], high[2], high[1], default]);
+    check_invariants(&kv);
+
+    // The 9s' leases run out: they go back ahead of the low ones, in their FIFO place.
+    tick(&mut kv, 5 + LEASE_MS + 1);
+    check_invariants(&kv);
+    let w2 = register(&mut kv, 5 + LEASE_MS + 2);
+    let again: Vec<WorkId> = lease(&mut kv, 5 + LEASE_MS + 3, w2, 2, 1)
+        .iter()
+        .map(|l| l.id)
+        .collect();
+    assert_eq!(again, vec![high[0], high[2]]);
+
+    // A cancelled low item, retried, goes back to its own priority's queue, in its FIFO
+    // place.
+    assert_eq!(cancel(&mut kv, 10_000, low[0]), Some(Status::Cancelled));
+    check_invariants(&kv);
+    assert_eq!(retry(&mut kv, 10_001, low[0]), Some(Status::Queued));
+    check_invariants(&kv);
+    assert_eq!(
+        queued_by_priority(&kv).unwrap(),
+        vec![(7, 1), (5, 1), (1, 3)]
+    );
+    // The autoscaler's signal is the longest wait of any priority: the low items, queued
+    // first (at 1), not the high ones.
+    assert_eq!(oldest_queued(&kv, 10).unwrap(), Some(1));
+    let rest: Vec<WorkId> = lease(&mut kv, 10_002, w2, 10, 2)
+        .iter()
+        .map(|l| l.id)
+        .collect();
+    assert_eq!(rest, vec![high[1], default, low[0], low[1], low[2]]);
+    assert!(queued_by_priority(&kv).unwrap().is_empty());
     check_invariants(&kv);
 }

@@ -49,7 +49,7 @@ impl<K: Kv> Machine<'_, K> {
         for (rkey, _) in old {
             let id = key_id(&rkey)?;
             self.kv.delete(rkey);
-            self.kv.delete(keys::item(id));
+            self.forget_item(id);
             self.meta.counts.pulled -= 1;
             report.forgotten += 1;
         }
@@ -90,7 +90,7 @@ impl<K: Kv> Machine<'_, K> {
                 break;
             }
             self.kv.delete(ckey);
-            self.kv.delete(keys::item(id));
+            self.forget_item(id);
             self.meta.counts.completed -= 1;
             self.meta.counts.dropped_total += 1;
             dropped += 1;
@@ -112,7 +112,7 @@ impl<K: Kv> Machine<'_, K> {
             let id = key_id(dkey)?;
             let item = self.item(id)?;
             self.kv.delete(dkey.clone());
-            self.kv.delete(keys::item(id));
+            self.forget_item(id);
             self.kv.delete(keys::payload(&item.payload));
             if item.status == Status::Cancelled {
                 self.forget_cancelled()?;
