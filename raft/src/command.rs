@@ -296,6 +296,11 @@ impl Request {
 }
 
 impl Command {
+    /// Roughly what the entry takes in memory and on the wire: its requests' size hints.
+    pub fn size_hint(&self) -> usize {
+        self.requests.iter().map(Request::size_hint).sum()
+    }
+
     /// The payload at `ordinal` ([`crate::types::PayloadRef::ordinal`]) of this entry.
     pub fn payload(&self, ordinal: u32) -> Option<&Bytes> {
         let (request, part) = crate::types::PayloadRef::split(ordinal);

@@ -28,7 +28,6 @@ use serde::Serialize;
 use hashq_proto::codec::{POSTCARD, SNAPSHOT_STREAM};
 use hashq_proto::routes::raft as routes;
 
-use crate::command::Request;
 use crate::{codec, NodeId, SnapshotMeta, TypeConfig};
 
 /// What precedes a snapshot file on the wire: `u32` length (little-endian), then this in
@@ -351,9 +350,7 @@ fn entries_that_fit(entries: &[crate::Entry], max: usize) -> Option<u64> {
     let mut total = 0;
     for (n, entry) in entries.iter().enumerate() {
         total += match &entry.payload {
-            openraft::EntryPayload::Normal(c) => {
-                c.requests.iter().map(Request::size_hint).sum::<usize>()
-            }
+            openraft::EntryPayload::Normal(c) => c.size_hint(),
             _ => 256,
         };
         if total > max && entries.len() > 1 {
@@ -366,7 +363,7 @@ fn entries_that_fit(entries: &[crate::Entry], max: usize) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::command::{Command, StoreLimits};
+    use crate::command::{Command, Request, StoreLimits};
 
     fn entry(index: u64, payload_len: usize) -> crate::Entry {
         crate::Entry {

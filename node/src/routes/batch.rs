@@ -25,7 +25,7 @@ use hashq_raft::version;
 
 use super::client::{dedup, idempotency_key, refuse_when_full, replayable};
 use super::work::require_version;
-use super::{count_param, priority_param, priority_value, query_pairs, serves_clients};
+use super::{count_param, priority_param, priority_value, query_pairs, ranged, serves_clients};
 use crate::config::Limits;
 use crate::error::ApiError;
 use crate::node::{Node, Stats};
@@ -128,12 +128,7 @@ async fn parts(
             if name == PRIORITY_FIELD {
                 priority = priority_value(value)?;
             } else {
-                let pairs = [(ITERATIONS_FIELD.to_string(), value.to_string())];
-                iterations = Some(count_param(
-                    &pairs,
-                    ITERATIONS_FIELD,
-                    limits.max_iterations,
-                )?);
+                iterations = Some(ranged(ITERATIONS_FIELD, value, 1, limits.max_iterations)?);
             }
             continue;
         }

@@ -326,23 +326,10 @@ pub fn priority_param(pairs: &[(String, String)]) -> Result<Option<u8>, ApiError
     priority_value(raw).map(Some)
 }
 
-/// A priority as a client wrote it: 0 to 9.
+/// A priority as a client wrote it: 0 to 9 (higher first).
 pub fn priority_value(raw: &str) -> Result<u8, ApiError> {
-    let max = hashq_raft::types::MAX_PRIORITY;
-    match raw.trim().parse::<i64>() {
-        Ok(p) if (0..=i64::from(max)).contains(&p) => Ok(p as u8),
-        Ok(_) => Err(ApiError::invalid(
-            "out_of_range",
-            format!("`priority` is 0 to {max} (higher first); got {raw}"),
-        )),
-        Err(_) => Err(ApiError::invalid(
-            "invalid_parameter",
-            format!(
-                "`priority` is a whole number from 0 to {max}; got `{}`",
-                raw.chars().take(40).collect::<String>()
-            ),
-        )),
-    }
+    let max = u32::from(hashq_raft::types::MAX_PRIORITY);
+    ranged("priority", raw, 0, max).map(|p| p as u8)
 }
 
 /// An optional `wait` query parameter: whole seconds (`10`, `10s`) or milliseconds
@@ -394,17 +381,22 @@ pub fn count_param(pairs: &[(String, String)], name: &str, max: u32) -> Result<u
             format!("query parameter `{name}` is given more than once"),
         ));
     }
-    let trimmed = raw.trim();
-    let value: i128 = trimmed.parse().map_err(|_| {
+    ranged(name, raw, 1, max)
+}
+
+/// The value `raw` of `name` as a whole number in `min..=max`, with a clear error for each
+/// way it can be wrong.
+pub fn ranged(name: &str, raw: &str, min: u32, max: u32) -> Result<u32, ApiError> {
+    let value: i128 = raw.trim().parse().map_err(|_| {
         ApiError::invalid(
             "invalid_parameter",
-            format!("`{name}` must be a whole number from 1 to {max}, got `{raw}`"),
+            format!("`{name}` must be a whole number from {min} to {max}, got `{raw}`"),
         )
     })?;
-    if value < 1 || value > i128::from(max) {
+    if value < i128::from(min) || value > i128::from(max) {
         return Err(ApiError::invalid(
             "out_of_range",
-            format!("`{name}` must be from 1 to {max}, got {value}"),
+            format!("`{name}` must be from {min} to {max}, got {value}"),
         ));
     }
     Ok(value as u32)

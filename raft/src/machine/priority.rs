@@ -96,12 +96,24 @@ pub fn queued_by_priority(kv: &impl KvRead) -> Result<Vec<(u8, u64)>, KvError> {
 pub(super) fn in_lease_order(
     kv: &impl KvRead,
 ) -> impl Iterator<Item = Result<(Vec<u8>, WorkId, u8), KvError>> + '_ {
-    (0..=MAX_PRIORITY).rev().flat_map(move |priority| {
-        let (start, end) = keys::queue_range(priority);
-        kv.scan(&start, &end, false).map(move |pair| {
+    // The other priorities' table is in (rank, id) order already: the priorities above the
+    // default come first in it, those below last. Three scans, whatever the priorities.
+    let default_rank = MAX_PRIORITY - DEFAULT_PRIORITY;
+    let above = [keys::PRIORITY_QUEUE, default_rank];
+    let below = [keys::PRIORITY_QUEUE, default_rank + 1];
+    let (queue, queue_end) = keys::table(keys::QUEUE);
+    let (_, others_end) = keys::table(keys::PRIORITY_QUEUE);
+    kv.scan(&[keys::PRIORITY_QUEUE], &above, false)
+        .chain(kv.scan(&queue, &queue_end, false))
+        .chain(kv.scan(&below, &others_end, false))
+        .map(|pair| {
             let (k, _) = pair?;
-            let id = key_id(&k)?;
-            Ok((k, id, priority))
+            match Key::decode(&k) {
+                Some(Key::Queue(id)) => Ok((k, id, DEFAULT_PRIORITY)),
+                Some(Key::PriorityQueue { rank, id }) if rank <= MAX_PRIORITY => {
+                    Ok((k, id, MAX_PRIORITY - rank))
+                }
+                _ => Err(corrupt(&k, "malformed queue key")),
+            }
         })
-    })
 }

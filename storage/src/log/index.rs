@@ -128,11 +128,7 @@ impl Index {
 
 pub(super) fn entry_bytes(entry: &Entry) -> usize {
     64 + match &entry.payload {
-        openraft::EntryPayload::Normal(c) => c
-            .requests
-            .iter()
-            .map(hashq_raft::command::Request::size_hint)
-            .sum(),
+        openraft::EntryPayload::Normal(c) => c.size_hint(),
         _ => 256,
     }
 }
