@@ -127,6 +127,12 @@ async fn grow_shrink_and_replace_under_load_lose_nothing() {
     let leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
     *urls.lock().unwrap() = remaining(&cluster, &[leader]);
     cluster.remove_node(leader);
+    // It handed leadership to a caught-up endpoint first, and the new leader removed it.
+    let log = std::fs::read_to_string(cluster.node_log(leader)).unwrap_or_default();
+    assert!(
+        log.contains("handed leadership over before being removed"),
+        "the removed leader {leader} did not hand over first"
+    );
     let follower = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap();
     *urls.lock().unwrap() = remaining(&cluster, &[leader, follower]);
     cluster.remove_node(follower);

@@ -5,7 +5,9 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use hashq_raft::Raft;
+use hashq_raft::{NodeId, Raft};
+
+type RaftMetrics = openraft::RaftMetrics<NodeId, openraft::BasicNode>;
 
 use crate::node::Node;
 use hashq_proto::api::Handover;
@@ -121,46 +123,65 @@ pub async fn hand_over(node: Node) {
         if since.elapsed() < lease {
             continue;
         }
-        let Some(last) = m.last_log_index else {
-            continue;
-        };
-        let membership = m.membership_config.membership();
-        // A voter that answered its last probe as an endpoint and holds the whole log.
-        let heir = m.replication.as_ref().and_then(|replication| {
-            membership.voter_ids().find(|id| {
-                *id != node.id()
-                    && replication
-                        .get(id)
-                        .is_some_and(|matched| matched.is_some_and(|l| l.index >= last))
-                    && node
-                        .peer_health()
-                        .get(*id)
-                        .is_some_and(|h| h.role == "endpoint")
-            })
-        });
-        let Some(heir) = heir else {
+        let Some(heir) = heir(&node, &m, &[]) else {
             tracing::debug!(term = m.current_term, "no endpoint has the whole log yet");
             continue;
         };
-        let Some(addr) = membership.get_node(&heir).map(|n| n.addr.clone()) else {
-            continue;
-        };
-        let handover = Handover {
-            from: node.id(),
-            term: m.current_term,
-        };
-        let request = node
-            .peers()
-            .request(reqwest::Method::POST, &addr, ELECT)
-            .header(reqwest::header::CONTENT_TYPE, POSTCARD)
-            .timeout(period)
-            .body(hashq_proto::codec::encode(&handover));
-        match request.send().await {
-            Ok(answer) if answer.status().is_success() => {
-                tracing::info!(heir, term = m.current_term, "witness hands leadership over")
-            }
-            Ok(answer) => tracing::debug!(heir, status = %answer.status(), "handover refused"),
-            Err(e) => tracing::debug!(heir, error = %e, "handover not delivered"),
+        if ask_to_stand(&node, heir, m.current_term).await {
+            tracing::info!(heir, term = m.current_term, "witness hands leadership over");
+        }
+    }
+}
+
+/// The voter to hand leadership to: an endpoint other than this node and `besides` that
+/// answered its last probe and holds the whole log (as replicated from this leader).
+pub fn heir(node: &Node, m: &RaftMetrics, besides: &[NodeId]) -> Option<NodeId> {
+    let last = m.last_log_index?;
+    let membership = m.membership_config.membership();
+    let replication = m.replication.as_ref()?;
+    membership.voter_ids().find(|id| {
+        *id != node.id()
+            && !besides.contains(id)
+            && replication
+                .get(id)
+                .is_some_and(|matched| matched.is_some_and(|l| l.index >= last))
+            && node
+                .peer_health()
+                .get(*id)
+                .is_some_and(|h| h.role == "endpoint")
+    })
+}
+
+/// Asks `heir` to stand for election now (`POST /internal/elect`): this node leads in
+/// `term` and will vote for it, its log being as complete. Whether it took the request.
+pub async fn ask_to_stand(node: &Node, heir: NodeId, term: u64) -> bool {
+    let membership = node.raft().metrics().borrow().membership_config.clone();
+    let Some(addr) = membership
+        .membership()
+        .get_node(&heir)
+        .map(|n| n.addr.clone())
+    else {
+        return false;
+    };
+    let handover = Handover {
+        from: node.id(),
+        term,
+    };
+    let request = node
+        .peers()
+        .request(reqwest::Method::POST, &addr, ELECT)
+        .header(reqwest::header::CONTENT_TYPE, POSTCARD)
+        .timeout(node.config().timing.election_timeout)
+        .body(hashq_proto::codec::encode(&handover));
+    match request.send().await {
+        Ok(answer) if answer.status().is_success() => true,
+        Ok(answer) => {
+            tracing::debug!(heir, status = %answer.status(), "handover refused");
+            false
+        }
+        Err(e) => {
+            tracing::debug!(heir, error = %e, "handover not delivered");
+            false
         }
     }
 }

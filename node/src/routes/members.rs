@@ -3,9 +3,12 @@
 //! which alone may change the membership.
 //!
 //! A removal is refused when the voters left would hold no endpoint that answers, or no
-//! majority of them answers: the cluster must keep serving after the change. A leader that
-//! removes itself keeps leading until the change is committed, then steps down (openraft),
-//! and the others elect a new leader within an election or two.
+//! majority of them answers: the cluster must keep serving after the change. A leader asked
+//! to remove itself first hands leadership to an endpoint that has the whole log (it asks
+//! that node to stand, `POST /internal/elect`, and votes for it: openraft 0.9 has no
+//! leadership transfer), then the new leader removes it. If no heir wins within a few
+//! election timeouts, it removes itself as leader: it keeps leading until the change is
+//! committed, then steps down (openraft), and the others elect a new leader.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -137,6 +140,14 @@ async fn remove(
     let change = if membership.voter_ids().any(|v| v == id) {
         let left: Vec<NodeId> = membership.voter_ids().filter(|v| *v != id).collect();
         refuse_unless_serving(&node, &left)?;
+        if id == node.id() && step_down(&node).await {
+            tracing::info!(id, "handed leadership over before being removed");
+            if let Some(answer) =
+                on_leader(&node, &headers, Method::DELETE, &path, Bytes::new()).await?
+            {
+                return Ok(answer);
+            }
+        }
         ChangeMembers::RemoveVoters(ids)
     } else {
         ChangeMembers::RemoveNodes(ids)
@@ -147,6 +158,31 @@ async fn remove(
         .await
         .map_err(change_error)?;
     Ok(Json(members(&node)).into_response())
+}
+
+/// Hands leadership to an endpoint that has the whole log, and waits (ten election timeouts
+/// at most) until another node leads: whether one does.
+async fn step_down(node: &Node) -> bool {
+    let period = node.config().timing.election_timeout;
+    let deadline = tokio::time::Instant::now() + period * 10;
+    let mut metrics = node.raft().metrics();
+    while tokio::time::Instant::now() < deadline {
+        let m = metrics.borrow().clone();
+        match (m.state, m.current_leader) {
+            (ServerState::Leader, _) => {
+                // Asked again each election timeout: the first asks may come while this
+                // node's own leader lease still refuses the heir its vote.
+                if let Some(heir) = crate::watch::heir(node, &m, &[]) {
+                    crate::watch::ask_to_stand(node, heir, m.current_term).await;
+                }
+            }
+            (_, Some(leader)) if leader != node.id() => return true,
+            // An election is under way.
+            _ => {}
+        }
+        let _ = tokio::time::timeout(period, metrics.changed()).await;
+    }
+    false
 }
 
 /// Refuses a change that would leave `voters` without an endpoint that answers, or without
