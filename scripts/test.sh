@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 export RUST_BACKTRACE=1
+# A clean clone (CI) gains nothing from incremental compilation, and its caches took 2 of the
+# 7 GB a run left in target/; CI once ran out of disk while linking.
+if [[ ${CI:-} == true ]]; then export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}; fi
 step() { printf '\n== %s (%s)\n' "$*" "$(date +%T)"; }
 locked=()
 [[ -f Cargo.lock ]] && locked=(--locked)
@@ -82,6 +85,33 @@ fi
 
 step "the power-cut file system's own tests (a real FUSE mount)"
 cargo test -p hashq-faultfs --test fuse "${locked[@]}"
+
+# tests/rolling.rs upgrades a cluster of the previous release's binary to this one, node by
+# node. Releases are git tags; the commit is named too, for a clone made without tags. Built
+# from its own tree into this target dir with the same features and profile settings, it
+# compiles only our crates (every dependency is shared). Cargo names a path crate's
+# artifacts by its name and version, not by its directory, so the old tree's crates get a
+# version of their own ("-previous") or they would take this tree's artifacts for theirs.
+# The binary is copied out, and the uplifted target/debug/hashq removed so that the build
+# below puts this tree's back.
+previous_release=v0.3.0 previous_commit=230bcc7dd1290c11f70392908ed26ef0b296d8cc
+step "the previous release's binary ($previous_release), for the rolling upgrade test"
+git rev-parse -q --verify "$previous_commit^{commit}" >/dev/null ||
+  die "commit $previous_commit ($previous_release) is not in this clone; clone the whole history (git fetch --unshallow)"
+target_dir=$(cargo metadata --format-version 1 --no-deps "${locked[@]}" | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+previous_src="$target_dir/previous-release/$previous_release"
+if [[ ! -f $previous_src/Cargo.toml ]]; then
+  mkdir -p "$previous_src"
+  git archive "$previous_commit" | tar -x -C "$previous_src"
+  sed -i "0,/^version = .*/s//version = \"${previous_release#v}-previous\"/" "$previous_src/Cargo.toml"
+fi
+# Not --locked: the lock file takes the crates' new version (and nothing else changes).
+(cd "$previous_src" && CARGO_TARGET_DIR="$target_dir" cargo build --bin hashq "${ec2[@]}" \
+  --config 'profile.dev.package."*".debug = 0') || die "building $previous_release failed"
+cp "$target_dir/debug/hashq" "$target_dir/previous-release/hashq"
+rm -f "$target_dir/debug/hashq"
+export HASHQ_PREVIOUS_BIN="$target_dir/previous-release/hashq"
+"$HASHQ_PREVIOUS_BIN" --version
 
 step "end-to-end tests (real hashq processes on loopback, one test at a time)"
 # The power-cut tests run hashq-faultfs, a binary of its own crate: build it beside hashq.

@@ -1,10 +1,13 @@
 //! `scripts/cluster.sh rolling-restart` under client load: the nodes restart one at a time,
 //! followers first, each once it has rejoined and caught up, and no client request fails
-//! (the client retries refused connections and 503s, as the CLI does).
+//! (the client retries refused connections and 503s, as the CLI does). The same with
+//! `--bin`, from the previous release's binary (`HASHQ_PREVIOUS_BIN`, which
+//! `scripts/test.sh` builds from its git tag) to this one: the cluster version rises once
+//! every node runs the new binary, and the new commands work then.
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,13 +20,15 @@ use serde_json::Value;
 struct Scripted {
     dir: tempfile::TempDir,
     base_port: u16,
+    /// The binary `up` starts (`HASHQ_BIN`).
+    bin: PathBuf,
 }
 
 impl Scripted {
     fn run(&self, args: &[&str]) -> Output {
         Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/cluster.sh"))
             .args(args)
-            .env("HASHQ_BIN", common::binary())
+            .env("HASHQ_BIN", &self.bin)
             .env("HASHQ_CLUSTER_DIR", self.dir.path())
             .env("HASHQ_BASE_PORT", self.base_port.to_string())
             .env("HASHQ_MAX_WORKERS", "0")
@@ -64,61 +69,148 @@ fn ok(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_rolling_restart_under_load_fails_no_request() {
-    let cluster = Scripted {
-        dir: tempfile::tempdir().unwrap(),
-        base_port: free_base(),
-    };
-    ok(&cluster.run(&["up"]));
-    let urls: Vec<String> = (1..=3).map(|id| cluster.url(id)).collect();
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
-    let bad = Arc::new(Mutex::new(Vec::<String>::new()));
-    let client = {
-        let (stop, acked, bad) = (stop.clone(), acked.clone(), bad.clone());
-        tokio::spawn(async move {
-            let http = reqwest::Client::new();
-            let mut n = 0usize;
-            while !stop.load(Ordering::SeqCst) {
-                n += 1;
-                let key = format!("rr-{n}");
-                let deadline = Instant::now() + Duration::from_secs(30);
-                for attempt in 0.. {
-                    // A node restarting refuses connections: retry elsewhere.
-                    let url = &urls[(n + attempt) % 3];
-                    match enqueue_once(&http, url, &key, &payload(n as u64, 100)).await {
-                        Attempt::Acked(id) => {
-                            acked.lock().unwrap().push(id);
-                            break;
+impl Scripted {
+    fn up(bin: PathBuf) -> Scripted {
+        let cluster = Scripted {
+            dir: tempfile::tempdir().unwrap(),
+            base_port: free_base(),
+            bin,
+        };
+        ok(&cluster.run(&["up"]));
+        cluster
+    }
+
+    /// `rolling-restart ARGS` while a client enqueues, retrying refused connections and 503s
+    /// on the next node; every request must end acknowledged, and every acknowledged item
+    /// must be there afterwards. Returns how many were acknowledged.
+    async fn restart_under_load(&self, args: &[&str]) -> usize {
+        let urls: Vec<String> = (1..=3).map(|id| self.url(id)).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+        let bad = Arc::new(Mutex::new(Vec::<String>::new()));
+        let client = {
+            let (stop, acked, bad) = (stop.clone(), acked.clone(), bad.clone());
+            tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                let mut n = 0usize;
+                while !stop.load(Ordering::SeqCst) {
+                    n += 1;
+                    let key = format!("rr-{n}");
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    for attempt in 0.. {
+                        // A node restarting refuses connections: retry elsewhere.
+                        let url = &urls[(n + attempt) % 3];
+                        match enqueue_once(&http, url, &key, &payload(n as u64, 100)).await {
+                            Attempt::Acked(id) => {
+                                acked.lock().unwrap().push(id);
+                                break;
+                            }
+                            Attempt::Retry => {}
+                            Attempt::Failed(why) => bad.lock().unwrap().push(why),
                         }
-                        Attempt::Retry => {}
-                        Attempt::Failed(why) => bad.lock().unwrap().push(why),
+                        assert!(Instant::now() < deadline, "{key} never acknowledged");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
                     }
-                    assert!(Instant::now() < deadline, "{key} never acknowledged");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+        };
+        let mut command = vec!["rolling-restart"];
+        command.extend_from_slice(args);
+        let out = ok(&self.run(&command));
+        assert_eq!(out.matches("restarted").count(), 3, "{out}");
+        stop.store(true, Ordering::SeqCst);
+        client.await.unwrap();
+        assert!(bad.lock().unwrap().is_empty(), "{:?}", bad.lock().unwrap());
+        let acked = acked.lock().unwrap().clone();
+        assert!(acked.len() > 10, "too little load: {}", acked.len());
+        let http = reqwest::Client::new();
+        for id in &acked {
+            let w: Value = http
+                .get(format!("{}/work/{id}", self.url(1)))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(w["status"], "queued", "{w}");
+        }
+        acked.len()
+    }
+
+    /// Waits (30 s at most) until node 1's `/status` shows `cluster_version` = `want`.
+    async fn wait_for_version(&self, want: u64) {
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last = Value::Null;
+        while Instant::now() < deadline {
+            if let Ok(a) = http.get(format!("{}/status", self.url(1))).send().await {
+                let status: Value = a.json().await.unwrap_or(Value::Null);
+                last = status["cluster_version"].clone();
+                if last == want {
+                    return;
                 }
             }
-        })
-    };
-    let out = ok(&cluster.run(&["rolling-restart"]));
-    assert_eq!(out.matches("restarted").count(), 3, "{out}");
-    stop.store(true, Ordering::SeqCst);
-    client.await.unwrap();
-    assert!(bad.lock().unwrap().is_empty(), "{:?}", bad.lock().unwrap());
-    let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() > 10, "too little load: {}", acked.len());
-    let http = reqwest::Client::new();
-    for id in &acked {
-        let w: Value = http
-            .get(format!("{}/work/{id}", cluster.url(1)))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(w["status"], "queued", "{w}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("cluster version stayed {last}, wanted {want}");
     }
-    eprintln!("rolling restart: {} enqueues acknowledged", acked.len());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rolling_restart_under_load_fails_no_request() {
+    let cluster = Scripted::up(common::binary());
+    let acked = cluster.restart_under_load(&[]).await;
+    eprintln!("rolling restart: {acked} enqueues acknowledged");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rolling_upgrade_from_the_previous_release_fails_no_request() {
+    let previous = std::env::var_os("HASHQ_PREVIOUS_BIN")
+        .map(PathBuf::from)
+        .expect(
+            "HASHQ_PREVIOUS_BIN: the previous release's hashq binary (scripts/test.sh builds it)",
+        );
+    let cluster = Scripted::up(previous);
+    // The previous release speaks cluster version 3: no batch enqueue yet.
+    cluster.wait_for_version(3).await;
+    let http = reqwest::Client::new();
+    let batch = || {
+        reqwest::multipart::Form::new()
+            .part(
+                "f",
+                reqwest::multipart::Part::bytes(b"one".to_vec()).file_name("a"),
+            )
+            .part(
+                "f",
+                reqwest::multipart::Part::bytes(b"two".to_vec()).file_name("b"),
+            )
+    };
+    let before = http
+        .post(format!("{}/enqueue/batch?iterations=1", cluster.url(1)))
+        .multipart(batch())
+        .send()
+        .await
+        .unwrap();
+    assert!(before.status().is_client_error(), "{}", before.status());
+
+    let new = common::binary();
+    let acked = cluster
+        .restart_under_load(&["--bin", new.to_str().unwrap()])
+        .await;
+    eprintln!("rolling upgrade: {acked} enqueues acknowledged");
+    // Every member runs this build now: the version rises and batch enqueue is served.
+    cluster.wait_for_version(4).await;
+    let after = http
+        .post(format!("{}/enqueue/batch?iterations=1", cluster.url(2)))
+        .multipart(batch())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(after.status(), 200);
+    let ids: Value = after.json().await.unwrap();
+    assert_eq!(ids["work_ids"].as_array().map(Vec::len), Some(2), "{ids}");
+    // The next start uses the binary the upgrade moved to.
+    let bin = std::fs::read_to_string(cluster.dir.path().join("bin")).unwrap();
+    assert_eq!(bin.trim(), new.to_str().unwrap());
 }
