@@ -86,16 +86,24 @@ fi
 step "the power-cut file system's own tests (a real FUSE mount)"
 cargo test -p hashq-faultfs --test fuse "${locked[@]}"
 
+step "end-to-end tests (real hashq processes on loopback, one test at a time)"
+# The power-cut tests run hashq-faultfs, a binary of its own crate: build it beside hashq.
+cargo build -p hashq-faultfs "${locked[@]}"
+cargo test --test '*' "${ec2[@]}" "${locked[@]}" --no-run
+
 # tests/rolling.rs upgrades a cluster of the previous release's binary to this one, node by
-# node. Releases are git tags; the commit is named too, for a clone made without tags. Built
-# from its own tree into this target dir with the same features and profile settings, it
-# compiles only our crates (every dependency is shared). Cargo names a path crate's
-# artifacts by its name and version, not by its directory, so the old tree's crates get a
-# version of their own ("-previous") or they would take this tree's artifacts for theirs.
-# The binary is copied out, and the uplifted target/debug/hashq removed so that the build
-# below puts this tree's back.
+# node. Releases are git tags; the commit is named too, for a clone made without tags. It is
+# built from its own tree into this target dir, after the end-to-end build above and as
+# that build is made (its hashq binary with one of its tests, so that its dev-dependencies
+# unify the dependencies' features the same way; the same profile settings): every
+# dependency but the two whose features changed is shared, and only our crates compile
+# (built alone, its binary recompiled the whole AWS SDK: 13 minutes more in CI). Cargo
+# names a path crate's artifacts by its name and version, not by its directory, so the old
+# tree's crates get a version of their own ("-previous") or they would take this tree's
+# artifacts for theirs. Its uplifted target/debug/hashq replaces this tree's, which is
+# put back.
 previous_release=v0.3.0 previous_commit=230bcc7dd1290c11f70392908ed26ef0b296d8cc
-step "the previous release's binary ($previous_release), for the rolling upgrade test"
+echo "building the previous release's binary ($previous_release), for the rolling upgrade test"
 git rev-parse -q --verify "$previous_commit^{commit}" >/dev/null ||
   die "commit $previous_commit ($previous_release) is not in this clone; clone the whole history (git fetch --unshallow)"
 target_dir=$(cargo metadata --format-version 1 --no-deps "${locked[@]}" | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
@@ -106,16 +114,15 @@ if [[ ! -f $previous_src/Cargo.toml ]]; then
   sed -i "0,/^version = .*/s//version = \"${previous_release#v}-previous\"/" "$previous_src/Cargo.toml"
 fi
 # Not --locked: the lock file takes the crates' new version (and nothing else changes).
-(cd "$previous_src" && CARGO_TARGET_DIR="$target_dir" cargo build --bin hashq "${ec2[@]}" \
+mv "$target_dir/debug/hashq" "$target_dir/previous-release/hashq-this"
+(cd "$previous_src" && CARGO_TARGET_DIR="$target_dir" cargo build --bin hashq --test rolling "${ec2[@]}" \
   --config 'profile.dev.package."*".debug = 0') || die "building $previous_release failed"
-cp "$target_dir/debug/hashq" "$target_dir/previous-release/hashq"
-rm -f "$target_dir/debug/hashq"
+rm -f "$target_dir/previous-release/hashq"
+mv "$target_dir/debug/hashq" "$target_dir/previous-release/hashq"
+mv "$target_dir/previous-release/hashq-this" "$target_dir/debug/hashq"
 export HASHQ_PREVIOUS_BIN="$target_dir/previous-release/hashq"
 "$HASHQ_PREVIOUS_BIN" --version
 
-step "end-to-end tests (real hashq processes on loopback, one test at a time)"
-# The power-cut tests run hashq-faultfs, a binary of its own crate: build it beside hashq.
-cargo build -p hashq-faultfs "${locked[@]}"
 cargo test --test '*' "${ec2[@]}" "${locked[@]}" -- --test-threads=1 --skip chaos_
 
 # The chaos profile prints its seed, each fault and its CHAOS SUMMARY line, so a CI log
