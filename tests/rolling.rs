@@ -175,23 +175,7 @@ async fn a_rolling_upgrade_from_the_previous_release_fails_no_request() {
     // The previous release speaks cluster version 3: no batch enqueue yet.
     cluster.wait_for_version(3).await;
     let http = reqwest::Client::new();
-    let batch = || {
-        reqwest::multipart::Form::new()
-            .part(
-                "f",
-                reqwest::multipart::Part::bytes(b"one".to_vec()).file_name("a"),
-            )
-            .part(
-                "f",
-                reqwest::multipart::Part::bytes(b"two".to_vec()).file_name("b"),
-            )
-    };
-    let before = http
-        .post(format!("{}/enqueue/batch?iterations=1", cluster.url(1)))
-        .multipart(batch())
-        .send()
-        .await
-        .unwrap();
+    let before = post_two_file_batch(&http, &cluster.url(1)).await;
     assert!(before.status().is_client_error(), "{}", before.status());
 
     let new = common::binary();
@@ -201,16 +185,26 @@ async fn a_rolling_upgrade_from_the_previous_release_fails_no_request() {
     eprintln!("rolling upgrade: {acked} enqueues acknowledged");
     // Every member runs this build now: the version rises and batch enqueue is served.
     cluster.wait_for_version(4).await;
-    let after = http
-        .post(format!("{}/enqueue/batch?iterations=1", cluster.url(2)))
-        .multipart(batch())
-        .send()
-        .await
-        .unwrap();
+    let after = post_two_file_batch(&http, &cluster.url(2)).await;
     assert_eq!(after.status(), 200);
     let ids: Value = after.json().await.unwrap();
     assert_eq!(ids["work_ids"].as_array().map(Vec::len), Some(2), "{ids}");
     // The next start uses the binary the upgrade moved to.
     let bin = std::fs::read_to_string(cluster.dir.path().join("bin")).unwrap();
     assert_eq!(bin.trim(), new.to_str().unwrap());
+}
+
+/// `POST /enqueue/batch` of two small files to `url`.
+async fn post_two_file_batch(http: &reqwest::Client, url: &str) -> reqwest::Response {
+    let part = |bytes: &[u8], name: &str| {
+        reqwest::multipart::Part::bytes(bytes.to_vec()).file_name(name.to_string())
+    };
+    let form = reqwest::multipart::Form::new()
+        .part("f", part(b"one", "a"))
+        .part("f", part(b"two", "b"));
+    http.post(format!("{url}/enqueue/batch?iterations=1"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
 }
