@@ -4,8 +4,12 @@
 //! answer is a postcard `Result<response, RaftError>`. A snapshot is one streaming `POST
 //! /raft/snapshot`: a [`SnapshotHeader`] (the leader's vote and the snapshot's metadata),
 //! then the snapshot file as it is on disk, never held in memory; the receiver verifies the
-//! whole file before it installs it. Connection failures are reported as `Unreachable`, so
-//! openraft backs off instead of hammering a dead peer; nothing here is ever reported to
+//! whole file before it installs it. Connection failures and refusals (any answer that is not
+//! a 2xx: a peer whose gate refuses the message, a wrong credential, a node that is not the
+//! one the leader thinks it is) are reported as `Unreachable`, so openraft backs off (500 ms)
+//! instead of resending at once: a refusal comes back within a millisecond, and openraft
+//! resends on a `NetworkError` without a pause, which once made a leader send some 60,000
+//! refused appends a minute and starve the machine. Nothing here is ever reported to
 //! openraft as a storage error (that would stop the leader).
 
 use std::sync::Arc;
@@ -127,6 +131,8 @@ pub struct Connection {
 /// Why an RPC did not get an answer from the peer's Raft.
 enum CallError {
     Unreachable(reqwest::Error),
+    /// The peer answered, but not with a 2xx: resending at once would get the same answer.
+    Refused(String),
     Network(String),
 }
 
@@ -162,7 +168,7 @@ impl Connection {
             .await
             .map_err(|e| CallError::Network(e.to_string()))?;
         if !status.is_success() {
-            return Err(CallError::Network(format!(
+            return Err(CallError::Refused(format!(
                 "{path} answered {status}: {}",
                 String::from_utf8_lossy(&body[..body.len().min(300)])
             )));
@@ -188,6 +194,9 @@ impl Connection {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(remote)) => Err(RPCError::RemoteError(RemoteError::new(self.target, remote))),
             Err(CallError::Unreachable(e)) => Err(RPCError::Unreachable(Unreachable::new(&e))),
+            Err(CallError::Refused(message)) => Err(RPCError::Unreachable(Unreachable::new(
+                &std::io::Error::other(message),
+            ))),
             Err(CallError::Network(message)) => Err(RPCError::Network(NetworkError::new(
                 &std::io::Error::other(message),
             ))),
@@ -252,10 +261,12 @@ impl Connection {
             .await
             .map_err(|e| network_error(e.to_string()))?;
         if !status.is_success() {
-            return Err(StreamingError::Network(network_error(format!(
-                "snapshot refused: {status}: {}",
-                String::from_utf8_lossy(&body[..body.len().min(300)])
-            ))));
+            return Err(StreamingError::Unreachable(Unreachable::new(
+                &std::io::Error::other(format!(
+                    "snapshot refused: {status}: {}",
+                    String::from_utf8_lossy(&body[..body.len().min(300)])
+                )),
+            )));
         }
         let answer: SnapshotAnswer =
             codec::decode("snapshot answer", &body).map_err(|e| network_error(e.to_string()))?;
@@ -379,6 +390,80 @@ mod tests {
                 }],
             }),
         }
+    }
+
+    /// A peer that answers 400 to every RPC, the way a node answers a message its gate
+    /// refuses: its address.
+    async fn refusing_peer() -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    // Read the whole request (head and body) before answering, so that
+                    // closing the connection does not reset it.
+                    let mut request = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        let Ok(n) = stream.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        request.extend_from_slice(&buf[..n]);
+                        let text = String::from_utf8_lossy(&request).to_ascii_lowercase();
+                        if let Some(end) = text.find("\r\n\r\n") {
+                            let length = text
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .and_then(|v| v.trim().parse::<usize>().ok())
+                                .unwrap_or(0);
+                            if request.len() >= end + 4 + length {
+                                break;
+                            }
+                        }
+                    }
+                    let body = r#"{"error":{"code":"invalid_raft_request","message":"no"}}"#;
+                    let answer = format!(
+                        "HTTP/1.1 400 Bad Request\r\ncontent-length: {}\r\n\
+                         connection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = stream.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_refused_rpc_is_reported_unreachable_so_openraft_backs_off() {
+        let addr = refusing_peer().await;
+        let mut connection = Connection {
+            target: 2,
+            addr,
+            peers: Peers::new(reqwest::Client::new(), false, Some("secret".into())),
+        };
+        let option = RPCOption::new(Duration::from_secs(5));
+        let vote = VoteRequest::new(Vote::new(3, 1), None);
+        let err = connection.vote(vote, option.clone()).await.unwrap_err();
+        assert!(
+            matches!(&err, RPCError::Unreachable(u) if u.to_string().contains("400")),
+            "a refused vote: {err}"
+        );
+        let append = AppendEntriesRequest {
+            vote: Vote::new_committed(3, 1),
+            prev_log_id: None,
+            entries: vec![],
+            leader_commit: None,
+        };
+        let err = connection.append_entries(append, option).await.unwrap_err();
+        assert!(
+            matches!(&err, RPCError::Unreachable(u) if u.to_string().contains("400")),
+            "a refused append: {err}"
+        );
     }
 
     #[test]

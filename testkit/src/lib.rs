@@ -21,6 +21,7 @@ use std::io;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -440,9 +441,40 @@ pub fn signal(pid: u32, sig: &str) {
         .status();
 }
 
-/// A loopback port nobody listens on right now.
+/// A loopback port nobody listens on right now, and that no other call in this process has
+/// handed out.
+///
+/// Ports come from below the kernel's ephemeral range (`ip_local_port_range`, 32768+ by
+/// default), never from `bind(0)`: a port the kernel picks for `bind(0)` is one it picks for
+/// outgoing connections and for the next `bind(0)` too, so between this call and the node's
+/// own bind, another test's node (tests of one binary run in parallel) or any connection
+/// could take it. CI saw exactly that: a node of another test's cluster took a port, and
+/// the first cluster's leader spent the test talking to it. Each process starts at its own
+/// offset (from its pid) and counts up, so parallel tests never share a port and test
+/// binaries run one after another rarely reuse one.
 pub fn free_port() -> io::Result<u16> {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 10_000;
+    let high = ephemeral_low().unwrap_or(32_768).clamp(LOW + 1_000, 65_536);
+    let span = high - LOW;
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span {
+        let port = (LOW + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The lowest port of the kernel's ephemeral range, from `/proc`.
+fn ephemeral_low() -> Option<u32> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// A process's resident memory in KiB, from `/proc/<pid>/status`.
