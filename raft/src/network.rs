@@ -168,10 +168,7 @@ impl Connection {
             .await
             .map_err(|e| CallError::Network(e.to_string()))?;
         if !status.is_success() {
-            return Err(CallError::Refused(format!(
-                "{path} answered {status}: {}",
-                String::from_utf8_lossy(&body[..body.len().min(300)])
-            )));
+            return Err(CallError::Refused(refusal(path, status, &body)));
         }
         codec::decode("raft rpc answer", &body).map_err(|e| CallError::Network(e.to_string()))
     }
@@ -194,14 +191,25 @@ impl Connection {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(remote)) => Err(RPCError::RemoteError(RemoteError::new(self.target, remote))),
             Err(CallError::Unreachable(e)) => Err(RPCError::Unreachable(Unreachable::new(&e))),
-            Err(CallError::Refused(message)) => Err(RPCError::Unreachable(Unreachable::new(
-                &std::io::Error::other(message),
-            ))),
+            Err(CallError::Refused(message)) => Err(RPCError::Unreachable(unreachable(message))),
             Err(CallError::Network(message)) => Err(RPCError::Network(NetworkError::new(
                 &std::io::Error::other(message),
             ))),
         }
     }
+}
+
+/// What a peer's non-2xx answer to `path` says, its body cut to 300 bytes.
+fn refusal(path: &str, status: reqwest::StatusCode, body: &[u8]) -> String {
+    format!(
+        "{path} answered {status}: {}",
+        String::from_utf8_lossy(&body[..body.len().min(300)])
+    )
+}
+
+/// A refusal as openraft's `Unreachable`, which it backs off from (see the module doc).
+fn unreachable(message: String) -> Unreachable {
+    Unreachable::new(&std::io::Error::other(message))
 }
 
 fn network_error(message: impl Into<String>) -> NetworkError {
@@ -261,12 +269,11 @@ impl Connection {
             .await
             .map_err(|e| network_error(e.to_string()))?;
         if !status.is_success() {
-            return Err(StreamingError::Unreachable(Unreachable::new(
-                &std::io::Error::other(format!(
-                    "snapshot refused: {status}: {}",
-                    String::from_utf8_lossy(&body[..body.len().min(300)])
-                )),
-            )));
+            return Err(StreamingError::Unreachable(unreachable(refusal(
+                routes::SNAPSHOT,
+                status,
+                &body,
+            ))));
         }
         let answer: SnapshotAnswer =
             codec::decode("snapshot answer", &body).map_err(|e| network_error(e.to_string()))?;
