@@ -41,6 +41,85 @@ pub enum StartError {
     Tls(#[from] hashq_tls::TlsError),
 }
 
+/// Why a node process (`hashq node`, [`run`]) ended with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("starting the node: {0}")]
+    Start(#[from] StartError),
+    #[error("serving: {0}")]
+    Serve(#[from] std::io::Error),
+    #[error("client listener: {0}")]
+    ClientListener(#[from] tokio::task::JoinError),
+}
+
+/// A future that other crates poll through its vtable (see [`run`]).
+pub type Boxed<T> = std::pin::Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Runs a node as `hashq node` does: binds its listeners, starts it, serves until
+/// `shutdown`, then stops it.
+///
+/// A plain function returning a boxed future, taking one: rustc compiles an `async fn`'s body
+/// (and every generic it reaches) again in each crate that polls it, and this one reaches all
+/// of openraft. Behind the box, the binary crate compiles none of it, and a fresh release
+/// build (the first `scripts/cluster.sh up`) no longer ends in a second, serial compile of
+/// the node (README, "Building").
+#[inline(never)]
+pub fn run(config: NodeConfig, shutdown: Boxed<()>) -> Boxed<Result<(), RunError>> {
+    Box::pin(run_until(config, shutdown))
+}
+
+async fn run_until(config: NodeConfig, shutdown: Boxed<()>) -> Result<(), RunError> {
+    if config.credentials.insecure {
+        tracing::warn!(
+            "running with --insecure: routes without a credential are open to anyone who can reach this port"
+        );
+    }
+    raise_open_file_limit();
+    let bind = |addr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| RunError::Bind { addr, source })
+    };
+    let listen = config.listen;
+    let listener = bind(listen).await?;
+    let client_listener = match config.client_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let server = Server::start(config).await?;
+    let node = server.node().clone();
+    tracing::info!(%listen, "serving");
+    // One signal stops both listeners.
+    let (stop, stopped) = tokio::sync::watch::channel(());
+    let client = client_listener.map(|listener| {
+        let mut stopped = stopped.clone();
+        let node = node.clone();
+        tokio::spawn(async move {
+            serve(listener, node, Surface::Client, async move {
+                let _ = stopped.changed().await;
+            })
+            .await
+        })
+    });
+    drop(stopped);
+    serve(listener, node, Surface::Whole, async move {
+        shutdown.await;
+        let _ = stop.send(());
+    })
+    .await?;
+    if let Some(client) = client {
+        client.await??;
+    }
+    tracing::info!("stopping");
+    server.shutdown().await;
+    Ok(())
+}
+
 /// A started node with its background loops.
 pub struct Server {
     node: Node,

@@ -64,6 +64,17 @@ const FLAP_WINDOW: Duration = Duration::from_secs(5);
 /// that does not long-poll, a leader change), so such answers cannot make the worker spin.
 const EARLY_EMPTY_PAUSE: Duration = Duration::from_millis(50);
 
+/// [`run`] as a boxed future from a plain function, for the binary: an `async fn` (or a
+/// generic) is compiled again in every crate that polls it, behind the box only here
+/// (`hashq_node::run` says more).
+#[inline(never)]
+pub fn run_boxed(
+    config: WorkerConfig,
+    shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
+) -> Pin<Box<dyn Future<Output = Result<ExitReason, WorkerError>> + Send>> {
+    Box::pin(run(config, shutdown))
+}
+
 /// Runs a worker until it has a reason to stop; see [`ExitReason`] for the ways it ends
 /// well. `shutdown` is typically SIGTERM, wired by the binary.
 pub async fn run(
