@@ -67,7 +67,7 @@ pub type Boxed<T> = std::pin::Pin<Box<dyn Future<Output = T> + Send>>;
 /// (and every generic it reaches) again in each crate that polls it, and this one reaches all
 /// of openraft. Behind the box, the binary crate compiles none of it, and a fresh release
 /// build (the first `scripts/cluster.sh up`) no longer ends in a second, serial compile of
-/// the node (README, "Building").
+/// the node (README, "Design", the root crate).
 #[inline(never)]
 pub fn run(config: NodeConfig, shutdown: Boxed<()>) -> Boxed<Result<(), RunError>> {
     Box::pin(run_until(config, shutdown))
