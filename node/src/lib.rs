@@ -43,4 +43,4 @@ mod tests;
 
 pub use config::{NodeArgs, NodeConfig};
 pub use node::Node;
-pub use server::{run, serve, Boxed, RunError, Server, StartError, Surface};
+pub use server::{run, serve, RunError, Server, StartError, Surface};

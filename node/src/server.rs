@@ -9,6 +9,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::{BoxFuture, FutureExt};
 use hashq_raft::command::StoreLimits;
 use hashq_raft::network::{Network, Peers};
 use hashq_raft::{NodeId, Raft};
@@ -57,9 +58,6 @@ pub enum RunError {
     ClientListener(#[from] tokio::task::JoinError),
 }
 
-/// A future that other crates poll through its vtable (see [`run`]).
-pub type Boxed<T> = std::pin::Pin<Box<dyn Future<Output = T> + Send>>;
-
 /// Runs a node as `hashq node` does: binds its listeners, starts it, serves until
 /// `shutdown`, then stops it.
 ///
@@ -69,11 +67,14 @@ pub type Boxed<T> = std::pin::Pin<Box<dyn Future<Output = T> + Send>>;
 /// build (the first `scripts/cluster.sh up`) no longer ends in a second, serial compile of
 /// the node (README, "Design", the root crate).
 #[inline(never)]
-pub fn run(config: NodeConfig, shutdown: Boxed<()>) -> Boxed<Result<(), RunError>> {
-    Box::pin(run_until(config, shutdown))
+pub fn run(
+    config: NodeConfig,
+    shutdown: BoxFuture<'static, ()>,
+) -> BoxFuture<'static, Result<(), RunError>> {
+    run_until(config, shutdown).boxed()
 }
 
-async fn run_until(config: NodeConfig, shutdown: Boxed<()>) -> Result<(), RunError> {
+async fn run_until(config: NodeConfig, shutdown: BoxFuture<'static, ()>) -> Result<(), RunError> {
     if config.credentials.insecure {
         tracing::warn!(
             "running with --insecure: routes without a credential are open to anyone who can reach this port"

@@ -192,9 +192,7 @@ impl Connection {
             Ok(Err(remote)) => Err(RPCError::RemoteError(RemoteError::new(self.target, remote))),
             Err(CallError::Unreachable(e)) => Err(RPCError::Unreachable(Unreachable::new(&e))),
             Err(CallError::Refused(message)) => Err(RPCError::Unreachable(unreachable(message))),
-            Err(CallError::Network(message)) => Err(RPCError::Network(NetworkError::new(
-                &std::io::Error::other(message),
-            ))),
+            Err(CallError::Network(message)) => Err(RPCError::Network(network_error(message))),
         }
     }
 }

@@ -1,8 +1,6 @@
 //! `hashq node`.
 
-use std::future::Future;
-use std::pin::Pin;
-
+use futures::FutureExt;
 use hashq_node::NodeArgs;
 
 /// Resolves when the process is asked to stop (SIGTERM or Ctrl-C).
@@ -27,12 +25,7 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// [`shutdown_signal`] boxed, for the node's and the worker's boxed entry points.
-pub fn boxed_shutdown_signal() -> Pin<Box<dyn Future<Output = ()> + Send>> {
-    Box::pin(shutdown_signal())
-}
-
 pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     let config = args.into_config()?;
-    Ok(hashq_node::run(config, boxed_shutdown_signal()).await?)
+    Ok(hashq_node::run(config, shutdown_signal().boxed()).await?)
 }

@@ -6,7 +6,9 @@ use anyhow::Context;
 use hashq_proto::WorkerId;
 use hashq_worker::config::{Ec2Parent, ParentCheck, WorkerConfig};
 
-use super::node::boxed_shutdown_signal;
+use futures::FutureExt;
+
+use super::node::shutdown_signal;
 use super::WorkerArgs;
 
 /// The EC2 parent check may call the API this often per worker without throttling a fleet.
@@ -43,7 +45,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         parent_check_every,
         ..defaults
     };
-    let reason = hashq_worker::run::run_boxed(config, boxed_shutdown_signal()).await?;
+    let reason = hashq_worker::run::run_boxed(config, shutdown_signal().boxed()).await?;
     tracing::info!(%reason, "worker stopped");
     if args.shutdown_on_orphan && reason.is_orphaned() {
         // With no endpoint of its cluster alive, the worker terminates itself;

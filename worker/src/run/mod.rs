@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use futures::future::{BoxFuture, FutureExt};
 use hashq_proto::worker::{
     CompleteRequest, ExitRequest, HeartbeatRequest, LeaseRequest, RegisterRequest,
     RegisterResponse, WorkGrant,
@@ -70,9 +71,9 @@ const EARLY_EMPTY_PAUSE: Duration = Duration::from_millis(50);
 #[inline(never)]
 pub fn run_boxed(
     config: WorkerConfig,
-    shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
-) -> Pin<Box<dyn Future<Output = Result<ExitReason, WorkerError>> + Send>> {
-    Box::pin(run(config, shutdown))
+    shutdown: BoxFuture<'static, ()>,
+) -> BoxFuture<'static, Result<ExitReason, WorkerError>> {
+    run(config, shutdown).boxed()
 }
 
 /// Runs a worker until it has a reason to stop; see [`ExitReason`] for the ways it ends
