@@ -90,7 +90,21 @@ async fn a_cluster_written_by_hashq_0_1_is_migrated_and_serves_every_item() {
         data_root: Some(dir.path().to_path_buf()),
         ports: Some(ports),
         tls: false,
-        node_args: vec!["--max-iterations".into(), "200000000".into()],
+        // The fixture's items were written on 2026-11-30: with the default retentions the
+        // reaper forgets its pulled items (10 minutes) and later its completed and dead ones (7
+        // days) as soon as the cluster leads, racing the reads below.
+        node_args: [
+            "--max-iterations",
+            "200000000",
+            "--pulled-retention",
+            "36500days",
+            "--completed-retention",
+            "36500days",
+            "--dead-retention",
+            "36500days",
+        ]
+        .map(String::from)
+        .to_vec(),
         ..Options::default()
     })
     .await;
