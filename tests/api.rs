@@ -77,10 +77,10 @@ async fn bad_input_gets_a_clear_json_error_and_the_node_keeps_serving() {
     let cluster = Cluster::start(options()).await;
     let leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
     // Cancel and retry answer 404 for a missing item once the cluster runs version 3, and
-    // batches are taken from version 4 (409 before).
+    // batches are taken from version 4 (409 before); the cluster goes to 5, this build's.
     for id in cluster.ids() {
         cluster
-            .wait_for_status(id, "/cluster_version", json!(4))
+            .wait_for_status(id, "/cluster_version", json!(5))
             .await;
     }
     let follower = cluster.ids().into_iter().find(|id| *id != leader).unwrap();
@@ -1079,7 +1079,7 @@ async fn cancel_stops_the_worker_at_its_next_heartbeat_and_retry_runs_dead_and_c
     let mut cluster = Cluster::start(base).await;
     for id in cluster.ids() {
         cluster
-            .wait_for_status(id, "/cluster_version", json!(4))
+            .wait_for_status(id, "/cluster_version", json!(5))
             .await;
     }
     // One item at a time, nothing leased ahead: a worker busy hashing takes nothing else.
@@ -1286,7 +1286,7 @@ async fn the_cli_waits_for_results_and_follows_pulls_into_a_directory() {
     // each item with its own file's payload. (The three files above, 2,100 bytes, are over
     // this cluster's --max-batch-bytes: they went one by one.)
     cluster
-        .wait_for_status(2, "/cluster_version", json!(4))
+        .wait_for_status(2, "/cluster_version", json!(5))
         .await;
     let mut small = Vec::new();
     for i in 0..6u64 {
@@ -1361,7 +1361,7 @@ async fn a_batch_of_500_is_all_or_nothing_when_its_leader_is_killed_and_its_key_
     let leader = cluster.wait_for_leader(Duration::from_secs(30)).await;
     for id in cluster.ids() {
         cluster
-            .wait_for_status(id, "/cluster_version", json!(4))
+            .wait_for_status(id, "/cluster_version", json!(5))
             .await;
     }
     // The batch goes to the leader, which is SIGKILLed a moment later: before, during or
@@ -1463,7 +1463,7 @@ async fn one_worker_runs_high_priority_items_before_the_low_ones_queued_before_t
     .await;
     for id in cluster.ids() {
         cluster
-            .wait_for_status(id, "/cluster_version", json!(4))
+            .wait_for_status(id, "/cluster_version", json!(5))
             .await;
     }
     // 100 low (0) in one batch, then 10 high (9) one by one, before any worker runs.

@@ -126,7 +126,7 @@ async fn the_dashboard_shows_the_live_cluster_in_a_real_browser() {
         .enqueue(3, payload(10, 100), 10_000_000, "cancel-me")
         .await;
     cluster
-        .wait_for_status(leader, "/cluster_version", serde_json::json!(4))
+        .wait_for_status(leader, "/cluster_version", serde_json::json!(5))
         .await;
     let answer = cluster
         .http

@@ -182,8 +182,10 @@ async fn a_rolling_upgrade_from_the_previous_release_fails_no_request() {
         .restart_under_load(&["--bin", new.to_str().unwrap()])
         .await;
     eprintln!("rolling upgrade: {acked} enqueues acknowledged");
-    // Every member runs this build now: the version rises and batch enqueue is served.
-    cluster.wait_for_version(4).await;
+    // Every member runs this build now: the version rises to this build's (5: batch enqueue
+    // from 4; from 5 no payload-reference records, which the raise deletes while the items
+    // enqueued under load, still queued, keep their payloads).
+    cluster.wait_for_version(5).await;
     let after = post_two_file_batch(&http, &cluster.url(2)).await;
     assert_eq!(after.status(), 200);
     let ids: Value = after.json().await.unwrap();

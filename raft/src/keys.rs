@@ -26,8 +26,10 @@ pub const QUEUED_BY_PRIORITY: &[u8] = b"k";
 /// Item metadata, by id.
 pub const ITEM: u8 = b'i';
 /// Live payloads, by where they are: (log index, ordinal) -> (term, id), present while the
-/// item holds its payload (queued, running, dead). The first key is the oldest log entry
-/// whose payloads are still needed: the log keeps its segments from there on.
+/// item holds its payload (queued, running, dead, cancelled), before cluster version 5
+/// ([`crate::version::ITEM_PAYLOADS`]) only: builds before it find the payloads they must
+/// keep and send by these records. From version 5 the item records alone say it
+/// ([`crate::machine::live_payload_of`]).
 pub const PAYLOAD: u8 = b'p';
 /// The FIFO queue of the default priority: queued item ids.
 pub const QUEUE: u8 = b'q';

@@ -24,10 +24,16 @@ pub const BASE: u32 = hashq_proto::api::BASE_CLUSTER_VERSION;
 ///   tallies record).
 /// - 4: batch enqueue and priorities (`Request::EnqueueBatch`, `Response::EnqueuedBatch`,
 ///   payloads at ordinals past 65,535, the priority queues and records `u`, `y`, `k`).
-pub const SUPPORTED: u32 = 4;
+/// - 5: no payload-reference records (`p`): the payloads still needed are read off the item
+///   records themselves, one write fewer per enqueue and per completion. The upgrade's
+///   `SetClusterVersion` deletes the records the cluster held.
+pub const SUPPORTED: u32 = 5;
 
 /// The version that brought cancel and retry.
 pub const CANCEL: u32 = 3;
 
 /// The version that brought batch enqueue and priorities.
 pub const BATCH: u32 = 4;
+
+/// The version that dropped the payload-reference records.
+pub const ITEM_PAYLOADS: u32 = 5;

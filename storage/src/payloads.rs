@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use hashq_raft::types::PayloadRef;
-use hashq_raft::{keys, machine, Entry, PayloadSection};
+use hashq_raft::{machine, Entry, PayloadSection};
 
 use crate::format::Layout;
 use crate::fsio::{self, Fatal};
@@ -241,15 +241,20 @@ impl PayloadSection for Section {
             file: &self.snap,
             pos: 0,
         };
-        snapshot::read_from(file, |key, value| {
-            if key.first() != Some(&keys::PAYLOAD) {
-                return Ok(());
-            }
-            let (at, _) = machine::decode_payload_record(&key, &value)
-                .map_err(|e| fsio::invalid(e.to_string()))?;
+        let mut order = machine::LogOrder::default();
+        let mut send = |at: PayloadRef| {
             let payload = self.find(&at, &mut last)?;
             w.push(&at, &payload)
+        };
+        snapshot::read_from(file, |key, value| {
+            match machine::live_payload_of(&key, &value)
+                .map_err(|e| fsio::invalid(e.to_string()))?
+            {
+                Some(at) => order.push(at, &mut send),
+                None => Ok(()),
+            }
         })?;
+        order.flush(&mut send)?;
         w.finish().map(|_| ())
     }
 

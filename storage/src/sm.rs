@@ -19,6 +19,7 @@ use hashq_raft::codec;
 use hashq_raft::keys;
 use hashq_raft::kv::{KvError, Overlay};
 use hashq_raft::machine;
+use hashq_raft::types::WorkId;
 use hashq_raft::{
     CommandResponse, Entry, LogId, NodeId, SnapshotFile, SnapshotMeta, StoredMembership, TypeConfig,
 };
@@ -72,6 +73,10 @@ pub(crate) struct Shared {
     /// Files handed out by `begin_receiving_snapshot`, so install can tell them apart.
     receiving: Mutex<HashMap<PathBuf, ()>>,
     pub(crate) payloads: Arc<Payloads>,
+    /// Where the search for the payload floor starts: every item below it is one that never
+    /// needs its payload again, so each is looked at once, not after every apply. Back to 0
+    /// whenever the tree is replaced.
+    floor_from: Mutex<WorkId>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -101,6 +106,7 @@ impl Shared {
                 .current
                 .write()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
+            *lock(&self.floor_from) = WorkId(0);
             std::mem::replace(&mut *current, tree)
         };
         self.db.drop_tree(old.name())?;
@@ -112,10 +118,15 @@ impl Shared {
     /// or route that reads the same record, so it is only logged.
     fn publish(&self, leader_wall: u64) {
         let kv = SledKv(self.tree());
-        match machine::payload_floor(&kv) {
-            Ok(floor) => self.payloads.set_sm_floor(floor),
+        let mut from = lock(&self.floor_from);
+        match machine::payload_floor_from(&kv, *from) {
+            Ok((floor, next)) => {
+                *from = next;
+                self.payloads.set_sm_floor(floor);
+            }
             Err(e) => tracing::warn!(error = %e, "cannot read the payload floor"),
         }
+        drop(from);
         let state = machine::read_meta(&kv).and_then(|meta| {
             Ok(AppliedState {
                 index: read_last_applied(&kv)?.map_or(0, |l| l.index),
@@ -276,6 +287,7 @@ impl StateMachineStore {
             stats: Mutex::new(SnapshotStats::default()),
             receiving: Mutex::new(HashMap::new()),
             payloads,
+            floor_from: Mutex::new(WorkId(0)),
         });
         if applied < purged {
             match latest {

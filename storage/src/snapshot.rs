@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use hashq_raft::{codec, SnapshotMeta};
+use hashq_raft::{codec, machine, SnapshotMeta};
 
 use crate::fsio::{self, invalid, Fatal};
 
@@ -199,7 +199,13 @@ pub(crate) fn read_from(
         crc: 0,
     };
     let (meta, payload_floor, mut len) = read_header(&mut r)?;
+    // The digest of the live payloads' references, in log order (as the section sends them).
     let mut refs = crate::pack::RefDigest::default();
+    let mut order = machine::LogOrder::default();
+    let mut add = |at| {
+        refs.add(&at);
+        Ok::<(), io::Error>(())
+    };
     loop {
         let klen = read_u32(&mut r)?;
         len += 4;
@@ -216,13 +222,14 @@ pub(crate) fn read_from(
         }
         let value = read_bytes(&mut r, vlen)?;
         len += u64::from(klen) + 4 + u64::from(vlen);
-        if key.first() == Some(&hashq_raft::keys::PAYLOAD) {
-            let (at, _) = hashq_raft::machine::decode_payload_record(&key, &value)
-                .map_err(|e| invalid(e.to_string()))?;
-            refs.add(&at);
+        if let Some(at) =
+            machine::live_payload_of(&key, &value).map_err(|e| invalid(e.to_string()))?
+        {
+            order.push(at, &mut add)?;
         }
         each(key, value)?;
     }
+    order.flush(&mut add)?;
     let computed = r.crc;
     let stored = read_u32(&mut r.inner)?;
     if computed != stored {

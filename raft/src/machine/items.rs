@@ -252,8 +252,10 @@ impl<K: Kv> Machine<'_, K> {
             dead_at: None,
         };
         put_t(self.kv, keys::item(id), &item);
-        self.kv
-            .put(keys::payload(&at), queries::payload_record(&at, id));
+        if self.payload_records {
+            self.kv
+                .put(keys::payload(&at), queries::payload_record(&at, id));
+        }
         self.set_priority(id, priority);
         self.push_queue(id, priority)?;
         let c = &mut self.meta.counts;

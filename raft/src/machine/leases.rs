@@ -176,7 +176,9 @@ impl<K: Kv> Machine<'_, K> {
             };
             let id = result.id;
             self.drop_lease(id, &lease, true)?;
-            self.kv.delete(keys::payload(&item.payload));
+            if self.payload_records {
+                self.kv.delete(keys::payload(&item.payload));
+            }
             item.status = Status::Completed;
             item.lease = None;
             item.value = Some(result.value);

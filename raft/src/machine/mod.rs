@@ -148,6 +148,7 @@ pub fn apply<K: Kv>(kv: &mut K, cmd: &Command, at: At) -> Result<CommandResponse
     meta.clock = clock;
     let mut out = Vec::with_capacity(cmd.requests.len());
     let mut batches = items::BatchRecords::default();
+    let mut payload_records = cluster_version(kv)? < crate::version::ITEM_PAYLOADS;
     for (ordinal, request) in cmd.requests.iter().enumerate() {
         if !matches!(request, Request::EnqueueInBatch { .. }) {
             // Anything else may read or expire a batch record: it sees them as written.
@@ -172,10 +173,12 @@ pub fn apply<K: Kv>(kv: &mut K, cmd: &Command, at: At) -> Result<CommandResponse
             },
             batches: &mut batches,
             batch_slot: None,
+            payload_records,
         };
         match m.apply_one(request) {
             Ok(response) => {
                 meta = m.meta;
+                payload_records = m.payload_records;
                 if let Some((key, slot, id)) = m.batch_slot.take() {
                     batches.add(key, slot, id);
                 }
@@ -213,6 +216,9 @@ struct Machine<'k, K: Kv> {
     /// The slot the request being applied took in its batch record, added to `batches`
     /// only if the request applies.
     batch_slot: Option<(Vec<u8>, u32, WorkId)>,
+    /// Whether items keep a payload-reference record (`p`): before cluster version
+    /// [`crate::version::ITEM_PAYLOADS`], whose builds find live payloads by them.
+    payload_records: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -224,6 +230,32 @@ enum Requeue {
 }
 
 impl<K: Kv> Machine<'_, K> {
+    /// Raises the cluster version (never lowers it). Reaching
+    /// [`crate::version::ITEM_PAYLOADS`] deletes every payload-reference record: one pass
+    /// over the live items, once in the cluster's life.
+    fn set_cluster_version(&mut self, version: u32) -> Result<Response, KvError> {
+        if version <= queries::cluster_version(self.kv)? {
+            return Ok(Response::Done);
+        }
+        self.kv.put(
+            keys::CLUSTER_VERSION.to_vec(),
+            version.to_be_bytes().to_vec(),
+        );
+        if version >= crate::version::ITEM_PAYLOADS && self.payload_records {
+            let (start, end) = keys::table(keys::PAYLOAD);
+            let records: Vec<Vec<u8>> = self
+                .kv
+                .scan(&start, &end, false)
+                .map(|pair| pair.map(|(k, _)| k))
+                .collect::<Result<_, _>>()?;
+            for key in records {
+                self.kv.delete(key);
+            }
+            self.payload_records = false;
+        }
+        Ok(Response::Done)
+    }
+
     fn apply_one(&mut self, request: &Request) -> Result<Response, KvError> {
         match request {
             Request::Enqueue {
@@ -307,15 +339,7 @@ impl<K: Kv> Machine<'_, K> {
             }
             Request::Tick(params) => self.tick(params),
             Request::Noop => Ok(Response::Done),
-            Request::SetClusterVersion { version } => {
-                if *version > queries::cluster_version(self.kv)? {
-                    self.kv.put(
-                        keys::CLUSTER_VERSION.to_vec(),
-                        version.to_be_bytes().to_vec(),
-                    );
-                }
-                Ok(Response::Done)
-            }
+            Request::SetClusterVersion { version } => self.set_cluster_version(*version),
             Request::Cancel { id } => self.cancel(*id),
             Request::Retry { id } => self.retry(*id),
             Request::DiskAlarm { node, low } => {
@@ -409,8 +433,9 @@ mod workers;
 
 pub use priority::{priority, queued_by_priority};
 pub use queries::{
-    cluster_version, decode_payload_record, item, list_items, live_payloads, oldest_queued,
-    payload_floor, read_meta, stored, take_key_used, tallies, workers, ItemPage,
+    cluster_version, decode_payload_record, holds_payload, item, list_items, live_payload_of,
+    live_payloads, oldest_queued, payload_floor, payload_floor_from, read_meta, stored,
+    take_key_used, tallies, workers, ItemPage, LogOrder,
 };
 pub use tick::tick_due;
 

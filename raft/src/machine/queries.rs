@@ -52,21 +52,100 @@ pub fn decode_payload_record(key: &[u8], value: &[u8]) -> Result<(PayloadRef, Wo
     }
 }
 
-/// The payloads the state machine still needs, oldest first.
-pub fn live_payloads(kv: &impl KvRead) -> impl Iterator<Item = Result<PayloadRef, KvError>> + '_ {
-    let (start, end) = keys::table(keys::PAYLOAD);
-    kv.scan(&start, &end, false).map(|r| {
-        let (k, v) = r?;
-        decode_payload_record(&k, &v).map(|(at, _)| at)
-    })
+/// Whether an item in `status` still needs its payload: until it completes, and while it is
+/// dead or cancelled (a retry puts it back in the queue).
+pub fn holds_payload(status: Status) -> bool {
+    !matches!(status, Status::Completed | Status::Pulled)
 }
 
-/// The oldest log index whose payloads the state machine still needs (`None`: none).
+/// The payload a record of the keyspace still needs: `Some` for an item record whose item
+/// [holds its payload](holds_payload), `None` for anything else.
+pub fn live_payload_of(key: &[u8], value: &[u8]) -> Result<Option<PayloadRef>, KvError> {
+    if key.first() != Some(&keys::ITEM) {
+        return Ok(None);
+    }
+    let item: Item = codec::decode("item", value).map_err(|e| corrupt(key, &e.to_string()))?;
+    Ok(holds_payload(item.status).then_some(item.payload))
+}
+
+/// Puts payload references that come in work-id order into log order, (index, ordinal),
+/// the order of payload sections and packs. Ids follow the log from one entry to the next,
+/// but not within an entry: a batch's parts have ordinals past the entry's other requests
+/// ([`PayloadRef::ordinal`]). So the references of one entry are held and sorted, and handed
+/// on when the next entry's begin.
+#[derive(Default)]
+pub struct LogOrder {
+    entry: Vec<PayloadRef>,
+}
+
+impl LogOrder {
+    /// Takes the next reference in id order; hands on those it completes.
+    pub fn push<E>(
+        &mut self,
+        at: PayloadRef,
+        out: &mut impl FnMut(PayloadRef) -> Result<(), E>,
+    ) -> Result<(), E> {
+        if self
+            .entry
+            .first()
+            .is_some_and(|first| first.index != at.index)
+        {
+            self.flush(out)?;
+        }
+        self.entry.push(at);
+        Ok(())
+    }
+
+    /// Hands on what is held, once the references have all been pushed.
+    pub fn flush<E>(&mut self, out: &mut impl FnMut(PayloadRef) -> Result<(), E>) -> Result<(), E> {
+        self.entry.sort_unstable_by_key(|at| at.ordinal);
+        self.entry.drain(..).try_for_each(out)
+    }
+}
+
+/// The payloads the state machine still needs, in log order.
+pub fn live_payloads(kv: &impl KvRead) -> Result<Vec<PayloadRef>, KvError> {
+    let (start, end) = keys::table(keys::ITEM);
+    let (mut order, mut out) = (LogOrder::default(), Vec::new());
+    let mut emit = |at| {
+        out.push(at);
+        Ok::<(), KvError>(())
+    };
+    for pair in kv.scan(&start, &end, false) {
+        let (k, v) = pair?;
+        if let Some(at) = live_payload_of(&k, &v)? {
+            order.push(at, &mut emit)?;
+        }
+    }
+    order.flush(&mut emit)?;
+    Ok(out)
+}
+
+/// The oldest log index whose payloads the state machine still needs (`None`: none), looking
+/// at items from id `from` on; every item below `from` must be one that will never need its
+/// payload again (completed, pulled, or gone). Returns the floor and where the next call may
+/// start: the first item that still needs its payload, or past the last item.
+pub fn payload_floor_from(
+    kv: &impl KvRead,
+    from: WorkId,
+) -> Result<(Option<u64>, WorkId), KvError> {
+    let (_, end) = keys::table(keys::ITEM);
+    let mut next = from;
+    for pair in kv.scan(&keys::item(from), &end, false) {
+        let (k, v) = pair?;
+        let id = key_id(&k)?;
+        if let Some(at) = live_payload_of(&k, &v)? {
+            return Ok((Some(at.index), id));
+        }
+        next = WorkId(id.0.saturating_add(1));
+    }
+    Ok((None, next))
+}
+
+/// The oldest log index whose payloads the state machine still needs (`None`: none). Ids
+/// follow the log, so it is the first such item's.
 pub fn payload_floor(kv: &impl KvRead) -> Result<Option<u64>, KvError> {
-    live_payloads(kv)
-        .next()
-        .transpose()
-        .map(|r| r.map(|at| at.index))
+    payload_floor_from(kv, WorkId(0)).map(|(floor, _)| floor)
 }
 
 /// The worker table, by id.

@@ -209,6 +209,20 @@ fn check_invariants(kv: &MemKv) {
         .collect();
     let (mut completed_index, mut cancelled) = (0, 0);
     let mut by_priority = [0u64; 10];
+    let with_records = cluster_version(kv).unwrap() < crate::version::ITEM_PAYLOADS;
+    // The payloads read off the items are those the records name (none from version 5), in
+    // the records' order: log order.
+    let records = payload_records(kv);
+    let live = live_payloads(kv).unwrap();
+    if with_records {
+        assert_eq!(records, live, "payload records against the items");
+    } else {
+        assert!(
+            records.is_empty(),
+            "payload records at version 5: {records:?}"
+        );
+    }
+    assert_eq!(payload_floor(kv).unwrap(), live.first().map(|at| at.index));
     for (id, it) in &items {
         let priority = match KvRead::get(kv, &keys::priority(*id)).unwrap() {
             Some(p) => {
@@ -224,7 +238,8 @@ fn check_invariants(kv: &MemKv) {
         let in_dead = it
             .dead_at
             .is_some_and(|at| kv.contains_key(&keys::dead(at, *id)));
-        let has_payload = kv.contains_key(&keys::payload(&it.payload));
+        // Before version 5 a live item has its payload record; from it, none does.
+        let has_payload = kv.contains_key(&keys::payload(&it.payload)) == with_records;
         match it.status {
             Status::Queued => {
                 counts.queued += 1;
@@ -247,7 +262,7 @@ fn check_invariants(kv: &MemKv) {
             Status::Completed => {
                 counts.completed += 1;
                 completed_index += 1;
-                assert!(it.value.is_some() && !has_payload && !in_queue);
+                assert!(it.value.is_some() && (!with_records || !has_payload) && !in_queue);
             }
             Status::Pulled => {
                 counts.pulled += 1;
@@ -1806,10 +1821,7 @@ fn payloads_are_referenced_where_the_log_holds_them_and_the_floor_follows_the_ol
             },
         ]
     );
-    assert_eq!(
-        live_payloads(&kv).collect::<Result<Vec<_>, _>>().unwrap(),
-        refs
-    );
+    assert_eq!(live_payloads(&kv).unwrap(), refs);
     assert_eq!(payload_floor(&kv).unwrap(), Some(40));
     let later = enqueue(&mut kv, 2, 1, None);
     let later_at = item(&kv, later).unwrap().unwrap().payload;
@@ -2253,4 +2265,122 @@ fn workers_lease_the_highest_priority_first_fifo_within_one_and_an_item_keeps_it
     assert_eq!(rest, vec![high[1], default, low[0], low[1], low[2]]);
     assert!(queued_by_priority(&kv).unwrap().is_empty());
     check_invariants(&kv);
+}
+
+/// The `p` records, in key order.
+fn payload_records(kv: &MemKv) -> Vec<PayloadRef> {
+    let (s, e) = keys::table(keys::PAYLOAD);
+    kv.scan(&s, &e, false)
+        .map(|r| {
+            let (k, v) = r.unwrap();
+            decode_payload_record(&k, &v).unwrap().0
+        })
+        .collect()
+}
+
+#[test]
+fn live_payloads_come_in_log_order_when_a_batch_precedes_another_request() {
+    let mut kv = MemKv::new();
+    // Ids 0 to 2 are the batch's parts (ordinals part << 16), id 3 the enqueue after it
+    // (ordinal 1): in id order the references are not in log order.
+    let cmd = Command {
+        now: 1,
+        mono: 1,
+        limits: StoreLimits::UNLIMITED,
+        requests: vec![
+            batch_request("b", &[1, 2, 3], 1),
+            Request::Enqueue {
+                iterations: 1,
+                payload: Bytes::from_static(b"x"),
+                dedup: None,
+            },
+        ],
+    };
+    apply(&mut kv, &cmd, At { term: 1, index: 9 }).unwrap();
+    assert_eq!(item(&kv, WorkId(3)).unwrap().unwrap().payload.ordinal, 1);
+    let ordinals: Vec<u32> = live_payloads(&kv)
+        .unwrap()
+        .iter()
+        .map(|at| at.ordinal)
+        .collect();
+    assert_eq!(ordinals, vec![0, 1, 1 << 16, 2 << 16]);
+    assert_eq!(payload_records(&kv), live_payloads(&kv).unwrap());
+    check_invariants(&kv);
+}
+
+#[test]
+fn version_5_drops_the_payload_records_and_reads_live_payloads_off_the_items() {
+    let mut kv = MemKv::new();
+    run(&mut kv, 1, Request::SetClusterVersion { version: 4 });
+    let done = enqueue(&mut kv, 2, 1, None);
+    let waiting = [enqueue(&mut kv, 2, 1, None), enqueue(&mut kv, 2, 1, None)];
+    let w = register(&mut kv, 3);
+    let granted = lease(&mut kv, 4, w, 1, 1);
+    assert_eq!(granted[0].id, done);
+    complete(&mut kv, 5, w, done, granted[0].attempt, 1);
+    let before = live_payloads(&kv).unwrap();
+    assert_eq!(before.len(), 2);
+    assert_eq!(payload_records(&kv), before);
+
+    // One entry: an enqueue that still writes its record, the upgrade, an enqueue after it.
+    let one = |n: u8| Request::Enqueue {
+        iterations: 1,
+        payload: Bytes::from(vec![n; 4]),
+        dedup: None,
+    };
+    let cmd = Command {
+        now: 6,
+        mono: 6,
+        limits: StoreLimits::UNLIMITED,
+        requests: vec![
+            one(1),
+            Request::SetClusterVersion {
+                version: crate::version::ITEM_PAYLOADS,
+            },
+            one(2),
+        ],
+    };
+    apply(&mut kv, &cmd, next_at()).unwrap();
+    assert_eq!(cluster_version(&kv).unwrap(), crate::version::ITEM_PAYLOADS);
+    assert_eq!(payload_records(&kv), vec![], "every record went");
+    let after = live_payloads(&kv).unwrap();
+    assert_eq!(after.len(), 4);
+    assert_eq!(after[..2], before[..]);
+    check_invariants(&kv);
+
+    // Completions and the dead retention delete no record, and the floor follows the items.
+    enqueue(&mut kv, 7, 1, None);
+    let granted = lease(&mut kv, 8, w, 4, 2);
+    assert_eq!(granted[0].id, waiting[0]);
+    for g in &granted {
+        complete(&mut kv, 9, w, g.id, g.attempt, 2);
+    }
+    let last = live_payloads(&kv).unwrap();
+    assert_eq!(last.len(), 1);
+    assert_eq!(payload_floor(&kv).unwrap(), Some(last[0].index));
+    check_invariants(&kv);
+}
+
+#[test]
+fn the_floor_search_goes_on_from_where_it_stopped() {
+    let mut kv = MemKv::new();
+    let ids: Vec<WorkId> = (0..3).map(|_| enqueue(&mut kv, 1, 1, None)).collect();
+    let w = register(&mut kv, 2);
+    for g in lease(&mut kv, 3, w, 2, 1) {
+        complete(&mut kv, 4, w, g.id, g.attempt, 1);
+    }
+    let third = item(&kv, ids[2]).unwrap().unwrap().payload.index;
+    // It stops at the first item that still needs its payload, and starts there next time.
+    assert_eq!(
+        payload_floor_from(&kv, WorkId(0)).unwrap(),
+        (Some(third), ids[2])
+    );
+    let g = lease(&mut kv, 5, w, 1, 2);
+    complete(&mut kv, 6, w, g[0].id, g[0].attempt, 1);
+    let (floor, next) = payload_floor_from(&kv, ids[2]).unwrap();
+    assert_eq!((floor, next), (None, WorkId(3)));
+    // An item enqueued later is found from there.
+    let later = enqueue(&mut kv, 7, 1, None);
+    let at = item(&kv, later).unwrap().unwrap().payload.index;
+    assert_eq!(payload_floor_from(&kv, next).unwrap(), (Some(at), later));
 }

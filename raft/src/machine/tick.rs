@@ -113,7 +113,9 @@ impl<K: Kv> Machine<'_, K> {
             let item = self.item(id)?;
             self.kv.delete(dkey.clone());
             self.forget_item(id);
-            self.kv.delete(keys::payload(&item.payload));
+            if self.payload_records {
+                self.kv.delete(keys::payload(&item.payload));
+            }
             if item.status == Status::Cancelled {
                 self.forget_cancelled()?;
             } else {
