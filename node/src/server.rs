@@ -144,6 +144,7 @@ impl Server {
                     segment_bytes: config.storage.log_segment_bytes,
                     ..hashq_storage::LogOptions::default()
                 },
+                ..StoreOptions::default()
             },
         )?;
         report_recovery(&recovery);

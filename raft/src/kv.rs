@@ -110,20 +110,19 @@ impl<B: KvRead> KvRead for Overlay<'_, B> {
             return Box::new(std::iter::empty());
         }
         let base = self.base.scan(start, end, reverse);
-        let range = self.writes.range::<[u8], _>((
-            std::ops::Bound::Included(start),
-            std::ops::Bound::Excluded(end),
-        ));
+        let range = self
+            .writes
+            .range::<[u8], _>((
+                std::ops::Bound::Included(start),
+                std::ops::Bound::Excluded(end),
+            ))
+            .map(|(k, v)| (k.clone(), v.clone()));
         let writes: WriteIter<'a> = if reverse {
             Box::new(range.rev())
         } else {
             Box::new(range)
         };
-        Box::new(Merge {
-            base: base.peekable(),
-            writes: writes.peekable(),
-            reverse,
-        })
+        merge(base, writes, reverse)
     }
 }
 
@@ -137,10 +136,19 @@ impl<B: KvRead> Kv for Overlay<'_, B> {
     }
 }
 
-type WriteIter<'a> = Box<dyn Iterator<Item = (&'a Vec<u8>, &'a Option<Vec<u8>>)> + 'a>;
+/// Buffered writes in scan order: `Some` is a put, `None` a delete.
+pub type WriteIter<'a> = Box<dyn Iterator<Item = (Vec<u8>, Option<Vec<u8>>)> + 'a>;
 
-/// Merges a base scan with buffered writes; on equal keys the write wins, and a buffered
-/// delete hides the base pair.
+/// Merges a base scan with buffered writes over the same range, both in the scan's order;
+/// on equal keys the write wins, and a buffered delete hides the base pair.
+pub fn merge<'a>(base: ScanIter<'a>, writes: WriteIter<'a>, reverse: bool) -> ScanIter<'a> {
+    Box::new(Merge {
+        base: base.peekable(),
+        writes: writes.peekable(),
+        reverse,
+    })
+}
+
 struct Merge<'a> {
     base: Peekable<ScanIter<'a>>,
     writes: Peekable<WriteIter<'a>>,
@@ -170,7 +178,7 @@ impl Iterator for Merge<'_> {
             if take_write {
                 let (k, v) = self.writes.next()?;
                 match v {
-                    Some(v) => return Some(Ok((k.clone(), v.clone()))),
+                    Some(v) => return Some(Ok((k, v))),
                     None => continue,
                 }
             }

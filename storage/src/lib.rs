@@ -94,7 +94,9 @@ pub use log::state::RaftState;
 pub use log::{LogDamage, LogOpened, LogOptions, LogStore};
 pub use payloads::PayloadReader;
 use payloads::Payloads;
-pub use sm::{AppliedState, SledKv, SmOpened, SmReader, SnapshotStats, StateMachineStore};
+pub use sm::{
+    AppliedState, SledKv, SmOpened, SmReader, SnapshotStats, StateMachineStore, FLUSH_EVERY,
+};
 
 /// A storage failure outside openraft's calls (opening the store).
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +130,9 @@ pub struct StoreOptions {
     /// sled's page cache, the bound on the state machine's memory.
     pub cache_bytes: u64,
     pub log: LogOptions,
+    /// How long applied writes may wait above sled before they go into it in one batch
+    /// ([`sm::FLUSH_EVERY`]).
+    pub flush_every: std::time::Duration,
 }
 
 impl Default for StoreOptions {
@@ -135,6 +140,7 @@ impl Default for StoreOptions {
         StoreOptions {
             cache_bytes: 128 * 1024 * 1024,
             log: LogOptions::default(),
+            flush_every: sm::FLUSH_EVERY,
         }
     }
 }
@@ -209,8 +215,7 @@ pub fn open(dir: &Path, options: &StoreOptions) -> Result<Opened, StoreError> {
         (None, SmOpened::default())
     } else {
         let payloads = payloads.clone().expect("opened");
-        let (sm, opened) =
-            StateMachineStore::open(&layout, options.cache_bytes, log.purged(), payloads)?;
+        let (sm, opened) = StateMachineStore::open(&layout, options, log.purged(), payloads)?;
         if let Some(why) = &opened.unrecoverable {
             damage.push(format!("state machine: {why}"));
         }
@@ -261,7 +266,7 @@ pub fn open(dir: &Path, options: &StoreOptions) -> Result<Opened, StoreError> {
             return Err(fsio::fatal("open", &layout.pack_dir())(std::io::Error::other(why)).into())
         }
     };
-    let (sm, _) = StateMachineStore::open(&layout, options.cache_bytes, None, payloads)?;
+    let (sm, _) = StateMachineStore::open(&layout, options, None, payloads)?;
     let until = reached.unwrap_or(0);
     // Durable before anything else happens: a restart in the middle of the repair must
     // still not vote.

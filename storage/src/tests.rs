@@ -522,3 +522,74 @@ async fn a_batch_s_payloads_read_back_from_the_log_and_travel_in_snapshots() {
     let b = reopen(b_dir.path()).await.sm;
     assert_batch_payloads(&b, 300, 10);
 }
+
+#[tokio::test]
+async fn applied_writes_are_read_at_once_and_reach_sled_in_one_batch_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = StoreOptions {
+        flush_every: std::time::Duration::from_secs(3600),
+        ..StoreOptions::default()
+    };
+    let Opened {
+        mut log, mut sm, ..
+    } = open(dir.path(), &options).unwrap();
+    let entries: Vec<Entry> = (1..=5).map(|i| enqueue_entry(i, 64)).collect();
+    log.blocking_append(entries.clone()).await.unwrap();
+    // No flush is due for an hour: the writes wait above the tree.
+    sm.apply(entries[..3].to_vec()).await.unwrap();
+    sm.apply(entries[3..].to_vec()).await.unwrap();
+    let tree = SledKv::bare(sm.shared.tree());
+    let view = sm.reader().view();
+    assert_eq!(machine::item(&tree, WorkId(0)).unwrap(), None);
+    assert_eq!(sm::read_last_applied(&tree).unwrap(), None);
+    assert_eq!(sm::read_last_applied(&view).unwrap(), Some(log_id(5)));
+    assert_eq!(machine::read_meta(&view).unwrap().counts.queued, 5);
+    let (applied, _) = sm.applied_state().await.unwrap();
+    assert_eq!(applied, Some(log_id(5)));
+    // Scans merge both, in either direction.
+    let (start, end) = hashq_raft::keys::table(hashq_raft::keys::ITEM);
+    let ids = |reverse| -> Vec<Vec<u8>> {
+        view.scan(&start, &end, reverse)
+            .map(|r| r.unwrap().0)
+            .collect()
+    };
+    assert_eq!(ids(false).len(), 5);
+    assert_eq!(ids(true), ids(false).into_iter().rev().collect::<Vec<_>>());
+    let before = dump(&sm);
+
+    // A snapshot dumps the tree, so everything applied goes into it first.
+    build(&mut sm).await;
+    assert_eq!(sm::read_last_applied(&tree).unwrap(), Some(log_id(5)));
+    assert!(machine::item(&tree, WorkId(4)).unwrap().is_some());
+    assert_eq!(dump(&sm), before, "the flush changes nothing a reader sees");
+}
+
+#[test]
+fn the_unflushed_writes_shadow_the_tree_in_gets_and_scans() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sm::open_sled(dir.path(), 1 << 20).unwrap();
+    let tree = db.open_tree("t").unwrap();
+    for k in [b"a1", b"a3", b"a5", b"b1"] {
+        tree.insert(k, b"tree").unwrap();
+    }
+    let kv = SledKv::bare(tree);
+    {
+        let mut w = kv.unflushed.write().unwrap();
+        w.insert(b"a2".to_vec(), Some(b"new".to_vec()));
+        w.insert(b"a3".to_vec(), None);
+        w.insert(b"a5".to_vec(), Some(b"over".to_vec()));
+    }
+    let pairs = |reverse| -> Vec<(Vec<u8>, Vec<u8>)> {
+        kv.scan(b"a", b"b", reverse).map(|r| r.unwrap()).collect()
+    };
+    let forward = vec![
+        (b"a1".to_vec(), b"tree".to_vec()),
+        (b"a2".to_vec(), b"new".to_vec()),
+        (b"a5".to_vec(), b"over".to_vec()),
+    ];
+    assert_eq!(pairs(false), forward);
+    assert_eq!(pairs(true), forward.into_iter().rev().collect::<Vec<_>>());
+    assert_eq!(kv.get(b"a3").unwrap(), None);
+    assert_eq!(kv.get(b"a5").unwrap(), Some(b"over".to_vec()));
+    assert_eq!(kv.get(b"b1").unwrap(), Some(b"tree".to_vec()));
+}

@@ -1,19 +1,40 @@
 //! The sled side of the state machine: the read view of a tree ([`SledKv`]), opening sled,
 //! finding the current tree, and reading what a tree has applied.
 
+use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::path::Path;
+use std::sync::{Arc, RwLock};
 
 use hashq_raft::codec;
 use hashq_raft::keys;
-use hashq_raft::kv::{KvError, KvRead, ScanIter};
+use hashq_raft::kv::{merge, KvError, KvRead, ScanIter};
 use hashq_raft::machine;
 use hashq_raft::{LogId, StoredMembership};
 
 use super::CURRENT_TREE;
 
-/// A read-only view of one state-machine tree.
+/// Writes applied to the state machine that are not in its sled tree yet, in key order:
+/// `Some` is a put, `None` a delete. See [`super::FLUSH_EVERY`].
+pub(crate) type Unflushed = Arc<RwLock<BTreeMap<Vec<u8>, Option<Vec<u8>>>>>;
+
+/// A read-only view of the state machine: its sled tree with the applied writes not yet
+/// flushed into it on top.
 #[derive(Clone)]
-pub struct SledKv(pub(crate) sled::Tree);
+pub struct SledKv {
+    pub(crate) tree: sled::Tree,
+    pub(crate) unflushed: Unflushed,
+}
+
+impl SledKv {
+    /// A view of `tree` alone (a tree being loaded or checked, with nothing applied on top).
+    pub(crate) fn bare(tree: sled::Tree) -> SledKv {
+        SledKv {
+            tree,
+            unflushed: Unflushed::default(),
+        }
+    }
+}
 
 fn io(e: sled::Error) -> KvError {
     KvError::Io(e.to_string())
@@ -21,23 +42,47 @@ fn io(e: sled::Error) -> KvError {
 
 impl KvRead for SledKv {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
-        self.0.get(key).map(|v| v.map(|v| v.to_vec())).map_err(io)
+        if let Some(write) = read(&self.unflushed).get(key) {
+            return Ok(write.clone());
+        }
+        self.tree
+            .get(key)
+            .map(|v| v.map(|v| v.to_vec()))
+            .map_err(io)
     }
 
     fn scan<'a>(&'a self, start: &[u8], end: &[u8], reverse: bool) -> ScanIter<'a> {
         if start >= end {
             return Box::new(std::iter::empty());
         }
+        // The unflushed writes of the range are copied out (they are few: a flush interval's),
+        // so the lock is not held while the caller iterates.
+        let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = read(&self.unflushed)
+            .range::<[u8], _>((Bound::Included(start), Bound::Excluded(end)))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let range = self
-            .0
+            .tree
             .range(start.to_vec()..end.to_vec())
             .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(io));
-        if reverse {
+        let base: ScanIter<'a> = if reverse {
+            writes.reverse();
             Box::new(range.rev())
         } else {
             Box::new(range)
+        };
+        if writes.is_empty() {
+            return base;
         }
+        merge(base, Box::new(writes.into_iter()), reverse)
     }
+}
+
+/// Reads `unflushed`, whatever a panicking writer left (its writes are whole entries).
+pub(crate) fn read(
+    unflushed: &Unflushed,
+) -> std::sync::RwLockReadGuard<'_, BTreeMap<Vec<u8>, Option<Vec<u8>>>> {
+    unflushed.read().unwrap_or_else(|p| p.into_inner())
 }
 
 pub(crate) fn read_last_applied(kv: &SledKv) -> Result<Option<LogId>, KvError> {
@@ -93,7 +138,7 @@ pub(super) fn current_tree(
         }
     }
     let tree = db.open_tree(&name).map_err(|e| e.to_string())?;
-    let kv = SledKv(tree.clone());
+    let kv = SledKv::bare(tree.clone());
     let applied = read_last_applied(&kv).map_err(|e| e.to_string())?;
     machine::read_meta(&kv).map_err(|e| e.to_string())?;
     read_membership(&kv).map_err(|e| e.to_string())?;
