@@ -83,8 +83,9 @@ pub(crate) struct Shared {
     flush_every: std::time::Duration,
 }
 
-/// How often applied writes go into sled, by default ([`crate::StoreOptions::flush_every`]): one `apply_batch` for everything applied since the
-/// last one, with `last_applied`, instead of one per apply call. sled rolls and writes its
+/// How often applied writes go into sled, by default ([`crate::StoreOptions::flush_every`]):
+/// one `apply_batch` for everything applied since the last one, with `last_applied`, instead
+/// of one per apply call. sled rolls and writes its
 /// I/O buffer (a `pwrite` and a `sync_file_range` on its own threads) for every batch
 /// (`PageCache::pin_log`), whatever its size, so that cost is paid a few times a second
 /// rather than for each log entry, and a record written and deleted in between (a queue
@@ -137,10 +138,7 @@ impl Shared {
             }
         }
         self.tree().apply_batch(batch)?;
-        self.unflushed
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        kv::write(&self.unflushed).clear();
         *lock(&self.flushed_at) = Instant::now();
         Ok(())
     }
@@ -169,10 +167,7 @@ impl Shared {
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             *lock(&self.floor_from) = WorkId(0);
             // Writes applied to the old state are no part of the new one.
-            self.unflushed
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .clear();
+            kv::write(&self.unflushed).clear();
             std::mem::replace(&mut *current, tree)
         };
         self.db.drop_tree(old.name())?;
@@ -535,11 +530,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }
         let writes = overlay.into_writes();
         let waiting = {
-            let mut unflushed = self
-                .shared
-                .unflushed
-                .write()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut unflushed = kv::write(&self.shared.unflushed);
             unflushed.extend(writes);
             unflushed.len()
         };

@@ -2287,14 +2287,7 @@ fn live_payloads_come_in_log_order_when_a_batch_precedes_another_request() {
         now: 1,
         mono: 1,
         limits: StoreLimits::UNLIMITED,
-        requests: vec![
-            batch_request("b", &[1, 2, 3], 1),
-            Request::Enqueue {
-                iterations: 1,
-                payload: Bytes::from_static(b"x"),
-                dedup: None,
-            },
-        ],
+        requests: vec![batch_request("b", &[1, 2, 3], 1), enqueue_request(1)],
     };
     apply(&mut kv, &cmd, At { term: 1, index: 9 }).unwrap();
     assert_eq!(item(&kv, WorkId(3)).unwrap().unwrap().payload.ordinal, 1);
@@ -2323,21 +2316,16 @@ fn version_5_drops_the_payload_records_and_reads_live_payloads_off_the_items() {
     assert_eq!(payload_records(&kv), before);
 
     // One entry: an enqueue that still writes its record, the upgrade, an enqueue after it.
-    let one = |n: u8| Request::Enqueue {
-        iterations: 1,
-        payload: Bytes::from(vec![n; 4]),
-        dedup: None,
-    };
     let cmd = Command {
         now: 6,
         mono: 6,
         limits: StoreLimits::UNLIMITED,
         requests: vec![
-            one(1),
+            enqueue_request(4),
             Request::SetClusterVersion {
                 version: crate::version::ITEM_PAYLOADS,
             },
-            one(2),
+            enqueue_request(4),
         ],
     };
     apply(&mut kv, &cmd, next_at()).unwrap();

@@ -85,6 +85,13 @@ pub(crate) fn read(
     unflushed.read().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Writes `unflushed`, likewise.
+pub(crate) fn write(
+    unflushed: &Unflushed,
+) -> std::sync::RwLockWriteGuard<'_, BTreeMap<Vec<u8>, Option<Vec<u8>>>> {
+    unflushed.write().unwrap_or_else(|p| p.into_inner())
+}
+
 pub(crate) fn read_last_applied(kv: &SledKv) -> Result<Option<LogId>, KvError> {
     match kv.get(keys::LAST_APPLIED)? {
         None => Ok(None),
