@@ -5,10 +5,10 @@
 //! snapshot plus the Raft log) whenever sled comes back behind the log's purge point, empty,
 //! or unreadable. Writes made after the last snapshot are simply applied again from the log;
 //! they are the same on every replica, so applying them twice is harmless only because sled
-//! then holds none of them or all of them (one atomic batch per apply call, with
-//! `last_applied` in it).
+//! then holds none of them or all of them: applied writes wait in memory and go into sled in
+//! atomic batches of whole apply calls, each with its `last_applied` ([`FLUSH_EVERY`]).
 
-mod kv;
+pub(crate) mod kv;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -65,7 +65,8 @@ pub(crate) struct Shared {
     pub(crate) layout: Layout,
     /// Names the current state-machine tree; swapped by a snapshot install.
     meta: sled::Tree,
-    pub(crate) current: RwLock<sled::Tree>,
+    /// The current tree with the applied writes not in it yet.
+    pub(crate) layered: Arc<Layered>,
     applied: watch::Sender<AppliedState>,
     /// The latest complete snapshot file and its metadata.
     pub(crate) current_snapshot: Mutex<Option<(PathBuf, SnapshotMeta)>>,
@@ -77,10 +78,16 @@ pub(crate) struct Shared {
     /// needs its payload again, so each is looked at once, not after every apply. Back to 0
     /// whenever the tree is replaced.
     floor_from: Mutex<WorkId>,
-    /// Applied writes not in the tree yet, and when they last went into it ([`FLUSH_EVERY`]).
-    unflushed: Unflushed,
-    flushed_at: Mutex<Instant>,
-    flush_every: std::time::Duration,
+    flusher: Flusher,
+}
+
+/// The state-machine tree and the applied writes not in it yet ([`FLUSH_EVERY`]), shared
+/// with the thread that puts them there.
+pub(crate) struct Layered {
+    current: RwLock<sled::Tree>,
+    pub(crate) unflushed: Unflushed,
+    /// Held by whoever puts them into the tree, and while the tree is replaced.
+    flush_lock: Mutex<()>,
 }
 
 /// How often applied writes go into sled, by default ([`crate::StoreOptions::flush_every`]):
@@ -92,18 +99,73 @@ pub(crate) struct Shared {
 /// entry, a lease) never reaches sled. Readers see the writes from the moment they are
 /// applied ([`SledKv`]). sled is not the durable copy: after a crash, what was applied and
 /// not flushed is applied again from the log, as it always was for what sled had not synced.
-/// Measured (`BENCHMARKS.md`, 2026-12-02): every 50 ms did better than every 200 ms under
-/// load, whose longer flushes hold up apply.
+///
+/// The flush runs on a thread of its own, so apply never waits for sled unless the flusher
+/// falls [`FLUSH_BEHIND_RECORDS`] behind: while a layer of writes goes into the tree, readers
+/// consult it, and apply writes the next one.
 pub const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 /// Or as soon as this many records wait.
 const FLUSH_AT_RECORDS: usize = 20_000;
+/// When this many wait, apply flushes them itself: memory stays bounded when sled is slower
+/// than apply.
+const FLUSH_BEHIND_RECORDS: usize = 4 * FLUSH_AT_RECORDS;
 
 impl Drop for Shared {
     /// A node that stops cleanly leaves sled with everything it applied (a crash leaves it
-    /// to the log).
+    /// to the log). The flusher thread is stopped and joined after this (`Flusher`'s drop),
+    /// so sled is closed when the store is.
     fn drop(&mut self) {
-        if let Err(e) = self.flush() {
+        if let Err(e) = self.layered.flush() {
             tracing::warn!(error = %e, "the last applied writes did not reach sled; the log has them");
+        }
+    }
+}
+
+/// The thread that puts applied writes into sled every [`FLUSH_EVERY`], or when woken.
+struct Flusher {
+    wake: Option<std::sync::mpsc::SyncSender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Flusher {
+    fn start(tree: Arc<Layered>, every: std::time::Duration) -> std::io::Result<Flusher> {
+        let (wake, woken) = std::sync::mpsc::sync_channel(1);
+        let thread = std::thread::Builder::new()
+            .name("sm-flusher".into())
+            .spawn(move || loop {
+                if let Err(std::sync::mpsc::RecvTimeoutError::Disconnected) =
+                    woken.recv_timeout(every)
+                {
+                    return;
+                }
+                if kv::read(&tree.unflushed).is_empty() {
+                    continue;
+                }
+                // Readers still see the writes; apply flushes them itself if this keeps
+                // failing.
+                if let Err(e) = tree.flush() {
+                    tracing::error!(error = %e, "applied writes could not go into sled");
+                }
+            })?;
+        Ok(Flusher {
+            wake: Some(wake),
+            thread: Some(thread),
+        })
+    }
+
+    fn wake(&self) {
+        if let Some(wake) = &self.wake {
+            // Full means it is woken already.
+            let _ = wake.try_send(());
+        }
+    }
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        self.wake.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }
@@ -112,7 +174,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-impl Shared {
+impl Layered {
+    pub(crate) fn new(tree: sled::Tree) -> Layered {
+        Layered {
+            current: RwLock::new(tree),
+            unflushed: Unflushed::default(),
+            flush_lock: Mutex::new(()),
+        }
+    }
+
     /// The state machine as applied: the tree with the unflushed writes on top.
     pub(crate) fn view(&self) -> SledKv {
         SledKv {
@@ -122,32 +192,58 @@ impl Shared {
     }
 
     /// Puts the unflushed writes into the tree, in one atomic batch (they end with the
-    /// `last_applied` of the last apply call). Readers see the same values before and after.
+    /// `last_applied` of the last apply call). Readers see the same values before, during
+    /// and after; apply goes on meanwhile, into a new layer.
     pub(crate) fn flush(&self) -> Result<(), sled::Error> {
-        let mut batch = sled::Batch::default();
-        {
-            let unflushed = kv::read(&self.unflushed);
-            if unflushed.is_empty() {
+        let _alone = lock(&self.flush_lock);
+        let layer = {
+            let mut layers = kv::write(&self.unflushed);
+            if layers.is_empty() {
                 return Ok(());
             }
-            for (key, value) in unflushed.iter() {
-                match value {
-                    Some(v) => batch.insert(key.as_slice(), v.as_slice()),
-                    None => batch.remove(key.as_slice()),
-                }
+            // A layer is left behind only by a failed flush; it goes again, under the newer.
+            let mut layer = std::mem::take(&mut layers.flushing);
+            let active = std::mem::take(&mut layers.active);
+            if layer.is_empty() {
+                layer = Arc::new(active);
+            } else {
+                Arc::make_mut(&mut layer).extend(active);
+            }
+            layers.flushing = layer.clone();
+            layer
+        };
+        let mut batch = sled::Batch::default();
+        for (key, value) in layer.iter() {
+            match value {
+                Some(v) => batch.insert(key.as_slice(), v.as_slice()),
+                None => batch.remove(key.as_slice()),
             }
         }
         self.tree().apply_batch(batch)?;
-        kv::write(&self.unflushed).clear();
-        *lock(&self.flushed_at) = Instant::now();
+        kv::write(&self.unflushed).flushing = Arc::default();
         Ok(())
     }
 
-    pub(crate) fn tree(&self) -> sled::Tree {
+    fn tree(&self) -> sled::Tree {
         self.current
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone()
+    }
+}
+
+impl Shared {
+    /// The state machine as applied: the tree with the unflushed writes on top.
+    pub(crate) fn view(&self) -> SledKv {
+        self.layered.view()
+    }
+
+    pub(crate) fn flush(&self) -> Result<(), sled::Error> {
+        self.layered.flush()
+    }
+
+    pub(crate) fn tree(&self) -> sled::Tree {
+        self.layered.tree()
     }
 
     fn snapshot_dir(&self) -> PathBuf {
@@ -158,16 +254,19 @@ impl Shared {
     /// before sled persists the pointer leaves the old tree, which recovery handles like any
     /// state that is behind.)
     pub(crate) fn switch_to(&self, tree: sled::Tree) -> Result<(), sled::Error> {
+        // No flush may go into the old tree once the new one is current.
+        let _alone = lock(&self.layered.flush_lock);
         self.meta.insert(CURRENT_TREE, &*tree.name())?;
         self.db.flush()?;
         let old = {
             let mut current = self
+                .layered
                 .current
                 .write()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             *lock(&self.floor_from) = WorkId(0);
             // Writes applied to the old state are no part of the new one.
-            kv::write(&self.unflushed).clear();
+            *kv::write(&self.layered.unflushed) = kv::Layers::default();
             std::mem::replace(&mut *current, tree)
         };
         self.db.drop_tree(old.name())?;
@@ -338,20 +437,21 @@ impl StateMachineStore {
             }
         };
         let (applied_tx, _) = watch::channel(AppliedState::default());
+        let layered = Arc::new(Layered::new(tree));
+        let flusher = Flusher::start(layered.clone(), options.flush_every)
+            .map_err(fsio::fatal("start the state machine's flusher", &dir))?;
         let shared = Arc::new(Shared {
             db,
             layout: layout.clone(),
             meta,
-            current: RwLock::new(tree),
+            layered,
             applied: applied_tx,
             current_snapshot: Mutex::new(latest.clone()),
             stats: Mutex::new(SnapshotStats::default()),
             receiving: Mutex::new(HashMap::new()),
             payloads,
             floor_from: Mutex::new(WorkId(0)),
-            unflushed: Unflushed::default(),
-            flushed_at: Mutex::new(Instant::now()),
-            flush_every: options.flush_every,
+            flusher,
         });
         if applied < purged {
             match latest {
@@ -530,14 +630,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }
         let writes = overlay.into_writes();
         let waiting = {
-            let mut unflushed = kv::write(&self.shared.unflushed);
-            unflushed.extend(writes);
-            unflushed.len()
+            let mut layers = kv::write(&self.shared.layered.unflushed);
+            layers.active.extend(writes);
+            layers.active.len()
         };
-        if waiting >= FLUSH_AT_RECORDS
-            || lock(&self.shared.flushed_at).elapsed() >= self.shared.flush_every
-        {
+        if waiting >= FLUSH_BEHIND_RECORDS {
             self.shared.flush().map_err(sm_error)?;
+        } else if waiting >= FLUSH_AT_RECORDS {
+            self.shared.flusher.wake();
         }
         self.shared.publish(leader_wall);
         if let Some(o) = fsio::observer() {

@@ -574,7 +574,7 @@ fn the_unflushed_writes_shadow_the_tree_in_gets_and_scans() {
     }
     let kv = SledKv::bare(tree);
     {
-        let mut w = kv.unflushed.write().unwrap();
+        let w = &mut kv.unflushed.write().unwrap().active;
         w.insert(b"a2".to_vec(), Some(b"new".to_vec()));
         w.insert(b"a3".to_vec(), None);
         w.insert(b"a5".to_vec(), Some(b"over".to_vec()));
@@ -592,4 +592,127 @@ fn the_unflushed_writes_shadow_the_tree_in_gets_and_scans() {
     assert_eq!(kv.get(b"a3").unwrap(), None);
     assert_eq!(kv.get(b"a5").unwrap(), Some(b"over".to_vec()));
     assert_eq!(kv.get(b"b1").unwrap(), Some(b"tree".to_vec()));
+}
+
+/// A deterministic stream of numbers for the scan tests (no RNG crate needed).
+fn lcg(seed: &mut u64) -> u64 {
+    *seed = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    *seed >> 33
+}
+
+type Model = std::collections::BTreeMap<Vec<u8>, Vec<u8>>;
+
+/// Random puts and deletes over `keys` keys, applied to `model` as they are made.
+fn random_writes(seed: &mut u64, keys: u64, count: usize, model: &mut Model) -> sm::kv::Writes {
+    let mut writes = sm::kv::Writes::new();
+    for _ in 0..count {
+        let key = format!("k{:04}", lcg(seed) % keys).into_bytes();
+        if lcg(seed).is_multiple_of(3) {
+            model.remove(&key);
+            writes.insert(key, None);
+        } else {
+            let value = format!("v{}", lcg(seed)).into_bytes();
+            model.insert(key.clone(), value.clone());
+            writes.insert(key, Some(value));
+        }
+    }
+    writes
+}
+
+fn expect_range(model: &Model, start: &[u8], end: &[u8], reverse: bool) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let pairs = model
+        .range::<[u8], _>((
+            std::ops::Bound::Included(start),
+            std::ops::Bound::Excluded(end),
+        ))
+        .map(|(k, v)| (k.clone(), v.clone()));
+    if reverse {
+        pairs.rev().collect()
+    } else {
+        pairs.collect()
+    }
+}
+
+#[test]
+fn scans_over_many_unflushed_writes_merge_every_chunk_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sm::open_sled(dir.path(), 1 << 20).unwrap();
+    let mut seed = 7;
+    for round in 0..20 {
+        let tree = db.open_tree(format!("t{round}")).unwrap();
+        let mut model = Model::new();
+        let keys = 50 + lcg(&mut seed) % 2_000;
+        for (k, v) in random_writes(&mut seed, keys, 3_000, &mut model) {
+            match v {
+                Some(v) => tree.insert(k, v).unwrap(),
+                None => tree.remove(k).unwrap(),
+            };
+        }
+        let flushing = random_writes(&mut seed, keys, 1_500, &mut model);
+        let active = random_writes(&mut seed, keys, 1_500, &mut model);
+        let kv = SledKv::bare(tree);
+        {
+            let mut layers = kv.unflushed.write().unwrap();
+            layers.flushing = std::sync::Arc::new(flushing);
+            layers.active = active;
+        }
+        for _ in 0..10 {
+            let a = format!("k{:04}", lcg(&mut seed) % (keys + 10)).into_bytes();
+            let b = format!("k{:04}", lcg(&mut seed) % (keys + 10)).into_bytes();
+            let (start, end) = if a < b { (a, b) } else { (b, a) };
+            for reverse in [false, true] {
+                let got: Vec<_> = kv.scan(&start, &end, reverse).map(|r| r.unwrap()).collect();
+                assert_eq!(
+                    got,
+                    expect_range(&model, &start, &end, reverse),
+                    "round {round}"
+                );
+            }
+        }
+        let all = |reverse| {
+            kv.scan(b"k", b"l", reverse)
+                .map(|r| r.unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(all(false), expect_range(&model, b"k", b"l", false));
+        assert_eq!(all(true), expect_range(&model, b"k", b"l", true));
+    }
+}
+
+#[test]
+fn a_flush_in_the_middle_of_a_scan_changes_nothing_it_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sm::open_sled(dir.path(), 1 << 20).unwrap();
+    let mut seed = 11;
+    for round in 0..10 {
+        let layered = sm::Layered::new(db.open_tree(format!("t{round}")).unwrap());
+        let mut model = Model::new();
+        let keys = 3_000;
+        for _ in 0..2 {
+            let writes = random_writes(&mut seed, keys, 2_000, &mut model);
+            layered.unflushed.write().unwrap().active = writes;
+            layered.flush().unwrap();
+        }
+        let writes = random_writes(&mut seed, keys, 2_000, &mut model);
+        layered.unflushed.write().unwrap().active = writes;
+        let view = layered.view();
+        let reverse = round % 2 == 1;
+        let mut scan = view.scan(b"k", b"l", reverse);
+        let mut got = Vec::new();
+        let stop_at = (lcg(&mut seed) % 1_000) as usize;
+        for pair in scan.by_ref().take(stop_at) {
+            got.push(pair.unwrap());
+        }
+        // Everything goes into the tree between two chunks of the scan.
+        layered.flush().unwrap();
+        assert!(layered.unflushed.read().unwrap().is_empty());
+        got.extend(scan.map(|r| r.unwrap()));
+        assert_eq!(
+            got,
+            expect_range(&model, b"k", b"l", reverse),
+            "round {round}"
+        );
+    }
 }

@@ -8,15 +8,60 @@ use std::sync::{Arc, RwLock};
 
 use hashq_raft::codec;
 use hashq_raft::keys;
-use hashq_raft::kv::{merge, KvError, KvRead, ScanIter};
+use hashq_raft::kv::{KvError, KvRead, Pair, ScanIter};
 use hashq_raft::machine;
 use hashq_raft::{LogId, StoredMembership};
 
 use super::CURRENT_TREE;
 
-/// Writes applied to the state machine that are not in its sled tree yet, in key order:
-/// `Some` is a put, `None` a delete. See [`super::FLUSH_EVERY`].
-pub(crate) type Unflushed = Arc<RwLock<BTreeMap<Vec<u8>, Option<Vec<u8>>>>>;
+/// Applied writes in key order: `Some` is a put, `None` a delete.
+pub(crate) type Writes = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
+/// Writes applied to the state machine that are not in its sled tree yet (see
+/// [`super::FLUSH_EVERY`]): those applied since the last flush began, and those a flush is
+/// putting into the tree, which readers consult until the tree has them.
+#[derive(Default)]
+pub(crate) struct Layers {
+    pub(crate) active: Writes,
+    pub(crate) flushing: Arc<Writes>,
+}
+
+impl Layers {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.active.is_empty() && self.flushing.is_empty()
+    }
+
+    fn get(&self, key: &[u8]) -> Option<&Option<Vec<u8>>> {
+        self.active.get(key).or_else(|| self.flushing.get(key))
+    }
+
+    /// Up to `n` writes of each layer within `bounds`, from the scan's start.
+    fn chunk(&self, bounds: &Bounds, reverse: bool, n: usize) -> [Chunk; 2] {
+        [
+            take(self.flushing.range(bounds.clone()), reverse, n),
+            take(self.active.range(bounds.clone()), reverse, n),
+        ]
+    }
+}
+
+/// The part of a scan's range still to go.
+type Bounds = (Bound<Vec<u8>>, Bound<Vec<u8>>);
+type Chunk = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+
+fn take<'a>(
+    range: impl DoubleEndedIterator<Item = (&'a Vec<u8>, &'a Option<Vec<u8>>)>,
+    reverse: bool,
+    n: usize,
+) -> Chunk {
+    let clone = |(k, v): (&Vec<u8>, &Option<Vec<u8>>)| (k.clone(), v.clone());
+    if reverse {
+        range.rev().take(n).map(clone).collect()
+    } else {
+        range.take(n).map(clone).collect()
+    }
+}
+
+pub(crate) type Unflushed = Arc<RwLock<Layers>>;
 
 /// A read-only view of the state machine: its sled tree with the applied writes not yet
 /// flushed into it on top.
@@ -55,40 +100,140 @@ impl KvRead for SledKv {
         if start >= end {
             return Box::new(std::iter::empty());
         }
-        // The unflushed writes of the range are copied out (they are few: a flush interval's),
-        // so the lock is not held while the caller iterates.
-        let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = read(&self.unflushed)
-            .range::<[u8], _>((Bound::Included(start), Bound::Excluded(end)))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        let range = self
-            .tree
-            .range(start.to_vec()..end.to_vec())
-            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(io));
-        let base: ScanIter<'a> = if reverse {
-            writes.reverse();
-            Box::new(range.rev())
-        } else {
-            Box::new(range)
-        };
-        if writes.is_empty() {
-            return base;
+        if read(&self.unflushed).is_empty() {
+            // Nothing on top, and nothing can come during an apply (only apply adds writes);
+            // a route's scan sees what later applies change, as it always did.
+            let range = self
+                .tree
+                .range(start.to_vec()..end.to_vec())
+                .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(io));
+            return if reverse {
+                Box::new(range.rev())
+            } else {
+                Box::new(range)
+            };
         }
-        merge(base, Box::new(writes.into_iter()), reverse)
+        Box::new(Scan {
+            kv: self.clone(),
+            bounds: (
+                Bound::Included(start.to_vec()),
+                Bound::Excluded(end.to_vec()),
+            ),
+            reverse,
+            chunk: FIRST_CHUNK,
+            ready: Vec::new().into_iter(),
+            done: false,
+        })
+    }
+}
+
+/// A scan reads the tree and both layers a chunk at a time, each chunk the layers first and
+/// then the tree: a flush that runs meanwhile (it puts a layer into the tree, then drops the
+/// layer) only makes the tree hold what the layers read already said, so every chunk is
+/// exact, and an apply's scans see exactly the state it applies to. Nothing is copied past
+/// what the caller reads, however many writes wait.
+struct Scan {
+    kv: SledKv,
+    bounds: Bounds,
+    reverse: bool,
+    chunk: usize,
+    ready: std::vec::IntoIter<Pair>,
+    done: bool,
+}
+
+/// Keys read from each source by a scan's first chunk (most scans stop after a few), then
+/// four times as many each time, up to [`LAST_CHUNK`].
+const FIRST_CHUNK: usize = 8;
+const LAST_CHUNK: usize = 512;
+
+impl Scan {
+    fn refill(&mut self) -> Result<(), KvError> {
+        let n = self.chunk;
+        self.chunk = (n * 4).min(LAST_CHUNK);
+        let [flushing, active] = read(&self.kv.unflushed).chunk(&self.bounds, self.reverse, n);
+        let range = self.kv.tree.range(self.bounds.clone());
+        let tree: Chunk = if self.reverse {
+            range.rev().take(n).collect::<Result<Vec<_>, _>>()
+        } else {
+            range.take(n).collect::<Result<Vec<_>, _>>()
+        }
+        .map_err(io)?
+        .into_iter()
+        .map(|(k, v)| (k.to_vec(), Some(v.to_vec())))
+        .collect();
+        // Each source is complete up to its last key if it ran out of room; the chunk is
+        // complete up to the first such key.
+        let before = |a: &[u8], b: &[u8]| if self.reverse { a > b } else { a < b };
+        let mut complete_to: Option<Vec<u8>> = None;
+        for source in [&tree, &flushing, &active] {
+            if source.len() == n {
+                let last = &source[n - 1].0;
+                if complete_to.as_ref().is_none_or(|c| before(last, c)) {
+                    complete_to = Some(last.clone());
+                }
+            }
+        }
+        // The newer source wins: the tree, then the layer being flushed, then the newest.
+        let mut merged: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+        for source in [tree, flushing, active] {
+            merged.extend(source);
+        }
+        let within = |k: &[u8]| {
+            complete_to
+                .as_deref()
+                .is_none_or(|c| k == c || before(k, c))
+        };
+        let keep = |(k, v): (Vec<u8>, Option<Vec<u8>>)| v.map(|v| (k, v));
+        let pairs: Vec<Pair> = if self.reverse {
+            merged
+                .into_iter()
+                .rev()
+                .take_while(|(k, _)| within(k))
+                .filter_map(keep)
+                .collect()
+        } else {
+            merged
+                .into_iter()
+                .take_while(|(k, _)| within(k))
+                .filter_map(keep)
+                .collect()
+        };
+        match complete_to {
+            None => self.done = true,
+            Some(last) if self.reverse => self.bounds.1 = Bound::Excluded(last),
+            Some(last) => self.bounds.0 = Bound::Excluded(last),
+        }
+        self.ready = pairs.into_iter();
+        Ok(())
+    }
+}
+
+impl Iterator for Scan {
+    type Item = Result<Pair, KvError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(pair) = self.ready.next() {
+                return Some(Ok(pair));
+            }
+            if self.done {
+                return None;
+            }
+            if let Err(e) = self.refill() {
+                self.done = true;
+                return Some(Err(e));
+            }
+        }
     }
 }
 
 /// Reads `unflushed`, whatever a panicking writer left (its writes are whole entries).
-pub(crate) fn read(
-    unflushed: &Unflushed,
-) -> std::sync::RwLockReadGuard<'_, BTreeMap<Vec<u8>, Option<Vec<u8>>>> {
+pub(crate) fn read(unflushed: &Unflushed) -> std::sync::RwLockReadGuard<'_, Layers> {
     unflushed.read().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Writes `unflushed`, likewise.
-pub(crate) fn write(
-    unflushed: &Unflushed,
-) -> std::sync::RwLockWriteGuard<'_, BTreeMap<Vec<u8>, Option<Vec<u8>>>> {
+pub(crate) fn write(unflushed: &Unflushed) -> std::sync::RwLockWriteGuard<'_, Layers> {
     unflushed.write().unwrap_or_else(|p| p.into_inner())
 }
 
