@@ -88,6 +88,8 @@ pub(crate) struct Layered {
     pub(crate) unflushed: Unflushed,
     /// Held by whoever puts them into the tree, and while the tree is replaced.
     flush_lock: Mutex<()>,
+    /// The last flush failed: apply tries it itself, and stops on a second failure.
+    flush_failed: std::sync::atomic::AtomicBool,
 }
 
 /// How often applied writes go into sled, by default ([`crate::StoreOptions::flush_every`]):
@@ -101,13 +103,13 @@ pub(crate) struct Layered {
 /// not flushed is applied again from the log, as it always was for what sled had not synced.
 ///
 /// The flush runs on a thread of its own, so apply never waits for sled unless the flusher
-/// falls [`FLUSH_BEHIND_RECORDS`] behind: while a layer of writes goes into the tree, readers
-/// consult it, and apply writes the next one.
+/// falls [`FLUSH_BEHIND_RECORDS`] behind or failed: while a layer of writes goes into the
+/// tree, readers consult it, and apply writes the next one.
 pub const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 /// Or as soon as this many records wait.
 const FLUSH_AT_RECORDS: usize = 20_000;
-/// When this many wait, apply flushes them itself: memory stays bounded when sled is slower
-/// than apply.
+/// When this many wait (in both layers), apply flushes them itself: memory stays bounded
+/// when sled is slower than apply.
 const FLUSH_BEHIND_RECORDS: usize = 4 * FLUSH_AT_RECORDS;
 
 impl Drop for Shared {
@@ -129,6 +131,8 @@ struct Flusher {
 
 impl Flusher {
     fn start(tree: Arc<Layered>, every: std::time::Duration) -> std::io::Result<Flusher> {
+        // A zero interval would spin; a millisecond is as good as after every apply.
+        let every = every.max(std::time::Duration::from_millis(1));
         let (wake, woken) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("sm-flusher".into())
@@ -141,8 +145,8 @@ impl Flusher {
                 if kv::read(&tree.unflushed).is_empty() {
                     continue;
                 }
-                // Readers still see the writes; apply flushes them itself if this keeps
-                // failing.
+                // Readers still see the writes; the next apply tries again itself, and stops
+                // the node if that fails too.
                 if let Err(e) = tree.flush() {
                     tracing::error!(error = %e, "applied writes could not go into sled");
                 }
@@ -180,6 +184,7 @@ impl Layered {
             current: RwLock::new(tree),
             unflushed: Unflushed::default(),
             flush_lock: Mutex::new(()),
+            flush_failed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -219,7 +224,10 @@ impl Layered {
                 None => batch.remove(key.as_slice()),
             }
         }
-        self.tree().apply_batch(batch)?;
+        let written = self.tree().apply_batch(batch);
+        self.flush_failed
+            .store(written.is_err(), std::sync::atomic::Ordering::Relaxed);
+        written?;
         kv::write(&self.unflushed).flushing = Arc::default();
         Ok(())
     }
@@ -632,9 +640,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let waiting = {
             let mut layers = kv::write(&self.shared.layered.unflushed);
             layers.active.extend(writes);
-            layers.active.len()
+            layers.active.len() + layers.flushing.len()
         };
-        if waiting >= FLUSH_BEHIND_RECORDS {
+        let failed = self
+            .shared
+            .layered
+            .flush_failed
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if waiting >= FLUSH_BEHIND_RECORDS || failed {
             self.shared.flush().map_err(sm_error)?;
         } else if waiting >= FLUSH_AT_RECORDS {
             self.shared.flusher.wake();

@@ -621,6 +621,17 @@ fn random_writes(seed: &mut u64, keys: u64, count: usize, model: &mut Model) -> 
     writes
 }
 
+/// Asserts that a scan read what the model holds (without printing thousands of pairs).
+fn assert_scan(got: &[(Vec<u8>, Vec<u8>)], expected: &[(Vec<u8>, Vec<u8>)], what: &str) {
+    let first_difference = got.iter().zip(expected).position(|(a, b)| a != b);
+    assert!(
+        got == expected,
+        "{what}: read {} pairs, expected {}, first difference at {first_difference:?}",
+        got.len(),
+        expected.len()
+    );
+}
+
 fn expect_range(model: &Model, start: &[u8], end: &[u8], reverse: bool) -> Vec<(Vec<u8>, Vec<u8>)> {
     let pairs = model
         .range::<[u8], _>((
@@ -664,10 +675,10 @@ fn scans_over_many_unflushed_writes_merge_every_chunk_exactly() {
             let (start, end) = if a < b { (a, b) } else { (b, a) };
             for reverse in [false, true] {
                 let got: Vec<_> = kv.scan(&start, &end, reverse).map(|r| r.unwrap()).collect();
-                assert_eq!(
-                    got,
-                    expect_range(&model, &start, &end, reverse),
-                    "round {round}"
+                assert_scan(
+                    &got,
+                    &expect_range(&model, &start, &end, reverse),
+                    &format!("round {round}"),
                 );
             }
         }
@@ -676,8 +687,16 @@ fn scans_over_many_unflushed_writes_merge_every_chunk_exactly() {
                 .map(|r| r.unwrap())
                 .collect::<Vec<_>>()
         };
-        assert_eq!(all(false), expect_range(&model, b"k", b"l", false));
-        assert_eq!(all(true), expect_range(&model, b"k", b"l", true));
+        assert_scan(
+            &all(false),
+            &expect_range(&model, b"k", b"l", false),
+            "forward",
+        );
+        assert_scan(
+            &all(true),
+            &expect_range(&model, b"k", b"l", true),
+            "reverse",
+        );
     }
 }
 
@@ -709,10 +728,52 @@ fn a_flush_in_the_middle_of_a_scan_changes_nothing_it_reads() {
         layered.flush().unwrap();
         assert!(layered.unflushed.read().unwrap().is_empty());
         got.extend(scan.map(|r| r.unwrap()));
-        assert_eq!(
-            got,
-            expect_range(&model, b"k", b"l", reverse),
-            "round {round}"
+        assert_scan(
+            &got,
+            &expect_range(&model, b"k", b"l", reverse),
+            &format!("round {round}"),
         );
+    }
+}
+
+#[test]
+fn a_flush_between_a_chunks_layer_read_and_its_tree_read_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sm::open_sled(dir.path(), 1 << 20).unwrap();
+    let mut seed = 5;
+    for round in 0..12 {
+        let layered =
+            std::sync::Arc::new(sm::Layered::new(db.open_tree(format!("t{round}")).unwrap()));
+        let mut model = Model::new();
+        let writes = random_writes(&mut seed, 1_500, 2_000, &mut model);
+        layered.unflushed.write().unwrap().active = writes;
+        layered.flush().unwrap();
+        let writes = random_writes(&mut seed, 1_500, 2_000, &mut model);
+        layered.unflushed.write().unwrap().active = writes;
+        // The flush lands in the chunk `at`, between its read of the layers and of the tree.
+        let at = round % 4;
+        let mut chunks = 0;
+        let flusher = layered.clone();
+        sm::kv::BETWEEN_READS.with(|hook| {
+            *hook.borrow_mut() = Some(Box::new(move || {
+                if chunks == at {
+                    flusher.flush().unwrap();
+                }
+                chunks += 1;
+            }))
+        });
+        let reverse = round % 2 == 1;
+        let got: Vec<_> = layered
+            .view()
+            .scan(b"k", b"l", reverse)
+            .map(|r| r.unwrap())
+            .collect();
+        sm::kv::BETWEEN_READS.with(|hook| hook.borrow_mut().take());
+        assert!(
+            layered.unflushed.read().unwrap().is_empty(),
+            "round {round}: no flush ran"
+        );
+        let expected = expect_range(&model, b"k", b"l", reverse);
+        assert_scan(&got, &expected, &format!("round {round}"));
     }
 }

@@ -101,8 +101,8 @@ impl KvRead for SledKv {
             return Box::new(std::iter::empty());
         }
         if read(&self.unflushed).is_empty() {
-            // Nothing on top, and nothing can come during an apply (only apply adds writes);
-            // a route's scan sees what later applies change, as it always did.
+            // Nothing on top, and nothing can come during an apply (only apply adds writes,
+            // and no flush runs with both layers empty).
             let range = self
                 .tree
                 .range(start.to_vec()..end.to_vec())
@@ -129,9 +129,10 @@ impl KvRead for SledKv {
 
 /// A scan reads the tree and both layers a chunk at a time, each chunk the layers first and
 /// then the tree: a flush that runs meanwhile (it puts a layer into the tree, then drops the
-/// layer) only makes the tree hold what the layers read already said, so every chunk is
-/// exact, and an apply's scans see exactly the state it applies to. Nothing is copied past
-/// what the caller reads, however many writes wait.
+/// layer) only makes the tree hold what the layers read already said. During an apply
+/// nothing else changes, so its scans see exactly the state it applies to (a route's scan
+/// may also see what later applies wrote, as before). At most a chunk per source is copied
+/// past what the caller reads, however many writes wait.
 struct Scan {
     kv: SledKv,
     bounds: Bounds,
@@ -139,6 +140,14 @@ struct Scan {
     chunk: usize,
     ready: std::vec::IntoIter<Pair>,
     done: bool,
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Runs in each chunk between its read of the layers and of the tree (tests of a flush
+    /// landing there).
+    pub(crate) static BETWEEN_READS: std::cell::RefCell<Option<Box<dyn FnMut()>>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// Keys read from each source by a scan's first chunk (most scans stop after a few), then
@@ -151,6 +160,12 @@ impl Scan {
         let n = self.chunk;
         self.chunk = (n * 4).min(LAST_CHUNK);
         let [flushing, active] = read(&self.kv.unflushed).chunk(&self.bounds, self.reverse, n);
+        #[cfg(test)]
+        BETWEEN_READS.with(|hook| {
+            if let Some(hook) = hook.borrow_mut().as_mut() {
+                hook()
+            }
+        });
         let range = self.kv.tree.range(self.bounds.clone());
         let tree: Chunk = if self.reverse {
             range.rev().take(n).collect::<Result<Vec<_>, _>>()
