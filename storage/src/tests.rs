@@ -700,22 +700,34 @@ fn scans_over_many_unflushed_writes_merge_every_chunk_exactly() {
     }
 }
 
+/// A state-machine tree holding `flushed` rounds of random writes over `keys` keys, with one
+/// more round waiting above it, and the model of what it holds.
+fn layered_with_writes(
+    db: &sled::Db,
+    name: String,
+    seed: &mut u64,
+    keys: u64,
+    flushed: usize,
+) -> (sm::Layered, Model) {
+    let layered = sm::Layered::new(db.open_tree(name).unwrap());
+    let mut model = Model::new();
+    for round in 0..=flushed {
+        let writes = random_writes(seed, keys, 2_000, &mut model);
+        layered.unflushed.write().unwrap().active = writes;
+        if round < flushed {
+            layered.flush().unwrap();
+        }
+    }
+    (layered, model)
+}
+
 #[test]
 fn a_flush_in_the_middle_of_a_scan_changes_nothing_it_reads() {
     let dir = tempfile::tempdir().unwrap();
     let db = sm::open_sled(dir.path(), 1 << 20).unwrap();
     let mut seed = 11;
     for round in 0..10 {
-        let layered = sm::Layered::new(db.open_tree(format!("t{round}")).unwrap());
-        let mut model = Model::new();
-        let keys = 3_000;
-        for _ in 0..2 {
-            let writes = random_writes(&mut seed, keys, 2_000, &mut model);
-            layered.unflushed.write().unwrap().active = writes;
-            layered.flush().unwrap();
-        }
-        let writes = random_writes(&mut seed, keys, 2_000, &mut model);
-        layered.unflushed.write().unwrap().active = writes;
+        let (layered, model) = layered_with_writes(&db, format!("t{round}"), &mut seed, 3_000, 2);
         let view = layered.view();
         let reverse = round % 2 == 1;
         let mut scan = view.scan(b"k", b"l", reverse);
@@ -742,14 +754,8 @@ fn a_flush_between_a_chunks_layer_read_and_its_tree_read_changes_nothing() {
     let db = sm::open_sled(dir.path(), 1 << 20).unwrap();
     let mut seed = 5;
     for round in 0..12 {
-        let layered =
-            std::sync::Arc::new(sm::Layered::new(db.open_tree(format!("t{round}")).unwrap()));
-        let mut model = Model::new();
-        let writes = random_writes(&mut seed, 1_500, 2_000, &mut model);
-        layered.unflushed.write().unwrap().active = writes;
-        layered.flush().unwrap();
-        let writes = random_writes(&mut seed, 1_500, 2_000, &mut model);
-        layered.unflushed.write().unwrap().active = writes;
+        let (layered, model) = layered_with_writes(&db, format!("t{round}"), &mut seed, 1_500, 1);
+        let layered = std::sync::Arc::new(layered);
         // The flush lands in the chunk `at`, between its read of the layers and of the tree.
         let at = round % 4;
         let mut chunks = 0;

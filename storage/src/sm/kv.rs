@@ -49,15 +49,25 @@ type Bounds = (Bound<Vec<u8>>, Bound<Vec<u8>>);
 type Chunk = Vec<(Vec<u8>, Option<Vec<u8>>)>;
 
 fn take<'a>(
-    range: impl DoubleEndedIterator<Item = (&'a Vec<u8>, &'a Option<Vec<u8>>)>,
+    range: impl DoubleEndedIterator<Item = (&'a Vec<u8>, &'a Option<Vec<u8>>)> + 'a,
     reverse: bool,
     n: usize,
 ) -> Chunk {
-    let clone = |(k, v): (&Vec<u8>, &Option<Vec<u8>>)| (k.clone(), v.clone());
+    in_order(range, reverse)
+        .take(n)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// `items` in scan order: as they come, or from the end.
+fn in_order<'a, T>(
+    items: impl DoubleEndedIterator<Item = T> + 'a,
+    reverse: bool,
+) -> Box<dyn Iterator<Item = T> + 'a> {
     if reverse {
-        range.rev().take(n).map(clone).collect()
+        Box::new(items.rev())
     } else {
-        range.take(n).map(clone).collect()
+        Box::new(items)
     }
 }
 
@@ -107,11 +117,7 @@ impl KvRead for SledKv {
                 .tree
                 .range(start.to_vec()..end.to_vec())
                 .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(io));
-            return if reverse {
-                Box::new(range.rev())
-            } else {
-                Box::new(range)
-            };
+            return in_order(range, reverse);
         }
         Box::new(Scan {
             kv: self.clone(),
@@ -166,16 +172,11 @@ impl Scan {
                 hook()
             }
         });
-        let range = self.kv.tree.range(self.bounds.clone());
-        let tree: Chunk = if self.reverse {
-            range.rev().take(n).collect::<Result<Vec<_>, _>>()
-        } else {
-            range.take(n).collect::<Result<Vec<_>, _>>()
-        }
-        .map_err(io)?
-        .into_iter()
-        .map(|(k, v)| (k.to_vec(), Some(v.to_vec())))
-        .collect();
+        let tree: Chunk = in_order(self.kv.tree.range(self.bounds.clone()), self.reverse)
+            .take(n)
+            .map(|r| r.map(|(k, v)| (k.to_vec(), Some(v.to_vec()))))
+            .collect::<Result<_, _>>()
+            .map_err(io)?;
         // Each source is complete up to its last key if it ran out of room; the chunk is
         // complete up to the first such key.
         let before = |a: &[u8], b: &[u8]| if self.reverse { a > b } else { a < b };
@@ -199,20 +200,10 @@ impl Scan {
                 .is_none_or(|c| k == c || before(k, c))
         };
         let keep = |(k, v): (Vec<u8>, Option<Vec<u8>>)| v.map(|v| (k, v));
-        let pairs: Vec<Pair> = if self.reverse {
-            merged
-                .into_iter()
-                .rev()
-                .take_while(|(k, _)| within(k))
-                .filter_map(keep)
-                .collect()
-        } else {
-            merged
-                .into_iter()
-                .take_while(|(k, _)| within(k))
-                .filter_map(keep)
-                .collect()
-        };
+        let pairs: Vec<Pair> = in_order(merged.into_iter(), self.reverse)
+            .take_while(|(k, _)| within(k))
+            .filter_map(keep)
+            .collect();
         match complete_to {
             None => self.done = true,
             Some(last) if self.reverse => self.bounds.1 = Bound::Excluded(last),
