@@ -610,7 +610,7 @@ pub struct Batching {
 impl Default for Batching {
     fn default() -> Self {
         Batching {
-            in_flight: 4,
+            in_flight: 2,
             max_requests: 1024,
             max_bytes: 1 << 20,
         }
