@@ -14,36 +14,58 @@ use super::index::{Loc, SegmentFile};
 use super::segment;
 use super::{decode_entry, io_err, lock, LogStore};
 
+/// A range of entries as the cache has them: each entry, or where to read it from disk.
+pub(super) struct Planned {
+    out: Vec<Option<Entry>>,
+    misses: Vec<(usize, Loc, Arc<SegmentFile>)>,
+}
+
+impl Planned {
+    /// The entries, if the cache had them all (nothing to read from disk).
+    pub(super) fn cached(self) -> Result<Vec<Entry>, Planned> {
+        if self.misses.is_empty() {
+            Ok(self.out.into_iter().map_while(|e| e).collect())
+        } else {
+            Err(self)
+        }
+    }
+
+    /// Reads the entries the cache did not have (blocking file reads).
+    pub(super) fn read(mut self) -> Result<Vec<Entry>, io::Error> {
+        for (slot, loc, file) in std::mem::take(&mut self.misses) {
+            self.out[slot] = Some(read_entry(&file, &loc)?);
+        }
+        Ok(self.out.into_iter().map_while(|e| e).collect())
+    }
+}
+
 impl LogStore {
-    pub(super) fn read_entries(&self, start: u64, end: u64) -> Result<Vec<Entry>, io::Error> {
+    /// The entries `start..end` this log holds (up to the first it does not), from the cache
+    /// where it has them; the rest are left for [`Planned::read`]. No I/O.
+    pub(super) fn plan_read(&self, start: u64, end: u64) -> Result<Planned, io::Error> {
         let mut out = Vec::new();
         let mut misses = Vec::new();
-        {
-            let index = lock(&self.inner.index);
-            let first = index.entries.front().map_or(end, |l| l.log_id.index);
-            for i in start.max(first)..end {
-                if let Some(e) = index.cached(i) {
-                    out.push(Some(e.clone()));
-                    continue;
-                }
-                let Some(pos) = index.position(i) else {
-                    break;
-                };
-                let loc = index.entries[pos];
-                let Some(file) = index.segments.get(&loc.segment).map(|s| s.file.clone()) else {
-                    return Err(io_err(format!(
-                        "segment {} of entry {i} is gone",
-                        loc.segment
-                    )));
-                };
-                misses.push((out.len(), loc, file));
-                out.push(None);
+        let index = lock(&self.inner.index);
+        let first = index.entries.front().map_or(end, |l| l.log_id.index);
+        for i in start.max(first)..end {
+            if let Some(e) = index.cached(i) {
+                out.push(Some(e.clone()));
+                continue;
             }
+            let Some(pos) = index.position(i) else {
+                break;
+            };
+            let loc = index.entries[pos];
+            let Some(file) = index.segments.get(&loc.segment).map(|s| s.file.clone()) else {
+                return Err(io_err(format!(
+                    "segment {} of entry {i} is gone",
+                    loc.segment
+                )));
+            };
+            misses.push((out.len(), loc, file));
+            out.push(None);
         }
-        for (slot, loc, file) in misses {
-            out[slot] = Some(read_entry(&file, &loc)?);
-        }
-        Ok(out.into_iter().map_while(|e| e).collect())
+        Ok(Planned { out, misses })
     }
 
     /// The payloads at `refs`, read from the entries that carried them: `None` where this

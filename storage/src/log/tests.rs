@@ -243,3 +243,30 @@ async fn purged_segments_stay_while_their_payloads_are_needed() {
     assert_eq!(read(&log)[0], None);
     assert!(read(&log)[1].is_some());
 }
+
+#[tokio::test]
+async fn a_range_read_partly_from_the_cache_and_partly_from_disk_comes_back_whole_and_in_order() {
+    let dir = setup();
+    // Room in the cache for the last few entries only.
+    let options = LogOptions {
+        segment_bytes: 4096,
+        cache_bytes: 4 * index::entry_bytes(&entry(1, 1, 300)),
+    };
+    let (mut log, _) =
+        LogStore::open(&dir.path().join("log"), &dir.path().join("vote"), options).unwrap();
+    log.blocking_append((1..=20).map(|i| entry(1, i, 300)))
+        .await
+        .unwrap();
+    let cached = log.plan_read(18, 21).unwrap().cached();
+    assert!(cached.is_ok(), "the newest entries are served from memory");
+    assert!(
+        log.plan_read(1, 21).unwrap().cached().is_err(),
+        "the oldest are not in the cache"
+    );
+    let want: Vec<Entry> = (1..=20).map(|i| entry(1, i, 300)).collect();
+    assert_eq!(log.try_get_log_entries(1..21).await.unwrap(), want);
+    assert_eq!(log.try_get_log_entries(18..=20).await.unwrap(), want[17..]);
+    assert!(cached.is_ok_and(|c| c == want[17..]));
+    // Past the end: what the log holds, nothing more.
+    assert_eq!(log.try_get_log_entries(19..40).await.unwrap(), want[18..]);
+}

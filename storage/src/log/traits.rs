@@ -1,5 +1,6 @@
-//! openraft's [`RaftLogReader`] and [`RaftLogStorage`] on [`LogStore`]: each call runs on a
-//! blocking thread and maps a fatal error to openraft's.
+//! openraft's [`RaftLogReader`] and [`RaftLogStorage`] on [`LogStore`]: each call that does
+//! I/O runs on a blocking thread (reads of cached entries do not), and a fatal error maps to
+//! openraft's.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -38,12 +39,18 @@ impl RaftLogReader<TypeConfig> for LogStore {
         if start >= end {
             return Ok(Vec::new());
         }
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || this.read_entries(start, end))
+        let read_err = |e: std::io::Error| StorageIOError::read_logs(&e).into();
+        // Recent entries (what apply and replication ask for in steady state) come from the
+        // cache at once; only entries read from disk take a trip to a blocking thread.
+        let planned = match self.plan_read(start, end).map_err(read_err)?.cached() {
+            Ok(entries) => return Ok(entries),
+            Err(planned) => planned,
+        };
+        tokio::task::spawn_blocking(move || planned.read())
             .await
             .map_err(io_err)
             .and_then(|r| r)
-            .map_err(|e| StorageIOError::read_logs(&e).into())
+            .map_err(read_err)
     }
 }
 
