@@ -6,7 +6,7 @@
 //!   idle keep-alive connections (hyper starts it whenever a connection waits for a request
 //!   head), a bound on header bytes. HTTP/2 is not spoken: nothing here needs it, and h2c
 //!   would be one more parser facing clients.
-//! - **Bodies are read before a request takes a slot** ([`buffer_body`]): a declared length
+//! - **Bodies are read before a request takes a slot** ([`buffered`]): a declared length
 //!   over the route's limit is answered 413 at once (before any `100 Continue`); a body must
 //!   keep arriving at a minimum rate after a grace period, else 408 and the connection is
 //!   closed; the bytes of bodies in flight share one budget per node, and a body that does
@@ -234,14 +234,23 @@ pub async fn limit(
     request: Request,
     next: Next,
 ) -> Response {
-    match capacity.acquire().await {
-        Some(permit) => {
+    match capacity.slot().await {
+        Ok(permit) => {
             let response = next.run(request).await;
             drop(permit);
             response
         }
-        None => ApiError::Busy("this node is serving as many requests as it may; retry".into())
-            .into_response(),
+        Err(busy) => busy,
+    }
+}
+
+impl Capacity {
+    /// A slot to serve one request in, or the answer when none frees up in time.
+    pub async fn slot(&self) -> Result<OwnedSemaphorePermit, Response> {
+        self.acquire().await.ok_or_else(|| {
+            ApiError::Busy("this node is serving as many requests as it may; retry".into())
+                .into_response()
+        })
     }
 }
 
@@ -278,22 +287,16 @@ pub struct BodyRules {
     pub limits: HttpLimits,
 }
 
-/// Middleware: reads the whole body under [`BodyRules`] before the request goes on, so that
-/// slow bodies never hold a request slot, and hands it on as a buffered body.
-pub async fn buffer_body(
-    State(rules): State<Arc<BodyRules>>,
+/// `request` with its body read whole under `rules` (the permit holds its room in the
+/// budget), or the answer that refuses it: read before the request takes a slot, so that
+/// slow bodies never hold one, and handed on as a buffered body.
+pub async fn buffered(
     request: Request,
-    next: Next,
-) -> Response {
+    rules: &BodyRules,
+) -> Result<(Request, Option<OwnedSemaphorePermit>), Response> {
     let (parts, body) = request.into_parts();
-    match read_body(&parts.headers, body, &rules).await {
-        Ok((bytes, budget)) => {
-            let response = next
-                .run(Request::from_parts(parts, Body::from(bytes)))
-                .await;
-            drop(budget);
-            response
-        }
+    match read_body(&parts.headers, body, rules).await {
+        Ok((bytes, budget)) => Ok((Request::from_parts(parts, Body::from(bytes)), budget)),
         Err(e) => {
             let mut response = e.into_response();
             // The rest of the body may still be on its way: end the connection rather than
@@ -301,7 +304,7 @@ pub async fn buffer_body(
             response
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            response
+            Err(response)
         }
     }
 }
