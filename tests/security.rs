@@ -580,6 +580,20 @@ async fn http_framing_edge_cases_get_deliberate_answers() {
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(!answer.contains("100 Continue"), "{answer}");
     assert!(answer.contains("payload_too_large"), "{answer}");
+    // The rest of that body may be on its way: the answer ends the connection.
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    // The credential comes before the body: without it, an oversized body is never read
+    // (401, not 413, and no 100 Continue).
+    let (answer, _) = raw_exchange(
+        port,
+        b"POST /admin/max-workers HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(!answer.contains("100 Continue"), "{answer}");
     // Content-Length and Transfer-Encoding together: read as chunked (RFC 9112 6.3), and the
     // connection is closed after the answer, so nothing rides behind it.
     let (answer, closed) = raw_exchange(

@@ -211,6 +211,14 @@ impl Capacity {
         })
     }
 
+    /// A slot to serve one request in, or the answer when none frees up in time.
+    pub async fn slot(&self) -> Result<OwnedSemaphorePermit, Response> {
+        self.acquire().await.ok_or_else(|| {
+            ApiError::Busy("this node is serving as many requests as it may; retry".into())
+                .into_response()
+        })
+    }
+
     async fn acquire(&self) -> Option<OwnedSemaphorePermit> {
         if let Ok(permit) = self.slots.clone().try_acquire_owned() {
             return Some(permit);
@@ -241,16 +249,6 @@ pub async fn limit(
             response
         }
         Err(busy) => busy,
-    }
-}
-
-impl Capacity {
-    /// A slot to serve one request in, or the answer when none frees up in time.
-    pub async fn slot(&self) -> Result<OwnedSemaphorePermit, Response> {
-        self.acquire().await.ok_or_else(|| {
-            ApiError::Busy("this node is serving as many requests as it may; retry".into())
-                .into_response()
-        })
     }
 }
 

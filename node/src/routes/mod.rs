@@ -164,8 +164,7 @@ struct Gate {
 /// Middleware of [`gated`] routes: the credential, then the body, then a slot. One layer,
 /// not three, because each layer costs every request a boxed future and a clone of the route.
 async fn gated_request(State(gate): State<Arc<Gate>>, request: Request, next: Next) -> Response {
-    let certified = request.extensions().get::<PeerCertified>();
-    if let Err(e) = authorized(&gate.node, gate.audience, request.headers(), certified) {
+    if let Err(e) = credential(&gate.node, gate.audience, &request) {
         return e.into_response();
     }
     let (request, budget) = match http::buffered(request, &gate.rules).await {
@@ -289,11 +288,16 @@ async fn require(
     request: Request,
     next: Next,
 ) -> Response {
-    let certified = request.extensions().get::<PeerCertified>();
-    match authorized(&node, audience, request.headers(), certified) {
+    match credential(&node, audience, &request) {
         Ok(()) => next.run(request).await,
         Err(e) => e.into_response(),
     }
+}
+
+/// Whether `request` carries the audience's credential (a token, or a peer certificate).
+fn credential(node: &Node, audience: Audience, request: &Request) -> Result<(), ApiError> {
+    let certified = request.extensions().get::<PeerCertified>();
+    authorized(node, audience, request.headers(), certified)
 }
 
 /// Checks that this node serves the client API at all (a witness does not).

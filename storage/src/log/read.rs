@@ -24,7 +24,7 @@ impl Planned {
     /// The entries, if the cache had them all (nothing to read from disk).
     pub(super) fn cached(self) -> Result<Vec<Entry>, Planned> {
         if self.misses.is_empty() {
-            Ok(self.out.into_iter().map_while(|e| e).collect())
+            Ok(self.out.into_iter().flatten().collect())
         } else {
             Err(self)
         }

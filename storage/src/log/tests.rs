@@ -269,4 +269,29 @@ async fn a_range_read_partly_from_the_cache_and_partly_from_disk_comes_back_whol
     assert!(cached.is_ok_and(|c| c == want[17..]));
     // Past the end: what the log holds, nothing more.
     assert_eq!(log.try_get_log_entries(19..40).await.unwrap(), want[18..]);
+    // A new leader's entries replace the tail: the cache serves them, not the old term's.
+    log.truncate(id(1, 19)).await.unwrap();
+    log.blocking_append((19..=20).map(|i| entry(2, i, 300)))
+        .await
+        .unwrap();
+    let terms = |entries: Vec<Entry>| -> Vec<u64> {
+        entries.iter().map(|e| e.log_id.leader_id.term).collect()
+    };
+    assert!(log.plan_read(18, 21).unwrap().cached().is_ok());
+    assert_eq!(
+        terms(log.try_get_log_entries(18..21).await.unwrap()),
+        [1, 2, 2]
+    );
+    assert_eq!(log.try_get_log_entries(1..21).await.unwrap().len(), 20);
+    // A long range (a follower catching up) is read on a blocking thread, whole and in order.
+    log.blocking_append((21..=100).map(|i| entry(2, i, 300)))
+        .await
+        .unwrap();
+    let long = log.try_get_log_entries(1..101).await.unwrap();
+    assert_eq!(
+        long.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
+        (1..=100).collect::<Vec<_>>()
+    );
+    assert_eq!(long[..18], want[..18]);
+    assert_eq!(long[99], entry(2, 100, 300));
 }

@@ -12,6 +12,9 @@ use openraft::{OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote};
 use super::{io_err, lock, LogStore};
 use crate::fsio::Fatal;
 
+/// Most entries a read copies from the cache on the calling task.
+const INLINE_READ_MAX: u64 = 64;
+
 fn storage_err(e: Fatal) -> StorageError<NodeId> {
     StorageIOError::write_logs(&e).into()
 }
@@ -40,17 +43,26 @@ impl RaftLogReader<TypeConfig> for LogStore {
             return Ok(Vec::new());
         }
         let read_err = |e: std::io::Error| StorageIOError::read_logs(&e).into();
-        // Recent entries (what apply and replication ask for in steady state) come from the
-        // cache at once; only entries read from disk take a trip to a blocking thread.
-        let planned = match self.plan_read(start, end).map_err(read_err)?.cached() {
-            Ok(entries) => return Ok(entries),
-            Err(planned) => planned,
+        // A few recent entries (what apply and replication ask for in steady state) come from
+        // the cache at once. Entries read from disk, and long ranges (a follower catching up,
+        // copied entry by entry), take a trip to a blocking thread instead.
+        let planned = if end - start <= INLINE_READ_MAX {
+            match self.plan_read(start, end).map_err(read_err)?.cached() {
+                Ok(entries) => return Ok(entries),
+                Err(planned) => Some(planned),
+            }
+        } else {
+            None
         };
-        tokio::task::spawn_blocking(move || planned.read())
-            .await
-            .map_err(io_err)
-            .and_then(|r| r)
-            .map_err(read_err)
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || match planned {
+            Some(planned) => planned.read(),
+            None => this.plan_read(start, end)?.read(),
+        })
+        .await
+        .map_err(io_err)
+        .and_then(|r| r)
+        .map_err(read_err)
     }
 }
 
