@@ -22,7 +22,12 @@ use crate::fsio::{self, Fatal};
 use crate::StoreError;
 
 /// The format this build writes and reads.
-pub const CURRENT: u32 = 3;
+pub const CURRENT: u32 = 4;
+
+/// Format 3 kept the queue tables in sled; this build keeps them in memory (rebuilt from the
+/// item records when the store opens), so it reads format 3 and marks the dir format 4 before
+/// it removes them, and a build that would look for them there refuses the dir.
+const FORMAT_3: u32 = 3;
 
 /// Format 2 kept payloads in the state machine (the builds with the segment log, before
 /// payloads were written once); `hashq migrate` converts it.
@@ -97,6 +102,8 @@ pub enum Found {
     Legacy,
     /// Format 2: this layout, with payloads in the state machine.
     Format2,
+    /// Format 3: this layout, with the queue tables in sled (upgraded in place on open).
+    Format3,
 }
 
 /// Reads the data dir's format.
@@ -110,6 +117,8 @@ pub fn detect(layout: &Layout) -> Result<Found, StoreError> {
             })?;
             if version == CURRENT {
                 Ok(Found::Current)
+            } else if version == FORMAT_3 {
+                Ok(Found::Format3)
             } else if version == FORMAT_2 {
                 Ok(Found::Format2)
             } else {

@@ -172,6 +172,12 @@ pub fn open(dir: &Path, options: &StoreOptions) -> Result<Opened, StoreError> {
     match format::detect(&layout)? {
         format::Found::Empty => format::create(&layout)?,
         format::Found::Current => format::ensure_dirs(&layout)?,
+        format::Found::Format3 => {
+            // Durably format 4 before the state machine drops the queue records from sled.
+            format::mark_current(&layout)?;
+            format::ensure_dirs(&layout)?;
+            tracing::info!(dir = %dir.display(), "data dir upgraded from format 3 to 4 (queues in memory)");
+        }
         format::Found::Legacy => {
             return Err(StoreError::Legacy {
                 dir: dir.to_path_buf(),

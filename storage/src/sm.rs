@@ -9,6 +9,7 @@
 //! atomic batches of whole apply calls, each with its `last_applied` ([`FLUSH_EVERY`]).
 
 pub(crate) mod kv;
+pub(crate) mod queues;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -33,7 +34,8 @@ use crate::payloads::{PayloadReader, Payloads};
 use crate::snapshot;
 use kv::current_tree;
 pub use kv::SledKv;
-pub(crate) use kv::{open_sled, read_last_applied, read_membership, Unflushed};
+pub(crate) use kv::{open_sled, read_last_applied, read_membership, QueueIndex, Unflushed};
+use queues::Queues;
 
 /// The `sm_meta` tree's record naming the current state-machine tree.
 const CURRENT_TREE: &[u8] = b"current";
@@ -86,6 +88,8 @@ pub(crate) struct Shared {
 pub(crate) struct Layered {
     current: RwLock<sled::Tree>,
     pub(crate) unflushed: Unflushed,
+    /// The queue tables, which never go into sled ([`queues`]).
+    pub(crate) queues: QueueIndex,
     /// Held by whoever puts them into the tree, and while the tree is replaced.
     flush_lock: Mutex<()>,
     /// The last flush failed: apply tries it itself, and stops on a second failure.
@@ -179,10 +183,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Layered {
-    pub(crate) fn new(tree: sled::Tree) -> Layered {
+    pub(crate) fn new(tree: sled::Tree, queues: Queues) -> Layered {
         Layered {
             current: RwLock::new(tree),
             unflushed: Unflushed::default(),
+            queues: Arc::new(RwLock::new(queues)),
             flush_lock: Mutex::new(()),
             flush_failed: std::sync::atomic::AtomicBool::new(false),
         }
@@ -193,6 +198,7 @@ impl Layered {
         SledKv {
             tree: self.tree(),
             unflushed: self.unflushed.clone(),
+            queues: self.queues.clone(),
         }
     }
 
@@ -250,6 +256,7 @@ impl Shared {
         self.layered.flush()
     }
 
+    #[cfg(test)]
     pub(crate) fn tree(&self) -> sled::Tree {
         self.layered.tree()
     }
@@ -261,7 +268,7 @@ impl Shared {
     /// Makes `tree` the state machine: one pointer write, then the old tree goes. (A crash
     /// before sled persists the pointer leaves the old tree, which recovery handles like any
     /// state that is behind.)
-    pub(crate) fn switch_to(&self, tree: sled::Tree) -> Result<(), sled::Error> {
+    pub(crate) fn switch_to(&self, tree: sled::Tree, queues: Queues) -> Result<(), sled::Error> {
         // No flush may go into the old tree once the new one is current.
         let _alone = lock(&self.layered.flush_lock);
         self.meta.insert(CURRENT_TREE, &*tree.name())?;
@@ -275,6 +282,7 @@ impl Shared {
             *lock(&self.floor_from) = WorkId(0);
             // Writes applied to the old state are no part of the new one.
             *kv::write(&self.layered.unflushed) = kv::Layers::default();
+            *kv::queues_write(&self.layered.queues) = queues;
             std::mem::replace(&mut *current, tree)
         };
         self.db.drop_tree(old.name())?;
@@ -318,12 +326,18 @@ impl Shared {
         &self,
         path: &Path,
         expected: Option<&SnapshotMeta>,
-    ) -> std::io::Result<sled::Tree> {
+    ) -> std::io::Result<(sled::Tree, Queues)> {
         let name = format!("sm-{}", snapshot::unique());
         let tree = self.db.open_tree(&name).map_err(std::io::Error::other)?;
+        let mut queues = Queues::default();
         let mut batch = sled::Batch::default();
         let mut batch_bytes = 0;
         let loaded = snapshot::read(path, |key, value| {
+            if queues::is_queue_key(&key) {
+                return queues
+                    .write(&key, Some(&value))
+                    .map_err(|e| fsio::invalid(e.to_string()));
+            }
             batch_bytes += key.len() + value.len();
             batch.insert(key, value);
             if batch_bytes >= 4 << 20 {
@@ -343,7 +357,7 @@ impl Shared {
                 .map_err(std::io::Error::other)
         });
         match loaded {
-            Ok(()) => Ok(tree),
+            Ok(()) => Ok((tree, queues)),
             Err(e) => {
                 drop(tree);
                 let _ = self.db.drop_tree(name.as_bytes());
@@ -431,7 +445,7 @@ impl StateMachineStore {
         let attempt = open_sled(&dir, options.cache_bytes)
             .map_err(|e| e.to_string())
             .and_then(|db| current_tree(&db).map(|t| (db, t)));
-        let (db, (meta, tree, applied)) = match attempt {
+        let (db, (meta, tree, applied, queues)) = match attempt {
             Ok(ok) => ok,
             Err(why) => {
                 tracing::error!(error = %why, "the state machine store cannot be read; rebuilding it");
@@ -445,7 +459,7 @@ impl StateMachineStore {
             }
         };
         let (applied_tx, _) = watch::channel(AppliedState::default());
-        let layered = Arc::new(Layered::new(tree));
+        let layered = Arc::new(Layered::new(tree, queues));
         let flusher = Flusher::start(layered.clone(), options.flush_every)
             .map_err(fsio::fatal("start the state machine's flusher", &dir))?;
         let shared = Arc::new(Shared {
@@ -470,10 +484,10 @@ impl StateMachineStore {
                         snapshot = %meta.snapshot_id,
                         "the state machine is behind the log's purge point; restoring the latest snapshot"
                     );
-                    let tree = shared
+                    let (tree, queues) = shared
                         .load_tree(&path, Some(&meta))
                         .map_err(|e| fsio::fatal("load snapshot", &path)(e))?;
-                    shared.switch_to(tree)?;
+                    shared.switch_to(tree, queues)?;
                     opened.restored_from = Some(meta.snapshot_id.clone());
                 }
                 other => {
@@ -512,12 +526,12 @@ impl StateMachineStore {
         let started = Instant::now();
         let dir = self.shared.snapshot_dir();
         let read = |e: KvError| fsio::fatal("read state", &dir)(std::io::Error::other(e));
-        // Everything applied goes into the tree first: the dump reads the tree alone.
+        // Everything applied goes into the tree first: the dump reads the tree and the
+        // queues alone.
         self.shared
             .flush()
             .map_err(|e| read(KvError::Io(e.to_string())))?;
-        let tree = self.shared.tree();
-        let kv = SledKv::bare(tree.clone());
+        let kv = self.shared.view();
         let last_log_id = read_last_applied(&kv).map_err(read)?;
         let last_membership = read_membership(&kv).map_err(read)?;
         let meta = SnapshotMeta {
@@ -526,10 +540,7 @@ impl StateMachineStore {
             snapshot_id: snapshot::new_id(last_log_id.as_ref()),
         };
         let floor = machine::payload_floor(&kv).map_err(read)?;
-        let pairs = tree.iter().map(|r| {
-            r.map(|(k, v)| (k.to_vec(), v.to_vec()))
-                .map_err(std::io::Error::other)
-        });
+        let pairs = kv.all().map(|r| r.map_err(std::io::Error::other));
         let path = snapshot::write(&dir, &meta, floor, pairs)?;
         let file = self.with_section(path.clone(), &meta, floor)?;
         {
@@ -636,9 +647,21 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 codec::encode(&last),
             );
         }
-        let writes = overlay.into_writes();
+        let (queued, writes): (Vec<_>, Vec<_>) = overlay
+            .into_writes()
+            .into_iter()
+            .partition(|(key, _)| queues::is_queue_key(key));
+        // Checked before anything is written, so a refusal leaves the state as it was.
+        for (key, value) in &queued {
+            queues::check(key, value.as_deref()).map_err(sm_error)?;
+        }
         let waiting = {
-            let mut layers = kv::write(&self.shared.layered.unflushed);
+            let layered = &self.shared.layered;
+            let mut layers = kv::write(&layered.unflushed);
+            let mut queues = kv::queues_write(&layered.queues);
+            for (key, value) in queued {
+                queues.write(&key, value.as_deref()).map_err(sm_error)?;
+            }
             layers.active.extend(writes);
             layers.active.len() + layers.flushing.len()
         };
@@ -781,8 +804,10 @@ impl StateMachineStore {
             // be here already.
             tracing::warn!(snapshot = %meta.snapshot_id, "installing a snapshot without its payload section");
         }
-        let tree = self.shared.load_tree(&tmp, Some(meta))?;
-        self.shared.switch_to(tree).map_err(std::io::Error::other)?;
+        let (tree, queues) = self.shared.load_tree(&tmp, Some(meta))?;
+        self.shared
+            .switch_to(tree, queues)
+            .map_err(std::io::Error::other)?;
         fsio::rename_durable(&tmp, &path).map_err(std::io::Error::other)?;
         if ours && source.exists() {
             fsio::remove_durable(source).map_err(std::io::Error::other)?;

@@ -523,6 +523,85 @@ async fn a_batch_s_payloads_read_back_from_the_log_and_travel_in_snapshots() {
     assert_batch_payloads(&b, 300, 10);
 }
 
+/// The keys of both queue tables, as the store's readers see them.
+fn queue_keys(sm: &StateMachineStore) -> Vec<Vec<u8>> {
+    let view = sm.reader().view();
+    [hashq_raft::keys::QUEUE, hashq_raft::keys::PRIORITY_QUEUE]
+        .into_iter()
+        .flat_map(|table| {
+            let (start, end) = hashq_raft::keys::table(table);
+            view.scan(&start, &end, false)
+                .map(|pair| pair.unwrap().0)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// How many queue records sled itself holds.
+fn queue_records_in_sled(sm: &StateMachineStore) -> usize {
+    let tree = sm.shared.tree();
+    [hashq_raft::keys::QUEUE, hashq_raft::keys::PRIORITY_QUEUE]
+        .into_iter()
+        .map(|t| tree.range(vec![t]..vec![t + 1]).count())
+        .sum()
+}
+
+#[tokio::test]
+async fn the_queues_live_in_memory_and_come_back_from_the_item_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let expected = {
+        let Opened {
+            mut log, mut sm, ..
+        } = open(dir.path(), &StoreOptions::default()).unwrap();
+        // 30 items of every priority, then three of them cancelled (out of their queues).
+        let mut cancel = batch_entry(2, 0, 0);
+        if let EntryPayload::Normal(command) = &mut cancel.payload {
+            command.requests = [3, 4, 12]
+                .map(|id| Request::Cancel { id: WorkId(id) })
+                .to_vec();
+        }
+        let entries = vec![batch_entry(1, 30, 10), cancel];
+        log.blocking_append(entries.clone()).await.unwrap();
+        sm.apply(entries).await.unwrap();
+        sm.shared.flush().unwrap();
+        let keys = queue_keys(&sm);
+        assert_eq!(keys.len(), 27, "30 enqueued, 3 cancelled");
+        assert_eq!(
+            queue_records_in_sled(&sm),
+            0,
+            "queue records went into sled"
+        );
+        let view = sm.reader().view();
+        assert_eq!(view.get(&keys[0]).unwrap(), Some(Vec::new()));
+        assert_eq!(
+            view.get(&hashq_raft::keys::queue_of(3, WorkId(3))).unwrap(),
+            None
+        );
+        (keys, dump(&sm))
+    };
+    // Rebuilt from the item records at open: the same queues, the same keyspace.
+    let sm = reopen(dir.path()).await.sm;
+    assert_eq!((queue_keys(&sm), dump(&sm)), expected);
+    // A format-3 store kept its queue records in sled. Put one there that says something the
+    // items do not (item 3 is cancelled) and one that agrees, and mark the dir format 3.
+    let tree = sm.shared.tree();
+    tree.insert(hashq_raft::keys::queue_of(3, WorkId(3)), Vec::new())
+        .unwrap();
+    tree.insert(expected.0[0].clone(), Vec::new()).unwrap();
+    drop(tree);
+    drop(sm);
+    let layout = format::Layout::new(dir.path());
+    std::fs::write(layout.format_file(), "hashq-data 3\n").unwrap();
+    let sm = reopen(dir.path()).await.sm;
+    assert_eq!(format::detect(&layout).unwrap(), format::Found::Current);
+    assert_eq!(
+        queue_records_in_sled(&sm),
+        0,
+        "format 3's queue records stay in sled"
+    );
+    assert_eq!((queue_keys(&sm), dump(&sm)), expected);
+}
+
 #[tokio::test]
 async fn applied_writes_are_read_at_once_and_reach_sled_in_one_batch_later() {
     let dir = tempfile::tempdir().unwrap();
@@ -709,7 +788,7 @@ fn layered_with_writes(
     keys: u64,
     flushed: usize,
 ) -> (sm::Layered, Model) {
-    let layered = sm::Layered::new(db.open_tree(name).unwrap());
+    let layered = sm::Layered::new(db.open_tree(name).unwrap(), Default::default());
     let mut model = Model::new();
     for round in 0..=flushed {
         let writes = random_writes(seed, keys, 2_000, &mut model);

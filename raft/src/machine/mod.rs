@@ -431,7 +431,7 @@ mod redrive;
 mod tick;
 mod workers;
 
-pub use priority::{priority, queued_by_priority};
+pub use priority::{priority, queue_keys, queued_by_priority};
 pub use queries::{
     cluster_version, decode_payload_record, holds_payload, item, list_items, live_payload_of,
     live_payloads, oldest_queued, payload_floor, payload_floor_from, read_meta, stored,

@@ -117,3 +117,22 @@ pub(super) fn in_lease_order(
             }
         })
 }
+
+/// The queue key of every queued item, in item order, from the item records alone: an item
+/// is queued exactly when its status is [`Status::Queued`], at the place its priority and
+/// its id give. A store that keeps the queue tables out of its durable copy rebuilds them
+/// from this.
+pub fn queue_keys(kv: &impl KvRead) -> impl Iterator<Item = Result<Vec<u8>, KvError>> + '_ {
+    let (start, end) = keys::table(keys::ITEM);
+    kv.scan(&start, &end, false).filter_map(move |pair| {
+        let queued = |(k, v): (Vec<u8>, Vec<u8>)| -> Result<Option<Vec<u8>>, KvError> {
+            let id = key_id(&k)?;
+            let item: Item = codec::decode("item", &v).map_err(|e| corrupt(&k, &e.to_string()))?;
+            if item.status != Status::Queued {
+                return Ok(None);
+            }
+            Ok(Some(keys::queue_of(priority(kv, id)?, id)))
+        };
+        pair.and_then(queued).transpose()
+    })
+}

@@ -12,6 +12,7 @@ use hashq_raft::kv::{KvError, KvRead, Pair, ScanIter};
 use hashq_raft::machine;
 use hashq_raft::{LogId, StoredMembership};
 
+use super::queues::{self, Queues};
 use super::CURRENT_TREE;
 
 /// Applied writes in key order: `Some` is a put, `None` a delete.
@@ -73,20 +74,127 @@ fn in_order<'a, T>(
 
 pub(crate) type Unflushed = Arc<RwLock<Layers>>;
 
+/// The queue tables ([`super::queues`]), shared by apply and every reader.
+pub(crate) type QueueIndex = Arc<RwLock<Queues>>;
+
 /// A read-only view of the state machine: its sled tree with the applied writes not yet
-/// flushed into it on top.
+/// flushed into it on top, and the queue tables, which are kept in memory only.
 #[derive(Clone)]
 pub struct SledKv {
     pub(crate) tree: sled::Tree,
     pub(crate) unflushed: Unflushed,
+    pub(crate) queues: QueueIndex,
 }
 
 impl SledKv {
-    /// A view of `tree` alone (a tree being loaded or checked, with nothing applied on top).
+    /// A view of `tree` alone (a tree being loaded or checked, with nothing applied on top
+    /// and no queues).
     pub(crate) fn bare(tree: sled::Tree) -> SledKv {
         SledKv {
             tree,
             unflushed: Unflushed::default(),
+            queues: QueueIndex::default(),
+        }
+    }
+
+    /// Every record in key order, the queue tables included (a snapshot dump).
+    pub(crate) fn all(&self) -> ScanIter<'_> {
+        self.scan_bounds(Bound::Unbounded, Bound::Unbounded, false)
+    }
+
+    /// Pairs within `(start, end)`: the parts in the queue tables from memory, the others
+    /// from sled and the unflushed writes.
+    fn scan_bounds(
+        &self,
+        start: Bound<Vec<u8>>,
+        end: Bound<Vec<u8>>,
+        reverse: bool,
+    ) -> ScanIter<'_> {
+        let part = |(queued, start, end): queues::Part| -> ScanIter<'_> {
+            if queued {
+                Box::new(QueueScan {
+                    queues: self.queues.clone(),
+                    bounds: (start, end),
+                    reverse,
+                    chunk: FIRST_CHUNK,
+                    ready: Vec::new().into_iter(),
+                    done: false,
+                })
+            } else {
+                self.stored((start, end), reverse)
+            }
+        };
+        let mut parts = queues::parts(start, end);
+        if parts.len() == 1 {
+            // Most scans stay within one table.
+            return part(parts.pop().expect("one part"));
+        }
+        let parts: Vec<ScanIter<'_>> = parts.into_iter().map(part).collect();
+        Box::new(in_order(parts.into_iter(), reverse).flatten())
+    }
+
+    /// Pairs within `bounds` outside the queue tables: sled's, with the unflushed writes
+    /// over them.
+    fn stored(&self, bounds: Bounds, reverse: bool) -> ScanIter<'_> {
+        if read(&self.unflushed).is_empty() {
+            // Nothing on top, and nothing can come during an apply (only apply adds writes,
+            // and no flush runs with both layers empty).
+            let range = self
+                .tree
+                .range(bounds)
+                .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(io));
+            return in_order(range, reverse);
+        }
+        Box::new(Scan {
+            kv: self.clone(),
+            bounds,
+            reverse,
+            chunk: FIRST_CHUNK,
+            ready: Vec::new().into_iter(),
+            done: false,
+        })
+    }
+}
+
+/// A scan of the queue tables, a chunk at a time (sizes as [`Scan`]'s), each under the
+/// queues' lock. During an apply nothing else writes them, so its scans see exactly the
+/// state it applies to.
+struct QueueScan {
+    queues: QueueIndex,
+    bounds: Bounds,
+    reverse: bool,
+    chunk: usize,
+    ready: std::vec::IntoIter<Vec<u8>>,
+    done: bool,
+}
+
+impl Iterator for QueueScan {
+    type Item = Result<Pair, KvError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(key) = self.ready.next() {
+                return Some(Ok((key, Vec::new())));
+            }
+            if self.done {
+                return None;
+            }
+            let n = self.chunk;
+            self.chunk = (n * 4).min(LAST_CHUNK);
+            let keys =
+                queues_read(&self.queues).take(&self.bounds.0, &self.bounds.1, self.reverse, n);
+            match keys.last() {
+                Some(last) if keys.len() == n => {
+                    let last = Bound::Excluded(last.clone());
+                    if self.reverse {
+                        self.bounds.1 = last;
+                    } else {
+                        self.bounds.0 = last;
+                    }
+                }
+                _ => self.done = true,
+            }
+            self.ready = keys.into_iter();
         }
     }
 }
@@ -97,6 +205,9 @@ fn io(e: sled::Error) -> KvError {
 
 impl KvRead for SledKv {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        if queues::is_queue_key(key) {
+            return Ok(queues_read(&self.queues).contains(key).then(Vec::new));
+        }
         if let Some(write) = read(&self.unflushed).get(key) {
             return Ok(write.clone());
         }
@@ -110,26 +221,11 @@ impl KvRead for SledKv {
         if start >= end {
             return Box::new(std::iter::empty());
         }
-        if read(&self.unflushed).is_empty() {
-            // Nothing on top, and nothing can come during an apply (only apply adds writes,
-            // and no flush runs with both layers empty).
-            let range = self
-                .tree
-                .range(start.to_vec()..end.to_vec())
-                .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(io));
-            return in_order(range, reverse);
-        }
-        Box::new(Scan {
-            kv: self.clone(),
-            bounds: (
-                Bound::Included(start.to_vec()),
-                Bound::Excluded(end.to_vec()),
-            ),
+        self.scan_bounds(
+            Bound::Included(start.to_vec()),
+            Bound::Excluded(end.to_vec()),
             reverse,
-            chunk: FIRST_CHUNK,
-            ready: Vec::new().into_iter(),
-            done: false,
-        })
+        )
     }
 }
 
@@ -238,6 +334,16 @@ pub(crate) fn read(unflushed: &Unflushed) -> std::sync::RwLockReadGuard<'_, Laye
     unflushed.read().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Reads the queues, whatever a panicking writer left (its writes are whole keys).
+pub(crate) fn queues_read(queues: &QueueIndex) -> std::sync::RwLockReadGuard<'_, Queues> {
+    queues.read().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Writes the queues, likewise.
+pub(crate) fn queues_write(queues: &QueueIndex) -> std::sync::RwLockWriteGuard<'_, Queues> {
+    queues.write().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Writes `unflushed`, likewise.
 pub(crate) fn write(unflushed: &Unflushed) -> std::sync::RwLockWriteGuard<'_, Layers> {
     unflushed.write().unwrap_or_else(|p| p.into_inner())
@@ -276,10 +382,11 @@ pub(crate) fn open_sled(dir: &Path, cache_bytes: u64) -> Result<sled::Db, sled::
         .open()
 }
 
-/// Reads the current tree and what it has applied; `Err` means sled cannot be trusted.
+/// Reads the current tree, what it has applied and its queues; `Err` means sled cannot be
+/// trusted.
 pub(super) fn current_tree(
     db: &sled::Db,
-) -> Result<(sled::Tree, sled::Tree, Option<LogId>), String> {
+) -> Result<(sled::Tree, sled::Tree, Option<LogId>, Queues), String> {
     let meta = db.open_tree("sm_meta").map_err(|e| e.to_string())?;
     let name = match meta.get(CURRENT_TREE).map_err(|e| e.to_string())? {
         Some(name) => name.to_vec(),
@@ -300,5 +407,30 @@ pub(super) fn current_tree(
     let applied = read_last_applied(&kv).map_err(|e| e.to_string())?;
     machine::read_meta(&kv).map_err(|e| e.to_string())?;
     read_membership(&kv).map_err(|e| e.to_string())?;
-    Ok((meta, tree, applied))
+    let queues = rebuild_queues(&tree)?;
+    Ok((meta, tree, applied, queues))
+}
+
+/// The queues of `tree`, from its item records ([`machine::queue_keys`]). Queue records that
+/// a format-3 store left in the tree are removed: nothing reads them there any more.
+fn rebuild_queues(tree: &sled::Tree) -> Result<Queues, String> {
+    let kv = SledKv::bare(tree.clone());
+    let mut queues = Queues::default();
+    for key in machine::queue_keys(&kv) {
+        let key = key.map_err(|e| e.to_string())?;
+        queues.write(&key, Some(&[])).map_err(|e| e.to_string())?;
+    }
+    let mut stale = sled::Batch::default();
+    let mut any = false;
+    for table in [keys::QUEUE, keys::PRIORITY_QUEUE] {
+        for pair in tree.range(vec![table]..vec![table + 1]) {
+            let (key, _) = pair.map_err(|e| e.to_string())?;
+            stale.remove(key);
+            any = true;
+        }
+    }
+    if any {
+        tree.apply_batch(stale).map_err(|e| e.to_string())?;
+    }
+    Ok(queues)
 }
