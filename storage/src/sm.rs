@@ -86,10 +86,10 @@ pub(crate) struct Shared {
 /// The state-machine tree and the applied writes not in it yet ([`FLUSH_EVERY`]), shared
 /// with the thread that puts them there.
 pub(crate) struct Layered {
-    current: RwLock<sled::Tree>,
+    /// The tree and the queue tables, which never go into sled ([`queues`]): replaced
+    /// together by an install, so a view taken before it reads the old state's queues.
+    current: RwLock<(sled::Tree, QueueIndex)>,
     pub(crate) unflushed: Unflushed,
-    /// The queue tables, which never go into sled ([`queues`]).
-    pub(crate) queues: QueueIndex,
     /// Held by whoever puts them into the tree, and while the tree is replaced.
     flush_lock: Mutex<()>,
     /// The last flush failed: apply tries it itself, and stops on a second failure.
@@ -185,9 +185,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Layered {
     pub(crate) fn new(tree: sled::Tree, queues: Queues) -> Layered {
         Layered {
-            current: RwLock::new(tree),
+            current: RwLock::new((tree, Arc::new(RwLock::new(queues)))),
             unflushed: Unflushed::default(),
-            queues: Arc::new(RwLock::new(queues)),
             flush_lock: Mutex::new(()),
             flush_failed: std::sync::atomic::AtomicBool::new(false),
         }
@@ -195,10 +194,11 @@ impl Layered {
 
     /// The state machine as applied: the tree with the unflushed writes on top.
     pub(crate) fn view(&self) -> SledKv {
+        let (tree, queues) = self.current();
         SledKv {
-            tree: self.tree(),
+            tree,
             unflushed: self.unflushed.clone(),
-            queues: self.queues.clone(),
+            queues,
         }
     }
 
@@ -239,6 +239,11 @@ impl Layered {
     }
 
     fn tree(&self) -> sled::Tree {
+        self.current().0
+    }
+
+    /// The current tree and queues.
+    pub(crate) fn current(&self) -> (sled::Tree, QueueIndex) {
         self.current
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -282,8 +287,7 @@ impl Shared {
             *lock(&self.floor_from) = WorkId(0);
             // Writes applied to the old state are no part of the new one.
             *kv::write(&self.layered.unflushed) = kv::Layers::default();
-            *kv::queues_write(&self.layered.queues) = queues;
-            std::mem::replace(&mut *current, tree)
+            std::mem::replace(&mut *current, (tree, Arc::new(RwLock::new(queues)))).0
         };
         self.db.drop_tree(old.name())?;
         self.publish(0);
@@ -329,12 +333,14 @@ impl Shared {
     ) -> std::io::Result<(sled::Tree, Queues)> {
         let name = format!("sm-{}", snapshot::unique());
         let tree = self.db.open_tree(&name).map_err(std::io::Error::other)?;
-        let mut queues = Queues::default();
+        // The file's queue records are checked, and compared with the queues its items
+        // give: the queues are those, as after a restart.
+        let mut in_file = Queues::default();
         let mut batch = sled::Batch::default();
         let mut batch_bytes = 0;
         let loaded = snapshot::read(path, |key, value| {
             if queues::is_queue_key(&key) {
-                return queues
+                return in_file
                     .write(&key, Some(&value))
                     .map_err(|e| fsio::invalid(e.to_string()));
             }
@@ -354,10 +360,19 @@ impl Shared {
                 ));
             }
             tree.apply_batch(std::mem::take(&mut batch))
-                .map_err(std::io::Error::other)
+                .map_err(std::io::Error::other)?;
+            let queues = kv::queues_from_items(&tree).map_err(std::io::Error::other)?;
+            if queues != in_file {
+                tracing::warn!(
+                    snapshot = %info.meta.snapshot_id,
+                    differ = queues.differences(&in_file),
+                    "the snapshot's queue records disagree with its item records; the items win"
+                );
+            }
+            Ok(queues)
         });
         match loaded {
-            Ok(()) => Ok((tree, queues)),
+            Ok(queues) => Ok((tree, queues)),
             Err(e) => {
                 drop(tree);
                 let _ = self.db.drop_tree(name.as_bytes());
@@ -657,8 +672,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }
         let waiting = {
             let layered = &self.shared.layered;
+            let (_, queues) = layered.current();
             let mut layers = kv::write(&layered.unflushed);
-            let mut queues = kv::queues_write(&layered.queues);
+            let mut queues = kv::queues_write(&queues);
             for (key, value) in queued {
                 queues.write(&key, value.as_deref()).map_err(sm_error)?;
             }

@@ -246,26 +246,71 @@ async fn a_snapshot_installs_into_another_store_byte_for_byte() {
     );
 }
 
-#[tokio::test]
-async fn a_corrupt_snapshot_is_refused_and_the_state_is_kept() {
-    let a_dir = tempfile::tempdir().unwrap();
-    let b_dir = tempfile::tempdir().unwrap();
-    let mut a = open(a_dir.path(), &StoreOptions::default()).unwrap().sm;
-    let mut b = open(b_dir.path(), &StoreOptions::default()).unwrap().sm;
+/// A snapshot of a store of five items, and another store `b` of one item, to offer it to.
+async fn a_snapshot_and_another_store() -> (
+    [TempDir; 2],
+    openraft::storage::Snapshot<TypeConfig>,
+    StateMachineStore,
+) {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let mut a = open(dirs[0].path(), &StoreOptions::default()).unwrap().sm;
+    let mut b = open(dirs[1].path(), &StoreOptions::default()).unwrap().sm;
     a.apply((1..=5).map(|i| enqueue_entry(i, 100)).collect::<Vec<_>>())
         .await
         .unwrap();
     b.apply(vec![enqueue_entry(1, 7)]).await.unwrap();
-    let before = dump(&b);
-    let snapshot = build(&mut a).await;
+    (dirs, build(&mut a).await, b)
+}
+
+/// Offers `bytes` to `b` as the snapshot `meta` names: it is refused, and `b` is as it was.
+async fn refused_and_kept(
+    b: &mut StateMachineStore,
+    meta: &hashq_raft::SnapshotMeta,
+    bytes: &[u8],
+) {
+    let before = (dump(b), queue_keys(b));
+    let target = b.begin_receiving_snapshot().await.unwrap();
+    std::fs::write(&target.path, bytes).unwrap();
+    assert!(b.install_snapshot(meta, target).await.is_err());
+    assert_eq!((dump(b), queue_keys(b)), before);
+}
+
+#[tokio::test]
+async fn a_corrupt_snapshot_is_refused_and_the_state_is_kept() {
+    let (_dirs, snapshot, mut b) = a_snapshot_and_another_store().await;
     let mut bytes = std::fs::read(&snapshot.snapshot.path).unwrap();
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x55;
-    let target = b.begin_receiving_snapshot().await.unwrap();
-    std::fs::write(&target.path, &bytes).unwrap();
-    assert!(snapshot::verify(&target.path).is_err());
-    assert!(b.install_snapshot(&snapshot.meta, target).await.is_err());
-    assert_eq!(dump(&b), before);
+    let damaged = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(damaged.path(), &bytes).unwrap();
+    assert!(snapshot::verify(damaged.path()).is_err());
+    refused_and_kept(&mut b, &snapshot.meta, &bytes).await;
+}
+
+#[tokio::test]
+async fn a_snapshot_with_a_malformed_queue_record_is_refused_and_the_state_is_kept() {
+    let (_dirs, snapshot, mut b) = a_snapshot_and_another_store().await;
+    // The same records, one queue record given a value, written as a well-formed file.
+    let mut pairs = Vec::new();
+    let info = snapshot::read(&snapshot.snapshot.path, |k, v| {
+        pairs.push((k, v));
+        Ok(())
+    })
+    .unwrap();
+    let queued = pairs
+        .iter_mut()
+        .find(|(k, _)| k.first() == Some(&hashq_raft::keys::QUEUE))
+        .expect("a queue record in the snapshot");
+    queued.1 = b"x".to_vec();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let path = snapshot::write(
+        elsewhere.path(),
+        &snapshot.meta,
+        info.payload_floor,
+        pairs.into_iter().map(Ok),
+    )
+    .unwrap();
+    refused_and_kept(&mut b, &snapshot.meta, &std::fs::read(path).unwrap()).await;
 }
 
 #[tokio::test]
@@ -515,9 +560,16 @@ async fn a_batch_s_payloads_read_back_from_the_log_and_travel_in_snapshots() {
     let mut b = open(b_dir.path(), &StoreOptions::default()).unwrap().sm;
     let target = b.begin_receiving_snapshot().await.unwrap();
     ship(&snapshot, &target.path);
+    let before_install = b.reader().view();
     b.install_snapshot(&snapshot.meta, target).await.unwrap();
     assert_eq!(dump(&sm), dump(&b));
     assert_batch_payloads(&b, 300, 10);
+    // The queues came with it (items of every priority); a view taken before the install
+    // still reads the state it was taken of, queues included.
+    assert_eq!(queue_keys(&b), queue_keys(&sm));
+    assert_eq!(queue_keys(&b).len(), 300);
+    assert!(queue_keys_in(&before_install).is_empty());
+    drop(before_install);
     drop(b);
     let b = reopen(b_dir.path()).await.sm;
     assert_batch_payloads(&b, 300, 10);
@@ -525,7 +577,11 @@ async fn a_batch_s_payloads_read_back_from_the_log_and_travel_in_snapshots() {
 
 /// The keys of both queue tables, as the store's readers see them.
 fn queue_keys(sm: &StateMachineStore) -> Vec<Vec<u8>> {
-    let view = sm.reader().view();
+    queue_keys_in(&sm.reader().view())
+}
+
+/// The keys of both queue tables in `view`.
+fn queue_keys_in(view: &SledKv) -> Vec<Vec<u8>> {
     [hashq_raft::keys::QUEUE, hashq_raft::keys::PRIORITY_QUEUE]
         .into_iter()
         .flat_map(|table| {
@@ -776,6 +832,70 @@ fn scans_over_many_unflushed_writes_merge_every_chunk_exactly() {
             &expect_range(&model, b"k", b"l", true),
             "reverse",
         );
+    }
+}
+
+/// Records of the tables on either side of the queue tables (`p`, `r`, `t`, `v`), made
+/// into writes and into the model.
+fn writes_around_the_queues(seed: &mut u64, model: &mut Model, n: usize) -> sm::kv::Writes {
+    let mut writes = sm::kv::Writes::new();
+    for _ in 0..n {
+        let mut key = vec![[b'p', b'r', b't', b'v'][(lcg(seed) % 4) as usize]];
+        key.extend_from_slice(&(lcg(seed) % 500).to_be_bytes());
+        let value = format!("v{}", lcg(seed)).into_bytes();
+        model.insert(key.clone(), value.clone());
+        writes.insert(key, Some(value));
+    }
+    writes
+}
+
+#[test]
+fn scans_across_the_queue_tables_read_every_source_in_key_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sm::open_sled(dir.path(), 1 << 20).unwrap();
+    let mut seed = 11;
+    let mut model = Model::new();
+    let tree = db.open_tree("t").unwrap();
+    for (k, v) in writes_around_the_queues(&mut seed, &mut model, 800) {
+        tree.insert(k, v.unwrap()).unwrap();
+    }
+    let kv = SledKv::bare(tree);
+    {
+        let mut layers = kv.unflushed.write().unwrap();
+        layers.flushing = std::sync::Arc::new(writes_around_the_queues(&mut seed, &mut model, 300));
+        layers.active = writes_around_the_queues(&mut seed, &mut model, 300);
+    }
+    // 3,000 writes of queued keys over three queues: runs and gaps, more than a chunk.
+    {
+        let mut queues = kv.queues.write().unwrap();
+        for _ in 0..3_000 {
+            let mut key = [&b"q"[..], b"u\x02", b"u\x07"][(lcg(&mut seed) % 3) as usize].to_vec();
+            key.extend_from_slice(&(lcg(&mut seed) % 5_000).to_be_bytes());
+            queues.write(&key, Some(&[])).unwrap();
+            model.insert(key, Vec::new());
+        }
+    }
+    let mut mid_q = b"q".to_vec();
+    mid_q.extend_from_slice(&2_500u64.to_be_bytes());
+    for (start, end) in [
+        (&b""[..], &b"\xff"[..]),
+        (b"p", b"w"),
+        (b"q", b"r"),
+        (&mid_q, b"u\x07"),
+        (b"r", b"u"),
+        (b"t", b"u\x03"),
+    ] {
+        for reverse in [false, true] {
+            let got: Vec<_> = kv.scan(start, end, reverse).map(|r| r.unwrap()).collect();
+            assert_scan(
+                &got,
+                &expect_range(&model, start, end, reverse),
+                &format!("{start:02x?}..{end:02x?} reverse {reverse}"),
+            );
+        }
+    }
+    for (k, v) in model.iter().step_by(37) {
+        assert_eq!(kv.get(k).unwrap().as_ref(), Some(v), "{k:02x?}");
     }
 }
 

@@ -407,30 +407,68 @@ pub(super) fn current_tree(
     let applied = read_last_applied(&kv).map_err(|e| e.to_string())?;
     machine::read_meta(&kv).map_err(|e| e.to_string())?;
     read_membership(&kv).map_err(|e| e.to_string())?;
-    let queues = rebuild_queues(&tree)?;
+    let queues = queues_from_items(&tree).map_err(|e| e.to_string())?;
+    remove_queue_records(&tree, &queues)?;
     Ok((meta, tree, applied, queues))
 }
 
-/// The queues of `tree`, from its item records ([`machine::queue_keys`]). Queue records that
-/// a format-3 store left in the tree are removed: nothing reads them there any more.
-fn rebuild_queues(tree: &sled::Tree) -> Result<Queues, String> {
+/// The queues of `tree`, from its item records ([`machine::queue_keys`]). An item record
+/// that cannot be read makes the whole tree untrusted, as any other unreadable record at
+/// open: the state machine is rebuilt from the snapshot and the log.
+pub(super) fn queues_from_items(tree: &sled::Tree) -> Result<Queues, KvError> {
     let kv = SledKv::bare(tree.clone());
     let mut queues = Queues::default();
     for key in machine::queue_keys(&kv) {
-        let key = key.map_err(|e| e.to_string())?;
-        queues.write(&key, Some(&[])).map_err(|e| e.to_string())?;
-    }
-    let mut stale = sled::Batch::default();
-    let mut any = false;
-    for table in [keys::QUEUE, keys::PRIORITY_QUEUE] {
-        for pair in tree.range(vec![table]..vec![table + 1]) {
-            let (key, _) = pair.map_err(|e| e.to_string())?;
-            stale.remove(key);
-            any = true;
-        }
-    }
-    if any {
-        tree.apply_batch(stale).map_err(|e| e.to_string())?;
+        queues.write(&key?, Some(&[]))?;
     }
     Ok(queues)
+}
+
+/// Removes the queue records a format-3 store kept in `tree` (nothing reads them there any
+/// more), a chunk at a time, and says how many disagreed with `rebuilt` (the queues rebuilt
+/// from the items), which the invariant says is none.
+fn remove_queue_records(tree: &sled::Tree, rebuilt: &Queues) -> Result<(), String> {
+    const CHUNK: usize = 10_000;
+    let (mut removed, mut stored) = (0usize, Queues::default());
+    for table in [keys::QUEUE, keys::PRIORITY_QUEUE] {
+        loop {
+            let chunk: Vec<sled::IVec> = tree
+                .range(vec![table]..vec![table + 1])
+                .keys()
+                .take(CHUNK)
+                .collect::<Result<_, _>>()
+                .map_err(|e| e.to_string())?;
+            if chunk.is_empty() {
+                break;
+            }
+            let mut batch = sled::Batch::default();
+            for key in &chunk {
+                // A malformed one is removed all the same.
+                let _ = stored.write(key, Some(&[]));
+                batch.remove(key);
+            }
+            removed += chunk.len();
+            tree.apply_batch(batch).map_err(|e| e.to_string())?;
+        }
+    }
+    if removed > 0 {
+        let differ = if stored == *rebuilt {
+            0
+        } else {
+            stored.differences(rebuilt)
+        };
+        if differ > 0 {
+            tracing::warn!(
+                removed,
+                differ,
+                "queue records left by format 3 disagreed with the item records; the items win"
+            );
+        } else {
+            tracing::info!(
+                removed,
+                "queue records left by format 3 removed from sled (the queues are in memory)"
+            );
+        }
+    }
+    Ok(())
 }

@@ -6,13 +6,15 @@
 //! they cost every enqueue an insert and every lease a delete, for records whose keys alone
 //! matter (their values are empty). So the store keeps them here instead:
 //!
-//! - as runs of consecutive ids per queue: a backlog enqueued in order is one run however
-//!   long it is, so memory does not follow the backlog;
-//! - rebuilt from the item records when the store opens ([`machine::queue_keys`]), read from
-//!   the snapshot file when one is installed, and dumped into every snapshot like any other
-//!   record, so snapshot files are what they were;
-//! - written by apply under the same lock as the other applied writes, and read by
-//!   [`super::SledKv`] in gets and scans, which never look for these tables in sled.
+//! - as runs of consecutive ids per queue: a backlog enqueued in order at one priority is one
+//!   run however long it is; ids are shared by all priorities, so interleaved priorities and
+//!   items back from an expired lease take an entry each;
+//! - rebuilt from the item records ([`hashq_raft::machine::queue_keys`]) when the store opens and when a
+//!   snapshot is installed (the file's queue records are checked against them), and dumped
+//!   into every snapshot like any other record, so snapshot files are what they were;
+//! - written by apply while it holds the lock of the other applied writes, and read by
+//!   [`super::SledKv`] in gets and scans, which never look for these tables in sled. The
+//!   tree and its queues are replaced together by an install.
 //!
 //! sled keeps none of their keys (those a format-3 store left there are removed at open), so
 //! a data dir with queues in memory is format 4: a build that would read its queues from sled
@@ -138,6 +140,18 @@ impl Queues {
             }
         }
         Ok(())
+    }
+
+    /// How many keys one holds that the other does not.
+    pub(crate) fn differences(&self, other: &Queues) -> u64 {
+        let unbounded = (Bound::Unbounded, Bound::Unbounded);
+        let all = |q: &Queues| -> std::collections::BTreeSet<Vec<u8>> {
+            q.take(&unbounded.0, &unbounded.1, false, usize::MAX)
+                .into_iter()
+                .collect()
+        };
+        let (a, b) = (all(self), all(other));
+        a.symmetric_difference(&b).count() as u64
     }
 
     /// How many items are queued, in all queues.
@@ -346,22 +360,26 @@ mod tests {
                 model.insert(k.clone());
             }
             assert_eq!(queues.contains(&k), model.contains(&k), "round {round}");
-            if round % 50 != 0 {
+            if round % 300 != 0 {
                 continue;
             }
             assert_eq!(queues.len(), model.len() as u64);
             // Bounds of every shape: table edges, prefixes, whole keys, keys cut short and
-            // grown, neighbouring tables.
+            // grown, the first and last ids, 0xff bytes, neighbouring tables.
             let mut bounds: Vec<Vec<u8>> = vec![
                 vec![],
                 b"p".to_vec(),
                 b"q".to_vec(),
+                b"q\xff".to_vec(),
                 b"r".to_vec(),
                 b"u".to_vec(),
                 b"u\x04".to_vec(),
+                b"u\xff\xff".to_vec(),
                 b"v".to_vec(),
+                key(b"q", 0),
+                key(b"u\x09", u64::MAX),
             ];
-            for _ in 0..6 {
+            for _ in 0..5 {
                 let k = key(prefixes[(next() % 4) as usize], 1000 + next() % 200);
                 bounds.push(k[..k.len() - (next() % 3) as usize].to_vec());
                 let mut grown = k.clone();
@@ -369,28 +387,43 @@ mod tests {
                 bounds.push(grown);
                 bounds.push(k);
             }
+            let shapes = |b: &Vec<u8>| {
+                [
+                    Bound::Included(b.clone()),
+                    Bound::Excluded(b.clone()),
+                    Bound::Unbounded,
+                ]
+            };
             for s in &bounds {
                 for e in &bounds {
-                    for (start, end) in [
-                        (Bound::Included(s.clone()), Bound::Excluded(e.clone())),
-                        (Bound::Excluded(s.clone()), Bound::Included(e.clone())),
-                        (Bound::Included(s.clone()), Bound::Unbounded),
-                        (Bound::Unbounded, Bound::Excluded(e.clone())),
-                    ] {
-                        if matches!((&start, &end), (Bound::Included(a) | Bound::Excluded(a), Bound::Included(b) | Bound::Excluded(b)) if a > b)
-                        {
-                            continue;
-                        }
-                        let want: Vec<Vec<u8>> =
-                            model.range((start.clone(), end.clone())).cloned().collect();
-                        for (reverse, n) in [(false, 7), (true, 7), (false, 10_000)] {
-                            let got = queues.take(&start, &end, reverse, n);
-                            let mut w: Vec<_> = want.clone();
-                            if reverse {
-                                w.reverse();
+                    for start in shapes(s) {
+                        for end in shapes(e) {
+                            // What BTreeMap::range refuses: an empty or inverted range.
+                            let inverted = match (&start, &end) {
+                                (Bound::Excluded(a), Bound::Excluded(b)) => a >= b,
+                                (
+                                    Bound::Included(a) | Bound::Excluded(a),
+                                    Bound::Included(b) | Bound::Excluded(b),
+                                ) => a > b,
+                                _ => false,
+                            };
+                            if inverted {
+                                continue;
                             }
-                            w.truncate(n);
-                            assert_eq!(got, w, "round {round} {start:?}..{end:?} rev {reverse}");
+                            let want: Vec<Vec<u8>> =
+                                model.range((start.clone(), end.clone())).cloned().collect();
+                            for (reverse, n) in [(false, 7), (true, 7), (true, 10_000)] {
+                                let got = queues.take(&start, &end, reverse, n);
+                                let mut w: Vec<_> = want.clone();
+                                if reverse {
+                                    w.reverse();
+                                }
+                                w.truncate(n);
+                                assert_eq!(
+                                    got, w,
+                                    "round {round} {start:?}..{end:?} rev {reverse}"
+                                );
+                            }
                         }
                     }
                 }
