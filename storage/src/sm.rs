@@ -662,12 +662,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 codec::encode(&last),
             );
         }
-        let (queued, writes): (Vec<_>, Vec<_>) = overlay
-            .into_writes()
-            .into_iter()
-            .partition(|(key, _)| queues::is_queue_key(key));
-        // Checked before anything is written, so a refusal leaves the state as it was.
-        for (key, value) in &queued {
+        let writes = overlay.into_writes();
+        // Queue records are checked before anything is written, so a refusal leaves the
+        // state as it was (and the writes below cannot fail).
+        for (key, value) in writes.iter().filter(|(key, _)| queues::is_queue_key(key)) {
             queues::check(key, value.as_deref()).map_err(sm_error)?;
         }
         let waiting = {
@@ -675,10 +673,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             let (_, queues) = layered.current();
             let mut layers = kv::write(&layered.unflushed);
             let mut queues = kv::queues_write(&queues);
-            for (key, value) in queued {
-                queues.write(&key, value.as_deref()).map_err(sm_error)?;
+            for (key, value) in writes {
+                if queues::is_queue_key(&key) {
+                    queues.write(&key, value.as_deref()).map_err(sm_error)?;
+                } else {
+                    layers.active.insert(key, value);
+                }
             }
-            layers.active.extend(writes);
             layers.active.len() + layers.flushing.len()
         };
         let failed = self
