@@ -1,4 +1,5 @@
-//! The state machine in sled: one tree holds the whole keyspace of `hashq_raft::keys`.
+//! The state machine in sled: one tree holds the keyspace of `hashq_raft::keys`, all but the
+//! queue tables, which are kept in memory ([`queues`]).
 //!
 //! sled is not trusted for durability (its flush is not an fsync, and it never syncs its
 //! configuration file): the state machine is rebuilt from what is durable (the latest
