@@ -112,14 +112,7 @@ impl SledKv {
     ) -> ScanIter<'_> {
         let part = |(queued, start, end): queues::Part| -> ScanIter<'_> {
             if queued {
-                Box::new(QueueScan {
-                    queues: self.queues.clone(),
-                    bounds: (start, end),
-                    reverse,
-                    chunk: FIRST_CHUNK,
-                    ready: Vec::new().into_iter(),
-                    done: false,
-                })
+                Box::new(Chunked::new(self.queues.clone(), (start, end), reverse))
             } else {
                 self.stored((start, end), reverse)
             }
@@ -145,57 +138,20 @@ impl SledKv {
                 .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(io));
             return in_order(range, reverse);
         }
-        Box::new(Scan {
-            kv: self.clone(),
-            bounds,
-            reverse,
-            chunk: FIRST_CHUNK,
-            ready: Vec::new().into_iter(),
-            done: false,
-        })
+        Box::new(Chunked::new(self.clone(), bounds, reverse))
     }
 }
 
-/// A scan of the queue tables, a chunk at a time (sizes as [`Scan`]'s), each under the
-/// queues' lock. During an apply nothing else writes them, so its scans see exactly the
-/// state it applies to.
-struct QueueScan {
-    queues: QueueIndex,
-    bounds: Bounds,
-    reverse: bool,
-    chunk: usize,
-    ready: std::vec::IntoIter<Vec<u8>>,
-    done: bool,
-}
-
-impl Iterator for QueueScan {
-    type Item = Result<Pair, KvError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        loop {
-            if let Some(key) = self.ready.next() {
-                return Some(Ok((key, Vec::new())));
-            }
-            if self.done {
-                return None;
-            }
-            let n = self.chunk;
-            self.chunk = (n * 4).min(LAST_CHUNK);
-            let keys =
-                queues_read(&self.queues).take(&self.bounds.0, &self.bounds.1, self.reverse, n);
-            match keys.last() {
-                Some(last) if keys.len() == n => {
-                    let last = Bound::Excluded(last.clone());
-                    if self.reverse {
-                        self.bounds.1 = last;
-                    } else {
-                        self.bounds.0 = last;
-                    }
-                }
-                _ => self.done = true,
-            }
-            self.ready = keys.into_iter();
-        }
+/// The queue tables read a chunk at a time, each under the queues' lock. During an apply
+/// nothing else writes them, so its scans see exactly the state it applies to.
+impl Source for QueueIndex {
+    fn read_chunk(&self, bounds: &Bounds, reverse: bool, n: usize) -> Result<Read, KvError> {
+        let keys = queues_read(self).take(&bounds.0, &bounds.1, reverse, n);
+        let complete_to = keys.last().filter(|_| keys.len() == n).cloned();
+        Ok((
+            keys.into_iter().map(|k| (k, Vec::new())).collect(),
+            complete_to,
+        ))
     }
 }
 
@@ -229,19 +185,71 @@ impl KvRead for SledKv {
     }
 }
 
-/// A scan reads the tree and both layers a chunk at a time, each chunk the layers first and
-/// then the tree: a flush that runs meanwhile (it puts a layer into the tree, then drops the
-/// layer) only makes the tree hold what the layers read already said. During an apply
-/// nothing else changes, so its scans see exactly the state it applies to (a route's scan
-/// may also see what later applies wrote, as before). At most a chunk per source is copied
-/// past what the caller reads, however many writes wait.
-struct Scan {
-    kv: SledKv,
+/// What a chunk read: its pairs, and the key it is complete up to (`None`: the range is
+/// done).
+type Read = (Vec<Pair>, Option<Vec<u8>>);
+
+/// Where a chunked scan reads from.
+trait Source {
+    /// Up to about `n` pairs of `bounds` from the scan's start.
+    fn read_chunk(&self, bounds: &Bounds, reverse: bool, n: usize) -> Result<Read, KvError>;
+}
+
+/// A scan read a chunk at a time: [`FIRST_CHUNK`] keys first (most scans stop after a
+/// few), then four times as many each time, up to [`LAST_CHUNK`]. At most a chunk is copied
+/// past what the caller reads, however many records there are.
+struct Chunked<S> {
+    source: S,
     bounds: Bounds,
     reverse: bool,
     chunk: usize,
     ready: std::vec::IntoIter<Pair>,
     done: bool,
+}
+
+impl<S: Source> Chunked<S> {
+    fn new(source: S, bounds: Bounds, reverse: bool) -> Self {
+        Chunked {
+            source,
+            bounds,
+            reverse,
+            chunk: FIRST_CHUNK,
+            ready: Vec::new().into_iter(),
+            done: false,
+        }
+    }
+
+    fn refill(&mut self) -> Result<(), KvError> {
+        let n = self.chunk;
+        self.chunk = (n * 4).min(LAST_CHUNK);
+        let (pairs, complete_to) = self.source.read_chunk(&self.bounds, self.reverse, n)?;
+        match complete_to {
+            None => self.done = true,
+            Some(last) if self.reverse => self.bounds.1 = Bound::Excluded(last),
+            Some(last) => self.bounds.0 = Bound::Excluded(last),
+        }
+        self.ready = pairs.into_iter();
+        Ok(())
+    }
+}
+
+impl<S: Source> Iterator for Chunked<S> {
+    type Item = Result<Pair, KvError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(pair) = self.ready.next() {
+                return Some(Ok(pair));
+            }
+            if self.done {
+                return None;
+            }
+            if let Err(e) = self.refill() {
+                self.done = true;
+                return Some(Err(e));
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -252,30 +260,33 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// Keys read from each source by a scan's first chunk (most scans stop after a few), then
-/// four times as many each time, up to [`LAST_CHUNK`].
+/// Keys read from each source by a scan's first chunk, then four times as many each time,
+/// up to [`LAST_CHUNK`] ([`Chunked`]).
 const FIRST_CHUNK: usize = 8;
 const LAST_CHUNK: usize = 512;
 
-impl Scan {
-    fn refill(&mut self) -> Result<(), KvError> {
-        let n = self.chunk;
-        self.chunk = (n * 4).min(LAST_CHUNK);
-        let [flushing, active] = read(&self.kv.unflushed).chunk(&self.bounds, self.reverse, n);
+/// The tree and both layers, each chunk the layers first and then the tree: a flush that
+/// runs meanwhile (it puts a layer into the tree, then drops the layer) only makes the tree
+/// hold what the layers read already said. During an apply nothing else changes, so its
+/// scans see exactly the state it applies to (a route's scan may also see what later applies
+/// wrote, as before).
+impl Source for SledKv {
+    fn read_chunk(&self, bounds: &Bounds, reverse: bool, n: usize) -> Result<Read, KvError> {
+        let [flushing, active] = read(&self.unflushed).chunk(bounds, reverse, n);
         #[cfg(test)]
         BETWEEN_READS.with(|hook| {
             if let Some(hook) = hook.borrow_mut().as_mut() {
                 hook()
             }
         });
-        let tree: Chunk = in_order(self.kv.tree.range(self.bounds.clone()), self.reverse)
+        let tree: Chunk = in_order(self.tree.range(bounds.clone()), reverse)
             .take(n)
             .map(|r| r.map(|(k, v)| (k.to_vec(), Some(v.to_vec()))))
             .collect::<Result<_, _>>()
             .map_err(io)?;
         // Each source is complete up to its last key if it ran out of room; the chunk is
         // complete up to the first such key.
-        let before = |a: &[u8], b: &[u8]| if self.reverse { a > b } else { a < b };
+        let before = |a: &[u8], b: &[u8]| if reverse { a > b } else { a < b };
         let mut complete_to: Option<Vec<u8>> = None;
         for source in [&tree, &flushing, &active] {
             if source.len() == n {
@@ -296,36 +307,11 @@ impl Scan {
                 .is_none_or(|c| k == c || before(k, c))
         };
         let keep = |(k, v): (Vec<u8>, Option<Vec<u8>>)| v.map(|v| (k, v));
-        let pairs: Vec<Pair> = in_order(merged.into_iter(), self.reverse)
+        let pairs: Vec<Pair> = in_order(merged.into_iter(), reverse)
             .take_while(|(k, _)| within(k))
             .filter_map(keep)
             .collect();
-        match complete_to {
-            None => self.done = true,
-            Some(last) if self.reverse => self.bounds.1 = Bound::Excluded(last),
-            Some(last) => self.bounds.0 = Bound::Excluded(last),
-        }
-        self.ready = pairs.into_iter();
-        Ok(())
-    }
-}
-
-impl Iterator for Scan {
-    type Item = Result<Pair, KvError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        loop {
-            if let Some(pair) = self.ready.next() {
-                return Some(Ok(pair));
-            }
-            if self.done {
-                return None;
-            }
-            if let Err(e) = self.refill() {
-                self.done = true;
-                return Some(Err(e));
-            }
-        }
+        Ok((pairs, complete_to))
     }
 }
 

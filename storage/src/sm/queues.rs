@@ -41,26 +41,27 @@ pub(crate) type Part = (bool, Bound<Vec<u8>>, Bound<Vec<u8>>);
 /// Cuts the range `(start, end)` where the queue tables begin and end: ascending parts, each
 /// wholly inside a queue table or wholly outside them.
 pub(crate) fn parts(start: Bound<Vec<u8>>, end: Bound<Vec<u8>>) -> Vec<Part> {
-    let mut cuts = Vec::with_capacity(4);
-    for tag in TABLES {
-        cuts.push(vec![tag]);
-        cuts.push(vec![tag + 1]);
-    }
-    let after_start = |cut: &Vec<u8>| match &start {
-        Bound::Included(s) => cut > s,
-        Bound::Excluded(s) => cut > s,
+    // Where each table begins and where it ends (the next tag), ascending.
+    let cuts: [&[u8]; 4] = [
+        &[TABLES[0]],
+        &[TABLES[0] + 1],
+        &[TABLES[1]],
+        &[TABLES[1] + 1],
+    ];
+    let after_start = |cut: &&[u8]| match &start {
+        Bound::Included(s) | Bound::Excluded(s) => *cut > s.as_slice(),
         Bound::Unbounded => true,
     };
-    let before_end = |cut: &Vec<u8>| match &end {
-        Bound::Included(e) => cut <= e,
-        Bound::Excluded(e) => cut < e,
+    let before_end = |cut: &&[u8]| match &end {
+        Bound::Included(e) => *cut <= e.as_slice(),
+        Bound::Excluded(e) => *cut < e.as_slice(),
         Bound::Unbounded => true,
     };
     let mut out = Vec::new();
     let mut from = start.clone();
     for cut in cuts.into_iter().filter(|c| after_start(c) && before_end(c)) {
-        out.push((from, Bound::Excluded(cut.clone())));
-        from = Bound::Included(cut);
+        out.push((from, Bound::Excluded(cut.to_vec())));
+        from = Bound::Included(cut.to_vec());
     }
     out.push((from, end));
     out.into_iter()
