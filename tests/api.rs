@@ -431,6 +431,10 @@ async fn bad_input_gets_a_clear_json_error_and_the_node_keeps_serving() {
         });
     }
 
+    let counted_before = [
+        answers_counted(&cluster, leader).await,
+        answers_counted(&cluster, follower).await,
+    ];
     for node in [leader, follower] {
         for c in &cases {
             let mut request = cluster
@@ -478,6 +482,20 @@ async fn bad_input_gets_a_clear_json_error_and_the_node_keeps_serving() {
         }
     }
 
+    // Each node counted every answer it gave, by class (`/metrics`). Peers' calls and the
+    // metrics reads add to the totals, so they are at least the cases'.
+    let errors = |class: u16| cases.iter().filter(|c| c.status / 100 == class).count() as u64;
+    for (node, before) in [leader, follower].into_iter().zip(counted_before) {
+        let after = answers_counted(&cluster, node).await;
+        let counted = [0, 1, 2].map(|i| after[i] - before[i]);
+        assert!(counted[0] >= cases.len() as u64, "node {node}: {counted:?}");
+        assert!(counted[1] >= errors(4), "node {node}: {counted:?}");
+        assert!(
+            counted[2] >= errors(5) && errors(5) > 0,
+            "node {node}: {counted:?}"
+        );
+    }
+
     // Nothing was enqueued by all that, and every node still serves.
     for id in cluster.ids() {
         let status = cluster
@@ -494,6 +512,23 @@ async fn bad_input_gets_a_clear_json_error_and_the_node_keeps_serving() {
         .await
         .unwrap();
     assert_eq!(work["status"], "queued");
+}
+
+/// A node's answers so far, from its `/metrics`: all, 4xx and 5xx.
+async fn answers_counted(cluster: &Cluster, node: u64) -> [u64; 3] {
+    let metrics = cluster.metrics(node).await;
+    [
+        format!("hashq_http_requests_total{{node=\"{node}\"}} "),
+        format!("hashq_http_errors_total{{node=\"{node}\",class=\"4xx\"}} "),
+        format!("hashq_http_errors_total{{node=\"{node}\",class=\"5xx\"}} "),
+    ]
+    .map(|series| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series}in /metrics:\n{metrics}"))
+    })
 }
 
 #[tokio::test(flavor = "multi_thread")]

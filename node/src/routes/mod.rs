@@ -34,6 +34,7 @@ use hashq_tls::PeerCertified;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use subtle::ConstantTimeEq;
+use tower::util::MapResponseLayer;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::error::{error_response, ApiError};
@@ -185,7 +186,7 @@ fn finish(routes: Router<Node>, node: Node) -> Router {
     routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(node.clone(), count_requests))
+        .layer(MapResponseLayer::new(count_requests(node.clone())))
         .layer(CatchPanicLayer::custom(panic_response))
         .with_state(node)
 }
@@ -211,16 +212,20 @@ fn panic_response(_: Box<dyn Any + Send + 'static>) -> Response {
     )
 }
 
-async fn count_requests(State(node): State<Node>, request: Request, next: Next) -> Response {
-    let response = next.run(request).await;
-    Stats::add(&node.stats().requests, 1);
-    let status = response.status();
-    if status.is_client_error() {
-        node.stats().client_errors.fetch_add(1, Ordering::Relaxed);
-    } else if status.is_server_error() {
-        node.stats().server_errors.fetch_add(1, Ordering::Relaxed);
+/// Counts every answer by its status: a plain response map, which, unlike a `from_fn`
+/// layer, neither boxes a future nor clones the route for every request.
+fn count_requests(node: Node) -> impl Fn(Response) -> Response + Clone + Send + Sync {
+    move |response: Response| {
+        let stats = node.stats();
+        Stats::add(&stats.requests, 1);
+        let status = response.status();
+        if status.is_client_error() {
+            stats.client_errors.fetch_add(1, Ordering::Relaxed);
+        } else if status.is_server_error() {
+            stats.server_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        response
     }
-    response
 }
 
 /// Compares a bearer token in constant time.

@@ -295,3 +295,56 @@ async fn a_range_read_partly_from_the_cache_and_partly_from_disk_comes_back_whol
     assert_eq!(long[..18], want[..18]);
     assert_eq!(long[99], entry(2, 100, 300));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_commit_hint_is_written_on_the_calling_thread_unless_the_writer_is_busy() {
+    let dir = setup();
+    let (mut log, _) = open_in(dir.path());
+    log.blocking_append((1..=3).map(|i| entry(1, i, 10)))
+        .await
+        .unwrap();
+    // Whether a quick write ran on the thread that asked for it.
+    async fn here(log: &LogStore) -> bool {
+        let caller = std::thread::current().id();
+        let ran_on = log
+            .write_quick(|_, _| Ok(std::thread::current().id()))
+            .await
+            .unwrap();
+        ran_on == caller
+    }
+    // A free writer: no trip to a blocking thread (openraft awaits this before each apply).
+    assert!(here(&log).await);
+    log.save_committed(Some(id(1, 2))).await.unwrap();
+    assert_eq!(log.read_committed().await.unwrap(), Some(id(1, 2)));
+
+    // A busy writer (an append syncing; here a held lock): the write waits for it on a
+    // blocking thread rather than block a runtime thread.
+    let (held, release) = (std::sync::Barrier::new(2), std::sync::Barrier::new(2));
+    let (held, release) = (std::sync::Arc::new(held), std::sync::Arc::new(release));
+    let holder = std::thread::spawn({
+        let (log, held, release) = (log.clone(), held.clone(), release.clone());
+        move || {
+            let _busy = log.inner.writer.lock().unwrap();
+            held.wait();
+            release.wait();
+        }
+    });
+    held.wait();
+    let waiting = tokio::spawn({
+        let mut log = log.clone();
+        async move {
+            let inline = here(&log).await;
+            log.save_committed(Some(id(1, 3))).await.unwrap();
+            inline
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(!waiting.is_finished(), "it waits for the writer");
+    release.wait();
+    holder.join().unwrap();
+    assert!(!waiting.await.unwrap(), "it waited on a blocking thread");
+    assert_eq!(log.read_committed().await.unwrap(), Some(id(1, 3)));
+    drop(log);
+    let (mut log, _) = open_in(dir.path());
+    assert_eq!(log.read_committed().await.unwrap(), Some(id(1, 3)));
+}

@@ -97,8 +97,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         committed: Option<LogId>,
     ) -> Result<(), StorageError<NodeId>> {
         // Never ahead of the durable log (openraft refuses to start from such a state).
+        // A write to the page cache, no sync: openraft awaits it before every apply, so it
+        // stays on this task unless the writer is busy.
         let committed = committed.min(self.last_log_id());
-        self.write(move |_, w| w.state.note_committed(committed))
+        self.write_quick(move |_, w| w.state.note_committed(committed))
             .await
             .map_err(storage_err)
     }
