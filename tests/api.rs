@@ -1588,3 +1588,35 @@ async fn one_worker_runs_high_priority_items_before_the_low_ones_queued_before_t
             .is_empty()
     );
 }
+
+/// `hashq bench`'s own load generator, whose figures BENCHMARKS.md reports: every enqueue
+/// it counts as acknowledged is in the queue, and none failed.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_bench_counts_exactly_the_enqueues_the_cluster_acknowledged() {
+    let output = tokio::process::Command::new(common::binary())
+        .args(["bench", "--enqueue-only", "--seconds", "2"])
+        .args(["--runs", "1:1024,8:4096"])
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(120), output)
+        .await
+        .expect("the bench ends within 2 minutes")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let runs = report["enqueue"].as_array().unwrap();
+    assert_eq!(runs.len(), 2, "{report}");
+    let mut acknowledged = 0;
+    for run in runs {
+        assert_eq!(run["errors"], 0, "{run}");
+        let acks = run["acknowledged"].as_u64().unwrap();
+        assert!(
+            acks > 0 && run["per_second"].as_f64().unwrap() > 0.0,
+            "{run}"
+        );
+        assert!(run["latency_ms"]["p50"].as_f64().unwrap() > 0.0, "{run}");
+        acknowledged += acks;
+    }
+    assert_eq!(report["memory"]["backlog_items"], acknowledged, "{report}");
+}
