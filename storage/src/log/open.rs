@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use super::index::{Index, Loc, Segment, SegmentFile};
 use super::segment::{self, Damage};
 use super::state::{StateError, StateFile};
-use super::write::{Active, Writer};
+use super::write::{Active, IoMode, Writer};
 use super::{decode_log_id, io_err, Inner, LogDamage, LogOpened, LogOptions, LogStore};
 use crate::fsio::{self, fatal, Fatal};
 
@@ -155,7 +155,7 @@ impl LogStore {
             );
             if last_segment {
                 let next = index.entries.back().map_or(first, |l| l.log_id.index + 1);
-                active = Some(Active::open(first, path, next)?);
+                active = Some(Active::open(first, path, next, scanned.end)?);
             }
         }
         // Entries at or below the purge point are not part of the log any more.
@@ -172,6 +172,7 @@ impl LogStore {
                     state,
                     active,
                     poisoned: None,
+                    mode: IoMode::Direct,
                 }),
                 index: Mutex::new(index),
             }),

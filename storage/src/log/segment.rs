@@ -6,7 +6,9 @@
 //! ```
 //! A segment is named by the index of its first entry (`00000000000000000042.seg`). Records
 //! are only appended; the tail is cut back when a leader overwrites entries that were never
-//! committed. Every record is verified when the log is opened ([`scan`]).
+//! committed. Every record is verified when the log is opened ([`scan`]). Appends are direct
+//! writes of whole [`BLOCK`]s, so a segment may end with fewer than a block of zeros after
+//! its last record; they are padding, not damage.
 
 use std::fs::File;
 use std::io::{BufReader, Read};
@@ -21,6 +23,9 @@ pub const FORMAT: u32 = 1;
 pub const HEADER_LEN: u64 = 32;
 /// Bytes before a record's body: length, checksum, kind.
 pub const RECORD_OVERHEAD: u64 = 9;
+/// Direct writes cover whole blocks of this many bytes, aligned in memory and in the file:
+/// a page, which covers the logical block size of any disk this runs on.
+pub const BLOCK: u64 = 4096;
 /// Largest record accepted when reading (a corrupt length must not allocate gigabytes).
 pub const MAX_RECORD: u64 = 512 << 20;
 
@@ -182,12 +187,30 @@ pub fn scan_with<T>(
         at = record.end();
         records.push((record, kind, summarize(kind, &body)));
     }
+    if let Some(Damage::TornTail { at }) = damage {
+        if is_padding(&file, at, len)? {
+            damage = None;
+        }
+    }
     let end = records.last().map_or(HEADER_LEN, |(r, _, _)| r.end());
     Ok(Scanned {
         records,
         end,
         damage,
     })
+}
+
+/// Whether the segment's bytes from `at` to its end `len` are the zeros that pad a direct
+/// write's last block: fewer than a block, up to a block boundary. Nothing was ever written
+/// there, so the segment ends cleanly at `at`. (Zeros left by an append that never reached
+/// the disk look the same, and mean the same: its fdatasync never returned.)
+fn is_padding(file: &File, at: u64, len: u64) -> std::io::Result<bool> {
+    if !len.is_multiple_of(BLOCK) || len - at >= BLOCK {
+        return Ok(false);
+    }
+    let mut rest = vec![0u8; (len - at) as usize];
+    file.read_exact_at(&mut rest, at)?;
+    Ok(rest.iter().all(|b| *b == 0))
 }
 
 /// A bad record at `at`: a torn tail if nothing but zeros follows the bad record's extent
@@ -250,6 +273,42 @@ mod tests {
         let bodies: Vec<&[u8]> = s.records.iter().map(|(_, _, b)| b.as_slice()).collect();
         assert_eq!(bodies, vec![&b"one"[..], b"two", b""]);
         assert_eq!(s.end, std::fs::metadata(&path).unwrap().len());
+    }
+
+    #[test]
+    fn zeros_up_to_a_block_boundary_are_padding_and_anything_else_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = segment(dir.path(), 1, &[b"first record", b"second record"]);
+        let records = std::fs::read(&path).unwrap();
+        let end = records.len() as u64;
+        let with = |tail: &[u8]| {
+            let mut bytes = records.clone();
+            bytes.extend_from_slice(tail);
+            std::fs::write(&path, &bytes).unwrap();
+            scan(&path).unwrap()
+        };
+        // A direct write's last block: zeros to the boundary. A clean end.
+        let pad = BLOCK as usize - records.len();
+        let s = with(&vec![0; pad]);
+        assert_eq!((s.damage, s.records.len(), s.end), (None, 2, end));
+        // Fewer than the 9 bytes of a record's start, to the boundary: padding too.
+        let body = vec![7u8; (BLOCK - 5 - HEADER_LEN - RECORD_OVERHEAD) as usize];
+        let near = segment(dir.path(), 2, &[&body]);
+        let mut bytes = std::fs::read(&near).unwrap();
+        bytes.extend_from_slice(&[0; 5]);
+        std::fs::write(&near, &bytes).unwrap();
+        let s = scan(&near).unwrap();
+        assert_eq!((s.damage, s.records.len(), s.end), (None, 1, BLOCK - 5));
+        // A byte that is not zero in the padding: not padding.
+        let mut dirty = vec![0; pad];
+        dirty[pad - 1] = 1;
+        assert!(matches!(with(&dirty).damage, Some(Damage::Corrupt { .. })));
+        // Zeros past the boundary (a block and more): what a torn extending write leaves.
+        let s = with(&vec![0; pad + BLOCK as usize]);
+        assert_eq!(s.damage, Some(Damage::TornTail { at: end }));
+        // Zeros that stop short of a boundary: not a direct write's, a torn tail.
+        let s = with(&vec![0; pad - 1]);
+        assert_eq!(s.damage, Some(Damage::TornTail { at: end }));
     }
 
     #[test]

@@ -148,9 +148,10 @@ async fn a_torn_last_record_is_cut_off_and_the_rest_kept() {
         .unwrap()
         .pop()
         .unwrap();
-    let len = std::fs::metadata(&path).unwrap().len();
+    // The end of the last record (zeros may pad the file to a block boundary).
+    let end = segment::scan(&path).unwrap().end;
     let file = OpenOptions::new().write(true).open(&path).unwrap();
-    file.set_len(len - 500).unwrap();
+    file.set_len(end - 500).unwrap();
     drop(file);
     let (mut log, opened) = open_in(dir.path());
     assert!(opened.damage.is_none(), "{opened:?}");
@@ -347,4 +348,68 @@ async fn the_commit_hint_is_written_on_the_calling_thread_unless_the_writer_is_b
     drop(log);
     let (mut log, _) = open_in(dir.path());
     assert_eq!(log.read_committed().await.unwrap(), Some(id(1, 3)));
+}
+
+#[tokio::test]
+async fn appends_write_whole_blocks_and_reopen_cleanly_after_the_padding() {
+    // Segments of a few blocks: an append after a reopen lands in the same segment.
+    fn open_mid(dir: &Path) -> (LogStore, LogOpened) {
+        let options = LogOptions {
+            segment_bytes: 20_000,
+            cache_bytes: 0,
+        };
+        LogStore::open(&dir.join("log"), &dir.join("vote"), options).unwrap()
+    }
+    let dir = setup();
+    let sizes = |i: u64| [1, 300, 4096, 5000, 17][i as usize % 5];
+    {
+        let (mut log, _) = open_mid(dir.path());
+        // One at a time and in runs, so segments end at every offset within a block.
+        for i in 1..=20 {
+            log.blocking_append([entry(1, i, sizes(i))]).await.unwrap();
+        }
+        log.blocking_append((21..=30).map(|i| entry(1, i, sizes(i))))
+            .await
+            .unwrap();
+    }
+    let segments = segment::list(&dir.path().join("log")).unwrap();
+    assert!(segments.len() >= 3, "{segments:?}");
+    for (_, path) in &segments {
+        // Direct I/O (this test's dir is on a disk file system): whole blocks only.
+        let len = std::fs::metadata(path).unwrap().len();
+        assert!(
+            len.is_multiple_of(segment::BLOCK),
+            "{} is {len} bytes",
+            path.display()
+        );
+    }
+    for round in 0..2 {
+        let (mut log, opened) = open_mid(dir.path());
+        assert!(
+            opened.damage.is_none() && opened.torn_tail.is_none(),
+            "{opened:?}"
+        );
+        let last = 30 + round * 3;
+        assert_eq!(all(&mut log).await, (1..=last).collect::<Vec<_>>());
+        let back = log.try_get_log_entries(1..last + 1).await.unwrap();
+        let expected: Vec<Entry> = (1..=last).map(|i| entry(1, i, sizes(i))).collect();
+        assert_eq!(back, expected);
+        // It goes on after the last record, over the padding.
+        log.blocking_append((last + 1..=last + 3).map(|i| entry(1, i, sizes(i))))
+            .await
+            .unwrap();
+    }
+    // Truncated back into a segment that rolled over: its padding is not appended after.
+    let (mut log, _) = open_mid(dir.path());
+    log.truncate(id(1, 4)).await.unwrap();
+    log.blocking_append((4..=6).map(|i| entry(2, i, 10)))
+        .await
+        .unwrap();
+    drop(log);
+    let (mut log, opened) = open_mid(dir.path());
+    assert!(
+        opened.damage.is_none() && opened.torn_tail.is_none(),
+        "{opened:?}"
+    );
+    assert_eq!(all(&mut log).await, (1..=6).collect::<Vec<_>>());
 }
