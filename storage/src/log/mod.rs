@@ -15,7 +15,7 @@
 //! - **Appends bypass the page cache.** They are `O_DIRECT` writes of whole blocks
 //!   ([`write::Direct`]): a segment may end with less than a block of zeros after its last
 //!   record, which opening reads as its end. Where the file system refuses `O_DIRECT`
-//!   (tmpfs), they go through the page cache.
+//!   (tmpfs before Linux 6.6), they go through the page cache.
 //! - **Recent entries are served from memory** to replication and apply, within a byte
 //!   budget; older ones are read back from their segment.
 //! - **Payloads stay where they were written.** The state machine keeps only references to

@@ -8,6 +8,7 @@ use hashq_raft::types::PayloadRef;
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt};
 use openraft::{CommittedLeaderId, EntryPayload, RaftLogReader};
 
+use super::write::IoMode;
 use super::*;
 
 fn id(term: u64, index: u64) -> LogId {
@@ -350,66 +351,100 @@ async fn the_commit_hint_is_written_on_the_calling_thread_unless_the_writer_is_b
     assert_eq!(log.read_committed().await.unwrap(), Some(id(1, 3)));
 }
 
-#[tokio::test]
-async fn appends_write_whole_blocks_and_reopen_cleanly_after_the_padding() {
-    // Segments of a few blocks: an append after a reopen lands in the same segment.
-    fn open_mid(dir: &Path) -> (LogStore, LogOpened) {
-        let options = LogOptions {
-            segment_bytes: 20_000,
-            cache_bytes: 0,
-        };
-        LogStore::open(&dir.join("log"), &dir.join("vote"), options).unwrap()
-    }
-    let dir = setup();
-    let sizes = |i: u64| [1, 300, 4096, 5000, 17][i as usize % 5];
+/// Whether `dir`'s file system takes `O_DIRECT` (a disk does; tmpfs before Linux 6.6 not).
+fn takes_direct_io(dir: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    let probe = dir.join("direct-probe");
+    let opened = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&probe);
+    std::fs::remove_file(&probe).ok();
+    opened.is_ok()
+}
+
+/// Segments of a few blocks: an append after a reopen lands in the same segment.
+fn open_mid(dir: &Path, mode: IoMode) -> (LogStore, LogOpened) {
+    let options = LogOptions {
+        segment_bytes: 20_000,
+        cache_bytes: 0,
+    };
+    let (log, opened) = LogStore::open(&dir.join("log"), &dir.join("vote"), options).unwrap();
+    lock(&log.inner.writer).mode = mode;
+    (log, opened)
+}
+
+fn sized(i: u64) -> Entry {
+    entry(1, i, [1, 300, 4096, 5000, 17][i as usize % 5])
+}
+
+/// Appends 1 to 30 (one at a time, then in a run, so segments end at every offset within a
+/// block), reopens twice appending three more each time, then truncates back to the first
+/// entry of the second segment, so the first is active again, and appends after it. Every
+/// open must find the log whole and undamaged. Returns the segment files' lengths after the
+/// first 30.
+async fn appends_reopens_and_truncation(dir: &Path, mode: IoMode) -> Vec<u64> {
     {
-        let (mut log, _) = open_mid(dir.path());
-        // One at a time and in runs, so segments end at every offset within a block.
+        let (mut log, _) = open_mid(dir, mode);
         for i in 1..=20 {
-            log.blocking_append([entry(1, i, sizes(i))]).await.unwrap();
+            log.blocking_append([sized(i)]).await.unwrap();
         }
-        log.blocking_append((21..=30).map(|i| entry(1, i, sizes(i))))
-            .await
-            .unwrap();
+        log.blocking_append((21..=30).map(sized)).await.unwrap();
     }
-    let segments = segment::list(&dir.path().join("log")).unwrap();
+    let segments = segment::list(&dir.join("log")).unwrap();
     assert!(segments.len() >= 3, "{segments:?}");
-    for (_, path) in &segments {
-        // Direct I/O (this test's dir is on a disk file system): whole blocks only.
-        let len = std::fs::metadata(path).unwrap().len();
-        assert!(
-            len.is_multiple_of(segment::BLOCK),
-            "{} is {len} bytes",
-            path.display()
-        );
-    }
+    let lengths = segments
+        .iter()
+        .map(|(_, path)| std::fs::metadata(path).unwrap().len())
+        .collect();
+    let whole = |opened: &LogOpened| opened.damage.is_none() && opened.torn_tail.is_none();
     for round in 0..2 {
-        let (mut log, opened) = open_mid(dir.path());
-        assert!(
-            opened.damage.is_none() && opened.torn_tail.is_none(),
-            "{opened:?}"
-        );
+        let (mut log, opened) = open_mid(dir, mode);
+        assert!(whole(&opened), "{opened:?}");
         let last = 30 + round * 3;
         assert_eq!(all(&mut log).await, (1..=last).collect::<Vec<_>>());
         let back = log.try_get_log_entries(1..last + 1).await.unwrap();
-        let expected: Vec<Entry> = (1..=last).map(|i| entry(1, i, sizes(i))).collect();
-        assert_eq!(back, expected);
+        assert_eq!(back, (1..=last).map(sized).collect::<Vec<_>>());
         // It goes on after the last record, over the padding.
-        log.blocking_append((last + 1..=last + 3).map(|i| entry(1, i, sizes(i))))
+        log.blocking_append((last + 1..=last + 3).map(sized))
             .await
             .unwrap();
     }
-    // Truncated back into a segment that rolled over: its padding is not appended after.
-    let (mut log, _) = open_mid(dir.path());
-    log.truncate(id(1, 4)).await.unwrap();
-    log.blocking_append((4..=6).map(|i| entry(2, i, 10)))
+    // Back to the first entry of the second segment: that segment goes, the first is
+    // active again, and appends go on after its last record, not after its padding.
+    let second = segments[1].0;
+    let (mut log, _) = open_mid(dir, mode);
+    log.truncate(id(1, second)).await.unwrap();
+    assert_eq!(segment::list(&dir.join("log")).unwrap().len(), 1);
+    log.blocking_append((second..second + 3).map(|i| entry(2, i, 10)))
         .await
         .unwrap();
     drop(log);
-    let (mut log, opened) = open_mid(dir.path());
+    let (mut log, opened) = open_mid(dir, mode);
+    assert!(whole(&opened), "{opened:?}");
+    assert_eq!(all(&mut log).await, (1..second + 3).collect::<Vec<_>>());
+    lengths
+}
+
+#[tokio::test]
+async fn appends_write_whole_blocks_and_reopen_cleanly_after_the_padding() {
+    let dir = setup();
+    let lengths = appends_reopens_and_truncation(dir.path(), IoMode::Direct).await;
+    if takes_direct_io(dir.path()) {
+        assert!(
+            lengths.iter().all(|l| l.is_multiple_of(segment::BLOCK)),
+            "direct writes are whole blocks: {lengths:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn without_direct_io_appends_go_through_the_page_cache_the_same_way() {
+    let dir = setup();
+    let lengths = appends_reopens_and_truncation(dir.path(), IoMode::Buffered).await;
     assert!(
-        opened.damage.is_none() && opened.torn_tail.is_none(),
-        "{opened:?}"
+        lengths.iter().any(|l| !l.is_multiple_of(segment::BLOCK)),
+        "no padding: {lengths:?}"
     );
-    assert_eq!(all(&mut log).await, (1..=6).collect::<Vec<_>>());
 }

@@ -66,20 +66,28 @@ impl Active {
     /// Writes `buf` at the end of the segment: by direct I/O when the file system takes it,
     /// else through the page cache. `Err` leaves `len` as it was.
     fn write_end(&mut self, buf: &[u8], mode: &mut IoMode) -> io::Result<()> {
-        if *mode == IoMode::Direct && self.direct.is_none() {
-            match Direct::open(&self.path, &self.file, self.len) {
-                Ok(direct) => self.direct = Some(direct),
+        if *mode == IoMode::Direct {
+            let written = match &mut self.direct {
+                Some(direct) => direct.write_end(buf, self.len),
+                None => Direct::open(&self.path, &self.file, self.len).and_then(|mut direct| {
+                    let written = direct.write_end(buf, self.len);
+                    self.direct = Some(direct);
+                    written
+                }),
+            };
+            // EINVAL: the file system refuses O_DIRECT, at the open or at a write (an
+            // alignment it wants beyond a block). Nothing reached the file (a short write,
+            // under a full disk, is cut back and written again whole below).
+            match written {
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    tracing::info!(path = %self.path.display(), "no direct I/O on this file system: log appends go through the page cache");
+                    tracing::warn!(path = %self.path.display(), error = %e, "no direct I/O here: log appends go through the page cache");
                     *mode = IoMode::Buffered;
+                    self.direct = None;
                 }
-                Err(e) => return Err(e),
+                other => return other,
             }
         }
-        match &mut self.direct {
-            Some(direct) if *mode == IoMode::Direct => direct.write_end(buf, self.len),
-            _ => self.file.write_all_at(buf, self.len),
-        }
+        self.file.write_all_at(buf, self.len)
     }
 }
 
@@ -88,7 +96,8 @@ impl Active {
 pub(super) enum IoMode {
     /// `O_DIRECT`, whole blocks: the default.
     Direct,
-    /// Through the page cache, where the file system refuses `O_DIRECT` (tmpfs).
+    /// Through the page cache, where the file system refuses `O_DIRECT` (tmpfs before
+    /// Linux 6.6) or the alignment it wants (see [`Active::write_end`]).
     Buffered,
 }
 
@@ -441,7 +450,9 @@ impl Inner {
                     .filter(|l| l.segment == first)
                     .copied();
                 let next = last.map_or(u64::MAX, |l| l.log_id.index + 1);
-                // After its last record, not at the end of the file (zeros may pad it).
+                // After its last record, not at the end of the file (zeros may pad it). With
+                // no entry of it left in the log (all purged), `next` is u64::MAX and the
+                // next append starts a new segment, so this end is never written at.
                 let end = last.map_or(segment::HEADER_LEN, |l| l.at.end());
                 w.active = Some(Active::open(first, path, next, end)?);
             }
