@@ -111,6 +111,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// [`lock`] if nobody holds `m` now, else `None`.
+fn try_lock<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
+    match m.try_lock() {
+        Ok(guard) => Some(guard),
+        Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
+}
+
 pub(crate) fn encode_entry(entry: &Entry) -> Vec<u8> {
     let mut body = vec![ENTRY_V1];
     body.extend_from_slice(&postcard::to_allocvec(entry).expect("entries always encode"));

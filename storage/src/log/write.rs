@@ -8,7 +8,7 @@ use std::io;
 use std::ops::Bound;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::{Arc, TryLockError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hashq_raft::{Entry, LogId};
@@ -16,7 +16,7 @@ use hashq_raft::{Entry, LogId};
 use super::index::{entry_bytes, Index, Loc, Segment, SegmentFile};
 use super::segment::{self, RecordAt, BLOCK};
 use super::state::StateFile;
-use super::{encode_entry, io_err, lock, Inner, LogStore};
+use super::{encode_entry, io_err, lock, try_lock, Inner, LogStore};
 use crate::fsio::{self, fatal, Fatal};
 
 /// The writer's state: only one write runs at a time.
@@ -67,18 +67,10 @@ impl Active {
     /// else through the page cache. `Err` leaves `len` as it was.
     fn write_end(&mut self, buf: &[u8], mode: &mut IoMode) -> io::Result<()> {
         if *mode == IoMode::Direct {
-            let written = match &mut self.direct {
-                Some(direct) => direct.write_end(buf, self.len),
-                None => Direct::open(&self.path, &self.file, self.len).and_then(|mut direct| {
-                    let written = direct.write_end(buf, self.len);
-                    self.direct = Some(direct);
-                    written
-                }),
-            };
             // EINVAL: the file system refuses O_DIRECT, at the open or at a write (an
             // alignment it wants beyond a block). Nothing reached the file (a short write,
             // under a full disk, is cut back and written again whole below).
-            match written {
+            match self.write_direct(buf) {
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                     tracing::warn!(path = %self.path.display(), error = %e, "no direct I/O here: log appends go through the page cache");
                     *mode = IoMode::Buffered;
@@ -88,6 +80,17 @@ impl Active {
             }
         }
         self.file.write_all_at(buf, self.len)
+    }
+
+    /// Writes `buf` at the end of the segment by direct I/O, opening it for that first.
+    fn write_direct(&mut self, buf: &[u8]) -> io::Result<()> {
+        if self.direct.is_none() {
+            self.direct = Some(Direct::open(&self.path, &self.file, self.len)?);
+        }
+        self.direct
+            .as_mut()
+            .expect("opened above")
+            .write_end(buf, self.len)
     }
 }
 
@@ -173,13 +176,9 @@ impl LogStore {
         &self,
         f: impl FnOnce(&Inner, &mut Writer) -> Result<T, Fatal> + Send + 'static,
     ) -> Result<T, Fatal> {
-        let f = match self.inner.writer.try_lock() {
-            Ok(mut writer) => return self.inner.with_writer(&mut writer, f),
-            Err(TryLockError::Poisoned(p)) => {
-                return self.inner.with_writer(&mut p.into_inner(), f)
-            }
-            Err(TryLockError::WouldBlock) => f,
-        };
+        if let Some(mut writer) = try_lock(&self.inner.writer) {
+            return self.inner.with_writer(&mut writer, f);
+        }
         self.write(f).await
     }
 
