@@ -129,9 +129,17 @@ pub fn payload_floor_from(
     kv: &impl KvRead,
     from: WorkId,
 ) -> Result<(Option<u64>, WorkId), KvError> {
+    // The usual case, every apply: the item found last time still needs its payload. One
+    // read answers it, where a scan would copy a chunk of items.
+    let first = keys::item(from);
+    if let Some(value) = kv.get(&first)? {
+        if let Some(at) = live_payload_of(&first, &value)? {
+            return Ok((Some(at.index), from));
+        }
+    }
     let (_, end) = keys::table(keys::ITEM);
     let mut next = from;
-    for pair in kv.scan(&keys::item(from), &end, false) {
+    for pair in kv.scan(&first, &end, false) {
         let (k, v) = pair?;
         let id = key_id(&k)?;
         if let Some(at) = live_payload_of(&k, &v)? {

@@ -1823,9 +1823,18 @@ fn payloads_are_referenced_where_the_log_holds_them_and_the_floor_follows_the_ol
     );
     assert_eq!(live_payloads(&kv).unwrap(), refs);
     assert_eq!(payload_floor(&kv).unwrap(), Some(40));
-    let later = enqueue(&mut kv, 2, 1, None);
+    // The next entry's index is set here: the shared counter of `enqueue` is below 40 when
+    // this test runs first.
+    let later_cmd = Command {
+        requests: vec![enqueue_req(3)],
+        ..cmd
+    };
+    let later = match apply(&mut kv, &later_cmd, At { term: 3, index: 41 }).unwrap()[..] {
+        [Response::Enqueued { id, .. }] => id,
+        ref other => panic!("enqueue answered {other:?}"),
+    };
     let later_at = item(&kv, later).unwrap().unwrap().payload;
-    assert!(later_at.index > 40);
+    assert_eq!(later_at.index, 41);
     // Completing both items of entry 40 moves the floor to the later entry.
     let w = register(&mut kv, 3);
     let granted = lease(&mut kv, 4, w, 2, 1);
@@ -2349,6 +2358,32 @@ fn version_5_drops_the_payload_records_and_reads_live_payloads_off_the_items() {
     check_invariants(&kv);
 }
 
+/// A store that counts the scans made through it.
+struct ScanCounter<'a> {
+    kv: &'a MemKv,
+    scans: std::cell::Cell<usize>,
+}
+
+impl<'a> ScanCounter<'a> {
+    fn new(kv: &'a MemKv) -> Self {
+        ScanCounter {
+            kv,
+            scans: std::cell::Cell::new(0),
+        }
+    }
+}
+
+impl KvRead for ScanCounter<'_> {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        KvRead::get(self.kv, key)
+    }
+
+    fn scan<'b>(&'b self, start: &[u8], end: &[u8], reverse: bool) -> crate::kv::ScanIter<'b> {
+        self.scans.set(self.scans.get() + 1);
+        self.kv.scan(start, end, reverse)
+    }
+}
+
 #[test]
 fn the_floor_search_goes_on_from_where_it_stopped() {
     let mut kv = MemKv::new();
@@ -2363,6 +2398,15 @@ fn the_floor_search_goes_on_from_where_it_stopped() {
         payload_floor_from(&kv, WorkId(0)).unwrap(),
         (Some(third), ids[2])
     );
+    // While that item waits, each search is one read and no scan.
+    let counted = ScanCounter::new(&kv);
+    for _ in 0..3 {
+        assert_eq!(
+            payload_floor_from(&counted, ids[2]).unwrap(),
+            (Some(third), ids[2])
+        );
+    }
+    assert_eq!(counted.scans.get(), 0, "the waiting item is read, not scanned for");
     let g = lease(&mut kv, 5, w, 1, 2);
     complete(&mut kv, 6, w, g[0].id, g[0].attempt, 1);
     let (floor, next) = payload_floor_from(&kv, ids[2]).unwrap();
