@@ -2406,7 +2406,11 @@ fn the_floor_search_goes_on_from_where_it_stopped() {
             (Some(third), ids[2])
         );
     }
-    assert_eq!(counted.scans.get(), 0, "the waiting item is read, not scanned for");
+    assert_eq!(
+        counted.scans.get(),
+        0,
+        "the waiting item is read, not scanned for"
+    );
     let g = lease(&mut kv, 5, w, 1, 2);
     complete(&mut kv, 6, w, g[0].id, g[0].attempt, 1);
     let (floor, next) = payload_floor_from(&kv, ids[2]).unwrap();

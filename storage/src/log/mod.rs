@@ -40,7 +40,7 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use hashq_raft::{Entry, LogId, NodeId};
+use hashq_raft::{codec, Entry, LogId, NodeId};
 use openraft::Vote;
 
 use crate::fsio::Fatal;
@@ -120,10 +120,10 @@ fn try_lock<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
     }
 }
 
-pub(crate) fn encode_entry(entry: &Entry) -> Vec<u8> {
-    let mut body = vec![ENTRY_V1];
-    body.extend_from_slice(&postcard::to_allocvec(entry).expect("entries always encode"));
-    body
+/// Appends the record body of `entry` to `buf`.
+pub(crate) fn encode_entry_onto(buf: &mut Vec<u8>, entry: &Entry) {
+    buf.push(ENTRY_V1);
+    codec::encode_onto(buf, entry);
 }
 
 pub(crate) fn decode_entry(body: &[u8]) -> Result<Entry, String> {

@@ -56,14 +56,24 @@ pub fn header(first: u64) -> [u8; HEADER_LEN as usize] {
     h
 }
 
-/// Appends a record to `buf`.
+/// Appends a record to `buf` (tests build segments with it).
+#[cfg(test)]
 pub fn push_record(buf: &mut Vec<u8>, kind: u8, body: &[u8]) {
-    let len = (body.len() + 1) as u32;
-    let crc = fsio::crc_append(fsio::crc(&[kind]), body);
-    buf.extend_from_slice(&len.to_le_bytes());
-    buf.extend_from_slice(&crc.to_le_bytes());
+    push_record_with(buf, kind, |buf| buf.extend_from_slice(body));
+}
+
+/// Appends a record to `buf` whose body is what `write_body` appends, in place (no copy of
+/// its own); returns the body's length.
+pub fn push_record_with(buf: &mut Vec<u8>, kind: u8, write_body: impl FnOnce(&mut Vec<u8>)) -> u32 {
+    let start = buf.len();
+    buf.extend_from_slice(&[0; 8]);
     buf.push(kind);
-    buf.extend_from_slice(body);
+    write_body(buf);
+    let len = (buf.len() - start - 8) as u32;
+    let crc = fsio::crc(&buf[start + 8..]);
+    buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    len - 1
 }
 
 /// Where a record's body is in its segment.

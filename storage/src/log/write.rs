@@ -16,7 +16,7 @@ use hashq_raft::{Entry, LogId};
 use super::index::{entry_bytes, Index, Loc, Segment, SegmentFile};
 use super::segment::{self, RecordAt, BLOCK};
 use super::state::StateFile;
-use super::{encode_entry, io_err, lock, try_lock, Inner, LogStore};
+use super::{encode_entry_onto, io_err, lock, try_lock, Inner, LogStore};
 use crate::fsio::{self, fatal, Fatal};
 
 /// The writer's state: only one write runs at a time.
@@ -310,22 +310,28 @@ impl Inner {
         while !rest.is_empty() {
             // As many entries as fit in the active segment (at least one), then a new one.
             let active = w.active.as_ref().expect("an active segment after roll");
-            let mut buf = Vec::new();
+            // Records are encoded in place, in a buffer sized once for all of them.
+            let mut buf = Vec::with_capacity(
+                rest.iter()
+                    .map(|e| entry_bytes(e) + segment::RECORD_OVERHEAD as usize)
+                    .sum(),
+            );
             let mut taken = 0;
             for entry in rest {
                 if taken > 0 && active.len + buf.len() as u64 >= self.options.segment_bytes {
                     break;
                 }
-                let body = encode_entry(entry);
                 let offset = active.len + buf.len() as u64;
-                segment::push_record(&mut buf, segment::KIND_ENTRY, &body);
+                let body_len = segment::push_record_with(&mut buf, segment::KIND_ENTRY, |buf| {
+                    encode_entry_onto(buf, entry)
+                });
                 locs.push(Loc {
                     log_id: entry.log_id,
                     segment: active.first,
                     at: RecordAt {
                         offset,
                         body: offset + segment::RECORD_OVERHEAD,
-                        body_len: body.len() as u32,
+                        body_len,
                     },
                 });
                 taken += 1;
