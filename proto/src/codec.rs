@@ -1,8 +1,12 @@
 //! The compact binary encoding used on the Raft wire, the worker wire and in sled: postcard
 //! (varint integers, no field names), through serde.
 
-use serde::de::DeserializeOwned;
-use serde::Serialize;
+use std::cell::RefCell;
+use std::fmt;
+
+use bytes::Bytes;
+use serde::de::{self, DeserializeOwned, SeqAccess, Visitor};
+use serde::{Deserializer, Serialize};
 
 /// Content type of postcard bodies.
 pub const POSTCARD: &str = "application/x-postcard";
@@ -38,6 +42,76 @@ pub fn encode_onto<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
     *out = postcard::to_extend(value, std::mem::take(out)).expect(SIZED);
 }
 
+/// Decodes a value whose byte strings marked `#[serde(deserialize_with =
+/// "codec::shared_bytes")]` become slices of `bytes`, sharing its buffer, instead of copies
+/// (the payloads of a forwarded batch or of replicated entries: each would otherwise be one
+/// more allocation and copy per node). The slices keep all of `bytes` alive, so this is for
+/// bodies whose parts live about as long as each other, not for picking one payload out of
+/// a large read.
+pub fn decode_shared<T: DeserializeOwned>(
+    what: &'static str,
+    bytes: &Bytes,
+) -> Result<T, DecodeError> {
+    let previous = SOURCE.with(|s| s.replace(Some(bytes.clone())));
+    let decoded = decode(what, bytes);
+    SOURCE.with(|s| s.replace(previous));
+    decoded
+}
+
+thread_local! {
+    /// The buffer [`decode_shared`] is decoding on this thread.
+    static SOURCE: RefCell<Option<Bytes>> = const { RefCell::new(None) };
+}
+
+/// Deserializes a byte string as a slice of the buffer [`decode_shared`] decodes, when it
+/// lies in it, and as a copy otherwise (any other decoder, or a format that does not lend
+/// its input).
+pub fn shared_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
+    d.deserialize_bytes(SharedBytes)
+}
+
+struct SharedBytes;
+
+impl<'de> Visitor<'de> for SharedBytes {
+    type Value = Bytes;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a byte string")
+    }
+
+    fn visit_borrowed_bytes<E: de::Error>(self, v: &'de [u8]) -> Result<Bytes, E> {
+        let shared = SOURCE.with(|s| {
+            let source = s.borrow();
+            let source = source.as_ref()?;
+            let within = source.as_ptr_range();
+            let part = v.as_ptr_range();
+            (!v.is_empty() && within.start <= part.start && part.end <= within.end)
+                .then(|| source.slice_ref(v))
+        });
+        Ok(shared.unwrap_or_else(|| Bytes::copy_from_slice(v)))
+    }
+
+    fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Bytes, E> {
+        Ok(Bytes::copy_from_slice(v))
+    }
+
+    fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Bytes, E> {
+        Ok(Bytes::from(v))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Bytes, E> {
+        Ok(Bytes::copy_from_slice(v.as_bytes()))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Bytes, A::Error> {
+        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+        while let Some(b) = seq.next_element::<u8>()? {
+            out.push(b);
+        }
+        Ok(Bytes::from(out))
+    }
+}
+
 /// Decodes a value, naming `what` in the error.
 pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, DecodeError> {
     postcard::from_bytes(bytes).map_err(|e| DecodeError {
@@ -71,5 +145,65 @@ mod tests {
         assert_eq!(prefixed.capacity(), room, "appended where there was room");
         let back: (u64, String, Vec<u8>, Option<i32>) = decode("a tuple", &out).unwrap();
         assert_eq!(back.2, payload);
+    }
+
+    #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+    struct Carrier {
+        id: u32,
+        #[serde(deserialize_with = "shared_bytes")]
+        payload: Bytes,
+        #[serde(deserialize_with = "shared_bytes")]
+        empty: Bytes,
+    }
+
+    fn carrier(id: u32, len: usize) -> Carrier {
+        Carrier {
+            id,
+            payload: Bytes::from(vec![id as u8; len]),
+            empty: Bytes::new(),
+        }
+    }
+
+    fn lies_within(part: &Bytes, whole: &Bytes) -> bool {
+        let (part, whole) = (part.as_ptr_range(), whole.as_ptr_range());
+        whole.start <= part.start && part.end <= whole.end
+    }
+
+    #[test]
+    fn shared_decoding_slices_payloads_out_of_the_body_and_plain_decoding_copies_them() {
+        let sent = vec![carrier(1, 5_000), carrier(2, 1)];
+        let body = Bytes::from(encode(&sent));
+        let shared: Vec<Carrier> = decode_shared("carriers", &body).unwrap();
+        assert_eq!(shared, sent);
+        assert!(
+            shared.iter().all(|c| lies_within(&c.payload, &body)),
+            "no copy"
+        );
+        let copied: Vec<Carrier> = decode("carriers", &body).unwrap();
+        assert_eq!(copied, sent);
+        assert!(copied.iter().all(|c| !lies_within(&c.payload, &body)));
+        // A slice outlives the decode and the caller's handle on the body.
+        drop(body);
+        assert_eq!(shared[0].payload, Bytes::from(vec![1u8; 5_000]));
+    }
+
+    #[test]
+    fn a_shared_decode_inside_another_gives_the_outer_one_its_body_back() {
+        let inner = Bytes::from(encode(&carrier(3, 100)));
+        let outer = Bytes::from(encode(&carrier(4, 100)));
+        // As inside the outer decode (a Deserialize impl decoding an embedded body).
+        SOURCE.with(|s| s.replace(Some(outer.clone())));
+        let nested: Carrier = decode_shared("inner", &inner).unwrap();
+        assert!(lies_within(&nested.payload, &inner));
+        let back = SOURCE.with(|s| s.replace(None));
+        assert_eq!(back.map(|b| b.as_ptr()), Some(outer.as_ptr()));
+    }
+
+    #[test]
+    fn formats_that_do_not_lend_their_input_still_decode_byte_strings() {
+        let sent = carrier(5, 3);
+        let json = serde_json::to_string(&sent).unwrap();
+        let back: Carrier = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, sent);
     }
 }

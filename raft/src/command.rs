@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 pub use hashq_proto::worker::Completion;
 
+use crate::codec;
 use crate::types::{Digest, Millis, NodeId, Status, WorkId, WorkerId, WorkerSecret};
 
 /// One Raft log entry's application data.
@@ -138,6 +139,7 @@ pub enum Request {
         iterations: u32,
         /// Written once, in the log entry; the state machine keeps only a
         /// [`crate::types::PayloadRef`] to it.
+        #[serde(deserialize_with = "codec::shared_bytes")]
         payload: Bytes,
         /// A retry with the same key returns the first call's work id and adds nothing.
         dedup: Option<Dedup>,
@@ -231,6 +233,7 @@ pub enum Request {
     /// entries written by every earlier release.
     EnqueueInBatch {
         iterations: u32,
+        #[serde(deserialize_with = "codec::shared_bytes")]
         payload: Bytes,
         batch: BatchSlot,
     },
@@ -264,6 +267,7 @@ pub struct BatchItem {
     /// 0 to [`crate::types::MAX_PRIORITY`], higher first
     /// ([`crate::types::DEFAULT_PRIORITY`] for an item without one).
     pub priority: u8,
+    #[serde(deserialize_with = "codec::shared_bytes")]
     pub payload: Bytes,
 }
 

@@ -323,7 +323,8 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Postcard<T> {
         let bytes = Bytes::from_request(req, state)
             .await
             .map_err(|e| ApiError::invalid("invalid_body", e.body_text()))?;
-        codec::decode("request body", &bytes)
+        // Payloads in the body (a forwarded batch, replicated entries) share its buffer.
+        codec::decode_shared("request body", &bytes)
             .map(Postcard)
             .map_err(|e| ApiError::invalid("invalid_body", e.to_string()))
     }
