@@ -307,7 +307,9 @@ async fn batcher(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Pending>, 
             return;
         };
         let mut bytes = request_bytes(&first.request);
-        let mut batch = vec![first];
+        // Sized for what is waiting, so the batch does not grow by doublings as it fills.
+        let mut batch = Vec::with_capacity((rx.len() + 1).min(batching.max_requests.max(1)));
+        batch.push(first);
         while batch.len() < batching.max_requests {
             match rx.try_recv() {
                 Ok(p) => {
