@@ -26,20 +26,23 @@ pub struct DecodeError {
 /// Encodes a value. Every type hashq encodes has a known length, the only thing postcard
 /// cannot serialize, so this cannot fail.
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
-    let mut out = Vec::new();
-    encode_onto(&mut out, value);
-    out
+    let out = Vec::with_capacity(encoded_len(value));
+    postcard::to_extend(value, out).expect(SIZED)
 }
 
-/// Appends `value` encoded to `out`, making room for exactly its length first: the length
-/// is counted by a walk that copies nothing, so a large value (an entry of 16 KiB payloads)
-/// is copied once, not once more at each doubling of a growing buffer.
+/// Appends `value` encoded to `out`, making room for its length first.
 pub fn encode_onto<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
-    const SIZED: &str = "postcard encodes every sized serde value";
-    let len = postcard::serialize_with_flavor(value, postcard::ser_flavors::Size::default())
-        .expect(SIZED);
-    out.reserve(len);
+    out.reserve(encoded_len(value));
     *out = postcard::to_extend(value, std::mem::take(out)).expect(SIZED);
+}
+
+const SIZED: &str = "postcard encodes every sized serde value";
+
+/// The length of `value` encoded, counted by a walk that copies nothing (postcard's `Size`
+/// flavor). Encoding into a buffer of that room copies a large value (an entry of 16 KiB
+/// payloads) once, where a growing buffer copies it again at each doubling.
+fn encoded_len<T: Serialize + ?Sized>(value: &T) -> usize {
+    postcard::serialize_with_flavor(value, postcard::ser_flavors::Size::default()).expect(SIZED)
 }
 
 /// Decodes a value whose byte strings marked `#[serde(deserialize_with =
@@ -52,10 +55,25 @@ pub fn decode_shared<T: DeserializeOwned>(
     what: &'static str,
     bytes: &Bytes,
 ) -> Result<T, DecodeError> {
-    let previous = SOURCE.with(|s| s.replace(Some(bytes.clone())));
-    let decoded = decode(what, bytes);
-    SOURCE.with(|s| s.replace(previous));
-    decoded
+    let _lent = Lent::lend(bytes.clone());
+    decode(what, bytes)
+}
+
+/// The body lent to [`shared_bytes`] for one decode; whatever was lent before comes back
+/// when it drops, even if the decode panicked.
+struct Lent(Option<Bytes>);
+
+impl Lent {
+    fn lend(bytes: Bytes) -> Lent {
+        Lent(SOURCE.with(|s| s.replace(Some(bytes))))
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        let previous = self.0.take();
+        SOURCE.with(|s| s.replace(previous));
+    }
 }
 
 thread_local! {
@@ -205,5 +223,26 @@ mod tests {
         let json = serde_json::to_string(&sent).unwrap();
         let back: Carrier = serde_json::from_str(&json).unwrap();
         assert_eq!(back, sent);
+    }
+
+    /// Panics when decoded, as a bug in a decoder would.
+    struct Bomb;
+
+    impl<'de> serde::Deserialize<'de> for Bomb {
+        fn deserialize<D: Deserializer<'de>>(_: D) -> Result<Bomb, D::Error> {
+            panic!("a decoder bug")
+        }
+    }
+
+    #[test]
+    fn a_decode_that_panics_takes_back_the_body_it_was_lent() {
+        let body = Bytes::from(encode(&carrier(6, 100)));
+        let panicked =
+            std::panic::catch_unwind(|| decode_shared::<Bomb>("a bomb", &body).is_ok()).is_err();
+        assert!(panicked);
+        assert!(SOURCE.with(|s| s.borrow().is_none()), "nothing stays lent");
+        // A later plain decode of a sub-slice of that body copies.
+        let copied: Carrier = decode("carrier", &body).unwrap();
+        assert!(!lies_within(&copied.payload, &body));
     }
 }

@@ -448,3 +448,24 @@ async fn without_direct_io_appends_go_through_the_page_cache_the_same_way() {
         "no padding: {lengths:?}"
     );
 }
+
+#[test]
+fn an_append_buffer_is_sized_for_the_records_that_go_into_the_segment() {
+    let entries: Vec<Entry> = (1..=10).map(|i| entry(1, i, 1_000)).collect();
+    let each = super::index::entry_bytes(&entries[0]) + segment::RECORD_OVERHEAD as usize;
+    // Every record is no larger than its hint, so the hint covers what is encoded.
+    let encoded = {
+        let mut buf = Vec::new();
+        segment::push_record_with(&mut buf, segment::KIND_ENTRY, |b| {
+            encode_entry_onto(b, &entries[0])
+        });
+        buf.len()
+    };
+    assert!(encoded <= each, "{encoded} bytes against a hint of {each}");
+    // Room for two and a half: three are taken (the third crosses the segment's end).
+    let room = (each * 5 / 2) as u64;
+    assert_eq!(super::write::records_hint(&entries, room), 3 * each);
+    // A full segment still takes one; a large one takes them all.
+    assert_eq!(super::write::records_hint(&entries, 0), each);
+    assert_eq!(super::write::records_hint(&entries, u64::MAX), 10 * each);
+}

@@ -156,6 +156,19 @@ impl Direct {
     }
 }
 
+/// Roughly the bytes of the records of `entries` that go into `room` bytes of a segment
+/// (at least the first entry's, as [`Inner::append`] takes at least one).
+pub(super) fn records_hint(entries: &[Entry], room: u64) -> usize {
+    let mut total = 0;
+    for entry in entries {
+        total += entry_bytes(entry) + segment::RECORD_OVERHEAD as usize;
+        if total as u64 >= room {
+            break;
+        }
+    }
+    total
+}
+
 impl LogStore {
     /// Runs `f` on the writer on a blocking thread.
     pub(super) async fn write<T: Send + 'static>(
@@ -310,12 +323,12 @@ impl Inner {
         while !rest.is_empty() {
             // As many entries as fit in the active segment (at least one), then a new one.
             let active = w.active.as_ref().expect("an active segment after roll");
-            // Records are encoded in place, in a buffer sized once for all of them.
-            let mut buf = Vec::with_capacity(
-                rest.iter()
-                    .map(|e| entry_bytes(e) + segment::RECORD_OVERHEAD as usize)
-                    .sum(),
-            );
+            // Records are encoded in place, in a buffer sized once for those that go into
+            // this segment.
+            let mut buf = Vec::with_capacity(records_hint(
+                rest,
+                self.options.segment_bytes.saturating_sub(active.len),
+            ));
             let mut taken = 0;
             for entry in rest {
                 if taken > 0 && active.len + buf.len() as u64 >= self.options.segment_bytes {
