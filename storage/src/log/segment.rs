@@ -65,14 +65,17 @@ pub fn push_record(buf: &mut Vec<u8>, kind: u8, body: &[u8]) {
 /// Appends a record to `buf` whose body is what `write_body` appends, in place (no copy of
 /// its own); returns the body's length.
 pub fn push_record_with(buf: &mut Vec<u8>, kind: u8, write_body: impl FnOnce(&mut Vec<u8>)) -> u32 {
+    // The length and the CRC come first and are filled in once the body is there.
+    const LEN_CRC: usize = RECORD_OVERHEAD as usize - 1;
     let start = buf.len();
-    buf.extend_from_slice(&[0; 8]);
+    buf.extend_from_slice(&[0; LEN_CRC]);
     buf.push(kind);
     write_body(buf);
-    let len = (buf.len() - start - 8) as u32;
-    let crc = fsio::crc(&buf[start + 8..]);
+    let kind_and_body = &buf[start + LEN_CRC..];
+    let len = kind_and_body.len() as u32;
+    let crc = fsio::crc(kind_and_body);
     buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
-    buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    buf[start + 4..start + LEN_CRC].copy_from_slice(&crc.to_le_bytes());
     len - 1
 }
 
