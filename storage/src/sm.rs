@@ -186,8 +186,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Layered {
     pub(crate) fn new(tree: sled::Tree, queues: Queues) -> Layered {
         Layered {
+            unflushed: Arc::new(RwLock::new(kv::Layers::over(&tree))),
             current: RwLock::new((tree, Arc::new(RwLock::new(queues)))),
-            unflushed: Unflushed::default(),
             flush_lock: Mutex::new(()),
             flush_failed: std::sync::atomic::AtomicBool::new(false),
         }
@@ -235,7 +235,9 @@ impl Layered {
         self.flush_failed
             .store(written.is_err(), std::sync::atomic::Ordering::Relaxed);
         written?;
-        kv::write(&self.unflushed).flushing = Arc::default();
+        let mut layers = kv::write(&self.unflushed);
+        layers.flushing = Arc::default();
+        layers.flushed(&layer);
         Ok(())
     }
 
@@ -287,7 +289,7 @@ impl Shared {
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             *lock(&self.floor_from) = WorkId(0);
             // Writes applied to the old state are no part of the new one.
-            *kv::write(&self.layered.unflushed) = kv::Layers::default();
+            *kv::write(&self.layered.unflushed) = kv::Layers::over(&tree);
             std::mem::replace(&mut *current, (tree, Arc::new(RwLock::new(queues)))).0
         };
         self.db.drop_tree(old.name())?;

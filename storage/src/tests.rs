@@ -729,6 +729,72 @@ fn the_unflushed_writes_shadow_the_tree_in_gets_and_scans() {
     assert_eq!(kv.get(b"b1").unwrap(), Some(b"tree".to_vec()));
 }
 
+#[test]
+fn the_keys_every_apply_reads_are_answered_from_memory_as_the_tree_holds_them() {
+    use hashq_raft::keys::{CLUSTER_VERSION, LAST_APPLIED, META};
+    let dir = tempfile::tempdir().unwrap();
+    let db = sm::open_sled(dir.path(), 1 << 20).unwrap();
+    let tree = db.open_tree("t").unwrap();
+    tree.insert(CLUSTER_VERSION, &5u32.to_be_bytes()).unwrap();
+    let layered = sm::Layered::new(tree.clone(), Default::default());
+    let view = layered.view();
+    let get = |key: &[u8]| view.get(key).unwrap();
+
+    // Known from the open, present or absent: a change made behind the layers' back (only
+    // a flush or a replaced tree writes the tree) shows that the read never reaches it,
+    // where any other key's read does.
+    tree.insert(CLUSTER_VERSION, &6u32.to_be_bytes()).unwrap();
+    tree.insert(META, b"behind").unwrap();
+    tree.insert(b"other", b"tree").unwrap();
+    assert_eq!(get(CLUSTER_VERSION), Some(5u32.to_be_bytes().to_vec()));
+    assert_eq!(get(META), None);
+    assert_eq!(get(b"other"), Some(b"tree".to_vec()));
+    // A view of the tree alone reads it.
+    assert_eq!(
+        SledKv::bare(tree.clone()).get(CLUSTER_VERSION).unwrap(),
+        Some(6u32.to_be_bytes().to_vec())
+    );
+
+    // The tree as the layers know it again.
+    tree.insert(CLUSTER_VERSION, &5u32.to_be_bytes()).unwrap();
+    tree.remove(META).unwrap();
+
+    // A flush keeps what it writes, puts and deletes. Each round, every resident key reads
+    // as the tree holds it.
+    let mut seed = 3;
+    for round in 0..40u64 {
+        let mut writes = sm::kv::Writes::new();
+        for key in [META, LAST_APPLIED, CLUSTER_VERSION] {
+            match lcg(&mut seed) % 3 {
+                0 => {}
+                1 => {
+                    writes.insert(key.to_vec(), None);
+                }
+                _ => {
+                    writes.insert(key.to_vec(), Some(round.to_be_bytes().to_vec()));
+                }
+            }
+        }
+        layered.unflushed.write().unwrap().active = writes.clone();
+        // Before the flush the layer answers.
+        for (key, value) in &writes {
+            assert_eq!(&get(key), value, "round {round}, before the flush");
+        }
+        layered.flush().unwrap();
+        for key in [META, LAST_APPLIED, CLUSTER_VERSION] {
+            assert_eq!(
+                get(key),
+                tree.get(key).unwrap().map(|v| v.to_vec()),
+                "round {round}: {key:02x?}"
+            );
+        }
+    }
+    // A tree opened again is read again.
+    tree.insert(META, b"reopened").unwrap();
+    let again = sm::Layered::new(tree.clone(), Default::default());
+    assert_eq!(again.view().get(META).unwrap(), Some(b"reopened".to_vec()));
+}
+
 /// A deterministic stream of numbers for the scan tests (no RNG crate needed).
 fn lcg(seed: &mut u64) -> u64 {
     *seed = seed

@@ -13,7 +13,6 @@
 
 use axum::extract::multipart::{Multipart, MultipartRejection};
 use axum::extract::{RawQuery, State};
-use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::post;
 use axum::Router;
@@ -23,7 +22,7 @@ use hashq_raft::command::{BatchItem, Request, Response as SmResponse};
 use hashq_raft::types::DEFAULT_PRIORITY;
 use hashq_raft::version;
 
-use super::client::{dedup, idempotency_key, refuse_when_full, replayable};
+use super::client::{dedup, refuse_when_full, replayable, IdempotencyKey};
 use super::work::require_version;
 use super::{count_param, priority_param, priority_value, query_pairs, ranged, serves_clients};
 use crate::config::Limits;
@@ -49,7 +48,7 @@ pub fn body_limit(limits: &Limits) -> usize {
 async fn enqueue_batch(
     State(node): State<Node>,
     RawQuery(query): RawQuery,
-    headers: HeaderMap,
+    IdempotencyKey(key): IdempotencyKey,
     body: Result<Multipart, MultipartRejection>,
 ) -> Result<Response, ApiError> {
     serves_clients(&node)?;
@@ -64,7 +63,7 @@ async fn enqueue_batch(
         false => None,
     };
     let priority = priority_param(&pairs)?.unwrap_or(DEFAULT_PRIORITY);
-    let key = idempotency_key(&headers)?;
+    let key = key?;
     let body = body.map_err(|e| {
         ApiError::UnsupportedMediaType(format!(
             "the body must be multipart/form-data with a boundary (curl -F f=@FILE ...): {e}"

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{FromRequestParts, Path, RawQuery, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -61,6 +62,19 @@ pub(super) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Api
     Ok(Some(key.to_string()))
 }
 
+/// The `Idempotency-Key` header as an extractor, checked ([`idempotency_key`]), without the
+/// copy of every header that taking the whole `HeaderMap` makes. The handler reports a bad
+/// key where it always did, after the checks that come first.
+pub(super) struct IdempotencyKey(pub Result<Option<String>, ApiError>);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(IdempotencyKey(idempotency_key(&parts.headers)))
+    }
+}
+
 /// A fast answer when the backlog is clearly full or a disk is short; the state machine
 /// decides exactly, at apply, so concurrent enqueues never overshoot.
 pub(super) fn refuse_when_full(node: &Node) -> Result<(), ApiError> {
@@ -95,18 +109,15 @@ pub(super) fn dedup(node: &Node, client_key: Option<String>, kind: &str) -> Dedu
 async fn enqueue(
     State(node): State<Node>,
     RawQuery(query): RawQuery,
-    headers: HeaderMap,
+    IdempotencyKey(key): IdempotencyKey,
     payload: Bytes,
 ) -> Result<Response, ApiError> {
     serves_clients(&node)?;
     let limits = &node.config().limits;
-    let iterations = count_param(
-        &query_pairs(query.as_deref()),
-        "iterations",
-        limits.max_iterations,
-    )?;
-    let key = idempotency_key(&headers)?;
-    let priority = priority_param(&query_pairs(query.as_deref()))?;
+    let pairs = query_pairs(query.as_deref());
+    let iterations = count_param(&pairs, "iterations", limits.max_iterations)?;
+    let key = key?;
+    let priority = priority_param(&pairs)?;
     refuse_when_full(&node)?;
     if let Some(priority) = priority.filter(|p| *p != DEFAULT_PRIORITY) {
         // An item of another priority is a batch of one (cluster version 4).
@@ -163,13 +174,13 @@ pub(super) fn replayable(answer: impl serde::Serialize, duplicate: bool) -> Resp
 async fn pull_completed(
     State(node): State<Node>,
     RawQuery(query): RawQuery,
-    headers: HeaderMap,
+    IdempotencyKey(key): IdempotencyKey,
 ) -> Result<Json<Vec<Pulled>>, ApiError> {
     serves_clients(&node)?;
     let pairs = query_pairs(query.as_deref());
     let top = count_param(&pairs, "top", node.config().limits.max_top)?;
     let wait = wait_param(&pairs, node.config().limits.max_wait)?;
-    let key = idempotency_key(&headers)?;
+    let key = key?;
     if wait > Duration::ZERO && key.is_none() {
         return Err(ApiError::invalid(
             "idempotency_key_required",
