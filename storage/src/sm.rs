@@ -281,6 +281,8 @@ impl Shared {
         let _alone = lock(&self.layered.flush_lock);
         self.meta.insert(CURRENT_TREE, &*tree.name())?;
         self.db.flush()?;
+        // Read before the locks below, which every new view waits for.
+        let fresh = kv::Layers::over(&tree);
         let old = {
             let mut current = self
                 .layered
@@ -289,7 +291,7 @@ impl Shared {
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             *lock(&self.floor_from) = WorkId(0);
             // Writes applied to the old state are no part of the new one.
-            *kv::write(&self.layered.unflushed) = kv::Layers::over(&tree);
+            *kv::write(&self.layered.unflushed) = fresh;
             std::mem::replace(&mut *current, (tree, Arc::new(RwLock::new(queues)))).0
         };
         self.db.drop_tree(old.name())?;
@@ -399,8 +401,9 @@ pub struct SmReader {
 }
 
 impl SmReader {
-    /// A view of the current tree. After a snapshot install, older views read a dropped tree;
-    /// take a fresh view per request.
+    /// A view of the current tree. After a snapshot install, older views read a dropped tree
+    /// under the new state's unflushed writes and resident records (the counters,
+    /// `last_applied`: see `kv::RESIDENT`); take a fresh view per request.
     pub fn view(&self) -> SledKv {
         self.shared.view()
     }

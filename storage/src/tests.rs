@@ -178,8 +178,11 @@ async fn a_snapshot_installs_into_another_store_byte_for_byte() {
     let b_dir = tempfile::tempdir().unwrap();
     let (_a_log, mut a) = filled(a_dir.path(), 1..=50, 10_000).await;
     let mut b = open(b_dir.path(), &StoreOptions::default()).unwrap().sm;
-    // b has some older, different state that the install must replace entirely.
+    // b has some older, different state that the install must replace entirely, in its
+    // tree (and so among its resident records: `last_applied` is 1).
     b.apply(vec![enqueue_entry(1, 5)]).await.unwrap();
+    b.shared.flush().unwrap();
+    assert_eq!(b.applied_state().await.unwrap().0, Some(log_id(1)));
 
     let snapshot = build(&mut a).await;
     assert_eq!(snapshot.meta.last_log_id, Some(log_id(50)));
@@ -731,7 +734,7 @@ fn the_unflushed_writes_shadow_the_tree_in_gets_and_scans() {
 
 #[test]
 fn the_keys_every_apply_reads_are_answered_from_memory_as_the_tree_holds_them() {
-    use hashq_raft::keys::{CLUSTER_VERSION, LAST_APPLIED, META};
+    use hashq_raft::keys::{CLUSTER_VERSION, LAST_APPLIED, MEMBERSHIP, META};
     let dir = tempfile::tempdir().unwrap();
     let db = sm::open_sled(dir.path(), 1 << 20).unwrap();
     let tree = db.open_tree("t").unwrap();
@@ -764,7 +767,7 @@ fn the_keys_every_apply_reads_are_answered_from_memory_as_the_tree_holds_them() 
     let mut seed = 3;
     for round in 0..40u64 {
         let mut writes = sm::kv::Writes::new();
-        for key in [META, LAST_APPLIED, CLUSTER_VERSION] {
+        for key in [META, LAST_APPLIED, MEMBERSHIP, CLUSTER_VERSION] {
             match lcg(&mut seed) % 3 {
                 0 => {}
                 1 => {
@@ -781,7 +784,7 @@ fn the_keys_every_apply_reads_are_answered_from_memory_as_the_tree_holds_them() 
             assert_eq!(&get(key), value, "round {round}, before the flush");
         }
         layered.flush().unwrap();
-        for key in [META, LAST_APPLIED, CLUSTER_VERSION] {
+        for key in [META, LAST_APPLIED, MEMBERSHIP, CLUSTER_VERSION] {
             assert_eq!(
                 get(key),
                 tree.get(key).unwrap().map(|v| v.to_vec()),
