@@ -235,9 +235,7 @@ impl Layered {
         self.flush_failed
             .store(written.is_err(), std::sync::atomic::Ordering::Relaxed);
         written?;
-        let mut layers = kv::write(&self.unflushed);
-        layers.flushing = Arc::default();
-        layers.flushed(&layer);
+        kv::write(&self.unflushed).flushed();
         Ok(())
     }
 

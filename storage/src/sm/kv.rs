@@ -70,8 +70,10 @@ impl Layers {
             })
     }
 
-    /// `layer` is in the tree now: its [`RESIDENT`] writes are the tree's values.
-    pub(crate) fn flushed(&mut self, layer: &Writes) {
+    /// The layer being flushed is in the tree now: it goes, and its [`RESIDENT`] writes are
+    /// the tree's values.
+    pub(crate) fn flushed(&mut self) {
+        let layer = std::mem::take(&mut self.flushing);
         for (slot, key) in self.resident.iter_mut().zip(RESIDENT) {
             if let Some(value) = layer.get(key) {
                 *slot = Some(value.clone());
