@@ -254,6 +254,15 @@ fn shutting_down() -> ApiError {
     ApiError::Unavailable("node is shutting down".into())
 }
 
+/// A fresh idempotency key of this node's, for requests that came without one.
+pub(crate) fn draw_key(node: hashq_raft::NodeId) -> String {
+    hashq_raft::keys::NodeKey {
+        node,
+        nonce: rand::random(),
+    }
+    .to_string()
+}
+
 /// An enqueue without a key becomes slot `slot` of the batch keyed `key`; anything else is
 /// left as it is. Returns the slot it was given.
 fn stamp(request: &mut Request, key: &str, slot: u32, ttl: Duration) -> Option<BatchSlot> {
@@ -328,7 +337,7 @@ async fn batcher(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Pending>, 
         // retry never applies twice at the cost of one record per batch.
         let keyless = |p: &Pending| matches!(p.request, Request::Enqueue { dedup: None, .. });
         let key = if batch.iter().any(keyless) {
-            format!("n{}:{:032x}", shared.links.id, rand::random::<u128>())
+            draw_key(shared.links.id)
         } else {
             String::new()
         };

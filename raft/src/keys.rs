@@ -323,6 +323,62 @@ pub fn idempotency(table: u8, key: &str) -> Vec<u8> {
     }
     .encode()
 }
+/// An idempotency key a node draws for requests that came without one (a proposer batch's,
+/// or one request's): `n{node}:{nonce}`, the nonce as 32 lowercase hex digits. Client keys
+/// are stored as `c:{kind}:{key}`, so no client key is one. Only the text [`fmt::Display`]
+/// writes parses ([`NodeKey::parse`]), so a key and its value stand for each other: a store
+/// can index the node keys it holds by value ([`NodeKey::of_record`]).
+///
+/// [`fmt::Display`]: std::fmt::Display
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NodeKey {
+    pub node: u64,
+    pub nonce: u128,
+}
+
+impl NodeKey {
+    /// `key` as a node key, if it is one as [`fmt::Display`](std::fmt::Display) writes it.
+    pub fn parse(key: &str) -> Option<NodeKey> {
+        let (node, nonce) = key.strip_prefix('n')?.split_once(':')?;
+        let parsed = NodeKey {
+            node: node.parse().ok()?,
+            nonce: u128::from_str_radix(nonce, 16).ok()?,
+        };
+        // Any other spelling of the same numbers ("+1", "01", upper case, fewer digits) is
+        // another key.
+        let canonical = node.len() == decimal_digits(parsed.node)
+            && nonce.len() == 32
+            && !nonce.bytes().any(|b| b.is_ascii_uppercase() || b == b'+');
+        canonical.then_some(parsed)
+    }
+
+    /// The table and node key of an encoded idempotency record's key, if its key is one.
+    pub fn of_record(key: &[u8]) -> Option<(u8, NodeKey)> {
+        match key {
+            [table @ (ENQUEUE_KEY | TAKE_KEY), b'n', ..] => {
+                let text = std::str::from_utf8(&key[1..]).ok()?;
+                Some((*table, NodeKey::parse(text)?))
+            }
+            _ => None,
+        }
+    }
+}
+
+fn decimal_digits(mut n: u64) -> usize {
+    let mut digits = 1;
+    while n >= 10 {
+        n /= 10;
+        digits += 1;
+    }
+    digits
+}
+
+impl std::fmt::Display for NodeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "n{}:{:032x}", self.node, self.nonce)
+    }
+}
+
 pub fn key_expiry(expires_at: Millis, table: u8, key: &str) -> Vec<u8> {
     Key::KeyExpiry {
         expires_at,
@@ -480,5 +536,62 @@ mod tests {
             start <= k && k < end
         };
         assert!(inside(0) && inside(10) && !inside(11));
+    }
+
+    #[test]
+    fn a_node_key_has_one_spelling() {
+        let keys = [
+            NodeKey { node: 0, nonce: 0 },
+            NodeKey {
+                node: 1,
+                nonce: 0xab,
+            },
+            NodeKey {
+                node: 10,
+                nonce: 1 << 64,
+            },
+            NodeKey {
+                node: u64::MAX,
+                nonce: u128::MAX,
+            },
+        ];
+        for key in keys {
+            let text = key.to_string();
+            assert_eq!(NodeKey::parse(&text), Some(key), "{text}");
+            let record = idempotency(ENQUEUE_KEY, &text);
+            assert_eq!(NodeKey::of_record(&record), Some((ENQUEUE_KEY, key)));
+            assert_eq!(
+                NodeKey::of_record(&idempotency(TAKE_KEY, &text)),
+                Some((TAKE_KEY, key))
+            );
+            // Its expiry record and other tables are not idempotency records.
+            assert_eq!(NodeKey::of_record(&key_expiry(5, ENQUEUE_KEY, &text)), None);
+            let mut other = record.clone();
+            other[0] = ITEM;
+            assert_eq!(NodeKey::of_record(&other), None);
+        }
+        let nonce = "0".repeat(31) + "a";
+        for other in [
+            format!("n01:{nonce}"),
+            format!("n+1:{nonce}"),
+            format!("n:{nonce}"),
+            format!("n1:+{}", &nonce[1..]),
+            format!("n1:{}", nonce.to_uppercase()),
+            format!("n1:{}", &nonce[1..]),
+            format!("n1:0{nonce}"),
+            format!("n1:{nonce}:"),
+            format!("c1:{nonce}"),
+            format!("n18446744073709551616:{nonce}"),
+            "c:enqueue:n1".to_string(),
+            String::new(),
+        ] {
+            assert_eq!(NodeKey::parse(&other), None, "{other}");
+            assert_eq!(
+                NodeKey::of_record(&idempotency(ENQUEUE_KEY, &other)),
+                None,
+                "{other}"
+            );
+        }
+        assert_eq!(NodeKey::of_record(&[ENQUEUE_KEY, b'n', 0xff]), None);
     }
 }

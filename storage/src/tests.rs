@@ -32,20 +32,28 @@ fn log_id(index: u64) -> LogId {
 }
 
 fn enqueue_entry(index: u64, payload_len: usize) -> Entry {
+    entry_of(
+        index,
+        Request::Enqueue {
+            iterations: index as u32,
+            payload: Bytes::from(vec![index as u8; payload_len]),
+            dedup: Some(hashq_raft::command::Dedup {
+                key: format!("key-{index}"),
+                ttl_ms: 60_000,
+            }),
+        },
+    )
+}
+
+/// Entry `index`, of one request.
+fn entry_of(index: u64, request: Request) -> Entry {
     Entry {
         log_id: log_id(index),
         payload: EntryPayload::Normal(Command {
             now: 1_000 + index,
             mono: index,
             limits: StoreLimits::UNLIMITED,
-            requests: vec![Request::Enqueue {
-                iterations: index as u32,
-                payload: Bytes::from(vec![index as u8; payload_len]),
-                dedup: Some(hashq_raft::command::Dedup {
-                    key: format!("key-{index}"),
-                    ttl_ms: 60_000,
-                }),
-            }],
+            requests: vec![request],
         }),
     }
 }
@@ -796,6 +804,175 @@ fn the_keys_every_apply_reads_are_answered_from_memory_as_the_tree_holds_them() 
     tree.insert(META, b"reopened").unwrap();
     let again = sm::Layered::new(tree.clone(), Default::default());
     assert_eq!(again.view().get(META).unwrap(), Some(b"reopened".to_vec()));
+}
+
+/// The enqueue of slot `slot` of the proposer batch keyed `key`, as entry `index`.
+fn batch_slot_entry(index: u64, key: &str, slot: u32) -> Entry {
+    entry_of(
+        index,
+        Request::EnqueueInBatch {
+            iterations: 3,
+            payload: Bytes::from(vec![index as u8; 100]),
+            batch: hashq_raft::command::BatchSlot {
+                key: key.to_owned(),
+                slot,
+                ttl_ms: 60_000,
+            },
+        },
+    )
+}
+
+/// Appends and applies `entry`; the id it enqueued and whether it was a retry's.
+async fn apply_logged(
+    log: &mut LogStore,
+    sm: &mut StateMachineStore,
+    entry: Entry,
+) -> (WorkId, bool) {
+    log.blocking_append(vec![entry.clone()]).await.unwrap();
+    enqueued(sm, entry).await
+}
+
+async fn enqueued(sm: &mut StateMachineStore, entry: Entry) -> (WorkId, bool) {
+    match &sm.apply(vec![entry]).await.unwrap()[0][0] {
+        Response::Enqueued { id, duplicate } => (*id, *duplicate),
+        other => panic!("not an enqueue's answer: {other:?}"),
+    }
+}
+
+/// The node keys' index (`kv::Layers`) answers that a key is new only while the tree does
+/// not hold it: a retried slot of a proposer batch is known whether its record is in the
+/// layers, flushed into the tree, read again by a restart, or came with a snapshot.
+#[tokio::test]
+async fn a_retried_batch_slot_is_known_after_flushes_restarts_and_installs() {
+    let key = |nonce| hashq_raft::keys::NodeKey { node: 2, nonce }.to_string();
+    let (first, second) = (key(0x5eed), key(7));
+    let a_dir = tempfile::tempdir().unwrap();
+    let Opened {
+        mut log, mut sm, ..
+    } = open(a_dir.path(), &StoreOptions::default()).unwrap();
+    let (one, new) = apply_logged(&mut log, &mut sm, batch_slot_entry(1, &first, 0)).await;
+    assert!(!new);
+    // In the layers.
+    let retry = apply_logged(&mut log, &mut sm, batch_slot_entry(2, &first, 0)).await;
+    assert_eq!(retry, (one, true));
+    let (two, _) = apply_logged(&mut log, &mut sm, batch_slot_entry(3, &first, 1)).await;
+    assert_ne!(one, two);
+    // In the tree, known by the flush that put it there.
+    sm.shared.flush().unwrap();
+    let retry = apply_logged(&mut log, &mut sm, batch_slot_entry(4, &first, 0)).await;
+    assert_eq!(retry, (one, true));
+    let (three, new) = apply_logged(&mut log, &mut sm, batch_slot_entry(5, &second, 0)).await;
+    assert!(!new && three != two);
+    sm.shared.flush().unwrap();
+    drop((log, sm));
+
+    // Read from the tree by the next open.
+    let Opened {
+        mut log, mut sm, ..
+    } = reopen(a_dir.path()).await;
+    let retry = apply_logged(&mut log, &mut sm, batch_slot_entry(6, &first, 1)).await;
+    assert_eq!(retry, (two, true));
+    let retry = apply_logged(&mut log, &mut sm, batch_slot_entry(7, &second, 0)).await;
+    assert_eq!(retry, (three, true));
+
+    // Into a store that held other node keys: the install's tree is the one asked.
+    let snapshot = build(&mut sm).await;
+    let current = sm.get_current_snapshot().await.unwrap().expect("current");
+    let b_dir = tempfile::tempdir().unwrap();
+    let mut b = open(b_dir.path(), &StoreOptions::default()).unwrap().sm;
+    let theirs = key(0xb);
+    enqueued(&mut b, batch_slot_entry(1, &theirs, 0)).await;
+    b.shared.flush().unwrap();
+    let target = b.begin_receiving_snapshot().await.unwrap();
+    ship(&current, &target.path);
+    b.install_snapshot(&snapshot.meta, target).await.unwrap();
+    assert_eq!(
+        enqueued(&mut b, batch_slot_entry(8, &first, 0)).await,
+        (one, true)
+    );
+    assert_eq!(
+        enqueued(&mut b, batch_slot_entry(9, &second, 0)).await,
+        (three, true)
+    );
+    let (_, new) = enqueued(&mut b, batch_slot_entry(10, &theirs, 0)).await;
+    assert!(!new, "a key of b's old state is not in the installed one");
+}
+
+#[test]
+fn node_keys_the_tree_does_not_hold_are_answered_without_reading_it() {
+    use hashq_raft::keys::{idempotency, NodeKey, ENQUEUE_KEY, TAKE_KEY};
+    let key = |table, nonce| idempotency(table, &NodeKey { node: 3, nonce }.to_string());
+    let dir = tempfile::tempdir().unwrap();
+    let db = sm::open_sled(dir.path(), 1 << 20).unwrap();
+    let tree = db.open_tree("t").unwrap();
+    tree.insert(key(ENQUEUE_KEY, 1), b"held".as_slice())
+        .unwrap();
+    let layered = sm::Layered::new(tree.clone(), Default::default());
+    let view = layered.view();
+    let get = |key: &[u8]| view.get(key).unwrap();
+    assert_eq!(get(&key(ENQUEUE_KEY, 1)), Some(b"held".to_vec()));
+    assert_eq!(get(&key(TAKE_KEY, 1)), None);
+
+    // A node key put behind the layers' back (only a flush or a replaced tree writes the
+    // tree) is not read: the index says the tree does not hold it. Client keys and other
+    // spellings of a node key are read from the tree.
+    let behind = key(TAKE_KEY, 2);
+    let client = idempotency(ENQUEUE_KEY, "c:enqueue:n3");
+    let spelled = idempotency(ENQUEUE_KEY, &format!("n03:{:032x}", 2));
+    for k in [&behind, &client, &spelled] {
+        tree.insert(k, b"tree".as_slice()).unwrap();
+    }
+    assert_eq!(get(&behind), None);
+    assert_eq!(get(&client), Some(b"tree".to_vec()));
+    assert_eq!(get(&spelled), Some(b"tree".to_vec()));
+    // A view of the tree alone reads it.
+    assert_eq!(
+        SledKv::bare(tree.clone()).get(&behind).unwrap(),
+        Some(b"tree".to_vec())
+    );
+    tree.remove(&behind).unwrap();
+
+    // Puts and deletes, each round flushed: before the flush the layer answers, after it
+    // every node key reads as the tree holds it.
+    let all: Vec<Vec<u8>> = (0..12)
+        .flat_map(|n| [key(ENQUEUE_KEY, n), key(TAKE_KEY, n)])
+        .collect();
+    let mut seed = 11;
+    for round in 0..60u64 {
+        let mut writes = sm::kv::Writes::new();
+        for k in &all {
+            match lcg(&mut seed) % 4 {
+                0 => {
+                    writes.insert(k.clone(), None);
+                }
+                1 => {
+                    writes.insert(k.clone(), Some(round.to_be_bytes().to_vec()));
+                }
+                _ => {}
+            }
+        }
+        layered.unflushed.write().unwrap().active = writes.clone();
+        for (k, value) in &writes {
+            assert_eq!(&get(k), value, "round {round}, before the flush");
+        }
+        layered.flush().unwrap();
+        for k in &all {
+            assert_eq!(
+                get(k),
+                tree.get(k).unwrap().map(|v| v.to_vec()),
+                "round {round}: {}",
+                String::from_utf8_lossy(k)
+            );
+        }
+    }
+    // A tree opened again is read again.
+    tree.insert(key(TAKE_KEY, 99), b"reopened".as_slice())
+        .unwrap();
+    let again = sm::Layered::new(tree.clone(), Default::default());
+    assert_eq!(
+        again.view().get(&key(TAKE_KEY, 99)).unwrap(),
+        Some(b"reopened".to_vec())
+    );
 }
 
 /// A deterministic stream of numbers for the scan tests (no RNG crate needed).

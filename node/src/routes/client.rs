@@ -100,7 +100,7 @@ pub(super) fn dedup(node: &Node, client_key: Option<String>, kind: &str) -> Dedu
             ttl_ms: node.config().timing.idempotency_retention.as_millis() as u64,
         },
         None => Dedup {
-            key: format!("n{}:{:032x}", node.id(), rand::random::<u128>()),
+            key: crate::proposer::draw_key(node.id()),
             ttl_ms: node.config().timing.internal_key_ttl.as_millis() as u64,
         },
     }
