@@ -400,8 +400,9 @@ pub struct SmReader {
 
 impl SmReader {
     /// A view of the current tree. After a snapshot install, older views read a dropped tree
-    /// under the new state's unflushed writes and resident records (the counters,
-    /// `last_applied`: see `kv::RESIDENT`); take a fresh view per request.
+    /// under the new state's unflushed writes, resident records (the counters,
+    /// `last_applied`: see `kv::RESIDENT`) and index of node keys (which may call a key the
+    /// old tree holds absent); take a fresh view per request. Apply takes its own.
     pub fn view(&self) -> SledKv {
         self.shared.view()
     }

@@ -965,6 +965,17 @@ fn node_keys_the_tree_does_not_hold_are_answered_without_reading_it() {
             );
         }
     }
+    // A key a flush deleted is known absent again: put behind the layers' back, it is not
+    // read.
+    let deleted: Vec<&Vec<u8>> = all
+        .iter()
+        .filter(|k| tree.get(k).unwrap().is_none())
+        .collect();
+    assert!(deleted.len() > 4, "{} deleted", deleted.len());
+    for k in deleted {
+        tree.insert(k, b"behind".as_slice()).unwrap();
+        assert_eq!(get(k), None, "{}", String::from_utf8_lossy(k));
+    }
     // A tree opened again is read again.
     tree.insert(key(TAKE_KEY, 99), b"reopened".as_slice())
         .unwrap();

@@ -31,13 +31,28 @@ pub(crate) struct Layers {
     resident: [Option<Option<Vec<u8>>>; RESIDENT.len()],
     /// The node-drawn idempotency keys the tree holds ([`NodeKey`]), once known (read with
     /// the resident values, and kept by every flush). Nearly every lookup of one is of a key
-    /// just drawn, which nothing holds: only a walk down sled's pages said so (2.5 % of the
-    /// machine's samples at 64 x 1 KiB, for the proposer batches' keys). About 40 bytes a
-    /// key: some 7 MB for 120 s of keys at 1,500 batches a second.
-    node_keys: Option<HashSet<(u8, NodeKey)>>,
+    /// just drawn, which nothing holds: only a walk down sled's pages said so (1.6 % of the
+    /// machine's samples at 64 x 1 KiB, for the proposer batches' keys). One key per keyless
+    /// request batch or keyless pull, kept `internal_key_ttl` (120 s): packed, 26 bytes a
+    /// bucket, about 7 MB for 180,000 keys (1,500 batches a second).
+    node_keys: Option<HashSet<PackedKey>>,
 }
 
-/// A node key's lookup that nothing holds.
+/// A node key and its table, as the index holds it: the table tag, then the node and the
+/// nonce big-endian (byte-aligned, so a bucket is 26 bytes where the tuple took 49).
+type PackedKey = [u8; 25];
+
+/// The index's form of an idempotency record's key, if it is a node key's.
+fn packed(record_key: &[u8]) -> Option<PackedKey> {
+    let (table, key) = NodeKey::of_record(record_key)?;
+    let mut out = [0; 25];
+    out[0] = table;
+    out[1..9].copy_from_slice(&key.node.to_be_bytes());
+    out[9..].copy_from_slice(&key.nonce.to_be_bytes());
+    Some(out)
+}
+
+/// The answer for a node key that neither the layers nor the tree hold.
 const ABSENT: &Option<Vec<u8>> = &None;
 
 /// Keys read by every apply, or every client request: the machine's counters, what was
@@ -53,8 +68,8 @@ const RESIDENT: [&[u8]; 4] = [
 ];
 
 impl Layers {
-    /// No writes over `tree`, with its [`RESIDENT`] values (left to the tree's reads if it
-    /// cannot read them now).
+    /// No writes over `tree`, with its [`RESIDENT`] values and the node keys it holds (each
+    /// left to the tree's reads if it cannot be read now).
     pub(crate) fn over(tree: &sled::Tree) -> Layers {
         let mut layers = Layers::default();
         for (slot, key) in layers.resident.iter_mut().zip(RESIDENT) {
@@ -80,7 +95,7 @@ impl Layers {
                 self.resident[at].as_ref()
             })
             .or_else(|| {
-                let held = self.node_keys.as_ref()?.contains(&NodeKey::of_record(key)?);
+                let held = self.node_keys.as_ref()?.contains(&packed(key)?);
                 (!held).then_some(ABSENT)
             })
     }
@@ -96,15 +111,20 @@ impl Layers {
         }
         if let Some(held) = &mut self.node_keys {
             for prefix in NODE_KEY_PREFIXES {
-                let writes = layer.range(prefix.to_vec()..);
+                let from = (Bound::Included(&prefix[..]), Bound::Unbounded);
+                let writes = layer.range::<[u8], _>(from);
                 for (key, value) in writes.take_while(|(k, _)| k.starts_with(&prefix)) {
-                    if let Some(node_key) = NodeKey::of_record(key) {
+                    if let Some(node_key) = packed(key) {
                         match value {
                             Some(_) => held.insert(node_key),
                             None => held.remove(&node_key),
                         };
                     }
                 }
+            }
+            // A burst's keys expire; their buckets need not stay.
+            if held.capacity() > 4096 && held.len() < held.capacity() / 4 {
+                held.shrink_to(held.len() * 2);
             }
         }
     }
@@ -122,11 +142,11 @@ impl Layers {
 const NODE_KEY_PREFIXES: [[u8; 2]; 2] = [[keys::ENQUEUE_KEY, b'n'], [keys::TAKE_KEY, b'n']];
 
 /// The node keys `tree` holds.
-fn node_keys(tree: &sled::Tree) -> sled::Result<HashSet<(u8, NodeKey)>> {
+fn node_keys(tree: &sled::Tree) -> sled::Result<HashSet<PackedKey>> {
     let mut held = HashSet::new();
     for prefix in NODE_KEY_PREFIXES {
         for pair in tree.scan_prefix(prefix) {
-            held.extend(NodeKey::of_record(&pair?.0));
+            held.extend(packed(&pair?.0));
         }
     }
     Ok(held)
