@@ -48,11 +48,15 @@ async fn a_cluster_written_by_hashq_0_1_is_migrated_and_serves_every_item() {
                 .unwrap()
         })
         .collect();
-    for port in &ports {
-        assert!(
-            std::net::TcpListener::bind(("127.0.0.1", *port)).is_ok(),
-            "port {port} (in the fixture's membership) is taken"
-        );
+    // The fixture's ports are in the kernel's ephemeral range, so a test's outgoing
+    // connection (one that ran before this one) may hold one for a while: wait it out.
+    for port in ports.clone() {
+        wait_for(
+            &format!("port {port} (in the fixture's membership) to be free"),
+            Duration::from_secs(90),
+            || async move { std::net::TcpListener::bind(("127.0.0.1", port)).ok() },
+        )
+        .await;
     }
     let data = |id: u64| dir.path().join(format!("node-{id}"));
 
