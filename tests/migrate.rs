@@ -50,7 +50,7 @@ async fn a_cluster_written_by_hashq_0_1_is_migrated_and_serves_every_item() {
         .collect();
     // The fixture's ports are in the kernel's ephemeral range, so a test's outgoing
     // connection (one that ran before this one) may hold one for a while: wait it out.
-    for port in ports.clone() {
+    for &port in &ports {
         wait_for(
             &format!("port {port} (in the fixture's membership) to be free"),
             Duration::from_secs(90),

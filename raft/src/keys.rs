@@ -354,15 +354,14 @@ impl NodeKey {
 
     /// The table and node key of an encoded idempotency record's key, if its key is one.
     pub fn of_record(key: &[u8]) -> Option<(u8, NodeKey)> {
-        match key {
-            [table @ (ENQUEUE_KEY | TAKE_KEY), b'n', ..] => {
-                let text = std::str::from_utf8(&key[1..]).ok()?;
-                Some((*table, NodeKey::parse(text)?))
-            }
-            _ => None,
-        }
+        let prefix = NODE_KEY_PREFIXES.iter().find(|p| key.starts_with(&p[..]))?;
+        let text = std::str::from_utf8(&key[1..]).ok()?;
+        Some((prefix[0], NodeKey::parse(text)?))
     }
 }
+
+/// Where the records of [`NodeKey`]s are: each idempotency table's keys that start with `n`.
+pub const NODE_KEY_PREFIXES: [[u8; 2]; 2] = [[ENQUEUE_KEY, b'n'], [TAKE_KEY, b'n']];
 
 fn decimal_digits(n: u64) -> usize {
     n.checked_ilog10().map_or(1, |d| d as usize + 1)

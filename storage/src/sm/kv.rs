@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use hashq_raft::codec;
-use hashq_raft::keys::{self, NodeKey};
+use hashq_raft::keys::{self, NodeKey, NODE_KEY_PREFIXES};
 use hashq_raft::kv::{KvError, KvRead, Pair, ScanIter};
 use hashq_raft::machine;
 use hashq_raft::{LogId, StoredMembership};
@@ -110,16 +110,15 @@ impl Layers {
             }
         }
         if let Some(held) = &mut self.node_keys {
-            for prefix in NODE_KEY_PREFIXES {
-                let from = (Bound::Included(&prefix[..]), Bound::Unbounded);
-                let writes = layer.range::<[u8], _>(from);
-                for (key, value) in writes.take_while(|(k, _)| k.starts_with(&prefix)) {
-                    if let Some(node_key) = packed(key) {
-                        match value {
-                            Some(_) => held.insert(node_key),
-                            None => held.remove(&node_key),
-                        };
-                    }
+            let writes = NODE_KEY_PREFIXES.iter().flat_map(|p| under(&layer, p));
+            for (key, value) in writes {
+                let Some(node_key) = packed(key) else {
+                    continue;
+                };
+                if value.is_some() {
+                    held.insert(node_key);
+                } else {
+                    held.remove(&node_key);
                 }
             }
             // A burst's keys expire; their buckets need not stay.
@@ -138,8 +137,15 @@ impl Layers {
     }
 }
 
-/// Where the node keys are: the idempotency tables', under an `n`.
-const NODE_KEY_PREFIXES: [[u8; 2]; 2] = [[keys::ENQUEUE_KEY, b'n'], [keys::TAKE_KEY, b'n']];
+/// The writes of `layer` whose keys start with `prefix`.
+fn under<'a>(
+    layer: &'a Writes,
+    prefix: &'a [u8],
+) -> impl Iterator<Item = (&'a Vec<u8>, &'a Option<Vec<u8>>)> + 'a {
+    layer
+        .range::<[u8], _>((Bound::Included(prefix), Bound::Unbounded))
+        .take_while(move |(k, _)| k.starts_with(prefix))
+}
 
 /// The node keys `tree` holds.
 fn node_keys(tree: &sled::Tree) -> sled::Result<HashSet<PackedKey>> {
