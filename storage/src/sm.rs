@@ -179,6 +179,44 @@ impl Drop for Flusher {
     }
 }
 
+/// Where a flush is, for tests' hook (`AT_FLUSH`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FlushStage {
+    /// The layer is taken, the batch not yet in the tree.
+    Writing,
+    /// The batch is in the tree, the layer not yet dropped.
+    Written,
+}
+
+/// What a test runs at each [`FlushStage`] ([`AT_FLUSH`]).
+#[cfg(test)]
+pub(crate) type FlushHook = Box<dyn FnMut(FlushStage) -> Result<(), sled::Error>>;
+
+#[cfg(test)]
+thread_local! {
+    /// Runs at each [`FlushStage`] of a flush on this thread (tests of failed flushes and of
+    /// readers in between): an error at `Writing` stands for sled's, with nothing written.
+    pub(crate) static AT_FLUSH: std::cell::RefCell<Option<FlushHook>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The test hook (`AT_FLUSH`); nothing outside tests.
+fn at_flush(stage: FlushStage) -> Result<(), sled::Error> {
+    #[cfg(test)]
+    {
+        AT_FLUSH.with(|hook| {
+            hook.borrow_mut()
+                .as_mut()
+                .map_or(Ok(()), |hook| hook(stage))
+        })
+    }
+    #[cfg(not(test))]
+    {
+        let _ = stage;
+        Ok(())
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -231,10 +269,12 @@ impl Layered {
                 None => batch.remove(key.as_slice()),
             }
         }
-        let written = self.tree().apply_batch(batch);
+        let written = at_flush(FlushStage::Writing).and_then(|()| self.tree().apply_batch(batch));
         self.flush_failed
             .store(written.is_err(), std::sync::atomic::Ordering::Relaxed);
         written?;
+        // Until the layer goes, readers find its writes in it and in the tree alike.
+        at_flush(FlushStage::Written)?;
         kv::write(&self.unflushed).flushed();
         Ok(())
     }

@@ -669,18 +669,23 @@ async fn the_queues_live_in_memory_and_come_back_from_the_item_records() {
     assert_eq!((queue_keys(&sm), dump(&sm)), expected);
 }
 
-#[tokio::test]
-async fn applied_writes_are_read_at_once_and_reach_sled_in_one_batch_later() {
+/// A store whose flusher never runs on its own (its interval is an hour), with `n` enqueues
+/// of 64 bytes logged (entries 1 to `n`) and not applied.
+async fn unflushing_with_enqueues(n: u64) -> (TempDir, StateMachineStore, Vec<Entry>) {
     let dir = tempfile::tempdir().unwrap();
     let options = StoreOptions {
         flush_every: std::time::Duration::from_secs(3600),
         ..StoreOptions::default()
     };
-    let Opened {
-        mut log, mut sm, ..
-    } = open(dir.path(), &options).unwrap();
-    let entries: Vec<Entry> = (1..=5).map(|i| enqueue_entry(i, 64)).collect();
+    let Opened { mut log, sm, .. } = open(dir.path(), &options).unwrap();
+    let entries: Vec<Entry> = (1..=n).map(|i| enqueue_entry(i, 64)).collect();
     log.blocking_append(entries.clone()).await.unwrap();
+    (dir, sm, entries)
+}
+
+#[tokio::test]
+async fn applied_writes_are_read_at_once_and_reach_sled_in_one_batch_later() {
+    let (_dir, mut sm, entries) = unflushing_with_enqueues(5).await;
     // No flush is due for an hour: the writes wait above the tree.
     sm.apply(entries[..3].to_vec()).await.unwrap();
     sm.apply(entries[3..].to_vec()).await.unwrap();
@@ -1237,5 +1242,160 @@ fn a_flush_between_a_chunks_layer_read_and_its_tree_read_changes_nothing() {
         );
         let expected = expect_range(&model, b"k", b"l", reverse);
         assert_scan(&got, &expected, &format!("round {round}"));
+    }
+}
+
+/// Asserts that `view` reads what `model` holds: the `k` keys by a scan, and each of
+/// `node_keys` by a get (answered by the node-key index where the tree lacks it).
+fn assert_reads(view: &SledKv, model: &Model, node_keys: &[Vec<u8>], what: &str) {
+    let got: Vec<_> = view.scan(b"k", b"l", false).map(|r| r.unwrap()).collect();
+    assert_scan(&got, &expect_range(model, b"k", b"l", false), what);
+    for k in node_keys {
+        assert_eq!(
+            view.get(k).unwrap().as_ref(),
+            model.get(k),
+            "{what}: {}",
+            String::from_utf8_lossy(k)
+        );
+    }
+}
+
+fn injected() -> sled::Error {
+    sled::Error::Io(std::io::Error::other(
+        "injected: the disk refused the batch",
+    ))
+}
+
+/// A hook for [`sm::AT_FLUSH`] under which every flush fails before writing.
+fn failing_flushes() -> Option<sm::FlushHook> {
+    Some(Box::new(|stage| match stage {
+        sm::FlushStage::Writing => Err(injected()),
+        sm::FlushStage::Written => Ok(()),
+    }))
+}
+
+fn everything_in(tree: &sled::Tree) -> Model {
+    tree.iter()
+        .map(|r| {
+            let (k, v) = r.unwrap();
+            (k.to_vec(), v.to_vec())
+        })
+        .collect()
+}
+
+/// Writes `value` under `key` in the active layer, and in the model.
+fn put(layers: &mut sm::kv::Layers, model: &mut Model, key: &[u8], value: Option<&[u8]>) {
+    layers
+        .active
+        .insert(key.to_vec(), value.map(<[u8]>::to_vec));
+    match value {
+        Some(v) => model.insert(key.to_vec(), v.to_vec()),
+        None => model.remove(key),
+    };
+}
+
+/// A flush that fails leaves its layer (and the node-key index) as they were: readers see
+/// every write, and the next flush puts in the latest value of each, the failed layer's
+/// and the newer writes over it together. Readers see the same while the batch goes into
+/// the tree and after, until the layer is dropped.
+#[test]
+fn a_failed_flush_keeps_its_writes_readable_and_the_next_one_puts_in_their_latest_values() {
+    use hashq_raft::keys::{idempotency, NodeKey, ENQUEUE_KEY};
+    let node_keys: Vec<Vec<u8>> = (0..6)
+        .map(|nonce| idempotency(ENQUEUE_KEY, &NodeKey { node: 1, nonce }.to_string()))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let db = sm::open_sled(dir.path(), 1 << 20).unwrap();
+    let mut seed = 23;
+    let (layered, mut model) = layered_with_writes(&db, "t".into(), &mut seed, 1_500, 1);
+    let tree = layered.current().0;
+    {
+        let mut layers = layered.unflushed.write().unwrap();
+        for k in &node_keys[..3] {
+            put(&mut layers, &mut model, k, Some(b"first"));
+        }
+    }
+
+    let before = everything_in(&tree);
+    sm::AT_FLUSH.with(|hook| *hook.borrow_mut() = failing_flushes());
+    assert!(layered.flush().is_err());
+    assert!(
+        layered.flush().is_err(),
+        "a retry with nothing new fails too"
+    );
+    assert_eq!(
+        everything_in(&tree),
+        before,
+        "a failed flush writes nothing"
+    );
+    assert_reads(&layered.view(), &model, &node_keys, "after failed flushes");
+
+    // Newer writes over the failed layer's keys: overwritten, deleted, or left.
+    {
+        let mut layers = layered.unflushed.write().unwrap();
+        layers.active = random_writes(&mut seed, 1_500, 2_000, &mut model);
+        put(&mut layers, &mut model, &node_keys[0], None);
+        put(&mut layers, &mut model, &node_keys[1], Some(b"second"));
+        put(&mut layers, &mut model, &node_keys[3], Some(b"second"));
+    }
+    assert_reads(&layered.view(), &model, &node_keys, "over a failed layer");
+
+    // The next flush works; a reader looks before the batch is in the tree and after.
+    let stages = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let (view, seen, keys, log) = (
+        layered.view(),
+        model.clone(),
+        node_keys.clone(),
+        stages.clone(),
+    );
+    sm::AT_FLUSH.with(|hook| {
+        *hook.borrow_mut() = Some(Box::new(move |stage| {
+            assert_reads(&view, &seen, &keys, &format!("{stage:?}"));
+            log.borrow_mut().push(stage);
+            Ok(())
+        }))
+    });
+    layered.flush().unwrap();
+    sm::AT_FLUSH.with(|hook| hook.borrow_mut().take());
+    assert_eq!(
+        *stages.borrow(),
+        [sm::FlushStage::Writing, sm::FlushStage::Written]
+    );
+    assert!(layered.unflushed.read().unwrap().is_empty());
+    assert_eq!(
+        everything_in(&tree),
+        model,
+        "the tree holds every latest value"
+    );
+    // The node keys the tree holds now are known to the index: none reads as absent.
+    assert_reads(&layered.view(), &model, &node_keys, "after the flush");
+}
+
+/// A flush that failed is tried again by the next apply, which stops the node (an error to
+/// openraft) if it fails too. Nothing applied is lost meanwhile: readers see it all, and the
+/// flush that works puts it all into the tree.
+#[tokio::test]
+async fn apply_retries_a_failed_flush_and_stops_when_it_fails_again_losing_nothing() {
+    let (_dir, mut sm, entries) = unflushing_with_enqueues(4).await;
+    sm.apply(entries[..2].to_vec()).await.unwrap();
+    let tree = SledKv::bare(sm.shared.tree());
+
+    // The flusher's flush fails (this test's thread stands for it): the node goes on.
+    sm::AT_FLUSH.with(|hook| *hook.borrow_mut() = failing_flushes());
+    assert!(sm.shared.flush().is_err());
+    // The next apply flushes itself, fails again, and says so.
+    let stopped = sm.apply(entries[2..3].to_vec()).await;
+    assert!(stopped.is_err(), "{stopped:?}");
+    let view = sm.reader().view();
+    assert_eq!(machine::read_meta(&view).unwrap().counts.queued, 3);
+    assert_eq!(sm::read_last_applied(&view).unwrap(), Some(log_id(3)));
+    assert_eq!(sm::read_last_applied(&tree).unwrap(), None);
+
+    // Once sled takes writes again, the next apply puts everything in.
+    sm::AT_FLUSH.with(|hook| hook.borrow_mut().take());
+    sm.apply(entries[3..].to_vec()).await.unwrap();
+    assert_eq!(sm::read_last_applied(&tree).unwrap(), Some(log_id(4)));
+    for id in 0..4 {
+        assert!(machine::item(&tree, WorkId(id)).unwrap().is_some(), "{id}");
     }
 }
