@@ -1616,6 +1616,21 @@ async fn the_bench_counts_exactly_the_enqueues_the_cluster_acknowledged() {
             "{run}"
         );
         assert!(run["latency_ms"]["p50"].as_f64().unwrap() > 0.0, "{run}");
+        // Every node synced its log, each sync taking some time; the machine's shares are
+        // shares.
+        let resources = &run["resources"];
+        for name in ["fsyncs_per_second_by_node", "fsync_ms_mean_by_node"] {
+            let by_node = resources[name].as_array().unwrap();
+            assert_eq!(by_node.len(), 3, "{run}");
+            assert!(
+                by_node.iter().all(|v| v.as_f64().unwrap() > 0.0),
+                "{name}: {run}"
+            );
+        }
+        let machine = &resources["machine_cpu_percent"];
+        let shares = ["idle", "iowait", "steal"].map(|k| machine[k].as_f64().unwrap());
+        assert!(shares.iter().all(|s| (0.0..=100.0).contains(s)), "{run}");
+        assert!(shares.iter().sum::<f64>() <= 100.0, "{run}");
         acknowledged += acks;
     }
     assert_eq!(report["memory"]["backlog_items"], acknowledged, "{report}");

@@ -64,6 +64,8 @@ const LEADER_TIMEOUT: Duration = Duration::from_secs(30);
 struct NodeSample {
     last_log_index: f64,
     fsyncs: f64,
+    /// Time spent in them, in seconds.
+    fsync_seconds: f64,
     append_rpcs: f64,
     append_entries: f64,
     /// Bytes this process caused to be written to the block layer (`/proc/PID/io`).
@@ -109,7 +111,48 @@ fn series(text: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-async fn sample(cluster: &Cluster) -> Vec<Option<NodeSample>> {
+/// The whole machine's CPU time so far, in clock ticks (the first line of `/proc/stat`).
+#[derive(Clone, Copy, Default)]
+struct MachineCpu {
+    total: f64,
+    idle: f64,
+    iowait: f64,
+    /// Taken by the hypervisor for other guests: a slow hour on a shared machine.
+    steal: f64,
+}
+
+fn machine_cpu() -> Option<MachineCpu> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .map(|t| t.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal (guest time is inside user and nice).
+    Some(MachineCpu {
+        total: ticks.get(..8)?.iter().sum(),
+        idle: ticks[3],
+        iowait: ticks[4],
+        steal: ticks[7],
+    })
+}
+
+/// Each node's figures so far, and the machine's.
+struct Sample {
+    nodes: Vec<Option<NodeSample>>,
+    machine: Option<MachineCpu>,
+}
+
+async fn sample(cluster: &Cluster) -> Sample {
+    Sample {
+        nodes: sample_nodes(cluster).await,
+        machine: machine_cpu(),
+    }
+}
+
+async fn sample_nodes(cluster: &Cluster) -> Vec<Option<NodeSample>> {
     let mut out = Vec::new();
     for id in cluster.ids() {
         let Some(pid) = cluster.node_pid(id) else {
@@ -128,6 +171,7 @@ async fn sample(cluster: &Cluster) -> Vec<Option<NodeSample>> {
         out.push(Some(NodeSample {
             last_log_index: series(&text, "hashq_raft_last_log_index"),
             fsyncs: series(&text, "hashq_fsync_seconds_count"),
+            fsync_seconds: series(&text, "hashq_fsync_seconds_sum"),
             append_rpcs: series(&text, "hashq_raft_append_rpcs_received_total"),
             append_entries: series(&text, "hashq_raft_append_entries_received_total"),
             write_bytes: proc_write_bytes(pid).unwrap_or(0.0),
@@ -142,17 +186,20 @@ fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
-/// What a run cost: log entries, batching, fsyncs, disk bytes, CPU and memory per node.
+/// What a run cost: log entries, batching, fsyncs, disk bytes, CPU and memory per node, and
+/// where the machine's CPU time went (idle while the nodes wait on the disk, or taken by
+/// the hypervisor: what tells a slow hour from a slower build).
 fn resources(
-    before: &[Option<NodeSample>],
-    after: &[Option<NodeSample>],
+    before: &Sample,
+    after: &Sample,
     seconds: f64,
     acknowledged: u64,
     payload_bytes: u64,
 ) -> Value {
     let pairs: Vec<(&NodeSample, &NodeSample)> = before
+        .nodes
         .iter()
-        .zip(after)
+        .zip(&after.nodes)
         .filter_map(|(b, a)| Some((b.as_ref()?, a.as_ref()?)))
         .collect();
     let entries = pairs
@@ -175,12 +222,31 @@ fn resources(
         "requests_per_entry": round2(acknowledged as f64 / entries.max(1.0)),
         "entries_per_append_rpc": round2(carried / rpcs.max(1.0)),
         "fsyncs_per_second_by_node": per_node(&|b, a| (a.fsyncs - b.fsyncs) / seconds),
+        "fsync_ms_mean_by_node": per_node(&|b, a| {
+            (a.fsync_seconds - b.fsync_seconds) * 1000.0 / (a.fsyncs - b.fsyncs).max(1.0)
+        }),
         "disk_bytes_per_payload_byte_by_node":
             per_node(&|b, a| (a.write_bytes - b.write_bytes) / payload.max(1.0)),
         "cpu_percent_by_node":
             per_node(&|b, a| (a.cpu_ticks - b.cpu_ticks) / TICKS_PER_SECOND / seconds * 100.0),
         "rss_mib_by_node": per_node(&|_, a| a.rss_mib),
         "bench_client_cpu_seconds_so_far": round2(own_cpu / TICKS_PER_SECOND),
+        "machine_cpu_percent": machine_shares(before.machine, after.machine),
+    })
+}
+
+/// The shares of the machine's CPU time that were idle, waiting on I/O and stolen, between
+/// two samples (`null` without `/proc/stat`).
+fn machine_shares(before: Option<MachineCpu>, after: Option<MachineCpu>) -> Value {
+    let (Some(b), Some(a)) = (before, after) else {
+        return Value::Null;
+    };
+    let total = (a.total - b.total).max(1.0);
+    let share = |f: fn(&MachineCpu) -> f64| round2((f(&a) - f(&b)) * 100.0 / total);
+    json!({
+        "idle": share(|c| c.idle),
+        "iowait": share(|c| c.iowait),
+        "steal": share(|c| c.steal),
     })
 }
 
