@@ -19,6 +19,8 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 
+use super::machine;
+
 use super::BenchArgs;
 
 /// Starts the bench's cluster (killed on drop): `nodes` nodes on free loopback ports with
@@ -111,44 +113,16 @@ fn series(text: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// The whole machine's CPU time so far, in clock ticks (the first line of `/proc/stat`).
-#[derive(Clone, Copy, Default)]
-struct MachineCpu {
-    total: f64,
-    idle: f64,
-    iowait: f64,
-    /// Taken by the hypervisor for other guests: a slow hour on a shared machine.
-    steal: f64,
-}
-
-fn machine_cpu() -> Option<MachineCpu> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let ticks: Vec<f64> = stat
-        .lines()
-        .next()?
-        .strip_prefix("cpu ")?
-        .split_whitespace()
-        .map(|t| t.parse().ok())
-        .collect::<Option<_>>()?;
-    // user nice system idle iowait irq softirq steal (guest time is inside user and nice).
-    Some(MachineCpu {
-        total: ticks.get(..8)?.iter().sum(),
-        idle: ticks[3],
-        iowait: ticks[4],
-        steal: ticks[7],
-    })
-}
-
 /// Each node's figures so far, and the machine's.
 struct Sample {
     nodes: Vec<Option<NodeSample>>,
-    machine: Option<MachineCpu>,
+    machine: Option<machine::MachineCpu>,
 }
 
 async fn sample(cluster: &Cluster) -> Sample {
     Sample {
         nodes: sample_nodes(cluster).await,
-        machine: machine_cpu(),
+        machine: machine::sample(),
     }
 }
 
@@ -231,22 +205,7 @@ fn resources(
             per_node(&|b, a| (a.cpu_ticks - b.cpu_ticks) / TICKS_PER_SECOND / seconds * 100.0),
         "rss_mib_by_node": per_node(&|_, a| a.rss_mib),
         "bench_client_cpu_seconds_so_far": round2(own_cpu / TICKS_PER_SECOND),
-        "machine_cpu_percent": machine_shares(before.machine, after.machine),
-    })
-}
-
-/// The shares of the machine's CPU time that were idle, waiting on I/O and stolen, between
-/// two samples (`null` without `/proc/stat`).
-fn machine_shares(before: Option<MachineCpu>, after: Option<MachineCpu>) -> Value {
-    let (Some(b), Some(a)) = (before, after) else {
-        return Value::Null;
-    };
-    let total = (a.total - b.total).max(1.0);
-    let share = |f: fn(&MachineCpu) -> f64| round2((f(&a) - f(&b)) * 100.0 / total);
-    json!({
-        "idle": share(|c| c.idle),
-        "iowait": share(|c| c.iowait),
-        "steal": share(|c| c.steal),
+        "machine_cpu_percent": machine::shares(before.machine, after.machine),
     })
 }
 

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod client;
+mod machine;
 pub mod node;
 pub mod worker;
 

@@ -18,6 +18,10 @@ use clap::{Args, Parser, Subcommand};
 use hdrhistogram::Histogram;
 use serde_json::json;
 
+/// The machine's CPU shares, as `hashq bench` reports them.
+#[path = "../../../src/cli/machine.rs"]
+mod machine;
+
 #[derive(Parser)]
 #[command(name = "hashq-compare", about, version)]
 struct Cli {
@@ -249,6 +253,8 @@ struct Report {
     acknowledged: u64,
     errors: u64,
     measured: Duration,
+    /// The machine's idle, I/O-wait and stolen CPU shares in the measured window.
+    machine: serde_json::Value,
     /// Microseconds.
     latency: Histogram<u64>,
 }
@@ -269,6 +275,12 @@ where
     let stop_at = measure_from + measured;
     let errors = Arc::new(AtomicU64::new(0));
     let first_error = Arc::new(AtomicBool::new(false));
+    let window = tokio::spawn(async move {
+        tokio::time::sleep_until(measure_from.into()).await;
+        let before = machine::sample();
+        tokio::time::sleep_until(stop_at.into()).await;
+        machine::shares(before, machine::sample())
+    });
     let mut tasks = Vec::with_capacity(clients.len());
     for client in clients {
         let (op, payload, errors, first_error) = (
@@ -318,6 +330,7 @@ where
         acknowledged: latency.len(),
         errors: errors.load(Ordering::Relaxed),
         measured,
+        machine: window.await.unwrap_or_default(),
         latency,
     }
 }
@@ -343,6 +356,7 @@ fn print_report(system: &str, load: &Load, r: Report) -> anyhow::Result<()> {
         "per_second": (r.acknowledged as f64 / r.measured.as_secs_f64()).round(),
         "latency_ms": { "p50": ms(0.50), "p90": ms(0.90), "p99": ms(0.99) },
         "errors": r.errors,
+        "machine_cpu_percent": r.machine,
     });
     println!("{}", serde_json::to_string(&line)?);
     Ok(())
