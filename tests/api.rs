@@ -1619,7 +1619,11 @@ async fn the_bench_counts_exactly_the_enqueues_the_cluster_acknowledged() {
         // Every node synced its log, each sync taking some time; the machine's shares are
         // shares.
         let resources = &run["resources"];
-        for name in ["fsyncs_per_second_by_node", "fsync_ms_mean_by_node"] {
+        for name in [
+            "fsyncs_per_second_by_node",
+            "fsync_ms_mean_by_node",
+            "apply_ms_mean_by_node",
+        ] {
             let by_node = resources[name].as_array().unwrap();
             assert_eq!(by_node.len(), 3, "{run}");
             assert!(
@@ -1627,6 +1631,10 @@ async fn the_bench_counts_exactly_the_enqueues_the_cluster_acknowledged() {
                 "{name}: {run}"
             );
         }
+        // The leader's batches took time from proposal to answer (a follower proposes none,
+        // but a leader may change in a run).
+        let commits = resources["commit_ms_mean_by_node"].as_array().unwrap();
+        assert!(commits.iter().any(|ms| ms.as_f64().unwrap() > 0.0), "{run}");
         let machine = &resources["machine_cpu_percent"];
         let shares = ["idle", "iowait", "steal"].map(|k| machine[k].as_f64().unwrap());
         assert!(shares.iter().all(|s| (0.0..=100.0).contains(s)), "{run}");

@@ -68,6 +68,13 @@ struct NodeSample {
     fsyncs: f64,
     /// Time spent in them, in seconds.
     fsync_seconds: f64,
+    /// Batches the node proposed as leader and answered, and their time from proposal to
+    /// answer, in seconds.
+    commits: f64,
+    commit_seconds: f64,
+    /// Apply calls of the state machine, and their time.
+    applies: f64,
+    apply_seconds: f64,
     append_rpcs: f64,
     append_entries: f64,
     /// Bytes this process caused to be written to the block layer (`/proc/PID/io`).
@@ -146,6 +153,10 @@ async fn sample_nodes(cluster: &Cluster) -> Vec<Option<NodeSample>> {
             last_log_index: series(&text, "hashq_raft_last_log_index"),
             fsyncs: series(&text, "hashq_fsync_seconds_count"),
             fsync_seconds: series(&text, "hashq_fsync_seconds_sum"),
+            commits: series(&text, "hashq_commit_seconds_count"),
+            commit_seconds: series(&text, "hashq_commit_seconds_sum"),
+            applies: series(&text, "hashq_apply_seconds_count"),
+            apply_seconds: series(&text, "hashq_apply_seconds_sum"),
             append_rpcs: series(&text, "hashq_raft_append_rpcs_received_total"),
             append_entries: series(&text, "hashq_raft_append_entries_received_total"),
             write_bytes: proc_write_bytes(pid).unwrap_or(0.0),
@@ -154,6 +165,15 @@ async fn sample_nodes(cluster: &Cluster) -> Vec<Option<NodeSample>> {
         }));
     }
     out
+}
+
+/// The mean of `count` durations summing to `seconds`, in milliseconds (0 for none).
+fn mean_ms(seconds: f64, count: f64) -> f64 {
+    if count > 0.0 {
+        seconds * 1000.0 / count
+    } else {
+        0.0
+    }
 }
 
 fn round2(x: f64) -> f64 {
@@ -197,7 +217,14 @@ fn resources(
         "entries_per_append_rpc": round2(carried / rpcs.max(1.0)),
         "fsyncs_per_second_by_node": per_node(&|b, a| (a.fsyncs - b.fsyncs) / seconds),
         "fsync_ms_mean_by_node": per_node(&|b, a| {
-            (a.fsync_seconds - b.fsync_seconds) * 1000.0 / (a.fsyncs - b.fsyncs).max(1.0)
+            mean_ms(a.fsync_seconds - b.fsync_seconds, a.fsyncs - b.fsyncs)
+        }),
+        // Only a leader proposes: 0 for the others.
+        "commit_ms_mean_by_node": per_node(&|b, a| {
+            mean_ms(a.commit_seconds - b.commit_seconds, a.commits - b.commits)
+        }),
+        "apply_ms_mean_by_node": per_node(&|b, a| {
+            mean_ms(a.apply_seconds - b.apply_seconds, a.applies - b.applies)
         }),
         "disk_bytes_per_payload_byte_by_node":
             per_node(&|b, a| (a.write_bytes - b.write_bytes) / payload.max(1.0)),
