@@ -11,7 +11,9 @@ For example, two batches in flight against four, four pairs:
         two=target/release/hashq:HASHQ_PROPOSALS_IN_FLIGHT=2
 
 Each run appends one line to OUT: per enqueue run, the rate, the p50 and the node CPU per
-request (the three nodes' CPU percentages over the rate). The nodes inherit the
+request (the three nodes' CPU percentages over the rate) and the machine's idle and stolen
+CPU shares (a pair whose runs differ in steal says more about the hypervisor than about the
+builds). The nodes inherit the
 environment, so any `HASHQ_*` setting reaches them.
 """
 import json
@@ -51,9 +53,11 @@ def main() -> None:
                     rate = e["per_second"]
                     cpu = sum(e["resources"]["cpu_percent_by_node"])
                     per_req = cpu * 1e4 / rate if rate else 0
+                    machine = e["resources"].get("machine_cpu_percent") or {}
                     parts.append(
                         f"{e['clients']}x{e['payload_bytes']}: {rate}/s "
-                        f"p50 {e['latency_ms']['p50']:.2f} ms, {per_req:.0f} us CPU/req"
+                        f"p50 {e['latency_ms']['p50']:.2f} ms, {per_req:.0f} us CPU/req, "
+                        f"idle {machine.get('idle', '?')}% steal {machine.get('steal', '?')}%"
                     )
                 f.write(f"{label} " + " | ".join(parts) + "\n")
                 f.flush()

@@ -1616,18 +1616,18 @@ async fn the_bench_counts_exactly_the_enqueues_the_cluster_acknowledged() {
             "{run}"
         );
         assert!(run["latency_ms"]["p50"].as_f64().unwrap() > 0.0, "{run}");
-        // Every node synced its log, each sync taking some time; the machine's shares are
-        // shares.
+        // Every node synced its log and applied, each apply taking some time (a sync may not
+        // on a RAM disk); the machine's shares are shares.
         let resources = &run["resources"];
-        for name in [
-            "fsyncs_per_second_by_node",
-            "fsync_ms_mean_by_node",
-            "apply_ms_mean_by_node",
+        for (name, least) in [
+            ("fsyncs_per_second_by_node", f64::MIN_POSITIVE),
+            ("fsync_ms_mean_by_node", 0.0),
+            ("apply_ms_mean_by_node", f64::MIN_POSITIVE),
         ] {
             let by_node = resources[name].as_array().unwrap();
             assert_eq!(by_node.len(), 3, "{run}");
             assert!(
-                by_node.iter().all(|v| v.as_f64().unwrap() > 0.0),
+                by_node.iter().all(|v| v.as_f64().unwrap() >= least),
                 "{name}: {run}"
             );
         }

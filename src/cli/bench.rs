@@ -181,8 +181,8 @@ fn round2(x: f64) -> f64 {
 }
 
 /// What a run cost: log entries, batching, fsyncs, disk bytes, CPU and memory per node, and
-/// where the machine's CPU time went (idle while the nodes wait on the disk, or taken by
-/// the hypervisor: what tells a slow hour from a slower build).
+/// where the machine's CPU time went ([`machine::shares`]: what tells a slow hour from a
+/// slower build).
 fn resources(
     before: &Sample,
     after: &Sample,
@@ -210,20 +210,27 @@ fn resources(
     let per_node = |f: &dyn Fn(&NodeSample, &NodeSample) -> f64| -> Vec<f64> {
         pairs.iter().map(|(b, a)| round2(f(b, a))).collect()
     };
+    let means = |f: &dyn Fn(&NodeSample, &NodeSample) -> f64| -> Vec<f64> {
+        pairs
+            .iter()
+            .map(|(b, a)| (f(b, a) * 1000.0).round() / 1000.0)
+            .collect()
+    };
     let own_cpu = proc_cpu_ticks(std::process::id()).unwrap_or(0.0);
     json!({
         "log_entries_per_second": (entries / seconds).round(),
         "requests_per_entry": round2(acknowledged as f64 / entries.max(1.0)),
         "entries_per_append_rpc": round2(carried / rpcs.max(1.0)),
         "fsyncs_per_second_by_node": per_node(&|b, a| (a.fsyncs - b.fsyncs) / seconds),
-        "fsync_ms_mean_by_node": per_node(&|b, a| {
+        // To the microsecond the nodes measure them in.
+        "fsync_ms_mean_by_node": means(&|b, a| {
             mean_ms(a.fsync_seconds - b.fsync_seconds, a.fsyncs - b.fsyncs)
         }),
         // Only a leader proposes: 0 for the others.
-        "commit_ms_mean_by_node": per_node(&|b, a| {
+        "commit_ms_mean_by_node": means(&|b, a| {
             mean_ms(a.commit_seconds - b.commit_seconds, a.commits - b.commits)
         }),
-        "apply_ms_mean_by_node": per_node(&|b, a| {
+        "apply_ms_mean_by_node": means(&|b, a| {
             mean_ms(a.apply_seconds - b.apply_seconds, a.applies - b.applies)
         }),
         "disk_bytes_per_payload_byte_by_node":

@@ -1,7 +1,8 @@
 //! Where the machine's CPU time went during a benchmark run (the first line of
-//! `/proc/stat`): idle while the processes wait on the disk or each other, waiting on I/O, or
-//! stolen by the hypervisor for other guests. On a shared machine these tell a slow hour
-//! from a slower build. `bench/compare` includes this file by path, so the systems compared
+//! `/proc/stat`): idle (a core with nothing to run: the processes wait on the network or on
+//! each other), I/O wait (nothing to run while a task waits on the disk, an fdatasync), or
+//! stolen (the hypervisor gave the core to another guest). On a shared machine these tell a
+//! slow hour from a slower build. `bench/compare` includes this file by path, so the systems compared
 //! side by side report the same figures.
 
 use serde_json::{json, Value};
@@ -41,7 +42,9 @@ pub fn shares(before: Option<MachineCpu>, after: Option<MachineCpu>) -> Value {
         return Value::Null;
     };
     let total = (a.total - b.total).max(1.0);
-    let share = |f: fn(&MachineCpu) -> f64| ((f(&a) - f(&b)) * 10_000.0 / total).round() / 100.0;
+    // The kernel's I/O-wait count may go backwards (proc(5)): never a negative share.
+    let share =
+        |f: fn(&MachineCpu) -> f64| ((f(&a) - f(&b)).max(0.0) * 10_000.0 / total).round() / 100.0;
     json!({
         "idle": share(|c| c.idle),
         "iowait": share(|c| c.iowait),
