@@ -19,9 +19,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 
-use super::machine;
-
-use super::BenchArgs;
+use super::{machine, BenchArgs};
 
 /// Starts the bench's cluster (killed on drop): `nodes` nodes on free loopback ports with
 /// fresh tokens, no launcher, and room for any backlog the runs build.
@@ -180,6 +178,10 @@ fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
 /// What a run cost: log entries, batching, fsyncs, disk bytes, CPU and memory per node, and
 /// where the machine's CPU time went ([`machine::shares`]: what tells a slow hour from a
 /// slower build).
@@ -211,10 +213,7 @@ fn resources(
         pairs.iter().map(|(b, a)| round2(f(b, a))).collect()
     };
     let means = |f: &dyn Fn(&NodeSample, &NodeSample) -> f64| -> Vec<f64> {
-        pairs
-            .iter()
-            .map(|(b, a)| (f(b, a) * 1000.0).round() / 1000.0)
-            .collect()
+        pairs.iter().map(|(b, a)| round3(f(b, a))).collect()
     };
     let own_cpu = proc_cpu_ticks(std::process::id()).unwrap_or(0.0);
     json!({

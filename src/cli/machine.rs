@@ -2,8 +2,8 @@
 //! `/proc/stat`): idle (a core with nothing to run: the processes wait on the network or on
 //! each other), I/O wait (nothing to run while a task waits on the disk, an fdatasync), or
 //! stolen (the hypervisor gave the core to another guest). On a shared machine these tell a
-//! slow hour from a slower build. `bench/compare` includes this file by path, so the systems compared
-//! side by side report the same figures.
+//! slow hour from a slower build. `bench/compare` includes this file by path, so the systems
+//! compared side by side report the same figures.
 
 use serde_json::{json, Value};
 
