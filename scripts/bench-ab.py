@@ -13,8 +13,7 @@ For example, two batches in flight against four, four pairs:
 Each run appends one line to OUT: per enqueue run, the rate, the p50 and the node CPU per
 request (the three nodes' CPU percentages over the rate) and the machine's idle and stolen
 CPU shares (a pair whose runs differ in steal says more about the hypervisor than about the
-builds). The nodes inherit the
-environment, so any `HASHQ_*` setting reaches them.
+builds). The nodes inherit the environment, so any `HASHQ_*` setting reaches them.
 """
 import json
 import os
