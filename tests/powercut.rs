@@ -640,22 +640,45 @@ async fn corruption_is_detected_never_served_and_repaired_from_peers() {
     )
     .await;
     running.stop().await;
-    // Every live node's snapshot is damaged: leadership may have moved under the load, and
-    // whichever node serves the lagging one must not send a corrupt snapshot.
     let live: Vec<u64> = cluster
         .ids()
         .into_iter()
         .filter(|i| *i != lagging)
         .collect();
+    // The last entries may still be applying, and a snapshot still being built: damaging the
+    // files before it lands would damage one the node is about to replace with a good one.
+    // Settled means everything applied, too few entries since the last snapshot for another
+    // (`--snapshot-every 60`), and no snapshot half written.
     for &id in &live {
-        let snaps = files(&fs, &format!("node-{id}/snapshots"));
-        let snap = snaps
-            .iter()
-            .find(|p| p.extension().is_some_and(|e| e == "snap"))
-            .unwrap_or_else(|| panic!("node {id}'s snapshot"));
-        let len = std::fs::metadata(snap).unwrap().len();
-        let target = relative(&fs, snap);
-        fs.control().flip(&target, len / 2, 0).unwrap();
+        wait_for(
+            "the node to settle: applied, snapshotted",
+            Duration::from_secs(30),
+            || async {
+                let s = cluster.get_json(id, "/status").await?;
+                let applied = s["commit_index"].as_u64()?;
+                let settled = applied == s["last_log_index"].as_u64()?
+                    && applied < s["snapshot_index"].as_u64()? + 60
+                    && !files(&fs, &format!("node-{id}/snapshots"))
+                        .iter()
+                        .any(|p| p.extension().is_some_and(|e| e == "tmp"));
+                settled.then_some(())
+            },
+        )
+        .await;
+    }
+    // Every live node's snapshots are damaged: leadership may have moved under the load, and
+    // whichever node serves the lagging one must not send a corrupt snapshot.
+    for &id in &live {
+        let snaps: Vec<PathBuf> = files(&fs, &format!("node-{id}/snapshots"))
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "snap"))
+            .collect();
+        assert!(!snaps.is_empty(), "node {id} has no snapshot");
+        for snap in &snaps {
+            let len = std::fs::metadata(snap).unwrap().len();
+            let target = relative(&fs, snap);
+            fs.control().flip(&target, len / 2, 0).unwrap();
+        }
     }
     cluster.start_node(lagging);
     caught_up(&cluster, lagging).await;
