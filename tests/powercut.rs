@@ -36,12 +36,15 @@ fn mount() -> Mounted {
     )
 }
 
+/// Entries between two snapshots of every cut test's nodes.
+const SNAPSHOT_EVERY: &str = "60";
+
 /// Node flags for every cut test: snapshots and segment files small, so cuts land in
 /// snapshot builds, installs and purges.
 fn node_args(extra: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = [
         "--snapshot-every",
-        "60",
+        SNAPSHOT_EVERY,
         "--log-segment-bytes",
         "262144",
         "--pulled-retention",
@@ -546,6 +549,14 @@ fn files(fs: &Mounted, dir: &str) -> Vec<PathBuf> {
     found
 }
 
+/// The files under `dir` whose names end in `.ext`.
+fn files_ending(fs: &Mounted, dir: &str, ext: &str) -> Vec<PathBuf> {
+    files(fs, dir)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == ext))
+        .collect()
+}
+
 fn relative(fs: &Mounted, path: &std::path::Path) -> String {
     path.strip_prefix(fs.mountpoint())
         .unwrap()
@@ -648,7 +659,7 @@ async fn corruption_is_detected_never_served_and_repaired_from_peers() {
     // The last entries may still be applying, and a snapshot still being built: damaging the
     // files before it lands would damage one the node is about to replace with a good one.
     // Settled means everything applied, too few entries since the last snapshot for another
-    // (`--snapshot-every 60`), and no snapshot half written.
+    // (`SNAPSHOT_EVERY`), and no snapshot half written.
     for &id in &live {
         wait_for(
             "the node to settle: applied, snapshotted",
@@ -656,11 +667,10 @@ async fn corruption_is_detected_never_served_and_repaired_from_peers() {
             || async {
                 let s = cluster.get_json(id, "/status").await?;
                 let applied = s["commit_index"].as_u64()?;
+                let every: u64 = SNAPSHOT_EVERY.parse().unwrap();
                 let settled = applied == s["last_log_index"].as_u64()?
-                    && applied < s["snapshot_index"].as_u64()? + 60
-                    && !files(&fs, &format!("node-{id}/snapshots"))
-                        .iter()
-                        .any(|p| p.extension().is_some_and(|e| e == "tmp"));
+                    && applied < s["snapshot_index"].as_u64()? + every
+                    && files_ending(&fs, &format!("node-{id}/snapshots"), "tmp").is_empty();
                 settled.then_some(())
             },
         )
@@ -669,10 +679,7 @@ async fn corruption_is_detected_never_served_and_repaired_from_peers() {
     // Every live node's snapshots are damaged: leadership may have moved under the load, and
     // whichever node serves the lagging one must not send a corrupt snapshot.
     for &id in &live {
-        let snaps: Vec<PathBuf> = files(&fs, &format!("node-{id}/snapshots"))
-            .into_iter()
-            .filter(|p| p.extension().is_some_and(|e| e == "snap"))
-            .collect();
+        let snaps = files_ending(&fs, &format!("node-{id}/snapshots"), "snap");
         assert!(!snaps.is_empty(), "node {id} has no snapshot");
         for snap in &snaps {
             let len = std::fs::metadata(snap).unwrap().len();
