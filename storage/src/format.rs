@@ -22,11 +22,16 @@ use crate::fsio::{self, Fatal};
 use crate::StoreError;
 
 /// The format this build writes and reads.
-pub const CURRENT: u32 = 4;
+pub const CURRENT: u32 = 5;
 
-/// Format 3 kept the queue tables in sled; this build keeps them in memory (rebuilt from the
-/// item records when the store opens), so it reads format 3 and marks the dir format 4 before
-/// it removes them, and a build that would look for them there refuses the dir.
+/// Format 4 kept each item record under its own key in sled; this build keeps them in pages
+/// of 64 (`sm/paged.rs`), so it reads format 4 and marks the dir format 5 before it moves
+/// them, and a build that would look for them under their own keys refuses the dir.
+const FORMAT_4: u32 = 4;
+
+/// Format 3 kept the queue tables in sled; format 4 on keeps them in memory (rebuilt from the
+/// item records when the store opens), so this build reads format 3, marks the dir current
+/// and then removes them (and pages its items, as for format 4).
 const FORMAT_3: u32 = 3;
 
 /// Format 2 kept payloads in the state machine (the builds with the segment log, before
@@ -102,8 +107,12 @@ pub enum Found {
     Legacy,
     /// Format 2: this layout, with payloads in the state machine.
     Format2,
-    /// Format 3: this layout, with the queue tables in sled (upgraded in place on open).
+    /// Format 3: this layout, with the queue tables in sled and the item records under their
+    /// own keys (upgraded in place on open).
     Format3,
+    /// Format 4: this layout, with the item records under their own keys (upgraded in place
+    /// on open).
+    Format4,
 }
 
 /// Reads the data dir's format.
@@ -117,6 +126,8 @@ pub fn detect(layout: &Layout) -> Result<Found, StoreError> {
             })?;
             if version == CURRENT {
                 Ok(Found::Current)
+            } else if version == FORMAT_4 {
+                Ok(Found::Format4)
             } else if version == FORMAT_3 {
                 Ok(Found::Format3)
             } else if version == FORMAT_2 {

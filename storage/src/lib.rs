@@ -172,11 +172,17 @@ pub fn open(dir: &Path, options: &StoreOptions) -> Result<Opened, StoreError> {
     match format::detect(&layout)? {
         format::Found::Empty => format::create(&layout)?,
         format::Found::Current => format::ensure_dirs(&layout)?,
-        format::Found::Format3 => {
-            // Durably format 4 before the state machine drops the queue records from sled.
+        found @ (format::Found::Format3 | format::Found::Format4) => {
+            // Durably current before the state machine drops format 3's queue records from
+            // sled and moves the item records into pages: the builds that would look for
+            // them where they were refuse the dir from then on.
             format::mark_current(&layout)?;
             format::ensure_dirs(&layout)?;
-            tracing::info!(dir = %dir.display(), "data dir upgraded from format 3 to 4 (queues in memory)");
+            tracing::info!(
+                dir = %dir.display(),
+                from = ?found,
+                "data dir upgraded to format 5 (queues in memory, item records paged)"
+            );
         }
         format::Found::Legacy => {
             return Err(StoreError::Legacy {

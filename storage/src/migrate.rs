@@ -162,9 +162,9 @@ pub fn migrate(dir: &Path, discard_unapplied: bool) -> Result<Migrated, StoreErr
     match format::detect(&layout)? {
         format::Found::Legacy => migrate_v1(dir, &layout, discard_unapplied),
         format::Found::Format2 => migrate_v2(dir, &layout, discard_unapplied),
-        format::Found::Current | format::Found::Format3 => Err(bad(
+        format::Found::Current | format::Found::Format3 | format::Found::Format4 => Err(bad(
             dir,
-            "this data dir needs no migration (the node upgrades format 3 itself)",
+            "this data dir needs no migration (the node upgrades formats 3 and 4 itself)",
         )),
         format::Found::Empty => Err(bad(dir, "nothing of hashq's is in this dir")),
     }

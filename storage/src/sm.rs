@@ -10,6 +10,7 @@
 //! atomic batches of whole apply calls, each with its `last_applied` ([`FLUSH_EVERY`]).
 
 pub(crate) mod kv;
+pub(crate) mod paged;
 pub(crate) mod queues;
 
 use std::collections::HashMap;
@@ -263,14 +264,15 @@ impl Layered {
             layers.flushing = layer.clone();
             layer
         };
-        let mut batch = sled::Batch::default();
-        for (key, value) in layer.iter() {
-            match value {
-                Some(v) => batch.insert(key.as_slice(), v.as_slice()),
-                None => batch.remove(key.as_slice()),
+        let tree = self.tree();
+        let written = at_flush(FlushStage::Writing).and_then(|()| {
+            // Only this flush writes the tree: the pages it reads stay as read.
+            let mut writer = paged::Writer::new(&tree);
+            for (key, value) in layer.iter() {
+                writer.write(key, value.as_deref())?;
             }
-        }
-        let written = at_flush(FlushStage::Writing).and_then(|()| self.tree().apply_batch(batch));
+            tree.apply_batch(writer.finish())
+        });
         self.flush_failed
             .store(written.is_err(), std::sync::atomic::Ordering::Relaxed);
         written?;
@@ -380,7 +382,7 @@ impl Shared {
         // The file's queue records are checked, and compared with the queues its items
         // give: the queues are those, as after a restart.
         let mut in_file = Queues::default();
-        let mut batch = sled::Batch::default();
+        let mut batch = paged::Writer::new(&tree);
         let mut batch_bytes = 0;
         let loaded = snapshot::read(path, |key, value| {
             if queues::is_queue_key(&key) {
@@ -389,9 +391,12 @@ impl Shared {
                     .map_err(|e| fsio::invalid(e.to_string()));
             }
             batch_bytes += key.len() + value.len();
-            batch.insert(key, value);
+            batch
+                .write(&key, Some(&value))
+                .map_err(std::io::Error::other)?;
             if batch_bytes >= 4 << 20 {
-                tree.apply_batch(std::mem::take(&mut batch))
+                let full = std::mem::replace(&mut batch, paged::Writer::new(&tree));
+                tree.apply_batch(full.finish())
                     .map_err(std::io::Error::other)?;
                 batch_bytes = 0;
             }
@@ -403,7 +408,8 @@ impl Shared {
                     "the snapshot file is not the snapshot it was announced as",
                 ));
             }
-            tree.apply_batch(std::mem::take(&mut batch))
+            let last = std::mem::replace(&mut batch, paged::Writer::new(&tree));
+            tree.apply_batch(last.finish())
                 .map_err(std::io::Error::other)?;
             let queues = kv::queues_from_items(&tree).map_err(std::io::Error::other)?;
             if queues != in_file {

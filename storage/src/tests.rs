@@ -606,10 +606,9 @@ fn queue_keys_in(view: &SledKv) -> Vec<Vec<u8>> {
 
 /// How many queue records sled itself holds.
 fn queue_records_in_sled(sm: &StateMachineStore) -> usize {
-    let tree = sm.shared.tree();
     [hashq_raft::keys::QUEUE, hashq_raft::keys::PRIORITY_QUEUE]
         .into_iter()
-        .map(|t| tree.range(vec![t]..vec![t + 1]).count())
+        .map(|t| records_in_sled(sm, t))
         .sum()
 }
 
@@ -667,6 +666,56 @@ async fn the_queues_live_in_memory_and_come_back_from_the_item_records() {
         "format 3's queue records stay in sled"
     );
     assert_eq!((queue_keys(&sm), dump(&sm)), expected);
+}
+
+/// How many records sled itself holds under `tag`.
+fn records_in_sled(sm: &StateMachineStore, tag: u8) -> usize {
+    sm.shared.tree().range(vec![tag]..vec![tag + 1]).count()
+}
+
+#[tokio::test]
+async fn item_records_reach_sled_in_pages_and_a_format_4_dir_is_paged_at_open() {
+    use hashq_raft::keys::ITEM;
+    let (dir, mut sm, entries) = unflushing_with_enqueues(300).await;
+    sm.apply(entries).await.unwrap();
+    sm.shared.flush().unwrap();
+    // Items 0 to 299: five pages, not 300 records.
+    assert_eq!(records_in_sled(&sm, ITEM), 0, "an item under its own key");
+    assert_eq!(records_in_sled(&sm, sm::paged::PAGE), 5);
+    let view = sm.reader().view();
+    let (start, end) = hashq_raft::keys::table(ITEM);
+    let items: Vec<_> = view.scan(&start, &end, false).map(|r| r.unwrap()).collect();
+    assert_eq!(items.len(), 300);
+    assert_eq!(items[299].0, hashq_raft::keys::item(WorkId(299)));
+    let expected = dump(&sm);
+
+    // The same state as format 4 kept it: each item under its own key.
+    let tree = sm.shared.tree();
+    for (key, record) in &items {
+        tree.insert(key, record.as_slice()).unwrap();
+    }
+    for page in tree
+        .range(vec![sm::paged::PAGE]..vec![sm::paged::PAGE + 1])
+        .keys()
+    {
+        tree.remove(page.unwrap()).unwrap();
+    }
+    drop((tree, view, sm));
+    let layout = format::Layout::new(dir.path());
+    std::fs::write(layout.format_file(), "hashq-data 4\n").unwrap();
+    let sm = reopen(dir.path()).await.sm;
+    assert_eq!(format::detect(&layout).unwrap(), format::Found::Current);
+    assert_eq!(
+        std::fs::read_to_string(layout.format_file()).unwrap(),
+        "hashq-data 5\n"
+    );
+    assert_eq!(
+        records_in_sled(&sm, ITEM),
+        0,
+        "format 4's items stay where they were"
+    );
+    assert_eq!(records_in_sled(&sm, sm::paged::PAGE), 5);
+    assert_eq!(dump(&sm), expected);
 }
 
 /// A store whose flusher never runs on its own (its interval is an hour), with `n` enqueues

@@ -12,6 +12,7 @@ use hashq_raft::kv::{KvError, KvRead, Pair, ScanIter};
 use hashq_raft::machine;
 use hashq_raft::{LogId, StoredMembership};
 
+use super::paged;
 use super::queues::{self, Queues};
 use super::CURRENT_TREE;
 
@@ -159,7 +160,29 @@ fn node_keys(tree: &sled::Tree) -> sled::Result<HashSet<PackedKey>> {
 }
 
 /// The part of a scan's range still to go.
-type Bounds = (Bound<Vec<u8>>, Bound<Vec<u8>>);
+pub(crate) type Bounds = (Bound<Vec<u8>>, Bound<Vec<u8>>);
+
+/// Cuts the range `(start, end)` at each of `cuts` (ascending) that falls inside it:
+/// ascending parts, none of which crosses a cut.
+pub(crate) fn cut(start: Bound<Vec<u8>>, end: Bound<Vec<u8>>, cuts: &[&[u8]]) -> Vec<Bounds> {
+    let after_start = |cut: &&[u8]| match &start {
+        Bound::Included(s) | Bound::Excluded(s) => *cut > s.as_slice(),
+        Bound::Unbounded => true,
+    };
+    let before_end = |cut: &&[u8]| match &end {
+        Bound::Included(e) => *cut <= e.as_slice(),
+        Bound::Excluded(e) => *cut < e.as_slice(),
+        Bound::Unbounded => true,
+    };
+    let mut out = Vec::new();
+    let mut from = start.clone();
+    for cut in cuts.iter().filter(|c| after_start(c) && before_end(c)) {
+        out.push((from, Bound::Excluded(cut.to_vec())));
+        from = Bound::Included(cut.to_vec());
+    }
+    out.push((from, end));
+    out
+}
 type Chunk = Vec<(Vec<u8>, Option<Vec<u8>>)>;
 
 fn take<'a>(
@@ -245,11 +268,7 @@ impl SledKv {
         if read(&self.unflushed).is_empty() {
             // Nothing on top, and nothing can come during an apply (only apply adds writes,
             // and no flush runs with both layers empty).
-            let range = self
-                .tree
-                .range(bounds)
-                .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(io));
-            return in_order(range, reverse);
+            return paged::range(&self.tree, bounds, reverse);
         }
         Box::new(Chunked::new(self.clone(), bounds, reverse))
     }
@@ -268,10 +287,6 @@ impl Source for QueueIndex {
     }
 }
 
-fn io(e: sled::Error) -> KvError {
-    KvError::Io(e.to_string())
-}
-
 impl KvRead for SledKv {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
         if queues::is_queue_key(key) {
@@ -280,10 +295,7 @@ impl KvRead for SledKv {
         if let Some(write) = read(&self.unflushed).get(key) {
             return Ok(write.clone());
         }
-        self.tree
-            .get(key)
-            .map(|v| v.map(|v| v.to_vec()))
-            .map_err(io)
+        paged::get(&self.tree, key)
     }
 
     fn scan<'a>(&'a self, start: &[u8], end: &[u8], reverse: bool) -> ScanIter<'a> {
@@ -392,11 +404,10 @@ impl Source for SledKv {
                 hook()
             }
         });
-        let tree: Chunk = in_order(self.tree.range(bounds.clone()), reverse)
+        let tree: Chunk = paged::range(&self.tree, bounds.clone(), reverse)
             .take(n)
-            .map(|r| r.map(|(k, v)| (k.to_vec(), Some(v.to_vec()))))
-            .collect::<Result<_, _>>()
-            .map_err(io)?;
+            .map(|r| r.map(|(k, v)| (k, Some(v))))
+            .collect::<Result<_, _>>()?;
         // Each source is complete up to its last key if it ran out of room; the chunk is
         // complete up to the first such key.
         let before = |a: &[u8], b: &[u8]| if reverse { a > b } else { a < b };
@@ -502,6 +513,13 @@ pub(super) fn current_tree(
         }
     }
     let tree = db.open_tree(&name).map_err(|e| e.to_string())?;
+    let paged = paged::page_items(&tree).map_err(|e| e.to_string())?;
+    if paged > 0 {
+        tracing::info!(
+            items = paged,
+            "item records of format 4 moved into pages (format 5)"
+        );
+    }
     let kv = SledKv::bare(tree.clone());
     let applied = read_last_applied(&kv).map_err(|e| e.to_string())?;
     machine::read_meta(&kv).map_err(|e| e.to_string())?;

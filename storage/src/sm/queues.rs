@@ -48,23 +48,8 @@ pub(crate) fn parts(start: Bound<Vec<u8>>, end: Bound<Vec<u8>>) -> Vec<Part> {
         &[TABLES[1]],
         &[TABLES[1] + 1],
     ];
-    let after_start = |cut: &&[u8]| match &start {
-        Bound::Included(s) | Bound::Excluded(s) => *cut > s.as_slice(),
-        Bound::Unbounded => true,
-    };
-    let before_end = |cut: &&[u8]| match &end {
-        Bound::Included(e) => *cut <= e.as_slice(),
-        Bound::Excluded(e) => *cut < e.as_slice(),
-        Bound::Unbounded => true,
-    };
-    let mut out = Vec::new();
-    let mut from = start.clone();
-    for cut in cuts.into_iter().filter(|c| after_start(c) && before_end(c)) {
-        out.push((from, Bound::Excluded(cut.to_vec())));
-        from = Bound::Included(cut.to_vec());
-    }
-    out.push((from, end));
-    out.into_iter()
+    super::kv::cut(start, end, &cuts)
+        .into_iter()
         .map(|(s, e)| {
             // A part lies wholly inside or outside the tables: its first key says which.
             let inside = match &s {
