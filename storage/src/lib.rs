@@ -112,7 +112,7 @@ pub enum StoreError {
     Fatal(#[from] fsio::Fatal),
     /// A data dir of a format this build does not read.
     #[error(
-        "{path}: unknown data dir format ({found}); this build reads formats 3 and {} (and converts 1 and 2 with `hashq migrate`)",
+        "{path}: unknown data dir format ({found}); this build reads formats 3 to {} (and converts 1 and 2 with `hashq migrate`)",
         format::CURRENT
     )]
     Format { path: PathBuf, found: String },

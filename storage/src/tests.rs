@@ -700,6 +700,8 @@ async fn item_records_reach_sled_in_pages_and_a_format_4_dir_is_paged_at_open() 
     {
         tree.remove(page.unwrap()).unwrap();
     }
+    assert_eq!(records_in_sled(&sm, ITEM), 300);
+    assert_eq!(records_in_sled(&sm, sm::paged::PAGE), 0);
     drop((tree, view, sm));
     let layout = format::Layout::new(dir.path());
     std::fs::write(layout.format_file(), "hashq-data 4\n").unwrap();
@@ -1051,10 +1053,24 @@ fn lcg(seed: &mut u64) -> u64 {
 type Model = std::collections::BTreeMap<Vec<u8>, Vec<u8>>;
 
 /// Random puts and deletes over `keys` keys, applied to `model` as they are made.
+/// One of `keys` item records (kept in pages of 64 by the tree) or one of `keys` records of
+/// a table stored key by key (`k`): the two tables [`SCANNED`] covers.
+fn random_key(seed: &mut u64, keys: u64) -> Vec<u8> {
+    let n = lcg(seed) % keys;
+    if lcg(seed).is_multiple_of(2) {
+        hashq_raft::keys::item(WorkId(n))
+    } else {
+        format!("k{n:04}").into_bytes()
+    }
+}
+
+/// The range of [`random_key`]'s keys: the item table to the `k` table.
+const SCANNED: (&[u8], &[u8]) = (b"i", b"l");
+
 fn random_writes(seed: &mut u64, keys: u64, count: usize, model: &mut Model) -> sm::kv::Writes {
     let mut writes = sm::kv::Writes::new();
     for _ in 0..count {
-        let key = format!("k{:04}", lcg(seed) % keys).into_bytes();
+        let key = random_key(seed, keys);
         if lcg(seed).is_multiple_of(3) {
             model.remove(&key);
             writes.insert(key, None);
@@ -1101,12 +1117,11 @@ fn scans_over_many_unflushed_writes_merge_every_chunk_exactly() {
         let tree = db.open_tree(format!("t{round}")).unwrap();
         let mut model = Model::new();
         let keys = 50 + lcg(&mut seed) % 2_000;
+        let mut writer = sm::paged::Writer::new(&tree);
         for (k, v) in random_writes(&mut seed, keys, 3_000, &mut model) {
-            match v {
-                Some(v) => tree.insert(k, v).unwrap(),
-                None => tree.remove(k).unwrap(),
-            };
+            writer.write(&k, v.as_deref()).unwrap();
         }
+        tree.apply_batch(writer.finish()).unwrap();
         let flushing = random_writes(&mut seed, keys, 1_500, &mut model);
         let active = random_writes(&mut seed, keys, 1_500, &mut model);
         let kv = SledKv::bare(tree);
@@ -1116,8 +1131,8 @@ fn scans_over_many_unflushed_writes_merge_every_chunk_exactly() {
             layers.active = active;
         }
         for _ in 0..10 {
-            let a = format!("k{:04}", lcg(&mut seed) % (keys + 10)).into_bytes();
-            let b = format!("k{:04}", lcg(&mut seed) % (keys + 10)).into_bytes();
+            let a = random_key(&mut seed, keys + 10);
+            let b = random_key(&mut seed, keys + 10);
             let (start, end) = if a < b { (a, b) } else { (b, a) };
             for reverse in [false, true] {
                 let got: Vec<_> = kv.scan(&start, &end, reverse).map(|r| r.unwrap()).collect();
@@ -1129,18 +1144,18 @@ fn scans_over_many_unflushed_writes_merge_every_chunk_exactly() {
             }
         }
         let all = |reverse| {
-            kv.scan(b"k", b"l", reverse)
+            kv.scan(SCANNED.0, SCANNED.1, reverse)
                 .map(|r| r.unwrap())
                 .collect::<Vec<_>>()
         };
         assert_scan(
             &all(false),
-            &expect_range(&model, b"k", b"l", false),
+            &expect_range(&model, SCANNED.0, SCANNED.1, false),
             "forward",
         );
         assert_scan(
             &all(true),
-            &expect_range(&model, b"k", b"l", true),
+            &expect_range(&model, SCANNED.0, SCANNED.1, true),
             "reverse",
         );
     }
@@ -1240,7 +1255,7 @@ fn a_flush_in_the_middle_of_a_scan_changes_nothing_it_reads() {
         let (layered, model) = layered_with_writes(&db, format!("t{round}"), &mut seed, 3_000, 2);
         let view = layered.view();
         let reverse = round % 2 == 1;
-        let mut scan = view.scan(b"k", b"l", reverse);
+        let mut scan = view.scan(SCANNED.0, SCANNED.1, reverse);
         let mut got = Vec::new();
         let stop_at = (lcg(&mut seed) % 1_000) as usize;
         for pair in scan.by_ref().take(stop_at) {
@@ -1252,7 +1267,7 @@ fn a_flush_in_the_middle_of_a_scan_changes_nothing_it_reads() {
         got.extend(scan.map(|r| r.unwrap()));
         assert_scan(
             &got,
-            &expect_range(&model, b"k", b"l", reverse),
+            &expect_range(&model, SCANNED.0, SCANNED.1, reverse),
             &format!("round {round}"),
         );
     }
@@ -1281,7 +1296,7 @@ fn a_flush_between_a_chunks_layer_read_and_its_tree_read_changes_nothing() {
         let reverse = round % 2 == 1;
         let got: Vec<_> = layered
             .view()
-            .scan(b"k", b"l", reverse)
+            .scan(SCANNED.0, SCANNED.1, reverse)
             .map(|r| r.unwrap())
             .collect();
         sm::kv::BETWEEN_READS.with(|hook| hook.borrow_mut().take());
@@ -1289,16 +1304,23 @@ fn a_flush_between_a_chunks_layer_read_and_its_tree_read_changes_nothing() {
             layered.unflushed.read().unwrap().is_empty(),
             "round {round}: no flush ran"
         );
-        let expected = expect_range(&model, b"k", b"l", reverse);
+        let expected = expect_range(&model, SCANNED.0, SCANNED.1, reverse);
         assert_scan(&got, &expected, &format!("round {round}"));
     }
 }
 
-/// Asserts that `view` reads what `model` holds: the `k` keys by a scan, and each of
+/// Asserts that `view` reads what `model` holds: the item and `k` keys by a scan, and each of
 /// `node_keys` by a get (answered by the node-key index where the tree lacks it).
 fn assert_reads(view: &SledKv, model: &Model, node_keys: &[Vec<u8>], what: &str) {
-    let got: Vec<_> = view.scan(b"k", b"l", false).map(|r| r.unwrap()).collect();
-    assert_scan(&got, &expect_range(model, b"k", b"l", false), what);
+    let got: Vec<_> = view
+        .scan(SCANNED.0, SCANNED.1, false)
+        .map(|r| r.unwrap())
+        .collect();
+    assert_scan(
+        &got,
+        &expect_range(model, SCANNED.0, SCANNED.1, false),
+        what,
+    );
     for k in node_keys {
         assert_eq!(
             view.get(k).unwrap().as_ref(),
@@ -1323,12 +1345,11 @@ fn failing_flushes() -> Option<sm::FlushHook> {
     }))
 }
 
+/// Every record `tree` holds, as its readers see them (item records out of their pages).
 fn everything_in(tree: &sled::Tree) -> Model {
-    tree.iter()
-        .map(|r| {
-            let (k, v) = r.unwrap();
-            (k.to_vec(), v.to_vec())
-        })
+    let all = (std::ops::Bound::Unbounded, std::ops::Bound::Unbounded);
+    sm::paged::range(tree, all, false)
+        .map(|r| r.unwrap())
         .collect()
 }
 

@@ -183,6 +183,7 @@ pub(crate) fn cut(start: Bound<Vec<u8>>, end: Bound<Vec<u8>>, cuts: &[&[u8]]) ->
     out.push((from, end));
     out
 }
+
 type Chunk = Vec<(Vec<u8>, Option<Vec<u8>>)>;
 
 fn take<'a>(
@@ -197,7 +198,7 @@ fn take<'a>(
 }
 
 /// `items` in scan order: as they come, or from the end.
-fn in_order<'a, T>(
+pub(crate) fn in_order<'a, T>(
     items: impl DoubleEndedIterator<Item = T> + 'a,
     reverse: bool,
 ) -> Box<dyn Iterator<Item = T> + 'a> {
@@ -517,7 +518,7 @@ pub(super) fn current_tree(
     if paged > 0 {
         tracing::info!(
             items = paged,
-            "item records of format 4 moved into pages (format 5)"
+            "item records of format 3 or 4 moved into pages (format 5)"
         );
     }
     let kv = SledKv::bare(tree.clone());

@@ -4,16 +4,16 @@
 //! Nearly every apply inserts item records (`i` + id), with consecutive ids, and sled 0.34
 //! pays for each insert: it clones the leaf the key lands in and applies the insert to the
 //! copy (`PageCache::link`), and as the ids only grow it splits the rightmost leaf every few
-//! inserts, cloning its parent too. At 64 x 1 KiB that was most of the flusher's time (35 %
-//! and 27 % of its samples), 31 µs of node CPU per request (BENCHMARKS.md, "Ceilings"). So
+//! inserts, cloning its parent too. At 64 x 1 KiB those were 35 % and 27 % of the flusher
+//! threads' samples, which took 31 µs of node CPU per request (BENCHMARKS.md, "Ceilings"). So
 //! the tree keeps item records [`PER_PAGE`] to a sled record, under `I` + (id / 64)
 //! big-endian: a flush reads each page its writes touch once and writes it once ([`Writer`]).
 //!
 //! The keyspace readers see does not change: [`get`] of an item key reads its page and picks
 //! the slot, [`range`] expands the pages of the item table in key order (and never shows the
 //! `I` records themselves). Snapshots are dumps of that keyspace, so their files are what
-//! they were. A tree of data format 4 (an item under its own key) is paged when the store
-//! opens it ([`page_items`]); the data dir is marked format 5 first, which the builds before
+//! they were. A tree of data format 3 or 4 (each item under its own key) is paged when the
+//! store opens it ([`page_items`]); the data dir is marked format 5 first, which the builds before
 //! this one refuse rather than find no items.
 //!
 //! A page's value is its records by slot ascending, each `slot: u8`, `len: u32`
@@ -27,7 +27,7 @@ use hashq_raft::keys;
 use hashq_raft::kv::{KvError, Pair, ScanIter};
 use hashq_raft::types::WorkId;
 
-use super::kv::{cut, Bounds};
+use super::kv::{cut, in_order, Bounds};
 
 /// The tag of the page records, which no record of the keyspace has.
 pub(crate) const PAGE: u8 = b'I';
@@ -129,6 +129,10 @@ fn io(e: sled::Error) -> KvError {
 /// The record under `key` in `tree`.
 pub(crate) fn get(tree: &sled::Tree, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
     let Some((page, slot)) = slot_of(key) else {
+        if let Some(PAGE | keys::ITEM) = key.first().copied() {
+            // No record is kept there ([`Writer::write`]); the pages are not records.
+            return Ok(None);
+        }
         return tree.get(key).map(|v| v.map(|v| v.to_vec())).map_err(io);
     };
     let Some(bytes) = tree.get(page_key(page)).map_err(io)? else {
@@ -163,11 +167,7 @@ pub(crate) fn range(tree: &sled::Tree, bounds: Bounds, reverse: bool) -> ScanIte
                 let raw = tree
                     .range((start, end))
                     .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(io));
-                parts.push(if reverse {
-                    Box::new(raw.rev())
-                } else {
-                    Box::new(raw)
-                });
+                parts.push(in_order(raw, reverse));
             }
         }
     }
@@ -182,7 +182,7 @@ pub(crate) fn range(tree: &sled::Tree, bounds: Bounds, reverse: bool) -> ScanIte
 
 /// The item records within some bounds of the item table, a page at a time.
 struct Items {
-    pages: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + Send>,
+    pages: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>>,
     bounds: Bounds,
     reverse: bool,
     /// The current page's records within the bounds, in scan order.
@@ -214,11 +214,7 @@ impl Items {
         };
         let pages = tree.range((Bound::Included(page_key(first).to_vec()), last));
         Items {
-            pages: if reverse {
-                Box::new(pages.rev())
-            } else {
-                Box::new(pages)
-            },
+            pages: in_order(pages, reverse),
             bounds,
             reverse,
             ready: Vec::new().into_iter(),
@@ -295,7 +291,7 @@ impl<'a> Writer<'a> {
     pub(crate) fn write(&mut self, key: &[u8], value: Option<&[u8]>) -> sled::Result<()> {
         let Some((page, slot)) = slot_of(key) else {
             // An `I` key would be read as a page, and an item key of another length never
-            // read at all (scans of the item table read the pages).
+            // found (gets and scans of the item table read the pages).
             if let Some(tag @ (PAGE | keys::ITEM)) = key.first().copied() {
                 return Err(sled::Error::Unsupported(format!(
                     "no record goes under {key:?}: keys tagged `{}` are {}",
@@ -364,7 +360,8 @@ fn read_page(tree: &sled::Tree, page: u64) -> sled::Result<BTreeMap<u8, Vec<u8>>
 
 /// Moves the item records a tree of data format 4 keeps under their own keys into their
 /// pages, a chunk at a time, each chunk one atomic batch (a crash midway leaves each record
-/// in one place, and the next open goes on). Returns how many moved.
+/// in one place, and the next open goes on). Returns how many moved (a malformed key, which
+/// no build writes, is dropped, not counted).
 pub(crate) fn page_items(tree: &sled::Tree) -> sled::Result<u64> {
     const CHUNK: usize = 10_000;
     let mut moved = 0;
@@ -381,13 +378,15 @@ pub(crate) fn page_items(tree: &sled::Tree) -> sled::Result<u64> {
             // The record's own key goes; its page (another key) gets it.
             writer.batch.remove(key);
             match slot_of(key) {
-                Some(_) => writer.write(key, Some(record))?,
+                Some(_) => {
+                    writer.write(key, Some(record))?;
+                    moved += 1;
+                }
                 // Never written by any build: nothing to keep it for.
                 None => tracing::warn!(key = ?key, "a malformed item key dropped"),
             }
         }
         tree.apply_batch(writer.finish())?;
-        moved += chunk.len() as u64;
     }
 }
 
@@ -539,6 +538,21 @@ mod tests {
             range(&tree, (Bound::Unbounded, Bound::Unbounded), true).count(),
             1000
         );
+        // A page whose last item goes goes too; the pages are never records of their own.
+        let mut writer = Writer::new(&tree);
+        for id in 64..128 {
+            writer.write(&keys::item(WorkId(id)), None).unwrap();
+        }
+        tree.apply_batch(writer.finish()).unwrap();
+        assert_eq!(tree.len(), 15);
+        assert_eq!(tree.get(page_key(1)).unwrap(), None);
+        assert!(tree.get(page_key(2)).unwrap().is_some());
+        assert_eq!(get(&tree, &page_key(2)).unwrap(), None);
+        assert_eq!(get(&tree, &keys::item(WorkId(64))).unwrap(), None);
+        assert_eq!(
+            get(&tree, &keys::item(WorkId(128))).unwrap(),
+            Some(b"item".to_vec())
+        );
     }
 
     #[test]
@@ -603,6 +617,8 @@ mod tests {
             tree.insert(key, b"other").unwrap();
             model.insert(key.to_vec(), b"other".to_vec());
         }
+        // Not an item's key (no build writes one): dropped, not moved.
+        tree.insert(b"i123", b"malformed").unwrap();
         // A page a crash left beside records still under their own keys: merged with them.
         let mut writer = Writer::new(&tree);
         writer

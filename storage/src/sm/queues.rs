@@ -17,8 +17,8 @@
 //!   tree and its queues are replaced together by an install.
 //!
 //! sled keeps none of their keys (those a format-3 store left there are removed at open), so
-//! a data dir with queues in memory is format 4: a build that would read its queues from sled
-//! refuses it instead of finding them empty.
+//! a data dir with queues in memory is of format 4 or later: a build that would read its
+//! queues from sled refuses it instead of finding them empty.
 
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
