@@ -24,15 +24,12 @@ use crate::StoreError;
 /// The format this build writes and reads.
 pub const CURRENT: u32 = 5;
 
-/// Format 4 kept each item record under its own key in sled; this build keeps them in pages
-/// of 64 (`sm/paged.rs`), so it reads format 4 and marks the dir format 5 before it moves
-/// them, and a build that would look for them under their own keys refuses the dir.
-const FORMAT_4: u32 = 4;
-
-/// Format 3 kept the queue tables in sled; format 4 on keeps them in memory (rebuilt from the
-/// item records when the store opens), so this build reads format 3, marks the dir current
-/// and then removes them (and pages its items, as for format 4).
-const FORMAT_3: u32 = 3;
+/// The formats this build upgrades in place when it opens the dir: it marks the dir current
+/// first, so the builds that would look for records where these formats kept them refuse it
+/// from then on, then moves them. Format 3 kept the queue tables in sled (format 4 on keeps
+/// them in memory, rebuilt from the item records when the store opens); formats 3 and 4 kept
+/// each item record under its own key (format 5 keeps them in pages of 64, `sm/paged.rs`).
+const UPGRADED_IN_PLACE: [u32; 2] = [3, 4];
 
 /// Format 2 kept payloads in the state machine (the builds with the segment log, before
 /// payloads were written once); `hashq migrate` converts it.
@@ -107,12 +104,9 @@ pub enum Found {
     Legacy,
     /// Format 2: this layout, with payloads in the state machine.
     Format2,
-    /// Format 3: this layout, with the queue tables in sled and the item records under their
-    /// own keys (upgraded in place on open).
-    Format3,
-    /// Format 4: this layout, with the item records under their own keys (upgraded in place
-    /// on open).
-    Format4,
+    /// Format 3 or 4 (this one): this layout with the queue tables in sled (3) and the item
+    /// records under their own keys (both), upgraded in place on open.
+    Upgradable(u32),
 }
 
 /// Reads the data dir's format.
@@ -126,10 +120,8 @@ pub fn detect(layout: &Layout) -> Result<Found, StoreError> {
             })?;
             if version == CURRENT {
                 Ok(Found::Current)
-            } else if version == FORMAT_4 {
-                Ok(Found::Format4)
-            } else if version == FORMAT_3 {
-                Ok(Found::Format3)
+            } else if UPGRADED_IN_PLACE.contains(&version) {
+                Ok(Found::Upgradable(version))
             } else if version == FORMAT_2 {
                 Ok(Found::Format2)
             } else {

@@ -172,7 +172,7 @@ pub fn open(dir: &Path, options: &StoreOptions) -> Result<Opened, StoreError> {
     match format::detect(&layout)? {
         format::Found::Empty => format::create(&layout)?,
         format::Found::Current => format::ensure_dirs(&layout)?,
-        found @ (format::Found::Format3 | format::Found::Format4) => {
+        format::Found::Upgradable(from) => {
             // Durably current before the state machine drops format 3's queue records from
             // sled and moves the item records into pages: the builds that would look for
             // them where they were refuse the dir from then on.
@@ -180,7 +180,7 @@ pub fn open(dir: &Path, options: &StoreOptions) -> Result<Opened, StoreError> {
             format::ensure_dirs(&layout)?;
             tracing::info!(
                 dir = %dir.display(),
-                from = ?found,
+                from,
                 "data dir upgraded to format 5 (queues in memory, item records paged)"
             );
         }

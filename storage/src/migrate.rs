@@ -162,7 +162,7 @@ pub fn migrate(dir: &Path, discard_unapplied: bool) -> Result<Migrated, StoreErr
     match format::detect(&layout)? {
         format::Found::Legacy => migrate_v1(dir, &layout, discard_unapplied),
         format::Found::Format2 => migrate_v2(dir, &layout, discard_unapplied),
-        format::Found::Current | format::Found::Format3 | format::Found::Format4 => Err(bad(
+        format::Found::Current | format::Found::Upgradable(_) => Err(bad(
             dir,
             "this data dir needs no migration (the node upgrades formats 3 and 4 itself)",
         )),

@@ -271,7 +271,7 @@ impl Layered {
             for (key, value) in layer.iter() {
                 writer.write(key, value.as_deref())?;
             }
-            tree.apply_batch(writer.finish())
+            writer.apply()
         });
         self.flush_failed
             .store(written.is_err(), std::sync::atomic::Ordering::Relaxed);
@@ -395,9 +395,7 @@ impl Shared {
                 .write(&key, Some(&value))
                 .map_err(std::io::Error::other)?;
             if batch_bytes >= 4 << 20 {
-                let full = std::mem::replace(&mut batch, paged::Writer::new(&tree));
-                tree.apply_batch(full.finish())
-                    .map_err(std::io::Error::other)?;
+                batch.apply().map_err(std::io::Error::other)?;
                 batch_bytes = 0;
             }
             Ok(())
@@ -408,9 +406,7 @@ impl Shared {
                     "the snapshot file is not the snapshot it was announced as",
                 ));
             }
-            let last = std::mem::replace(&mut batch, paged::Writer::new(&tree));
-            tree.apply_batch(last.finish())
-                .map_err(std::io::Error::other)?;
+            batch.apply().map_err(std::io::Error::other)?;
             let queues = kv::queues_from_items(&tree).map_err(std::io::Error::other)?;
             if queues != in_file {
                 tracing::warn!(

@@ -1121,7 +1121,7 @@ fn scans_over_many_unflushed_writes_merge_every_chunk_exactly() {
         for (k, v) in random_writes(&mut seed, keys, 3_000, &mut model) {
             writer.write(&k, v.as_deref()).unwrap();
         }
-        tree.apply_batch(writer.finish()).unwrap();
+        writer.apply().unwrap();
         let flushing = random_writes(&mut seed, keys, 1_500, &mut model);
         let active = random_writes(&mut seed, keys, 1_500, &mut model);
         let kv = SledKv::bare(tree);

@@ -184,6 +184,15 @@ pub(crate) fn cut(start: Bound<Vec<u8>>, end: Bound<Vec<u8>>, cuts: &[&[u8]]) ->
     out
 }
 
+/// The table tag a part of [`cut`] starts in (the first byte of its start key; `None` for a
+/// part that starts before every key), which is the part's table when the cuts are tables'.
+pub(crate) fn tag(start: &Bound<Vec<u8>>) -> Option<u8> {
+    match start {
+        Bound::Included(k) | Bound::Excluded(k) => k.first().copied(),
+        Bound::Unbounded => None,
+    }
+}
+
 type Chunk = Vec<(Vec<u8>, Option<Vec<u8>>)>;
 
 fn take<'a>(

@@ -27,7 +27,7 @@ use hashq_raft::keys;
 use hashq_raft::kv::{KvError, Pair, ScanIter};
 use hashq_raft::types::WorkId;
 
-use super::kv::{cut, in_order, Bounds};
+use super::kv::{cut, in_order, tag, Bounds};
 
 /// The tag of the page records, which no record of the keyspace has.
 pub(crate) const PAGE: u8 = b'I';
@@ -150,16 +150,11 @@ pub(crate) fn get(tree: &sled::Tree, key: &[u8]) -> Result<Option<Vec<u8>>, KvEr
 
 /// The records of `tree` within `bounds`, in key order (descending when `reverse`).
 pub(crate) fn range(tree: &sled::Tree, bounds: Bounds, reverse: bool) -> ScanIter<'static> {
-    let item_table: [&[u8]; 2] = [&[keys::ITEM], &[keys::ITEM + 1]];
-    let pages: [&[u8]; 2] = [&[PAGE], &[PAGE + 1]];
-    let cuts = [pages[0], pages[1], item_table[0], item_table[1]];
+    // Where the pages begin and end, and the item table (the next tag ends each).
+    let cuts: [&[u8]; 4] = [&[PAGE], &[PAGE + 1], &[keys::ITEM], &[keys::ITEM + 1]];
     let mut parts: Vec<ScanIter<'static>> = Vec::new();
     for (start, end) in cut(bounds.0, bounds.1, &cuts) {
-        let first = match &start {
-            Bound::Included(k) | Bound::Excluded(k) => k.first().copied(),
-            Bound::Unbounded => None,
-        };
-        match first {
+        match tag(&start) {
             // The pages are seen through the item table, never as themselves.
             Some(PAGE) => {}
             Some(keys::ITEM) => parts.push(Box::new(Items::new(tree, (start, end), reverse))),
@@ -174,10 +169,7 @@ pub(crate) fn range(tree: &sled::Tree, bounds: Bounds, reverse: bool) -> ScanIte
     if parts.len() == 1 {
         return parts.pop().expect("one part");
     }
-    if reverse {
-        parts.reverse();
-    }
-    Box::new(parts.into_iter().flatten())
+    Box::new(in_order(parts.into_iter(), reverse).flatten())
 }
 
 /// The item records within some bounds of the item table, a page at a time.
@@ -320,10 +312,11 @@ impl<'a> Writer<'a> {
         Ok(())
     }
 
-    /// The batch: the other records' writes, then each page touched, whole.
-    pub(crate) fn finish(self) -> sled::Batch {
-        let mut batch = self.batch;
-        for (page, records) in self.pages {
+    /// Puts the writes so far into the tree in one atomic batch (the other records' writes,
+    /// then each page touched, whole), and starts over.
+    pub(crate) fn apply(&mut self) -> sled::Result<()> {
+        let mut batch = std::mem::take(&mut self.batch);
+        for (page, records) in std::mem::take(&mut self.pages) {
             if records.is_empty() {
                 batch.remove(&page_key(page));
                 continue;
@@ -338,7 +331,7 @@ impl<'a> Writer<'a> {
             }
             batch.insert(&page_key(page), bytes);
         }
-        batch
+        self.tree.apply_batch(batch)
     }
 }
 
@@ -386,7 +379,7 @@ pub(crate) fn page_items(tree: &sled::Tree) -> sled::Result<u64> {
                 None => tracing::warn!(key = ?key, "a malformed item key dropped"),
             }
         }
-        tree.apply_batch(writer.finish())?;
+        writer.apply()?;
     }
 }
 
@@ -452,6 +445,14 @@ mod tests {
         Some((a, b))
     }
 
+    /// An empty tree of a sled database in a directory of its own (gone with the directory).
+    fn scratch() -> (tempfile::TempDir, sled::Tree) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = super::super::open_sled(dir.path(), 1 << 20).unwrap();
+        let tree = db.open_tree("t").unwrap();
+        (dir, tree)
+    }
+
     fn scan(tree: &sled::Tree, bounds: Bounds, reverse: bool) -> Vec<Pair> {
         range(tree, bounds, reverse).map(|r| r.unwrap()).collect()
     }
@@ -479,7 +480,7 @@ mod tests {
                         model.insert(key, value.into_bytes());
                     }
                 }
-                tree.apply_batch(writer.finish()).unwrap();
+                writer.apply().unwrap();
                 for _ in 0..20 {
                     let key = random_key(&mut seed);
                     assert_eq!(get(&tree, &key).unwrap(), model.get(&key).cloned());
@@ -521,9 +522,7 @@ mod tests {
 
     #[test]
     fn consecutive_items_take_one_sled_record_per_64() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = super::super::open_sled(dir.path(), 1 << 20).unwrap();
-        let tree = db.open_tree("t").unwrap();
+        let (_dir, tree) = scratch();
         for first in (0..1000).step_by(100) {
             let mut writer = Writer::new(&tree);
             for id in first..first + 100 {
@@ -531,7 +530,7 @@ mod tests {
                     .write(&keys::item(WorkId(id)), Some(b"item"))
                     .unwrap();
             }
-            tree.apply_batch(writer.finish()).unwrap();
+            writer.apply().unwrap();
         }
         assert_eq!(tree.len(), 16, "1,000 items in 16 pages");
         assert_eq!(
@@ -543,7 +542,7 @@ mod tests {
         for id in 64..128 {
             writer.write(&keys::item(WorkId(id)), None).unwrap();
         }
-        tree.apply_batch(writer.finish()).unwrap();
+        writer.apply().unwrap();
         assert_eq!(tree.len(), 15);
         assert_eq!(tree.get(page_key(1)).unwrap(), None);
         assert!(tree.get(page_key(2)).unwrap().is_some());
@@ -557,31 +556,27 @@ mod tests {
 
     #[test]
     fn keys_the_pages_cannot_hold_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = super::super::open_sled(dir.path(), 1 << 20).unwrap();
-        let tree = db.open_tree("t").unwrap();
+        let (_dir, tree) = scratch();
         let mut writer = Writer::new(&tree);
         for key in [&b"I"[..], &page_key(3), b"i", b"i1234567", b"i123456789"] {
             let e = writer.write(key, Some(b"x")).unwrap_err();
             assert!(e.to_string().contains("no record goes under"), "{e}");
         }
         writer.write(b"h", Some(b"x")).unwrap();
-        tree.apply_batch(writer.finish()).unwrap();
+        writer.apply().unwrap();
         assert_eq!(tree.len(), 1);
     }
 
     #[test]
     fn a_damaged_page_is_an_error_to_its_readers_and_writers() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = super::super::open_sled(dir.path(), 1 << 20).unwrap();
-        let tree = db.open_tree("t").unwrap();
+        let (_dir, tree) = scratch();
         let mut writer = Writer::new(&tree);
         for id in 0..3 {
             writer
                 .write(&keys::item(WorkId(id)), Some(b"item"))
                 .unwrap();
         }
-        tree.apply_batch(writer.finish()).unwrap();
+        writer.apply().unwrap();
         let bytes = tree.get(page_key(0)).unwrap().unwrap();
         // Cut inside the second record; then a length past the end; then slots out of order.
         let mut swapped = bytes.to_vec();
@@ -604,9 +599,7 @@ mod tests {
 
     #[test]
     fn a_format_4_tree_is_paged_once_and_reads_the_same() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = super::super::open_sled(dir.path(), 1 << 20).unwrap();
-        let tree = db.open_tree("t").unwrap();
+        let (_dir, tree) = scratch();
         let mut model = Model::new();
         for id in (0..25_000).chain([u64::MAX]) {
             let (key, value) = (keys::item(WorkId(id)), format!("item {id}").into_bytes());
@@ -624,7 +617,7 @@ mod tests {
         writer
             .write(&keys::item(WorkId(25_001)), Some(b"paged"))
             .unwrap();
-        tree.apply_batch(writer.finish()).unwrap();
+        writer.apply().unwrap();
         model.insert(keys::item(WorkId(25_001)), b"paged".to_vec());
 
         assert_eq!(page_items(&tree).unwrap(), 25_001);

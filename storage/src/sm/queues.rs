@@ -52,12 +52,7 @@ pub(crate) fn parts(start: Bound<Vec<u8>>, end: Bound<Vec<u8>>) -> Vec<Part> {
         .into_iter()
         .map(|(s, e)| {
             // A part lies wholly inside or outside the tables: its first key says which.
-            let inside = match &s {
-                Bound::Included(k) | Bound::Excluded(k) => {
-                    k.first().is_some_and(|t| TABLES.contains(t))
-                }
-                Bound::Unbounded => false,
-            };
+            let inside = super::kv::tag(&s).is_some_and(|t| TABLES.contains(&t));
             (inside, s, e)
         })
         .collect()
